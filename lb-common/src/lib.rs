@@ -1,0 +1,284 @@
+//! Map layouts shared by the lb datapath and the node agent.
+//!
+//! Every type here is `#[repr(C)]`, made of integers and byte arrays only, with
+//! explicit padding, so that both sides agree on the layout and `bpftool map dump`
+//! prints named fields from the map's BTF.
+//!
+//! Byte order, everywhere in the maps:
+//! - addresses are byte arrays in network order; an IPv4 address takes the first
+//!   4 bytes of a 16-byte field and the other 12 are zero (`family` says which);
+//! - ports and every other integer are in host byte order, so that they read
+//!   naturally in a dump (the datapath swaps packet ports once when it builds a key).
+#![no_std]
+
+pub mod hash;
+pub mod reason;
+
+pub use reason::Reason;
+
+/// `family` value of an IPv4 entry.
+pub const FAMILY_V4: u8 = 4;
+/// `family` value of an IPv6 entry.
+pub const FAMILY_V6: u8 = 6;
+
+/// IP protocol numbers the datapath understands.
+pub const PROTO_ICMP: u8 = 1;
+pub const PROTO_TCP: u8 = 6;
+pub const PROTO_UDP: u8 = 17;
+pub const PROTO_ICMPV6: u8 = 58;
+
+/// Names of the pinned maps, as the datapath declares them (at most 15 bytes: the
+/// kernel cuts map names there). The agent pins each under `<pin-path>/<name>`.
+pub mod map_names {
+    pub const SERVICES: &str = "services";
+    pub const BACKENDS: &str = "backends";
+    pub const MAGLEV: &str = "maglev";
+    pub const CONNTRACK: &str = "conntrack";
+    pub const CONFIG: &str = "config";
+    pub const TX_PORTS: &str = "tx_ports";
+    pub const SERVICE_STATS: &str = "service_stats";
+    pub const BACKEND_STATS: &str = "backend_stats";
+    pub const REASONS: &str = "reasons";
+    /// Every map the agent pins, in dump order.
+    pub const ALL: [&str; 9] = [
+        SERVICES,
+        BACKENDS,
+        MAGLEV,
+        CONNTRACK,
+        CONFIG,
+        TX_PORTS,
+        SERVICE_STATS,
+        BACKEND_STATS,
+        REASONS,
+    ];
+}
+
+/// Default capacities; the agent can override them at load time.
+pub mod capacity {
+    /// Frontends (`services` entries: VIP, NodePort, LoadBalancer and externalIP keys).
+    pub const SERVICES: u32 = 65_536;
+    /// Service ids (per-service counters) and Maglev rows.
+    pub const SERVICE_IDS: u32 = 1_024;
+    /// Backend slots.
+    pub const BACKENDS: u32 = 65_536;
+    /// Default Maglev table size per row: a prime, at least 100 x the backends of the
+    /// largest service it is sized for (163 backends at 16381).
+    pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+    /// Connection-tracking entries, one per direction of a flow (preallocated by the
+    /// kernel: about 150 bytes each).
+    pub const CONNTRACK: u32 = 524_288;
+    /// Interfaces the XDP program may redirect to.
+    pub const TX_PORTS: u32 = 256;
+}
+
+/// Key of `services`: one frontend of a Service port.
+///
+/// A ClusterIP, each LoadBalancer ingress IP, each externalIP and, for NodePorts,
+/// each node address gets its own key; all keys of one Service port share a
+/// [`Service`] value (same `id`), or differ only where a traffic policy makes them.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ServiceKey {
+    /// Frontend address (network order; IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Frontend port (host order).
+    pub port: u16,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+}
+
+/// Source-NAT flows that go to a backend on another node, so that replies come
+/// back through this node (NodePort / LoadBalancer / externalIP with
+/// externalTrafficPolicy Cluster).
+pub const SVC_F_SNAT_REMOTE: u32 = 1 << 0;
+/// The frontend is reached from outside the cluster (NodePort, LoadBalancer ingress
+/// IP, externalIP): the scope where externalTrafficPolicy and source ranges apply.
+pub const SVC_F_EXTERNAL: u32 = 1 << 1;
+/// Reserved for sessionAffinity ClientIP (`affinity_timeout` seconds).
+pub const SVC_F_AFFINITY: u32 = 1 << 2;
+/// Reserved for loadBalancerSourceRanges (prefixes looked up by `id`).
+pub const SVC_F_SOURCE_RANGES: u32 = 1 << 3;
+/// The table holds terminating (serving) endpoints only: none was ready.
+pub const SVC_F_TERMINATING_FALLBACK: u32 = 1 << 4;
+
+/// Value of `services`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Service {
+    /// Service-port id: index into `service_stats` (and the scope of affinity and
+    /// source-range entries). Shared by every frontend of the Service port.
+    pub id: u32,
+    /// Maglev row in `maglev` (entries `table * maglev_size ..`). Frontends of one
+    /// Service port share a row unless a traffic policy (Local) gives them their own.
+    pub table: u32,
+    /// Usable backends in the row; 0 means the service exists but has none, and
+    /// new connections are refused (TCP RST / ICMP port unreachable).
+    pub backend_count: u32,
+    /// `SVC_F_*` bits.
+    pub flags: u32,
+    /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
+    pub affinity_timeout: u32,
+    pub _reserved: u32,
+}
+
+/// The slot holds a backend (an all-zero slot is free).
+pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
+/// The backend runs on this node (no source NAT needed to get its replies).
+pub const BACKEND_F_LOCAL: u8 = 1 << 1;
+/// The endpoint is terminating (used only when no ready endpoint exists).
+pub const BACKEND_F_TERMINATING: u8 = 1 << 2;
+
+/// Value of `backends` (an array indexed by backend id).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Backend {
+    /// Pod address (network order; IPv4 in the first 4 bytes).
+    pub addr: [u8; 16],
+    /// Target port (host order).
+    pub port: u16,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    /// `BACKEND_F_*` bits.
+    pub flags: u8,
+}
+
+impl Backend {
+    pub const fn is_active(&self) -> bool {
+        self.flags & BACKEND_F_ACTIVE != 0
+    }
+}
+
+/// Key of `conntrack`: a flow's 5-tuple as seen on the wire in one direction.
+/// (8-byte aligned so the datapath copies and clears it in whole words.)
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowKey {
+    /// Source address (network order; IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// Source port (host order).
+    pub src_port: u16,
+    /// Destination port (host order).
+    pub dst_port: u16,
+    pub proto: u8,
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// The entry translates the client-to-service direction (destination NAT to a backend).
+pub const CT_F_FORWARD: u16 = 1 << 0;
+/// The entry translates the backend-to-client direction (source back to the frontend).
+pub const CT_F_REPLY: u16 = 1 << 1;
+/// The flow is also source-NATed to this node's address and an allocated port.
+pub const CT_F_SNAT: u16 = 1 << 2;
+/// A TCP FIN or RST was seen: the flow is closing and its SNAT port may be reused soon.
+pub const CT_F_CLOSING: u16 = 1 << 3;
+
+/// Value of `conntrack`: the addresses and ports to write into a packet of this flow.
+///
+/// The datapath rewrites the packet's 4-tuple to `nat_*` exactly; fields that do
+/// not change are stored with their current value. Forward entries point at the
+/// backend, reply entries at the frontend the client dialed.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct CtEntry {
+    pub nat_src: [u8; 16],
+    pub nat_dst: [u8; 16],
+    pub nat_src_port: u16,
+    pub nat_dst_port: u16,
+    /// Backend id chosen for the flow (index into `backends`).
+    pub backend: u32,
+    /// Service-port id (index into `service_stats`).
+    pub service: u32,
+    /// `CT_F_*` bits.
+    pub flags: u16,
+    pub _pad: u16,
+    /// `bpf_ktime_get_coarse_ns` when the flow was last seen, refreshed at most
+    /// every [`CT_REFRESH_NS`].
+    pub last_seen_ns: u64,
+}
+
+/// How stale `last_seen_ns` may get before a packet refreshes it.
+pub const CT_REFRESH_NS: u64 = 1_000_000_000;
+
+/// Idle time after which a source-NAT port may be given to another flow: a closing
+/// TCP flow, an established TCP flow, a UDP flow.
+pub const SNAT_IDLE_CLOSING_NS: u64 = 10_000_000_000;
+pub const SNAT_IDLE_TCP_NS: u64 = 7_200_000_000_000;
+pub const SNAT_IDLE_UDP_NS: u64 = 60_000_000_000;
+
+/// Per-service, per-backend and per-reason counters (per-CPU maps: sum over CPUs).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Counters {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+/// `config` flag: `snat_addr_v4` holds this node's IPv4 address for source NAT.
+pub const CFG_F_SNAT_V4: u32 = 1 << 0;
+/// `config` flag: `snat_addr_v6` holds this node's IPv6 address for source NAT.
+pub const CFG_F_SNAT_V6: u32 = 1 << 1;
+
+/// The single entry (index 0) of `config`: node facts the datapath needs.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Config {
+    /// Entries per Maglev row; the `maglev` array holds `rows * maglev_size` entries.
+    pub maglev_size: u32,
+    /// `CFG_F_*` bits.
+    pub flags: u32,
+    /// Address source-NATed flows leave this node with (IPv4, network order).
+    pub snat_addr_v4: [u8; 4],
+    /// First and last port of the source-NAT range (host order, inclusive).
+    pub snat_port_min: u16,
+    pub snat_port_max: u16,
+    /// Address source-NATed flows leave this node with (IPv6).
+    pub snat_addr_v6: [u8; 16],
+}
+
+/// Default source-NAT port range: above Linux's default ephemeral range
+/// (32768-60999), so it does not collide with the node's own sockets.
+pub const SNAT_PORT_MIN: u16 = 61_000;
+pub const SNAT_PORT_MAX: u16 = 65_535;
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: each type is repr(C), has no padding the compiler may leave
+    // uninitialised (padding is explicit), and is valid for any bit pattern.
+    unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::Service {}
+    unsafe impl aya::Pod for super::Backend {}
+    unsafe impl aya::Pod for super::FlowKey {}
+    unsafe impl aya::Pod for super::CtEntry {}
+    unsafe impl aya::Pod for super::Counters {}
+    unsafe impl aya::Pod for super::Config {}
+}
+
+#[cfg(test)]
+mod tests {
+    use core::mem::size_of;
+
+    use super::*;
+
+    #[test]
+    fn layouts_have_no_implicit_padding() {
+        assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<Service>(), 6 * 4);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
+        assert_eq!(size_of::<CtEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8);
+        assert_eq!(size_of::<Counters>(), 16);
+        assert_eq!(size_of::<Config>(), 4 + 4 + 4 + 2 + 2 + 16);
+    }
+
+    #[test]
+    fn map_names_fit_the_kernel_limit() {
+        for name in map_names::ALL {
+            assert!(name.len() <= 15, "{name} is longer than 15 bytes");
+        }
+    }
+}

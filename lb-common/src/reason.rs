@@ -1,0 +1,115 @@
+//! Why the datapath did what it did with a packet: the index of the per-CPU
+//! `reasons` counters. Every packet the programs see is counted under exactly one
+//! reason, so the counters add up to the packets seen.
+
+/// A reason index (`reasons` map key).
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Reason {
+    /// Not IPv4 or IPv6 (ARP, LLDP, ...): passed to the kernel.
+    PassNotIp = 0,
+    /// IP, but not addressed to a service nor a reply of a tracked flow.
+    PassNotService,
+    /// Too short or malformed to parse (short frame, bad IHL, bad lengths):
+    /// passed to the kernel, which drops and counts it as the stack would.
+    PassMalformed,
+    /// An IP fragment: not translated (there are no ports to look up).
+    PassFragment,
+    /// An L4 protocol lb does not balance (SCTP, GRE, ICMP echo, ...).
+    PassOtherProtocol,
+    /// Translated, but the next hop is for the kernel to reach (neighbour not
+    /// resolved, interface not in `tx_ports`, local delivery, TTL about to expire).
+    PassToKernel,
+    /// Translated and sent back out of the interface it came in on (XDP_TX).
+    Tx,
+    /// Translated and redirected to another interface.
+    Redirect,
+    /// A connection to a service without usable backends, refused with a TCP RST
+    /// (an incoming RST to such a service is absorbed and counted here too).
+    RejectTcpReset,
+    /// A datagram to a service without usable backends, refused with ICMP port unreachable.
+    RejectIcmpUnreachable,
+    /// An ICMP error about a translated flow, translated back.
+    IcmpErrorTranslated,
+    /// No source-NAT port was free for a new flow: dropped.
+    DropSnatExhausted,
+    /// The packet could not be rewritten (a refusal that does not fit the packet,
+    /// a failing checksum helper): dropped.
+    DropRewriteFailed,
+    /// A map update failed (e.g. conntrack insert): dropped.
+    DropMapError,
+}
+
+impl Reason {
+    /// Number of reasons (size of the `reasons` map).
+    pub const COUNT: u32 = Self::DropMapError as u32 + 1;
+
+    pub const ALL: [Self; Self::COUNT as usize] = [
+        Self::PassNotIp,
+        Self::PassNotService,
+        Self::PassMalformed,
+        Self::PassFragment,
+        Self::PassOtherProtocol,
+        Self::PassToKernel,
+        Self::Tx,
+        Self::Redirect,
+        Self::RejectTcpReset,
+        Self::RejectIcmpUnreachable,
+        Self::IcmpErrorTranslated,
+        Self::DropSnatExhausted,
+        Self::DropRewriteFailed,
+        Self::DropMapError,
+    ];
+
+    /// The reason with index `i`.
+    pub const fn from_index(i: u32) -> Option<Self> {
+        if i < Self::COUNT {
+            // SAFETY: repr(u32) with discriminants 0..COUNT, checked above.
+            Some(unsafe { core::mem::transmute::<u32, Self>(i) })
+        } else {
+            None
+        }
+    }
+
+    /// Stable snake_case name, used in metrics labels and dumps.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Self::PassNotIp => "pass_not_ip",
+            Self::PassNotService => "pass_not_service",
+            Self::PassMalformed => "pass_malformed",
+            Self::PassFragment => "pass_fragment",
+            Self::PassOtherProtocol => "pass_other_protocol",
+            Self::PassToKernel => "pass_to_kernel",
+            Self::Tx => "tx",
+            Self::Redirect => "redirect",
+            Self::RejectTcpReset => "reject_tcp_reset",
+            Self::RejectIcmpUnreachable => "reject_icmp_unreachable",
+            Self::IcmpErrorTranslated => "icmp_error_translated",
+            Self::DropSnatExhausted => "drop_snat_exhausted",
+            Self::DropRewriteFailed => "drop_rewrite_failed",
+            Self::DropMapError => "drop_map_error",
+        }
+    }
+
+    /// Whether packets counted here were dropped rather than delivered.
+    pub const fn is_drop(self) -> bool {
+        matches!(
+            self,
+            Self::DropSnatExhausted | Self::DropRewriteFailed | Self::DropMapError
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn all_lists_every_reason_in_index_order() {
+        for (i, r) in Reason::ALL.iter().enumerate() {
+            assert_eq!(*r as usize, i, "{}", r.name());
+            assert_eq!(Reason::from_index(i as u32), Some(*r));
+        }
+        assert_eq!(Reason::from_index(Reason::COUNT), None);
+    }
+}

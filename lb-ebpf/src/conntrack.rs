@@ -1,0 +1,232 @@
+//! Connection tracking: one entry per direction of a translated flow, keyed by the
+//! 5-tuple as it appears on the wire, holding the 4-tuple to rewrite it to.
+//!
+//! - forward entry: client -> frontend, rewritten to (client or SNAT) -> backend;
+//! - reply entry: backend -> (client or SNAT), rewritten to frontend -> client.
+//!
+//! Both live in one LRU map, so a packet of either direction costs one lookup.
+
+use aya_ebpf::{
+    bindings::{BPF_ANY, BPF_NOEXIST},
+    helpers::generated::bpf_ktime_get_coarse_ns,
+};
+use lb_common::{
+    Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS, Config, CtEntry,
+    FlowKey, PROTO_TCP, Reason, SNAT_IDLE_CLOSING_NS, SNAT_IDLE_TCP_NS, SNAT_IDLE_UDP_NS,
+};
+
+use crate::{
+    datapath::Scratch,
+    maps::CONNTRACK,
+    parse::{Headers, TCP_FIN, TCP_RST},
+};
+
+/// Ports tried for a new source-NAT flow before giving up.
+const SNAT_TRIES: u32 = 8;
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_ktime_get_coarse_ns() }
+}
+
+#[inline(always)]
+pub fn lookup(key: &FlowKey) -> Option<*mut CtEntry> {
+    CONNTRACK.get_ptr_mut(key)
+}
+
+/// Bookkeeping for a packet that hit `e`: source-NAT entries remember when they
+/// were last used (their port is reclaimed only once idle), and a TCP FIN or RST
+/// marks the flow as closing. Writes only when something changes.
+#[inline(always)]
+pub fn touch(e: *mut CtEntry, h: &Headers) {
+    // SAFETY: `e` points into a conntrack value; concurrent writers only store
+    // whole fields of the same meaning.
+    unsafe {
+        if (*e).flags & CT_F_SNAT != 0 {
+            let t = now();
+            if t.wrapping_sub((*e).last_seen_ns) > CT_REFRESH_NS {
+                (*e).last_seen_ns = t;
+            }
+        }
+        if h.key.proto == PROTO_TCP
+            && h.flags & (TCP_FIN | TCP_RST) != 0
+            && (*e).flags & CT_F_CLOSING == 0
+        {
+            (*e).flags |= CT_F_CLOSING;
+        }
+    }
+}
+
+/// Opens the flow `s.h` to `backend` (id `backend_id`) of service-port `service`:
+/// inserts both entries and leaves the forward one in `s.entry`. With `snat`, the
+/// flow leaves with this node's address and a port chosen from `hash`.
+#[inline(always)]
+pub fn open(
+    s: &mut Scratch,
+    service: u32,
+    backend_id: u32,
+    backend: &Backend,
+    snat: Option<&Config>,
+    hash: u32,
+) -> Result<(), Reason> {
+    let key = &s.h.key;
+    s.entry = CtEntry {
+        nat_src: key.src,
+        nat_dst: backend.addr,
+        nat_src_port: key.src_port,
+        nat_dst_port: backend.port,
+        backend: backend_id,
+        service,
+        flags: CT_F_FORWARD,
+        _pad: 0,
+        last_seen_ns: 0,
+    };
+    s.reply = CtEntry {
+        nat_src: key.dst,
+        nat_dst: key.src,
+        nat_src_port: key.dst_port,
+        nat_dst_port: key.src_port,
+        backend: backend_id,
+        service,
+        flags: CT_F_REPLY,
+        _pad: 0,
+        last_seen_ns: 0,
+    };
+    s.key = FlowKey {
+        src: backend.addr,
+        dst: key.src,
+        src_port: backend.port,
+        dst_port: key.src_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    match snat {
+        None => {
+            if CONNTRACK
+                .insert(&s.key, &s.reply, u64::from(BPF_ANY))
+                .is_err()
+            {
+                return Err(Reason::DropMapError);
+            }
+        }
+        Some(cfg) => {
+            let t = now();
+            s.entry.flags |= CT_F_SNAT;
+            s.reply.flags |= CT_F_SNAT;
+            s.entry.last_seen_ns = t;
+            s.reply.last_seen_ns = t;
+            if s.h.is_v4() {
+                s.entry.nat_src = [0; 16];
+                s.entry.nat_src[..4].copy_from_slice(&cfg.snat_addr_v4);
+            } else {
+                s.entry.nat_src = cfg.snat_addr_v6;
+            }
+            s.key.dst = s.entry.nat_src;
+            s.entry.nat_src_port = claim_snat_port(s, cfg, hash, t)?;
+        }
+    }
+    if CONNTRACK
+        .insert(&s.h.key, &s.entry, u64::from(BPF_ANY))
+        .is_err()
+    {
+        return Err(Reason::DropMapError);
+    }
+    Ok(())
+}
+
+/// Finds a port in the SNAT range for which the reply key `s.key` (with that port
+/// as its destination port) is free, idle, or already this flow's, and inserts
+/// `s.reply` there. Starts at a port derived from the flow hash, so a flow whose
+/// forward entry was evicted gets its old port back.
+#[inline(always)]
+fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u16, Reason> {
+    let min = u32::from(cfg.snat_port_min);
+    let max = u32::from(cfg.snat_port_max);
+    if min == 0 || max < min {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let span = max - min + 1;
+    if span == 0 {
+        return Err(Reason::DropSnatExhausted);
+    }
+    let mut offset = hash % span;
+    for _ in 0..SNAT_TRIES {
+        let port = (min + offset) as u16;
+        s.key.dst_port = port;
+        if CONNTRACK
+            .insert(&s.key, &s.reply, u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            return Ok(port);
+        }
+        if let Some(existing) = CONNTRACK.get_ptr(&s.key) {
+            // SAFETY: the entry stays valid memory for this program run.
+            let existing = unsafe { &*existing };
+            if is_same_flow(existing, &s.h.key) || is_idle(existing, &s.h.key, t) {
+                if CONNTRACK
+                    .insert(&s.key, &s.reply, u64::from(BPF_ANY))
+                    .is_ok()
+                {
+                    return Ok(port);
+                }
+                return Err(Reason::DropMapError);
+            }
+        }
+        offset += 1;
+        if offset == span {
+            offset = 0;
+        }
+    }
+    Err(Reason::DropSnatExhausted)
+}
+
+#[inline(always)]
+fn is_same_flow(reply: &CtEntry, key: &FlowKey) -> bool {
+    reply.nat_dst == key.src
+        && reply.nat_dst_port == key.src_port
+        && reply.nat_src == key.dst
+        && reply.nat_src_port == key.dst_port
+}
+
+/// Whether the flow holding a SNAT port has been idle long enough to give the port
+/// away. Looks at both directions: a one-way UDP stream keeps its port.
+#[inline(always)]
+fn is_idle(reply: &CtEntry, key: &FlowKey, t: u64) -> bool {
+    let forward_key = FlowKey {
+        src: reply.nat_dst,
+        dst: reply.nat_src,
+        src_port: reply.nat_dst_port,
+        dst_port: reply.nat_src_port,
+        proto: key.proto,
+        family: key.family,
+        _pad: [0; 2],
+    };
+    let forward = CONNTRACK.get_ptr(&forward_key);
+    let mut flags = reply.flags;
+    let mut last = reply.last_seen_ns;
+    if let Some(f) = forward {
+        // SAFETY: the entry stays valid memory for this program run.
+        let f = unsafe { &*f };
+        flags |= f.flags;
+        if f.last_seen_ns > last {
+            last = f.last_seen_ns;
+        }
+    }
+    let limit = if flags & CT_F_CLOSING != 0 {
+        SNAT_IDLE_CLOSING_NS
+    } else if key.proto == PROTO_TCP {
+        SNAT_IDLE_TCP_NS
+    } else {
+        SNAT_IDLE_UDP_NS
+    };
+    if t.wrapping_sub(last) < limit {
+        return false;
+    }
+    // The old flow must not come back on the port we are about to give away.
+    if forward.is_some() {
+        let _ = CONNTRACK.remove(&forward_key);
+    }
+    true
+}

@@ -1,0 +1,167 @@
+//! The pipeline every packet goes through, whichever hook it arrived on:
+//! parse -> conntrack or service lookup -> backend choice -> translate -> forward.
+//!
+//! Each stage is its own BPF function, called one after the other from
+//! [`process`], with the packet's state in a per-CPU [`Scratch`] value: the
+//! stages' stack frames then overlap instead of adding up (the verifier allows
+//! 512 bytes of stack for the deepest call chain), and each stage returns one
+//! register (the BPF calling convention has no aggregate returns).
+
+use aya_ebpf::bindings::bpf_fib_lookup;
+use lb_common::{
+    BACKEND_F_LOCAL, CT_F_FORWARD, CtEntry, FlowKey, Reason, SVC_F_SNAT_REMOTE, Service,
+    hash::flow_hash,
+};
+
+use crate::{
+    conntrack, forward, icmp,
+    maps::{SCRATCH, count_flow, count_reason},
+    nat,
+    packet::{Action, Outcome, Packet, pack, unpack},
+    parse::{self, Headers, Parsed},
+    reject, service,
+};
+
+/// Per-packet working state (a per-CPU map value, not stack: see `maps::SCRATCH`).
+#[repr(C)]
+pub struct Scratch {
+    /// The packet's headers; after translation, as translated.
+    pub h: Headers,
+    /// The conntrack entry in use (found, or being created: forward direction).
+    pub entry: CtEntry,
+    /// A reply entry being created.
+    pub reply: CtEntry,
+    /// A second flow key: the reply key of a new flow, the reverse of a quoted flow.
+    pub key: FlowKey,
+    /// ICMP errors: the quoted packet.
+    pub quoted: Headers,
+    /// The service a new flow is for.
+    pub svc: Service,
+    pub fib: bpf_fib_lookup,
+}
+
+#[inline(always)]
+pub fn process<P: Packet>(pkt: P) -> Action {
+    let bytes = pkt.total_len();
+    let Some(s) = SCRATCH.get_ptr_mut(0) else {
+        count_reason(Reason::DropMapError, bytes);
+        return Action::Pass;
+    };
+    // SAFETY: this CPU's scratch value; nothing else uses it while we run.
+    let s = unsafe { &mut *s };
+    let (action, reason) = run(pkt, s, bytes);
+    count_reason(reason, bytes);
+    action
+}
+
+#[inline(always)]
+fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
+    match parse_stage(pkt, s) {
+        Parsed::Pass(reason) => (Action::Pass, reason),
+        Parsed::Flow => {
+            if !established(s) {
+                let Some(svc) = service::lookup(&s.h.key) else {
+                    return (Action::Pass, Reason::PassNotService);
+                };
+                s.svc = svc;
+                match open_stage(s) {
+                    OPENED => {}
+                    NO_BACKEND => return unpack(refuse_stage(pkt, s)),
+                    reason => return (Action::Drop, reason_of(reason)),
+                }
+            }
+            count_flow(s.entry.service, s.entry.backend, bytes);
+            if !translate_stage(pkt, s) {
+                return (Action::Drop, Reason::DropRewriteFailed);
+            }
+            unpack(forward_stage(pkt, s))
+        }
+        Parsed::IcmpError => match icmp_stage(pkt, s) {
+            icmp::TRANSLATED => {
+                count_flow(s.entry.service, s.entry.backend, bytes);
+                let (action, _) = unpack(forward_stage(pkt, s));
+                (action, Reason::IcmpErrorTranslated)
+            }
+            icmp::NOT_OURS => (Action::Pass, Reason::PassNotService),
+            _ => (Action::Drop, Reason::DropRewriteFailed),
+        },
+    }
+}
+
+#[inline(never)]
+fn parse_stage<P: Packet>(pkt: P, s: &mut Scratch) -> Parsed {
+    parse::parse(&pkt, &mut s.h)
+}
+
+/// Copies the conntrack entry of an existing flow into `s.entry`, unless it is a
+/// forward entry whose backend is gone: that flow is balanced again (a UDP stream
+/// moves to a live backend instead of black-holing; a TCP connection gets a RST
+/// from its new one).
+#[inline(always)]
+fn established(s: &mut Scratch) -> bool {
+    let Some(ptr) = conntrack::lookup(&s.h.key) else {
+        return false;
+    };
+    // SAFETY: copying a conntrack value out.
+    unsafe { core::ptr::copy_nonoverlapping(ptr, &mut s.entry, 1) };
+    if s.entry.flags & CT_F_FORWARD != 0 && !service::still_serves(&s.entry) {
+        return false;
+    }
+    conntrack::touch(ptr, &s.h);
+    true
+}
+
+const OPENED: u32 = u32::MAX;
+const NO_BACKEND: u32 = u32::MAX - 1;
+
+fn reason_of(raw: u32) -> Reason {
+    Reason::from_index(raw).unwrap_or(Reason::DropMapError)
+}
+
+/// Chooses a backend of `s.svc` for the new flow `s.h` and records the flow in
+/// conntrack, leaving the forward entry in `s.entry`. Returns [`OPENED`],
+/// [`NO_BACKEND`] or the drop [`Reason`].
+#[inline(never)]
+fn open_stage(s: &mut Scratch) -> u32 {
+    let svc = s.svc;
+    if svc.backend_count == 0 {
+        return NO_BACKEND;
+    }
+    let Some(cfg) = service::config() else {
+        return Reason::DropMapError as u32;
+    };
+    let hash = flow_hash(&s.h.key);
+    let Some((id, backend)) = service::pick(&svc, cfg, hash, s.h.key.family) else {
+        return NO_BACKEND;
+    };
+    let snat = svc.flags & SVC_F_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0;
+    match conntrack::open(s, svc.id, id, &backend, snat.then_some(cfg), hash) {
+        Ok(()) => OPENED,
+        Err(reason) => reason as u32,
+    }
+}
+
+#[inline(never)]
+fn refuse_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u64 {
+    pack(reject::refuse(&mut pkt, &s.h))
+}
+
+/// Rewrites the packet to `s.entry`'s tuple; `s.h` then describes it as translated.
+#[inline(never)]
+fn translate_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> bool {
+    if nat::rewrite(&mut pkt, &s.h, &s.entry).is_err() {
+        return false;
+    }
+    nat::translated(&mut s.h.key, &s.entry);
+    true
+}
+
+#[inline(never)]
+fn icmp_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u32 {
+    icmp::translate_error(&mut pkt, s)
+}
+
+#[inline(never)]
+fn forward_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u64 {
+    pack(forward::forward(&mut pkt, &s.h, &mut s.fib))
+}

@@ -1,0 +1,104 @@
+//! Forwarding a translated packet: `bpf_fib_lookup` for the next hop, then TTL
+//! decrement, MAC rewrite and a redirect. Whatever the FIB cannot settle here
+//! (unresolved neighbour, local delivery, an interface XDP cannot send on, a TTL
+//! about to expire, an MTU problem) goes to the kernel, already translated, which
+//! routes it like any other packet.
+
+use core::mem::MaybeUninit;
+
+use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
+use lb_common::Reason;
+
+use crate::{
+    csum,
+    packet::{Action, Outcome, Packet, load, store},
+    parse::Headers,
+};
+
+const AF_INET: u8 = 2;
+const AF_INET6: u8 = 10;
+
+/// Forwards the packet whose (already translated) headers are `h`; `fib` is
+/// room for the lookup.
+#[inline(always)]
+pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) -> Outcome {
+    // SAFETY: bpf_fib_lookup is plain data; zeroed is a valid value.
+    *fib = unsafe { MaybeUninit::zeroed().assume_init() };
+    let k = &h.key;
+    fib.l4_protocol = k.proto;
+    fib.sport = k.src_port.to_be();
+    fib.dport = k.dst_port.to_be();
+    fib.__bindgen_anon_1.tot_len = h.ip_len;
+    fib.ifindex = pkt.ingress_ifindex();
+    if h.is_v4() {
+        fib.family = AF_INET;
+        fib.__bindgen_anon_3.ipv4_src = words(&k.src)[0];
+        fib.__bindgen_anon_4.ipv4_dst = words(&k.dst)[0];
+    } else {
+        fib.family = AF_INET6;
+        fib.__bindgen_anon_3.ipv6_src = words(&k.src);
+        fib.__bindgen_anon_4.ipv6_dst = words(&k.dst);
+    }
+    let rc = pkt.fib_lookup(fib, 0);
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) && P::RESOLVES_NEIGHBOURS {
+        return (Action::RedirectNeigh(fib.ifindex), Reason::Redirect);
+    }
+    if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+        return (Action::Pass, Reason::PassToKernel);
+    }
+    let out = fib.ifindex;
+    let bounce = out == pkt.ingress_ifindex();
+    if !bounce && !pkt.can_redirect(out) {
+        return (Action::Pass, Reason::PassToKernel);
+    }
+    if decrement_ttl(pkt, h).is_err() {
+        return (Action::Pass, Reason::PassToKernel);
+    }
+    let mut macs = [0u8; 12];
+    macs[..6].copy_from_slice(&fib.dmac);
+    macs[6..].copy_from_slice(&fib.smac);
+    if store(pkt, 0, macs).is_err() {
+        return (Action::Pass, Reason::PassToKernel);
+    }
+    if bounce {
+        (Action::Bounce, Reason::Tx)
+    } else {
+        (Action::Redirect(out), Reason::Redirect)
+    }
+}
+
+#[inline(always)]
+fn words(a: &[u8; 16]) -> [u32; 4] {
+    [
+        u32::from_ne_bytes([a[0], a[1], a[2], a[3]]),
+        u32::from_ne_bytes([a[4], a[5], a[6], a[7]]),
+        u32::from_ne_bytes([a[8], a[9], a[10], a[11]]),
+        u32::from_ne_bytes([a[12], a[13], a[14], a[15]]),
+    ]
+}
+
+/// Decrements the TTL / hop limit as a router must. Err when it would reach zero:
+/// the kernel then sends the ICMP time-exceeded.
+#[inline(always)]
+fn decrement_ttl<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+    if h.is_v4() {
+        // TTL shares a checksum word with the protocol byte.
+        let word: [u8; 2] = load(pkt, h.l3 + 8).ok_or(())?;
+        if word[0] <= 1 {
+            return Err(());
+        }
+        let new = [word[0] - 1, word[1]];
+        let check: u16 = load(pkt, h.l3 + 10).ok_or(())?;
+        let mut diff = csum::Diff::default();
+        diff.word(u16::from_ne_bytes(word), u16::from_ne_bytes(new));
+        store(pkt, h.l3 + 8, new)?;
+        store(pkt, h.l3 + 10, csum::apply(check, diff.folded()))
+    } else {
+        // Next header and hop limit (no checksum covers them).
+        let word: [u8; 2] = load(pkt, h.l3 + 6).ok_or(())?;
+        if word[1] <= 1 {
+            return Err(());
+        }
+        store(pkt, h.l3 + 6, [word[0], word[1] - 1])
+    }
+}

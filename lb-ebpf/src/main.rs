@@ -1,0 +1,84 @@
+//! The lb datapath.
+//!
+//! Two entry points run the same pipeline ([`datapath::process`]):
+//! - `lb_xdp`, attached (XDP) to the node's uplinks: Service traffic from outside
+//!   the node and replies from backends on other nodes;
+//! - `lb_tc`, attached (tcx ingress) to the host side of pod veths: traffic from
+//!   local pods, whose checksums may be left for offload (see `packet`).
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+mod conntrack;
+mod csum;
+mod datapath;
+mod forward;
+mod icmp;
+mod maps;
+mod nat;
+mod packet;
+mod parse;
+mod reject;
+mod service;
+
+use aya_ebpf::{
+    bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
+    helpers::generated::{bpf_redirect, bpf_redirect_neigh},
+    macros::{classifier, xdp},
+    programs::{TcContext, XdpContext},
+};
+
+use crate::{
+    maps::TX_PORTS,
+    packet::{Action, Tc, Xdp},
+};
+
+/// Bytes of headers the tc program wants linear: Ethernet, IPv6 with a few
+/// extension headers, TCP with options.
+const TC_HEADER_BYTES: u32 = 160;
+
+#[xdp]
+pub fn lb_xdp(ctx: XdpContext) -> u32 {
+    let pkt = Xdp(ctx.ctx);
+    match datapath::process(pkt) {
+        Action::Pass | Action::RedirectNeigh(_) => xdp_action::XDP_PASS,
+        Action::Drop => xdp_action::XDP_DROP,
+        Action::Bounce => xdp_action::XDP_TX,
+        Action::Redirect(ifindex) => TX_PORTS
+            .redirect(ifindex, u64::from(xdp_action::XDP_PASS))
+            .unwrap_or(xdp_action::XDP_PASS),
+    }
+}
+
+#[classifier]
+pub fn lb_tc(ctx: TcContext) -> i32 {
+    let mut pkt = Tc(ctx.skb.skb);
+    pkt.pull_headers(TC_HEADER_BYTES);
+    // SAFETY: redirect helpers take plain integers.
+    unsafe {
+        match datapath::process(pkt) {
+            // Next program in the tcx chain, or the stack.
+            Action::Pass => TC_ACT_UNSPEC,
+            Action::Drop => TC_ACT_SHOT as i32,
+            Action::Bounce => bpf_redirect(packet::Packet::ingress_ifindex(&pkt), 0) as i32,
+            Action::Redirect(ifindex) => bpf_redirect(ifindex, 0) as i32,
+            Action::RedirectNeigh(ifindex) => {
+                bpf_redirect_neigh(ifindex, core::ptr::null_mut(), 0, 0) as i32
+            }
+        }
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    // The verifier rejects any program that could reach this.
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";

@@ -1,0 +1,92 @@
+//! Every map of the datapath. All are BTF maps (so `bpftool map dump` prints named
+//! fields), named in at most 15 bytes, and pinned by the agent under its pin path.
+//! Sizes here are defaults; the agent sets the real ones at load time.
+
+use aya_ebpf::{
+    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    macros::btf_map,
+};
+use lb_common::{
+    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, capacity,
+};
+
+use crate::datapath::Scratch;
+
+/// Frontends: (address, port, protocol) of every ClusterIP, LoadBalancer ingress IP,
+/// externalIP, and NodePort on every node address.
+#[btf_map(name = "services")]
+pub static SERVICES: HashMap<ServiceKey, Service, { capacity::SERVICES as usize }> = HashMap::new();
+
+/// Backends by id.
+#[btf_map(name = "backends")]
+pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
+
+/// Maglev lookup tables, one row of `Config::maglev_size` backend ids per table.
+/// Memory-mappable so the agent writes whole rows without a syscall per entry.
+#[btf_map(name = "maglev")]
+pub static MAGLEV: Array<
+    u32,
+    { (capacity::SERVICE_IDS * capacity::MAGLEV_TABLE_SIZE) as usize },
+    { BPF_F_MMAPABLE as usize },
+> = Array::new();
+
+/// Connection tracking: both directions of every translated flow. Per-CPU LRU
+/// lists keep inserts from contending across CPUs; entries stay visible to all.
+#[btf_map(name = "conntrack")]
+pub static CONNTRACK: LruHashMap<
+    FlowKey,
+    CtEntry,
+    { capacity::CONNTRACK as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// Node facts (index 0).
+#[btf_map(name = "config")]
+pub static CONFIG: Array<Config, 1> = Array::new();
+
+/// Interfaces XDP may redirect to, keyed by ifindex. Anything else goes through
+/// the kernel (XDP_PASS) after translation.
+#[btf_map(name = "tx_ports")]
+pub static TX_PORTS: DevMapHash<{ capacity::TX_PORTS as usize }> = DevMapHash::new();
+
+/// Packets and bytes per service-port id.
+#[btf_map(name = "service_stats")]
+pub static SERVICE_STATS: PerCpuArray<Counters, { capacity::SERVICE_IDS as usize }> =
+    PerCpuArray::new();
+
+/// Packets and bytes per backend id.
+#[btf_map(name = "backend_stats")]
+pub static BACKEND_STATS: PerCpuArray<Counters, { capacity::BACKENDS as usize }> =
+    PerCpuArray::new();
+
+/// Packets and bytes per [`Reason`]: every packet seen is counted once here.
+#[btf_map(name = "reasons")]
+pub static REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Per-packet working state, kept off the 512-byte BPF stack. Not pinned: it
+/// holds nothing between packets.
+#[btf_map(name = "scratch")]
+pub static SCRATCH: PerCpuArray<Scratch, 1> = PerCpuArray::new();
+
+#[inline(always)]
+fn add(counters: Option<*mut Counters>, bytes: u32) {
+    if let Some(c) = counters {
+        // SAFETY: a per-CPU array slot, written only by this CPU.
+        unsafe {
+            (*c).packets += 1;
+            (*c).bytes += u64::from(bytes);
+        }
+    }
+}
+
+#[inline(always)]
+pub fn count_reason(reason: Reason, bytes: u32) {
+    add(REASONS.get_ptr_mut(reason as u32), bytes);
+}
+
+#[inline(always)]
+pub fn count_flow(service: u32, backend: u32, bytes: u32) {
+    add(SERVICE_STATS.get_ptr_mut(service), bytes);
+    add(BACKEND_STATS.get_ptr_mut(backend), bytes);
+}

@@ -1,0 +1,350 @@
+//! One packet API over the two hooks the datapath runs in.
+//!
+//! - XDP on uplinks: packets from a NIC carry complete checksums, so checksums are
+//!   updated in place, and forwarding is XDP_TX or a devmap redirect.
+//! - tc ingress on the host side of pod veths: packets from local pods may be
+//!   CHECKSUM_PARTIAL (veth offloads on), where only the kernel knows how the
+//!   checksum field is to be read, so L4 checksums go through `bpf_l4_csum_replace`.
+//!
+//! The balancing logic above this module is written once, generic over [`Packet`].
+
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::{
+        __sk_buff, BPF_F_MARK_MANGLED_0, BPF_F_PSEUDO_HDR, bpf_adj_room_mode::BPF_ADJ_ROOM_MAC,
+        bpf_fib_lookup, xdp_md,
+    },
+    helpers::generated::{
+        bpf_fib_lookup as fib_lookup_helper, bpf_l4_csum_replace, bpf_skb_adjust_room,
+        bpf_skb_change_tail, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+    },
+};
+
+use lb_common::Reason;
+
+use crate::{csum, maps::TX_PORTS};
+
+/// What to do with the packet once the datapath is done with it.
+#[derive(Clone, Copy, PartialEq, Eq)]
+#[repr(u32)]
+pub enum Action {
+    /// Hand it to the kernel stack.
+    Pass,
+    /// Drop it (always counted under a drop reason first).
+    Drop,
+    /// Send it back out of the interface it arrived on.
+    Bounce,
+    /// Send it out of another interface (MACs already rewritten).
+    Redirect(u32),
+    /// Send it out of an interface whose next hop the kernel must resolve (tc only).
+    RedirectNeigh(u32),
+}
+
+/// An [`Action`] and the [`Reason`] it is counted under.
+pub type Outcome = (Action, Reason);
+
+/// Packs an outcome into one register, for returning from an outlined (BPF-to-BPF)
+/// function: the BPF calling convention returns a single 64-bit value.
+#[inline(always)]
+pub fn pack((action, reason): Outcome) -> u64 {
+    let (kind, ifindex) = match action {
+        Action::Pass => (0u64, 0),
+        Action::Drop => (1, 0),
+        Action::Bounce => (2, 0),
+        Action::Redirect(i) => (3, i),
+        Action::RedirectNeigh(i) => (4, i),
+    };
+    ((reason as u64) << 40) | (kind << 32) | u64::from(ifindex)
+}
+
+#[inline(always)]
+pub fn unpack(raw: u64) -> Outcome {
+    let ifindex = raw as u32;
+    let action = match (raw >> 32) & 0xff {
+        1 => Action::Drop,
+        2 => Action::Bounce,
+        3 => Action::Redirect(ifindex),
+        4 => Action::RedirectNeigh(ifindex),
+        _ => Action::Pass,
+    };
+    let reason = Reason::from_index((raw >> 40) as u32).unwrap_or(Reason::PassMalformed);
+    (action, reason)
+}
+
+/// A packet in one of the hooks. Implementors are a single context pointer and
+/// `Copy`, so outlined functions take them by value, in a register.
+pub trait Packet: Copy {
+    /// Whether L4 checksums may be CHECKSUM_PARTIAL (see the module docs).
+    const PARTIAL_CSUM: bool;
+    /// Whether the hook can redirect to a next hop the kernel still has to resolve.
+    const RESOLVES_NEIGHBOURS: bool;
+
+    fn data(&self) -> usize;
+    fn data_end(&self) -> usize;
+    fn ctx(&self) -> *mut c_void;
+    fn ingress_ifindex(&self) -> u32;
+
+    /// Adds `pseudo` (a change of pseudo-header fields) and `data` (a change of
+    /// bytes the checksum covers directly) to the L4 checksum at `off`.
+    /// `udp`: a zero checksum means "none" and must stay zero.
+    fn update_l4_csum(&mut self, off: usize, pseudo: u16, data: u16, udp: bool) -> Result<(), ()>;
+
+    /// Whether the packet can be redirected to `ifindex` from this hook.
+    fn can_redirect(&self, ifindex: u32) -> bool;
+
+    /// Inserts `len` bytes between the link-layer header (`l2_len` bytes: Ethernet
+    /// and any VLAN tags) and the IP header.
+    fn grow_after_l2(&mut self, l2_len: usize, len: u32) -> Result<(), ()>;
+
+    /// Cuts the packet to `len` bytes.
+    fn truncate(&mut self, len: u32) -> Result<(), ()>;
+
+    /// Packet length in the linear (directly accessible) area.
+    #[inline(always)]
+    fn len(&self) -> u32 {
+        (self.data_end() - self.data()) as u32
+    }
+
+    /// Whole packet length, including any part not directly accessible.
+    fn total_len(&self) -> u32;
+
+    /// `bpf_fib_lookup` for this packet's context.
+    #[inline(always)]
+    fn fib_lookup(&self, params: &mut bpf_fib_lookup, flags: u32) -> i64 {
+        // SAFETY: params is a valid, writable bpf_fib_lookup.
+        unsafe {
+            fib_lookup_helper(
+                self.ctx(),
+                ptr::from_mut(params),
+                size_of::<bpf_fib_lookup>() as i32,
+                flags,
+            )
+        }
+    }
+}
+
+/// Header offsets are far below this. Offsets kept in the scratch map come back
+/// from memory without bounds the verifier knows, and it needs bounds before an
+/// offset is added to a packet pointer: masking gives them, where a comparison
+/// would be rewritten by LLVM into shapes the verifier cannot follow.
+const OFFSET_MASK: usize = 0x3fff;
+
+/// A pointer to a `T` at `off` bytes into the packet, if the packet is long enough.
+/// (Accesses are at least 2 bytes wide: for a 1-byte access LLVM turns the bounds
+/// check `p + 1 > end` into `p >= end`, which gives the verifier no range.)
+#[inline(always)]
+pub fn at<P: Packet, T>(pkt: &P, off: usize) -> Option<*mut T> {
+    const {
+        assert!(
+            size_of::<T>() >= 2,
+            "packet accesses must be at least 2 bytes"
+        )
+    };
+    let start = pkt.data() + (off & OFFSET_MASK);
+    if start + size_of::<T>() > pkt.data_end() {
+        return None;
+    }
+    Some(start as *mut T)
+}
+
+/// Reads a `T` at `off`.
+#[inline(always)]
+pub fn load<P: Packet, T: Copy>(pkt: &P, off: usize) -> Option<T> {
+    // SAFETY: `at` checked the bounds; packet data is 2-byte aligned and every T
+    // read here is a byte array or a 16-bit word at an even offset.
+    at::<P, T>(pkt, off).map(|p| unsafe { ptr::read(p) })
+}
+
+/// Writes a `T` at `off`.
+#[inline(always)]
+pub fn store<P: Packet, T: Copy>(pkt: &P, off: usize, v: T) -> Result<(), ()> {
+    let p = at::<P, T>(pkt, off).ok_or(())?;
+    // SAFETY: as in `load`.
+    unsafe { ptr::write(p, v) };
+    Ok(())
+}
+
+#[derive(Clone, Copy)]
+pub struct Xdp(pub *mut xdp_md);
+
+impl Packet for Xdp {
+    const PARTIAL_CSUM: bool = false;
+    const RESOLVES_NEIGHBOURS: bool = false;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // Volatile: the loads must stay in the function that uses them. LLVM would
+        // otherwise hoist them into a caller and pass the pointers as 32-bit
+        // arguments, which the verifier rejects (no arithmetic on packet pointers).
+        // SAFETY (all context reads): the pointer is the context the kernel passed in.
+        unsafe { ptr::read_volatile(&raw const (*self.0).data) as usize }
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        unsafe { ptr::read_volatile(&raw const (*self.0).data_end) as usize }
+    }
+    #[inline(always)]
+    fn ctx(&self) -> *mut c_void {
+        self.0.cast()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        unsafe { (*self.0).ingress_ifindex }
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        self.len()
+    }
+
+    #[inline(always)]
+    fn update_l4_csum(&mut self, off: usize, pseudo: u16, data: u16, udp: bool) -> Result<(), ()> {
+        let check: u16 = load(self, off).ok_or(())?;
+        if udp && check == 0 {
+            return Ok(());
+        }
+        let mut new = csum::apply(check, csum::fold(u64::from(pseudo) + u64::from(data)));
+        if udp && new == 0 {
+            new = 0xffff;
+        }
+        store(self, off, new)
+    }
+
+    #[inline(always)]
+    fn can_redirect(&self, ifindex: u32) -> bool {
+        TX_PORTS.get_ifindex(ifindex).is_some()
+    }
+
+    #[inline(always)]
+    fn grow_after_l2(&mut self, l2_len: usize, len: u32) -> Result<(), ()> {
+        // SAFETY: plain helper call on our context.
+        if unsafe { bpf_xdp_adjust_head(self.0, -(len as i32)) } != 0 {
+            return Err(());
+        }
+        // Move the link-layer header to the new front: Ethernet, then each VLAN tag.
+        let len = len as usize;
+        let eth: [u8; 14] = load(self, len).ok_or(())?;
+        store(self, 0, eth)?;
+        let mut off = 14;
+        while off < l2_len && off < 22 {
+            let tag: [u8; 4] = load(self, len + off).ok_or(())?;
+            store(self, off, tag)?;
+            off += 4;
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+        let delta = len as i32 - self.len() as i32;
+        // SAFETY: plain helper call on our context.
+        if delta > 0 || unsafe { bpf_xdp_adjust_tail(self.0, delta) } != 0 {
+            return Err(());
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Copy)]
+pub struct Tc(pub *mut __sk_buff);
+
+impl Tc {
+    /// Makes at least the first `len` bytes (or the whole packet) directly readable.
+    #[inline(always)]
+    pub fn pull_headers(&mut self, len: u32) {
+        let total = self.total_len();
+        let want = if total < len { total } else { len };
+        if self.len() < want {
+            // SAFETY: plain helper call on our context. On failure the parser
+            // simply finds the packet short and passes it.
+            unsafe { bpf_skb_pull_data(self.0, want) };
+        }
+    }
+}
+
+impl Packet for Tc {
+    const PARTIAL_CSUM: bool = true;
+    const RESOLVES_NEIGHBOURS: bool = true;
+
+    #[inline(always)]
+    fn data(&self) -> usize {
+        // Volatile: the loads must stay in the function that uses them. LLVM would
+        // otherwise hoist them into a caller and pass the pointers as 32-bit
+        // arguments, which the verifier rejects (no arithmetic on packet pointers).
+        // SAFETY (all context reads): the pointer is the context the kernel passed in.
+        unsafe { ptr::read_volatile(&raw const (*self.0).data) as usize }
+    }
+    #[inline(always)]
+    fn data_end(&self) -> usize {
+        unsafe { ptr::read_volatile(&raw const (*self.0).data_end) as usize }
+    }
+    #[inline(always)]
+    fn ctx(&self) -> *mut c_void {
+        self.0.cast()
+    }
+    #[inline(always)]
+    fn ingress_ifindex(&self) -> u32 {
+        unsafe { (*self.0).ifindex }
+    }
+
+    #[inline(always)]
+    fn total_len(&self) -> u32 {
+        unsafe { (*self.0).len }
+    }
+
+    #[inline(always)]
+    fn update_l4_csum(&mut self, off: usize, pseudo: u16, data: u16, udp: bool) -> Result<(), ()> {
+        let mangled = if udp {
+            u64::from(BPF_F_MARK_MANGLED_0)
+        } else {
+            0
+        };
+        let skb = self.0;
+        // "By diff" mode (size 0 in the low flag bits): the kernel adds the diff,
+        // and for CHECKSUM_PARTIAL packets applies only pseudo-header changes,
+        // because the rest is summed when the checksum is completed.
+        // SAFETY: plain helper calls on our context.
+        unsafe {
+            if pseudo != 0
+                && bpf_l4_csum_replace(
+                    skb,
+                    off as u32,
+                    0,
+                    u64::from(pseudo),
+                    u64::from(BPF_F_PSEUDO_HDR) | mangled,
+                ) != 0
+            {
+                return Err(());
+            }
+            if data != 0 && bpf_l4_csum_replace(skb, off as u32, 0, u64::from(data), mangled) != 0 {
+                return Err(());
+            }
+        }
+        Ok(())
+    }
+
+    #[inline(always)]
+    fn can_redirect(&self, _ifindex: u32) -> bool {
+        true
+    }
+
+    #[inline(always)]
+    fn grow_after_l2(&mut self, _l2_len: usize, len: u32) -> Result<(), ()> {
+        // The kernel inserts after the skb's MAC header, VLAN tags included.
+        // SAFETY: plain helper call on our context.
+        match unsafe { bpf_skb_adjust_room(self.0, len as i32, BPF_ADJ_ROOM_MAC, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+
+    #[inline(always)]
+    fn truncate(&mut self, len: u32) -> Result<(), ()> {
+        // SAFETY: plain helper call on our context.
+        match unsafe { bpf_skb_change_tail(self.0, len, 0) } {
+            0 => Ok(()),
+            _ => Err(()),
+        }
+    }
+}

@@ -1,0 +1,242 @@
+//! Header parsing: Ethernet (with up to two VLAN tags), IPv4 (options allowed),
+//! IPv6 (hop-by-hop and destination-options headers skipped), TCP, UDP and ICMP.
+//!
+//! Every outcome other than a translatable flow is a [`Reason`] to pass the packet
+//! to the kernel untouched; nothing here drops.
+
+use lb_common::{
+    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
+};
+
+use crate::packet::{Packet, load};
+
+pub const ETH_HLEN: usize = 14;
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+const ETH_P_8021AD: u16 = 0x88a8;
+const IPV6_HLEN: usize = 40;
+const MAX_IPV6_EXT_HEADERS: usize = 4;
+
+pub const TCP_FIN: u8 = 0x01;
+pub const TCP_SYN: u8 = 0x02;
+pub const TCP_RST: u8 = 0x04;
+pub const TCP_ACK: u8 = 0x10;
+
+/// Where the headers are and what the 5-tuple is.
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct Headers {
+    /// 5-tuple as on the wire (ports in host order).
+    pub key: FlowKey,
+    /// Offset of the IP header.
+    pub l3: usize,
+    /// Offset of the L4 header.
+    pub l4: usize,
+    /// IP total length (IPv4 `tot_len`, IPv6 payload length + 40), host order.
+    pub ip_len: u16,
+    /// TCP flags, ICMP type for ICMP, 0 for UDP.
+    pub flags: u8,
+}
+
+impl Headers {
+    #[inline(always)]
+    pub fn is_v4(&self) -> bool {
+        self.key.family == FAMILY_V4
+    }
+
+    /// Offset of the L4 checksum field.
+    #[inline(always)]
+    pub fn l4_csum(&self) -> usize {
+        match self.key.proto {
+            PROTO_TCP => self.l4 + 16,
+            PROTO_UDP => self.l4 + 6,
+            _ => self.l4 + 2,
+        }
+    }
+}
+
+/// What the packet in [`Headers`] turned out to be.
+#[repr(u32)]
+pub enum Parsed {
+    /// TCP or UDP: a candidate for balancing.
+    Flow,
+    /// An ICMP or ICMPv6 error: may be about a translated flow.
+    IcmpError,
+    /// Leave it to the kernel.
+    Pass(Reason),
+}
+
+#[inline(always)]
+fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
+    load::<P, [u8; 2]>(pkt, off).map(u16::from_be_bytes)
+}
+
+/// Parses the packet into `h`.
+#[inline(always)]
+pub fn parse<P: Packet>(pkt: &P, h: &mut Headers) -> Parsed {
+    let Some(mut ethertype) = be16(pkt, 12) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let mut l3 = ETH_HLEN;
+    // Up to two VLAN tags (802.1Q, QinQ); the tags stay, only IP is parsed.
+    for _ in 0..2 {
+        if ethertype != ETH_P_8021Q && ethertype != ETH_P_8021AD {
+            break;
+        }
+        let Some(inner) = be16(pkt, l3 + 2) else {
+            return Parsed::Pass(Reason::PassMalformed);
+        };
+        ethertype = inner;
+        l3 += 4;
+    }
+    match ethertype {
+        ETH_P_IP => parse_ipv4(pkt, l3, h),
+        ETH_P_IPV6 => parse_ipv6(pkt, l3, h),
+        _ => Parsed::Pass(Reason::PassNotIp),
+    }
+}
+
+#[inline(always)]
+fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
+    let Some(ip) = load::<P, [u8; 12]>(pkt, l3) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let ihl = usize::from(ip[0] & 0x0f) * 4;
+    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
+    if ip[0] >> 4 != 4 || ihl < 20 || usize::from(tot_len) < ihl {
+        return Parsed::Pass(Reason::PassMalformed);
+    }
+    // Frames may carry padding after the datagram, but never less than it claims.
+    if l3 + usize::from(tot_len) > pkt.total_len() as usize {
+        return Parsed::Pass(Reason::PassMalformed);
+    }
+    // More-fragments flag or a fragment offset: no ports to balance on.
+    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+        return Parsed::Pass(Reason::PassFragment);
+    }
+    let Some(src) = load::<P, [u8; 4]>(pkt, l3 + 12) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let Some(dst) = load::<P, [u8; 4]>(pkt, l3 + 16) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    h.key = FlowKey {
+        family: FAMILY_V4,
+        proto: ip[9],
+        ..FlowKey::default()
+    };
+    h.key.src[..4].copy_from_slice(&src);
+    h.key.dst[..4].copy_from_slice(&dst);
+    h.l3 = l3;
+    h.l4 = l3 + ihl;
+    h.ip_len = tot_len;
+    parse_l4(pkt, h, usize::from(tot_len) - ihl)
+}
+
+#[inline(always)]
+fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
+    let Some(ip) = load::<P, [u8; 8]>(pkt, l3) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let Some(src) = load::<P, [u8; 16]>(pkt, l3 + 8) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let Some(dst) = load::<P, [u8; 16]>(pkt, l3 + 24) else {
+        return Parsed::Pass(Reason::PassMalformed);
+    };
+    let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
+    if ip[0] >> 4 != 6 || l3 + IPV6_HLEN + usize::from(payload_len) > pkt.total_len() as usize {
+        return Parsed::Pass(Reason::PassMalformed);
+    }
+    h.key = FlowKey {
+        family: FAMILY_V6,
+        proto: ip[6],
+        src,
+        dst,
+        ..FlowKey::default()
+    };
+    let mut l4 = l3 + IPV6_HLEN;
+    for _ in 0..MAX_IPV6_EXT_HEADERS {
+        match h.key.proto {
+            // Hop-by-hop and destination options: skip them.
+            0 | 60 => {
+                let Some(ext) = load::<P, [u8; 2]>(pkt, l4) else {
+                    return Parsed::Pass(Reason::PassMalformed);
+                };
+                h.key.proto = ext[0];
+                l4 += (usize::from(ext[1]) + 1) * 8;
+            }
+            44 => return Parsed::Pass(Reason::PassFragment),
+            _ => break,
+        }
+    }
+    let ext_len = l4 - l3 - IPV6_HLEN;
+    if ext_len > usize::from(payload_len) {
+        return Parsed::Pass(Reason::PassMalformed);
+    }
+    h.l3 = l3;
+    h.l4 = l4;
+    h.ip_len = payload_len + IPV6_HLEN as u16;
+    parse_l4(pkt, h, usize::from(payload_len) - ext_len)
+}
+
+/// `l4_len`: bytes from the L4 header to the end of the IP datagram.
+#[inline(always)]
+fn parse_l4<P: Packet>(pkt: &P, h: &mut Headers, l4_len: usize) -> Parsed {
+    let l4 = h.l4;
+    h.flags = 0;
+    match h.key.proto {
+        PROTO_TCP => {
+            let Some(tcp) = load::<P, [u8; 20]>(pkt, l4) else {
+                return Parsed::Pass(Reason::PassMalformed);
+            };
+            let doff = usize::from(tcp[12] >> 4) * 4;
+            if doff < 20 || doff > l4_len {
+                return Parsed::Pass(Reason::PassMalformed);
+            }
+            h.key.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
+            h.key.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
+            h.flags = tcp[13];
+        }
+        PROTO_UDP => {
+            let Some(udp) = load::<P, [u8; 8]>(pkt, l4) else {
+                return Parsed::Pass(Reason::PassMalformed);
+            };
+            let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+            if len < 8 || len > l4_len {
+                return Parsed::Pass(Reason::PassMalformed);
+            }
+            h.key.src_port = u16::from_be_bytes([udp[0], udp[1]]);
+            h.key.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+        }
+        PROTO_ICMP | PROTO_ICMPV6 => {
+            let v4 = h.is_v4();
+            if (h.key.proto == PROTO_ICMP) != v4 {
+                return Parsed::Pass(Reason::PassOtherProtocol);
+            }
+            let Some(icmp) = load::<P, [u8; 8]>(pkt, l4) else {
+                return Parsed::Pass(Reason::PassMalformed);
+            };
+            h.flags = icmp[0];
+            return if is_icmp_error(icmp[0], v4) {
+                Parsed::IcmpError
+            } else {
+                Parsed::Pass(Reason::PassOtherProtocol)
+            };
+        }
+        _ => return Parsed::Pass(Reason::PassOtherProtocol),
+    }
+    Parsed::Flow
+}
+
+/// ICMP messages that quote a packet: destination unreachable (incl. fragmentation
+/// needed / packet too big), time exceeded, parameter problem.
+#[inline(always)]
+fn is_icmp_error(icmp_type: u8, v4: bool) -> bool {
+    if v4 {
+        matches!(icmp_type, 3 | 11 | 12)
+    } else {
+        matches!(icmp_type, 1..=4)
+    }
+}
