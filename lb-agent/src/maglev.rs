@@ -1,1 +1,182 @@
-pub fn placeholder() {}
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016): a lookup table of
+//! prime size M in which each backend owns close to M/N entries, and which
+//! changes little when a backend comes or goes.
+//!
+//! Every node builds the same table from the same backends, because the
+//! permutations depend only on each backend's address and port (hashed with
+//! [`lb_common::hash::hash_bytes`], stable across builds) and the backends are
+//! placed in sorted order. The datapath picks entry `flow_hash % M`.
+
+use std::net::SocketAddr;
+
+use anyhow::{Result, bail};
+use lb_common::hash::hash_bytes;
+
+const OFFSET_SEED: u32 = 0x6d61_676c; // "magl"
+const SKIP_SEED: u32 = 0x6576_2121; // "ev!!"
+
+/// Whether `n` is prime (table sizes are checked once, so trial division is fine).
+pub fn is_prime(n: u32) -> bool {
+    if n < 2 {
+        return false;
+    }
+    let mut d = 2u64;
+    while d * d <= u64::from(n) {
+        if u64::from(n) % d == 0 {
+            return false;
+        }
+        d += 1;
+    }
+    true
+}
+
+/// Checks a table size: prime, and large enough to be worth hashing into.
+pub fn check_table_size(m: u32) -> Result<()> {
+    if m < 7 || !is_prime(m) {
+        bail!("the Maglev table size must be a prime of at least 7, not {m}");
+    }
+    Ok(())
+}
+
+fn identity(addr: &SocketAddr) -> Vec<u8> {
+    let mut bytes = match addr.ip() {
+        std::net::IpAddr::V4(ip) => ip.octets().to_vec(),
+        std::net::IpAddr::V6(ip) => ip.octets().to_vec(),
+    };
+    bytes.extend_from_slice(&addr.port().to_be_bytes());
+    bytes
+}
+
+/// Builds a table of size `m` over `backends` (address, value to store). The
+/// result holds the stored value of the owning backend in each entry; it is empty
+/// when there are no backends.
+pub fn build(backends: &[(SocketAddr, u32)], m: u32) -> Vec<u32> {
+    if backends.is_empty() {
+        return Vec::new();
+    }
+    let mut sorted: Vec<&(SocketAddr, u32)> = backends.iter().collect();
+    sorted.sort_by_key(|(addr, _)| (addr.ip(), addr.port()));
+    let m64 = u64::from(m);
+    // Permutation of backend i: offset_i + j * skip_i (mod m), j = 0, 1, ...
+    let perms: Vec<(u64, u64)> = sorted
+        .iter()
+        .map(|(addr, _)| {
+            let id = identity(addr);
+            let offset = u64::from(hash_bytes(OFFSET_SEED, &id)) % m64;
+            let skip = u64::from(hash_bytes(SKIP_SEED, &id)) % (m64 - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; sorted.len()];
+    let mut owner: Vec<Option<usize>> = vec![None; m as usize];
+    let mut filled = 0u64;
+    'fill: loop {
+        for (i, &(offset, skip)) in perms.iter().enumerate() {
+            // Backend i takes its next preferred entry that is still free.
+            let mut c = ((offset + next[i] * skip) % m64) as usize;
+            while owner[c].is_some() {
+                next[i] += 1;
+                c = ((offset + next[i] * skip) % m64) as usize;
+            }
+            owner[c] = Some(i);
+            next[i] += 1;
+            filled += 1;
+            if filled == m64 {
+                break 'fill;
+            }
+        }
+    }
+    owner
+        .into_iter()
+        .map(|o| sorted[o.expect("every entry filled")].1)
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::HashMap;
+
+    use super::*;
+
+    fn backends(n: u32) -> Vec<(SocketAddr, u32)> {
+        (0..n)
+            .map(|i| {
+                let addr: SocketAddr = format!("10.244.{}.{}:8080", i / 200, i % 200 + 2)
+                    .parse()
+                    .unwrap();
+                (addr, i)
+            })
+            .collect()
+    }
+
+    fn shares(table: &[u32]) -> HashMap<u32, usize> {
+        let mut counts = HashMap::new();
+        for v in table {
+            *counts.entry(*v).or_default() += 1;
+        }
+        counts
+    }
+
+    #[test]
+    fn primes() {
+        assert!(is_prime(16_381));
+        assert!(is_prime(251));
+        assert!(!is_prime(16_383));
+        assert!(!is_prime(1));
+        assert!(check_table_size(65_537).is_ok());
+        assert!(check_table_size(1000).is_err());
+    }
+
+    #[test]
+    fn every_backend_gets_its_share_within_a_few_percent() {
+        for n in [1, 3, 10, 100] {
+            let table = build(&backends(n), 16_381);
+            assert_eq!(table.len(), 16_381);
+            let counts = shares(&table);
+            assert_eq!(counts.len(), n as usize, "every backend owns entries");
+            let fair = 16_381.0 / f64::from(n);
+            for (b, c) in counts {
+                let off = (c as f64 - fair).abs() / fair;
+                assert!(
+                    off < 0.03,
+                    "{n} backends: backend {b} has {c}, fair {fair:.0}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn removing_one_of_n_moves_about_one_nth() {
+        for n in [5u32, 10, 50] {
+            let before = build(&backends(n), 16_381);
+            let mut fewer = backends(n);
+            let gone = fewer.remove(n as usize / 2).1;
+            let after = build(&fewer, 16_381);
+            let moved = before.iter().zip(&after).filter(|(b, a)| b != a).count() as f64 / 16_381.0;
+            let owned_by_gone = before.iter().filter(|v| **v == gone).count() as f64 / 16_381.0;
+            // Entries of the removed backend must move; others barely.
+            assert!(
+                moved <= 1.0 / f64::from(n) + 0.01,
+                "{n} backends: {:.2}% moved",
+                moved * 100.0
+            );
+            assert!(
+                moved >= owned_by_gone,
+                "the removed backend's entries moved"
+            );
+        }
+    }
+
+    #[test]
+    fn order_of_input_does_not_matter() {
+        let mut b = backends(7);
+        let t1 = build(&b, 251);
+        b.reverse();
+        assert_eq!(build(&b, 251), t1);
+    }
+
+    #[test]
+    fn no_backends_no_table() {
+        assert!(build(&[], 251).is_empty());
+    }
+}

@@ -57,6 +57,24 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
+/// Hash of a byte string with a seed (murmur3-style, little-endian words). Used
+/// for Maglev permutations: it must give the same value on every node and every
+/// build, which `std`'s hashers do not promise.
+pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {
+    let mut h = seed;
+    let mut chunks = bytes.chunks_exact(4);
+    for c in &mut chunks {
+        h = mix(h, u32::from_le_bytes([c[0], c[1], c[2], c[3]]));
+    }
+    let mut tail = [0u8; 4];
+    tail[..chunks.remainder().len()].copy_from_slice(chunks.remainder());
+    h = mix(
+        h,
+        u32::from_le_bytes(tail) ^ (bytes.len() as u32).rotate_left(24),
+    );
+    finish(h)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

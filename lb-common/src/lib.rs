@@ -123,6 +123,22 @@ pub struct Service {
     pub _reserved: u32,
 }
 
+/// Value of `maglev`: two consecutive entries of a Maglev row (backend ids).
+///
+/// BPF arrays store values at an 8-byte stride, so two 4-byte ids share an element
+/// to use all the memory. Row `r` (of `maglev_size` M entries) starts at element
+/// `r * maglev_row_elements(M)`; entry `j` is lane `j % 2` of element `start + j / 2`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct MaglevPair {
+    pub ids: [u32; 2],
+}
+
+/// Elements of `maglev` one row of `maglev_size` entries takes.
+pub const fn maglev_row_elements(maglev_size: u32) -> u32 {
+    maglev_size.div_ceil(2)
+}
+
 /// The slot holds a backend (an all-zero slot is free).
 pub const BACKEND_F_ACTIVE: u8 = 1 << 0;
 /// The backend runs on this node (no source NAT needed to get its replies).
@@ -227,7 +243,7 @@ pub const CFG_F_SNAT_V6: u32 = 1 << 1;
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
-    /// Entries per Maglev row; the `maglev` array holds `rows * maglev_size` entries.
+    /// Entries per Maglev row (see [`MaglevPair`] for the layout).
     pub maglev_size: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,
@@ -256,6 +272,7 @@ mod pod {
     unsafe impl aya::Pod for super::CtEntry {}
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Config {}
+    unsafe impl aya::Pod for super::MaglevPair {}
 }
 
 #[cfg(test)]

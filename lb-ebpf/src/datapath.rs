@@ -60,10 +60,9 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
         Parsed::Pass(reason) => (Action::Pass, reason),
         Parsed::Flow => {
             if !established(s) {
-                let Some(svc) = service::lookup(&s.h.key) else {
+                if !service::lookup(&s.h.key, &mut s.svc) {
                     return (Action::Pass, Reason::PassNotService);
-                };
-                s.svc = svc;
+                }
                 match open_stage(s) {
                     OPENED => {}
                     NO_BACKEND => return unpack(refuse_stage(pkt, s)),

@@ -12,7 +12,7 @@ use lb_common::Reason;
 use crate::{
     csum,
     packet::{Action, Outcome, Packet, load, store},
-    parse::Headers,
+    parse::{ETH_HLEN, Headers},
 };
 
 const AF_INET: u8 = 2;
@@ -22,6 +22,11 @@ const AF_INET6: u8 = 10;
 /// room for the lookup.
 #[inline(always)]
 pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) -> Outcome {
+    // VLAN-tagged: the FIB of the physical port is not the VLAN's; the kernel,
+    // which knows the VLAN device, routes it.
+    if h.l3 != ETH_HLEN {
+        return (Action::Pass, Reason::PassToKernel);
+    }
     // SAFETY: bpf_fib_lookup is plain data; zeroed is a valid value.
     *fib = unsafe { MaybeUninit::zeroed().assume_init() };
     let k = &h.key;

@@ -8,7 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, capacity,
+    Backend, Config, Counters, CtEntry, FlowKey, MaglevPair, Reason, Service, ServiceKey, capacity,
+    maglev_row_elements,
 };
 
 use crate::datapath::Scratch;
@@ -22,12 +23,13 @@ pub static SERVICES: HashMap<ServiceKey, Service, { capacity::SERVICES as usize 
 #[btf_map(name = "backends")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
-/// Maglev lookup tables, one row of `Config::maglev_size` backend ids per table.
-/// Memory-mappable so the agent writes whole rows without a syscall per entry.
+/// Maglev lookup tables, one row of `Config::maglev_size` backend ids per table,
+/// two ids per element. Memory-mappable so the agent writes whole rows without a
+/// syscall per entry.
 #[btf_map(name = "maglev")]
 pub static MAGLEV: Array<
-    u32,
-    { (capacity::SERVICE_IDS * capacity::MAGLEV_TABLE_SIZE) as usize },
+    MaglevPair,
+    { (capacity::SERVICE_IDS * maglev_row_elements(capacity::MAGLEV_TABLE_SIZE)) as usize },
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 

@@ -1,20 +1,27 @@
 //! Service lookup and backend choice (Maglev).
 
-use lb_common::{Backend, Config, CtEntry, FlowKey, Service, ServiceKey};
+use lb_common::{Backend, Config, CtEntry, FlowKey, Service, ServiceKey, maglev_row_elements};
 
 use crate::maps::{BACKENDS, CONFIG, MAGLEV, SERVICES};
 
-/// The frontend a packet with `key` is addressed to, if it is a service.
+/// Copies the frontend a packet with `key` is addressed to into `out`; false if
+/// it is not a service.
 #[inline(always)]
-pub fn lookup(key: &FlowKey) -> Option<Service> {
+pub fn lookup(key: &FlowKey, out: &mut Service) -> bool {
     let skey = ServiceKey {
         addr: key.dst,
         port: key.dst_port,
         proto: key.proto,
         family: key.family,
     };
-    // SAFETY: the value is copied out at once.
-    unsafe { SERVICES.get(&skey).copied() }
+    match SERVICES.get_ptr(&skey) {
+        Some(svc) => {
+            // SAFETY: copying a map value out.
+            unsafe { core::ptr::copy_nonoverlapping(svc, out, 1) };
+            true
+        }
+        None => false,
+    }
 }
 
 #[inline(always)]
@@ -29,8 +36,17 @@ pub fn pick(svc: &Service, cfg: &Config, hash: u32, family: u8) -> Option<(u32, 
     if size == 0 {
         return None;
     }
-    let slot = svc.table.wrapping_mul(size).wrapping_add(hash % size);
-    let id = *MAGLEV.get(slot)?;
+    let entry = hash % size;
+    let element = svc
+        .table
+        .wrapping_mul(maglev_row_elements(size))
+        .wrapping_add(entry / 2);
+    let pair = MAGLEV.get(element)?;
+    let id = if entry % 2 == 0 {
+        pair.ids[0]
+    } else {
+        pair.ids[1]
+    };
     let backend = *BACKENDS.get(id)?;
     if !backend.is_active() || backend.family != family {
         return None;

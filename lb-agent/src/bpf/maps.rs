@@ -1,16 +1,23 @@
-//! Typed handles to the datapath's maps.
+//! Typed handles to the datapath's maps: the only place that writes them.
 
-use anyhow::{Context as _, Result, anyhow};
+use std::{
+    os::fd::{AsFd as _, AsRawFd as _},
+    ptr::NonNull,
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash},
 };
-use lb_common::{Backend, Config, Counters, CtEntry, FlowKey, Service, ServiceKey, map_names};
+use lb_common::{
+    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, map_names,
+};
 
 pub struct Maps {
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
-    pub maglev: Array<MapData, u32>,
+    pub maglev: MaglevRows,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pub config: Array<MapData, Config>,
     pub tx_ports: DevMapHash<MapData>,
@@ -33,11 +40,15 @@ macro_rules! typed {
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf, maglev_table_size: u32) -> Result<Self> {
+        let maglev = match take(ebpf, map_names::MAGLEV)? {
+            Map::Array(data) => data,
+            _ => bail!("map {} is not an array", map_names::MAGLEV),
+        };
         Ok(Self {
             services: typed!(ebpf, map_names::SERVICES),
             backends: typed!(ebpf, map_names::BACKENDS),
-            maglev: typed!(ebpf, map_names::MAGLEV),
+            maglev: MaglevRows::new(maglev, maglev_table_size)?,
             conntrack: typed!(ebpf, map_names::CONNTRACK),
             config: typed!(ebpf, map_names::CONFIG),
             tx_ports: typed!(ebpf, map_names::TX_PORTS),
@@ -45,5 +56,193 @@ impl Maps {
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             reasons: typed!(ebpf, map_names::REASONS),
         })
+    }
+
+    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+        self.config.set(0, config, 0).context("writing config")
+    }
+
+    pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {
+        self.services
+            .insert(key, svc, 0)
+            .with_context(|| format!("writing service {key:?}"))
+    }
+
+    pub fn remove_service(&mut self, key: &ServiceKey) -> Result<()> {
+        self.services
+            .remove(key)
+            .with_context(|| format!("removing service {key:?}"))
+    }
+
+    pub fn set_backend(&mut self, id: u32, backend: &Backend) -> Result<()> {
+        self.backends
+            .set(id, backend, 0)
+            .with_context(|| format!("writing backend {id}"))
+    }
+
+    /// Frees a backend slot (the datapath treats it as gone at once).
+    pub fn clear_backend(&mut self, id: u32) -> Result<()> {
+        self.set_backend(id, &Backend::default())
+    }
+
+    /// Lets XDP redirect to `ifindex`.
+    pub fn add_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .insert(ifindex, ifindex, None, 0)
+            .with_context(|| format!("adding ifindex {ifindex} to tx_ports"))
+    }
+
+    pub fn remove_tx_port(&mut self, ifindex: u32) -> Result<()> {
+        self.tx_ports
+            .remove(ifindex)
+            .with_context(|| format!("removing ifindex {ifindex} from tx_ports"))
+    }
+
+    /// Counters per reason, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
+        Reason::ALL
+            .iter()
+            .map(|r| Ok((*r, sum_per_cpu(&self.reasons, *r as u32)?)))
+            .collect()
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum_per_cpu(&self.service_stats, id)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        sum_per_cpu(&self.backend_stats, id)
+    }
+}
+
+fn sum_per_cpu(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters> {
+    let values = map
+        .get(&index, 0)
+        .with_context(|| format!("reading counters {index}"))?;
+    Ok(values.iter().fold(Counters::default(), |acc, c| Counters {
+        packets: acc.packets + c.packets,
+        bytes: acc.bytes + c.bytes,
+    }))
+}
+
+/// The `maglev` array, memory-mapped: rows are written with plain stores, so a
+/// table of 16381 entries costs no syscalls (the map is `BPF_F_MMAPABLE`).
+///
+/// The mapping is an array of u32 backend ids: each 8-byte element holds two (see
+/// [`lb_common::MaglevPair`]), so row `r` starts at id index `r * row_stride`.
+pub struct MaglevRows {
+    // Keeps the map alive while it is mapped.
+    _map: MapData,
+    base: NonNull<u32>,
+    rows: usize,
+    mapped_len: usize,
+    row_len: usize,
+    row_stride: usize,
+}
+
+// SAFETY: the mapping is owned by this value and only written through &mut self.
+unsafe impl Send for MaglevRows {}
+
+impl MaglevRows {
+    fn new(map: MapData, row_len: u32) -> Result<Self> {
+        let info = map.info().context("reading the maglev map's info")?;
+        if info.value_size() as usize != size_of::<lb_common::MaglevPair>() {
+            bail!(
+                "the maglev map has {}-byte values, not pairs of ids",
+                info.value_size()
+            );
+        }
+        let elements = info.max_entries() as usize;
+        let row_elements = lb_common::maglev_row_elements(row_len) as usize;
+        if row_len == 0 || !elements.is_multiple_of(row_elements) {
+            bail!("the maglev map holds {elements} elements, not whole rows of {row_len} entries");
+        }
+        // SAFETY: sysconf has no preconditions.
+        let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
+        let mapped_len = (elements * 8).div_ceil(page) * page;
+        let fd = map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping a BPF array fd the way the kernel documents for
+        // BPF_F_MMAPABLE maps; the result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                mapped_len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the maglev map");
+        }
+        Ok(Self {
+            _map: map,
+            base: NonNull::new(ptr.cast()).context("mmap returned null")?,
+            rows: elements / row_elements,
+            mapped_len,
+            row_len: row_len as usize,
+            row_stride: row_elements * 2,
+        })
+    }
+
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    pub fn row_len(&self) -> usize {
+        self.row_len
+    }
+
+    fn row_ptr(&self, row: u32) -> Result<*mut u32> {
+        let row = row as usize;
+        if row >= self.rows() {
+            bail!("maglev row {row} out of range ({} rows)", self.rows());
+        }
+        // SAFETY: in bounds of the mapping, checked above.
+        Ok(unsafe { self.base.as_ptr().add(row * self.row_stride) })
+    }
+
+    /// Writes a row, storing only the entries that change; returns how many did.
+    /// Each entry is a single aligned 4-byte store, so the datapath always reads a
+    /// whole backend id (of the old table or the new one).
+    pub fn write_row(&mut self, row: u32, table: &[u32]) -> Result<usize> {
+        if table.len() != self.row_len {
+            bail!(
+                "maglev table of {} entries for rows of {}",
+                table.len(),
+                self.row_len
+            );
+        }
+        let p = self.row_ptr(row)?;
+        let mut changed = 0;
+        for (i, v) in table.iter().enumerate() {
+            // SAFETY: i < row_len, inside the row; volatile because the kernel
+            // reads the same memory concurrently.
+            unsafe {
+                let e = p.add(i);
+                if std::ptr::read_volatile(e) != *v {
+                    std::ptr::write_volatile(e, *v);
+                    changed += 1;
+                }
+            }
+        }
+        Ok(changed)
+    }
+
+    /// Reads a row back.
+    pub fn read_row(&self, row: u32) -> Result<Vec<u32>> {
+        let p = self.row_ptr(row)?;
+        // SAFETY: the row lies inside the mapping.
+        Ok((0..self.row_len)
+            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .collect())
+    }
+}
+
+impl Drop for MaglevRows {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what new() mapped.
+        unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
     }
 }

@@ -48,10 +48,10 @@ impl Default for Sizes {
 }
 
 impl Sizes {
-    /// Entries of the flat `maglev` array.
-    pub fn maglev_entries(&self) -> Result<u32> {
+    /// Elements of the flat `maglev` array (two entries each).
+    pub fn maglev_elements(&self) -> Result<u32> {
         self.service_ids
-            .checked_mul(self.maglev_table_size)
+            .checked_mul(lb_common::maglev_row_elements(self.maglev_table_size))
             .context("service ids x Maglev table size does not fit a BPF array")
     }
 }
@@ -68,20 +68,21 @@ pub struct LoadOptions {
 /// The loaded (not yet attached) datapath.
 pub struct Datapath {
     ebpf: Ebpf,
+    sizes: Sizes,
 }
 
 impl Datapath {
     /// Creates or reuses the maps and loads both programs into the kernel.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let sizes = &opts.sizes;
-        let maglev_entries = sizes.maglev_entries()?;
+        let maglev_elements = sizes.maglev_elements()?;
         let mut loader = EbpfLoader::new();
         loader
             .map_max_entries(map_names::SERVICES, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
             .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
             .map_max_entries(map_names::SERVICE_STATS, sizes.service_ids)
-            .map_max_entries(map_names::MAGLEV, maglev_entries)
+            .map_max_entries(map_names::MAGLEV, maglev_elements)
             .map_max_entries(map_names::CONNTRACK, sizes.conntrack);
         let pins: Vec<(&str, PathBuf)> = match &opts.pin_path {
             Some(dir) => map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
@@ -99,7 +100,10 @@ impl Datapath {
         program_mut::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?
             .load()
             .context("loading the tc program")?;
-        Ok(Self { ebpf })
+        Ok(Self {
+            ebpf,
+            sizes: opts.sizes,
+        })
     }
 
     pub fn xdp(&mut self) -> Result<&mut Xdp> {
@@ -112,7 +116,7 @@ impl Datapath {
 
     /// Takes typed handles to the maps out of the object (once).
     pub fn take_maps(&mut self) -> Result<Maps> {
-        Maps::take(&mut self.ebpf)
+        Maps::take(&mut self.ebpf, self.sizes.maglev_table_size)
     }
 }
 

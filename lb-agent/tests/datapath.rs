@@ -1,0 +1,455 @@
+//! The datapath, packet by packet: crafted frames through BPF_PROG_TEST_RUN, the
+//! output decoded by etherparse with every checksum recomputed.
+//! Needs root (BPF, network namespaces).
+
+mod support;
+
+use lb_common::{Reason, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE};
+use support::{Lab, TCP, UDP, XDP_PASS, XDP_TX, backend, netns::*, packet::*, sa};
+
+#[test]
+fn clusterip_syn_goes_to_the_maglev_backend_and_the_reply_comes_back_from_the_vip() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.10:80");
+    let svc = lab.service(
+        &[vip],
+        TCP,
+        &[
+            backend("10.244.1.10:8080", false),
+            backend("10.244.1.11:8080", false),
+        ],
+        0,
+    );
+    let client = sa("198.51.100.7:40000");
+    let input = syn(client, vip);
+    let (action, output) = lab.xdp(&input);
+    println!("input : {}", describe(&input));
+    println!("output: {}", describe(&output));
+    assert_eq!(
+        action, XDP_TX,
+        "remote backend behind the uplink: sent back out"
+    );
+    let out = decode(&output);
+    let chosen = svc.expected_backend(client, vip, TCP);
+    assert_eq!(out.src_addr(), client, "no SNAT inside the cluster");
+    assert_eq!(out.dst_addr(), chosen);
+    assert_eq!(out.eth_dst, NODE_B_MAC, "next hop: node B");
+    assert_eq!(out.eth_src, UPLINK_MAC);
+    assert_eq!(out.ttl, 63);
+
+    // The backend answers the client; the client must see the VIP.
+    let reply = tcp(
+        (NODE_B_MAC, UPLINK_MAC),
+        chosen,
+        client,
+        SYN | ACK,
+        5000,
+        1001,
+        &[],
+    );
+    let (action, output) = lab.xdp(&reply);
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!(out.src_addr(), vip);
+    assert_eq!(out.dst_addr(), client);
+    assert_eq!(out.eth_dst, ROUTER_MAC);
+    assert_eq!(lab.reason(Reason::Tx), 2);
+}
+
+#[test]
+fn ipv6_clusterip_round_trip() {
+    let mut lab = Lab::new();
+    let vip = sa("[fd00:96::10]:443");
+    let svc = lab.service(
+        &[vip],
+        TCP,
+        &[
+            backend("[fd00:244:1::10]:8443", false),
+            backend("[fd00:244:1::11]:8443", false),
+        ],
+        0,
+    );
+    let client = sa("[2001:db8:100::7]:50000");
+    let (action, output) = lab.xdp(&syn(client, vip));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    let chosen = svc.expected_backend(client, vip, TCP);
+    assert_eq!((out.src_addr(), out.dst_addr()), (client, chosen));
+    assert_eq!(out.eth_dst, NODE_B_MAC);
+    assert_eq!(out.ttl, 63, "hop limit decremented");
+    let reply = tcp(
+        (NODE_B_MAC, UPLINK_MAC),
+        chosen,
+        client,
+        SYN | ACK,
+        1,
+        1001,
+        b"hello",
+    );
+    let (action, output) = lab.xdp(&reply);
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (vip, client));
+    assert_eq!(out.payload, b"hello");
+}
+
+#[test]
+fn udp_datagrams_are_translated_both_ways() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.53:53");
+    let svc = lab.service(&[vip], UDP, &[backend("10.244.1.53:5353", false)], 0);
+    let client = sa("198.51.100.9:33333");
+    let (action, output) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"query"));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!(out.dst_addr(), sa("10.244.1.53:5353"));
+    assert_eq!(out.payload, b"query");
+    let (_, output) = lab.xdp(&udp(
+        (NODE_B_MAC, UPLINK_MAC),
+        sa("10.244.1.53:5353"),
+        client,
+        b"answer",
+    ));
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (vip, client));
+    assert_eq!(lab.maps.service_counters(svc.id).unwrap().packets, 2);
+    assert_eq!(
+        lab.maps
+            .backend_counters(svc.backends[0].0)
+            .unwrap()
+            .packets,
+        2
+    );
+}
+
+#[test]
+fn a_flow_stays_on_its_backend_when_the_backend_set_changes() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.20:80");
+    let mut svc = lab.service(&[vip], TCP, &[backend("10.244.1.20:80", false)], 0);
+    // Open 50 flows, all on the only backend.
+    let clients: Vec<_> = (0..50)
+        .map(|i| sa(&format!("198.51.100.20:{}", 20_000 + i)))
+        .collect();
+    for c in &clients {
+        let (_, out) = lab.xdp(&syn(*c, vip));
+        assert_eq!(decode(&out).dst_addr(), sa("10.244.1.20:80"));
+    }
+    // Four more backends: Maglev now sends most new flows elsewhere...
+    for i in 21..25 {
+        lab.add_backend(
+            &mut svc,
+            sa(&format!("10.244.1.{i}:80")),
+            false,
+            &[vip],
+            TCP,
+            0,
+        );
+    }
+    let moved = clients
+        .iter()
+        .filter(|c| svc.expected_backend(**c, vip, TCP) != sa("10.244.1.20:80"))
+        .count();
+    assert!(
+        moved > 20,
+        "the new table must move many of these tuples ({moved})"
+    );
+    // ...but established flows keep their backend.
+    for c in &clients {
+        let (_, out) = lab.xdp(&tcp(FROM_ROUTER, *c, vip, ACK, 1001, 1, b"data"));
+        assert_eq!(
+            decode(&out).dst_addr(),
+            sa("10.244.1.20:80"),
+            "flow from {c} moved"
+        );
+    }
+}
+
+#[test]
+fn a_udp_flow_moves_off_a_removed_backend() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.30:5000");
+    let mut svc = lab.service(
+        &[vip],
+        UDP,
+        &[
+            backend("10.244.1.30:5000", false),
+            backend("10.244.1.31:5000", false),
+        ],
+        0,
+    );
+    let client = sa("198.51.100.30:40000");
+    let (_, out) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"1"));
+    let first = decode(&out).dst_addr();
+    lab.remove_backend(&mut svc, first, &[vip], UDP, 0);
+    let (action, out) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"2"));
+    assert_eq!(action, XDP_TX);
+    let second = decode(&out).dst_addr();
+    assert_ne!(
+        second, first,
+        "the stream must not black-hole on the removed backend"
+    );
+    assert!(svc.backends.iter().any(|b| b.1 == second));
+    // And the replies of its new backend come back from the VIP.
+    let (_, out) = lab.xdp(&udp((NODE_B_MAC, UPLINK_MAC), second, client, b"r"));
+    assert_eq!(decode(&out).src_addr(), vip);
+}
+
+#[test]
+fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
+    let mut lab = Lab::new();
+    let nodeport = sa("192.0.2.1:30080");
+    let svc = lab.service(
+        &[nodeport],
+        TCP,
+        &[backend("10.244.1.40:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let client = sa("198.51.100.40:45000");
+    let (action, output) = lab.xdp(&syn(client, nodeport));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    let snat = out.src_addr();
+    assert_eq!(
+        snat.ip().to_string(),
+        "192.0.2.1",
+        "leaves with the node's address"
+    );
+    assert!((support::SNAT_PORTS.0..=support::SNAT_PORTS.1).contains(&snat.port()));
+    assert_eq!(out.dst_addr(), sa("10.244.1.40:8080"));
+    // The backend answers the node; the client gets it from the NodePort.
+    let (action, output) = lab.xdp(&tcp(
+        (NODE_B_MAC, UPLINK_MAC),
+        sa("10.244.1.40:8080"),
+        snat,
+        SYN | ACK,
+        7,
+        1001,
+        &[],
+    ));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (nodeport, client));
+    assert_eq!(out.eth_dst, ROUTER_MAC);
+    // A second client gets a different SNAT port.
+    let (_, output) = lab.xdp(&syn(sa("198.51.100.41:45000"), nodeport));
+    assert_ne!(decode(&output).src_addr(), snat);
+    let _ = svc;
+}
+
+#[test]
+fn ipv6_nodeport_with_snat() {
+    let mut lab = Lab::new();
+    let nodeport = sa("[2001:db8::1]:30443");
+    lab.service(
+        &[nodeport],
+        UDP,
+        &[backend("[fd00:244:1::40]:8443", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let client = sa("[2001:db8:100::40]:45000");
+    let (_, output) = lab.xdp(&udp(FROM_ROUTER, client, nodeport, b"x"));
+    let out = decode(&output);
+    assert_eq!(out.src.to_string(), support::SNAT_V6);
+    let snat = out.src_addr();
+    let (_, output) = lab.xdp(&udp(
+        (NODE_B_MAC, UPLINK_MAC),
+        sa("[fd00:244:1::40]:8443"),
+        snat,
+        b"y",
+    ));
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (nodeport, client));
+}
+
+#[test]
+fn nodeport_to_a_local_backend_keeps_the_client_address_and_goes_through_the_kernel() {
+    let mut lab = Lab::new();
+    let nodeport = sa("192.0.2.1:30081");
+    lab.service(
+        &[nodeport],
+        TCP,
+        &[backend("10.244.0.5:8080", true)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let client = sa("198.51.100.42:45000");
+    let (action, output) = lab.xdp(&syn(client, nodeport));
+    assert_eq!(action, XDP_PASS, "local pods are reached through the stack");
+    let out = decode(&output);
+    assert_eq!(
+        (out.src_addr(), out.dst_addr()),
+        (client, sa("10.244.0.5:8080"))
+    );
+    assert_eq!(out.ttl, 64, "the kernel decrements it when it forwards");
+    assert_eq!(lab.reason(Reason::PassToKernel), 1);
+}
+
+#[test]
+fn a_service_without_backends_refuses_tcp_with_a_reset() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.50:80");
+    lab.service(&[vip], TCP, &[], 0);
+    let client = sa("198.51.100.50:41000");
+    let (action, output) = lab.xdp(&tcp(FROM_ROUTER, client, vip, SYN, 777, 0, &[]));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (vip, client));
+    assert_eq!(out.eth_dst, ROUTER_MAC, "back to where it came from");
+    let support::packet::L4::Tcp {
+        flags, seq, ack, ..
+    } = out.l4
+    else {
+        panic!()
+    };
+    assert_eq!(flags, RST | ACK);
+    assert_eq!((seq, ack), (0, 778), "acknowledges the SYN");
+    // A stray ACK gets a RST with its ack number as sequence number.
+    let (_, output) = lab.xdp(&tcp(FROM_ROUTER, client, vip, ACK, 1000, 4242, b"data"));
+    let out = decode(&output);
+    let support::packet::L4::Tcp { flags, seq, .. } = out.l4 else {
+        panic!()
+    };
+    assert_eq!((flags, seq), (RST, 4242));
+    // A RST is never answered.
+    let (action, _) = lab.xdp(&tcp(FROM_ROUTER, client, vip, RST, 1, 0, &[]));
+    assert_eq!(action, support::XDP_DROP);
+    assert_eq!(lab.reason(Reason::RejectTcpReset), 3);
+}
+
+#[test]
+fn a_service_without_backends_refuses_udp_with_port_unreachable() {
+    for (vip, client) in [
+        (sa("10.96.0.51:53"), sa("198.51.100.51:41000")),
+        (sa("[fd00:96::51]:53"), sa("[2001:db8:100::51]:41000")),
+    ] {
+        let mut lab = Lab::new();
+        lab.service(&[vip], UDP, &[], 0);
+        let (action, output) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"anyone?"));
+        assert_eq!(action, XDP_TX);
+        let out = decode(&output);
+        assert_eq!((out.src, out.dst), (vip.ip(), client.ip()));
+        let support::packet::L4::IcmpError { kind, code, quoted } = out.l4 else {
+            panic!("{out:?}")
+        };
+        if vip.is_ipv4() {
+            assert_eq!((kind, code), (3, 3));
+        } else {
+            assert_eq!((kind, code), (1, 4));
+        }
+        assert_eq!((quoted.src, quoted.dst, quoted.proto), (client, vip, UDP));
+        assert!(quoted.ip_checksum_ok);
+        assert_eq!(lab.reason(Reason::RejectIcmpUnreachable), 1);
+    }
+}
+
+#[test]
+fn traffic_that_is_not_for_a_service_passes_untouched() {
+    let mut lab = Lab::new();
+    lab.service(
+        &[sa("10.96.0.60:80")],
+        TCP,
+        &[backend("10.244.1.60:80", false)],
+        0,
+    );
+    let frames = [
+        syn(sa("198.51.100.60:1000"), sa("10.96.0.60:81")),
+        syn(sa("198.51.100.60:1000"), sa("10.96.0.61:80")),
+        udp(
+            FROM_ROUTER,
+            sa("198.51.100.60:1000"),
+            sa("10.96.0.60:80"),
+            b"wrong protocol",
+        ),
+    ];
+    for f in &frames {
+        let (action, output) = lab.xdp(f);
+        assert_eq!(action, XDP_PASS);
+        assert_eq!(&output, f, "unchanged");
+    }
+    assert_eq!(lab.reason(Reason::PassNotService), 3);
+}
+
+#[test]
+fn icmp_fragmentation_needed_from_the_backend_side_reaches_the_client() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.70:80");
+    lab.service(&[vip], TCP, &[backend("10.244.1.70:80", false)], 0);
+    let client = sa("198.51.100.70:42000");
+    let (_, fwd) = lab.xdp(&syn(client, vip));
+    let translated = decode(&fwd);
+    assert_eq!(translated.dst_addr(), sa("10.244.1.70:80"));
+    // A router between this node and the backend cannot forward the (translated)
+    // packet: it sends "fragmentation needed" quoting it, to the client.
+    let mut quote = fwd[14..].to_vec();
+    quote.truncate(28);
+    let icmp = etherparse::PacketBuilder::ethernet2(NODE_B_MAC, UPLINK_MAC)
+        .ipv4([192, 0, 2, 2], [198, 51, 100, 70], 64)
+        .icmpv4(etherparse::Icmpv4Type::DestinationUnreachable(
+            etherparse::icmpv4::DestUnreachableHeader::FragmentationNeeded { next_hop_mtu: 1400 },
+        ));
+    let mut frame = Vec::new();
+    icmp.write(&mut frame, &quote).unwrap();
+    let (action, output) = lab.xdp(&frame);
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!(out.dst, client.ip());
+    assert_eq!(
+        out.src.to_string(),
+        "192.0.2.2",
+        "a router's error keeps the router's address"
+    );
+    let support::packet::L4::IcmpError { kind, code, quoted } = out.l4 else {
+        panic!("{out:?}")
+    };
+    assert_eq!((kind, code), (3, 4));
+    assert_eq!(
+        (quoted.src, quoted.dst),
+        (client, vip),
+        "the client sees its own packet quoted"
+    );
+    assert!(quoted.ip_checksum_ok);
+    assert_eq!(lab.reason(Reason::IcmpErrorTranslated), 1);
+}
+
+#[test]
+fn pods_reach_a_clusterip_through_the_tc_program() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.80:80");
+    lab.service(&[vip], TCP, &[backend("10.244.1.80:8080", false)], 0);
+    let pod = sa("10.244.0.5:39000");
+    let frame = tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 1, 0, &[]);
+    let (action, output) = lab.tc(&frame);
+    assert_eq!(action, support::TC_REDIRECT);
+    let out = decode(&output);
+    assert_eq!(
+        (out.src_addr(), out.dst_addr()),
+        (pod, sa("10.244.1.80:8080"))
+    );
+    assert_eq!(out.eth_dst, NODE_B_MAC);
+    // A pod-to-pod packet is none of lb's business.
+    let other = tcp(
+        (LOCAL_POD_MAC, POD_GW_MAC),
+        pod,
+        sa("10.244.1.99:80"),
+        SYN,
+        1,
+        0,
+        &[],
+    );
+    let (action, output) = lab.tc(&other);
+    assert_eq!(action, support::TC_NEXT);
+    assert_eq!(output, other);
+}
+
+#[test]
+fn a_pod_gets_a_reset_from_a_service_without_backends_through_tc() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.81:80");
+    lab.service(&[vip], TCP, &[], 0);
+    let pod = sa("10.244.0.5:39001");
+    let (action, output) = lab.tc(&tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 5, 0, &[]));
+    assert_eq!(action, support::TC_REDIRECT, "sent back to the pod");
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (vip, pod));
+    assert_eq!(out.eth_dst, LOCAL_POD_MAC);
+}

@@ -1,0 +1,323 @@
+//! A datapath in a private network namespace, with maps the tests program
+//! directly, and runners that push one frame through `BPF_PROG_TEST_RUN`.
+#![allow(dead_code)]
+
+pub mod netns;
+pub mod packet;
+
+use std::net::{IpAddr, SocketAddr};
+
+use aya::programs::{TestRun as _, TestRunOptions};
+use lb_agent::{
+    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    maglev,
+};
+use lb_common::{
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FAMILY_V4,
+    FAMILY_V6, FlowKey, PROTO_TCP, Reason, Service, ServiceKey, hash::flow_hash,
+};
+pub use netns::Netns;
+
+pub const MAGLEV_SIZE: u32 = 251;
+pub const SIZES: Sizes = Sizes {
+    services: 1024,
+    service_ids: 16,
+    backends: 256,
+    maglev_table_size: MAGLEV_SIZE,
+    conntrack: 4096,
+};
+pub const SNAT_V4: [u8; 4] = [192, 0, 2, 1];
+pub const SNAT_V6: &str = "2001:db8::1";
+pub const SNAT_PORTS: (u16, u16) = (61_000, 61_099);
+
+pub const XDP_ABORTED: u32 = 0;
+pub const XDP_DROP: u32 = 1;
+pub const XDP_PASS: u32 = 2;
+pub const XDP_TX: u32 = 3;
+pub const XDP_REDIRECT: u32 = 4;
+pub const TC_NEXT: i32 = -1;
+pub const TC_SHOT: i32 = 2;
+pub const TC_REDIRECT: i32 = 7;
+
+/// A backend for [`Lab::service`]: address and whether it runs on this node.
+pub fn backend(addr: &str, local: bool) -> (SocketAddr, bool) {
+    (addr.parse().expect("backend address"), local)
+}
+
+pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
+    let mut a = [0u8; 16];
+    match ip {
+        IpAddr::V4(v4) => {
+            a[..4].copy_from_slice(&v4.octets());
+            (a, FAMILY_V4)
+        }
+        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+    }
+}
+
+pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
+    let (s, family) = addr16(src.ip());
+    let (d, _) = addr16(dst.ip());
+    FlowKey {
+        src: s,
+        dst: d,
+        src_port: src.port(),
+        dst_port: dst.port(),
+        proto,
+        family,
+        _pad: [0; 2],
+    }
+}
+
+/// What [`Lab::service`] created.
+#[derive(Clone, Debug)]
+pub struct Svc {
+    pub id: u32,
+    pub table: u32,
+    /// (backend id, address, local), in the order given.
+    pub backends: Vec<(u32, SocketAddr, bool)>,
+}
+
+impl Svc {
+    /// The backend Maglev gives a new flow from `client` to `frontend`.
+    pub fn expected_backend(
+        &self,
+        client: SocketAddr,
+        frontend: SocketAddr,
+        proto: u8,
+    ) -> SocketAddr {
+        let entries: Vec<(SocketAddr, u32)> =
+            self.backends.iter().map(|(id, a, _)| (*a, *id)).collect();
+        let table = maglev::build(&entries, MAGLEV_SIZE);
+        let h = flow_hash(&flow_key(client, frontend, proto));
+        let id = table[(h % MAGLEV_SIZE) as usize];
+        self.backends.iter().find(|b| b.0 == id).unwrap().1
+    }
+}
+
+pub struct Lab {
+    pub dp: Datapath,
+    pub maps: Maps,
+    pub uplink: u32,
+    pub pod: u32,
+    next_service: u32,
+    next_backend: u32,
+    // Last: the namespace goes after the programs and maps that refer to its devices.
+    pub ns: Netns,
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let ns = Netns::enter();
+        let mut dp = Datapath::load(&LoadOptions {
+            pin_path: None,
+            sizes: SIZES,
+        })
+        .expect("load datapath");
+        let mut maps = dp.take_maps().expect("maps");
+        let uplink = ns.ifindex("up0");
+        let pod = ns.ifindex("pod0");
+        let v6: std::net::Ipv6Addr = SNAT_V6.parse().unwrap();
+        maps.set_config(&Config {
+            maglev_size: MAGLEV_SIZE,
+            flags: CFG_F_SNAT_V4 | CFG_F_SNAT_V6,
+            snat_addr_v4: SNAT_V4,
+            snat_port_min: SNAT_PORTS.0,
+            snat_port_max: SNAT_PORTS.1,
+            snat_addr_v6: v6.octets(),
+        })
+        .unwrap();
+        maps.add_tx_port(uplink).unwrap();
+        Self {
+            dp,
+            maps,
+            uplink,
+            pod,
+            next_service: 0,
+            next_backend: 1,
+            ns,
+        }
+    }
+
+    /// Programs a service port with its own Maglev row: `frontends` all lead to it.
+    pub fn service(
+        &mut self,
+        frontends: &[SocketAddr],
+        proto: u8,
+        backends: &[(SocketAddr, bool)],
+        flags: u32,
+    ) -> Svc {
+        let id = self.next_service;
+        self.next_service += 1;
+        let mut svc = Svc {
+            id,
+            table: id,
+            backends: Vec::new(),
+        };
+        for (addr, local) in backends {
+            let bid = self.next_backend;
+            self.next_backend += 1;
+            self.set_backend(bid, *addr, *local);
+            svc.backends.push((bid, *addr, *local));
+        }
+        self.write_table(&svc);
+        for f in frontends {
+            self.frontend(*f, proto, &svc, flags);
+        }
+        svc
+    }
+
+    pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
+        let (a, family) = addr16(addr.ip());
+        let flags = BACKEND_F_ACTIVE | if local { BACKEND_F_LOCAL } else { 0 };
+        self.maps
+            .set_backend(
+                id,
+                &Backend {
+                    addr: a,
+                    port: addr.port(),
+                    family,
+                    flags,
+                },
+            )
+            .unwrap();
+    }
+
+    pub fn frontend(&mut self, addr: SocketAddr, proto: u8, svc: &Svc, flags: u32) {
+        let (a, family) = addr16(addr.ip());
+        self.maps
+            .set_service(
+                &ServiceKey {
+                    addr: a,
+                    port: addr.port(),
+                    proto,
+                    family,
+                },
+                &Service {
+                    id: svc.id,
+                    table: svc.table,
+                    backend_count: svc.backends.len() as u32,
+                    flags,
+                    ..Service::default()
+                },
+            )
+            .unwrap();
+    }
+
+    /// Rewrites the service's Maglev row from its current backends.
+    pub fn write_table(&mut self, svc: &Svc) {
+        let entries: Vec<(SocketAddr, u32)> =
+            svc.backends.iter().map(|(id, a, _)| (*a, *id)).collect();
+        let table = maglev::build(&entries, MAGLEV_SIZE);
+        if !table.is_empty() {
+            self.maps.maglev.write_row(svc.table, &table).unwrap();
+        }
+    }
+
+    /// Adds a backend to a service (new id, table rewritten, frontends updated).
+    pub fn add_backend(
+        &mut self,
+        svc: &mut Svc,
+        addr: SocketAddr,
+        local: bool,
+        frontends: &[SocketAddr],
+        proto: u8,
+        flags: u32,
+    ) {
+        let bid = self.next_backend;
+        self.next_backend += 1;
+        self.set_backend(bid, addr, local);
+        svc.backends.push((bid, addr, local));
+        self.write_table(svc);
+        for f in frontends {
+            self.frontend(*f, proto, svc, flags);
+        }
+    }
+
+    /// Removes a backend the way the agent does: table first, then the slot.
+    pub fn remove_backend(
+        &mut self,
+        svc: &mut Svc,
+        addr: SocketAddr,
+        frontends: &[SocketAddr],
+        proto: u8,
+        flags: u32,
+    ) {
+        let i = svc
+            .backends
+            .iter()
+            .position(|b| b.1 == addr)
+            .expect("backend of the service");
+        let (bid, _, _) = svc.backends.remove(i);
+        self.write_table(svc);
+        for f in frontends {
+            self.frontend(*f, proto, svc, flags);
+        }
+        self.maps.clear_backend(bid).unwrap();
+    }
+
+    /// Runs the XDP program on `frame` arriving on the uplink.
+    pub fn xdp(&mut self, frame: &[u8]) -> (u32, Vec<u8>) {
+        self.xdp_on(self.uplink, frame)
+    }
+
+    pub fn xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
+        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
+        let mut ctx = [0u8; 24];
+        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
+        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; 4096];
+        let r = self
+            .dp
+            .xdp()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (xdp)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value, out)
+    }
+
+    /// Runs the tc program on `frame` arriving from a pod on `pod0`.
+    pub fn tc(&mut self, frame: &[u8]) -> (i32, Vec<u8>) {
+        // struct __sk_buff: ifindex at offset 40; everything else zero.
+        let mut ctx = [0u8; 192];
+        ctx[40..44].copy_from_slice(&self.pod.to_ne_bytes());
+        let mut out = vec![0u8; 4096];
+        let r = self
+            .dp
+            .tc()
+            .unwrap()
+            .test_run(TestRunOptions {
+                data_in: Some(frame),
+                data_out: Some(&mut out),
+                ctx_in: Some(&ctx),
+                ..TestRunOptions::default()
+            })
+            .expect("BPF_PROG_TEST_RUN (tc)");
+        out.truncate(r.data_size_out as usize);
+        (r.return_value as i32, out)
+    }
+
+    pub fn reason(&self, reason: Reason) -> u64 {
+        self.maps
+            .reason_counters()
+            .unwrap()
+            .into_iter()
+            .find(|(r, _)| *r == reason)
+            .unwrap()
+            .1
+            .packets
+    }
+}
+
+pub fn sa(s: &str) -> SocketAddr {
+    s.parse().expect("socket address")
+}
+
+pub const TCP: u8 = PROTO_TCP;
+pub const UDP: u8 = lb_common::PROTO_UDP;
