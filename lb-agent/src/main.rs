@@ -1,18 +1,212 @@
-use anyhow::Result;
-use lb_agent::bpf::{Datapath, LoadOptions, Sizes};
+//! `lb-agent`: the lb node agent.
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::PathBuf,
+};
+
+use anyhow::{Context as _, Result, bail};
+use clap::{Args, Parser, Subcommand};
+use lb_agent::{
+    agent::{self, Settings, SourceConfig},
+    bpf::{Sizes, pins},
+    dump,
+};
+use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, capacity};
+
+#[derive(Parser)]
+#[command(
+    version,
+    about = "lb node agent: an eBPF/XDP load balancer for Kubernetes Services",
+    long_about = "lb node agent: loads the XDP/tc datapath, attaches it to the node's uplinks and \
+                  pod interfaces, and keeps its maps equal to the Services and EndpointSlices of \
+                  the cluster (or of a directory of manifests)."
+)]
+struct Cli {
+    /// Log level: error, warn, info, debug or trace (RUST_LOG overrides).
+    #[arg(long, global = true, default_value = "info", env = "LB_LOG_LEVEL")]
+    log_level: String,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: load or adopt the datapath, attach it, follow the cluster.
+    /// SIGTERM stops the agent but leaves the datapath serving.
+    Run(RunArgs),
+    /// Print services, backends, Maglev tables and conntrack entries decoded from
+    /// the pinned maps (works without a running agent).
+    Dump {
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+        /// Print JSON instead of text.
+        #[arg(long)]
+        json: bool,
+        /// Conntrack entries to show at most.
+        #[arg(long, default_value_t = 100)]
+        conntrack_limit: usize,
+    },
+    /// Detach the programs from every interface and remove the pinned maps.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        pin_path: PathBuf,
+    },
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Follow the Kubernetes API with this kubeconfig [default: in-cluster config,
+    /// then $KUBECONFIG or ~/.kube/config].
+    #[arg(long, conflicts_with = "manifests")]
+    kubeconfig: Option<PathBuf>,
+    /// Follow a directory of Service and EndpointSlice manifests (YAML or JSON)
+    /// instead of the API. Services must carry their clusterIP and nodePorts.
+    #[arg(long, value_name = "DIR")]
+    manifests: Option<PathBuf>,
+    /// This node's name (matches EndpointSlice endpoints' nodeName) [default: hostname].
+    #[arg(long, env = "NODE_NAME")]
+    node_name: Option<String>,
+    /// Node addresses NodePorts answer on, IPv4 and IPv6; repeat or comma-separate
+    /// [default: Kubernetes: the Node's addresses; manifests: the uplinks' addresses].
+    #[arg(long, value_delimiter = ',')]
+    node_ip: Vec<IpAddr>,
+    /// Uplinks to attach XDP to [default: the interfaces holding the node addresses].
+    #[arg(long, value_delimiter = ',')]
+    iface: Vec<String>,
+    /// Glob patterns of the host side of pod veths, which get the tc program;
+    /// interfaces appearing later are attached automatically.
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "veth*,lxc*,cali*,gke*,eni*"
+    )]
+    pod_ifaces: Vec<String>,
+    /// bpffs directory for the pinned maps and links (bpffs is mounted if needed).
+    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    pin_path: PathBuf,
+    /// Address for /metrics (Prometheus text format).
+    #[arg(long, default_value = "127.0.0.1:10249")]
+    metrics_addr: SocketAddr,
+    /// Address for /healthz (answers like kube-proxy's).
+    #[arg(long, default_value = "0.0.0.0:10256")]
+    healthz_addr: SocketAddr,
+    /// Entries per Maglev table: a prime, at least 100 x the backends of the
+    /// largest service for an even spread.
+    #[arg(long, default_value_t = capacity::MAGLEV_TABLE_SIZE)]
+    maglev_table_size: u32,
+    /// Service ports (and Maglev rows) the maps hold; each row takes
+    /// 4 x maglev-table-size bytes.
+    #[arg(long, default_value_t = capacity::SERVICE_IDS)]
+    max_services: u32,
+    /// Frontends (VIP, NodePort per node address, LB and external IPs) the maps hold.
+    #[arg(long, default_value_t = capacity::SERVICES)]
+    max_frontends: u32,
+    /// Backends the maps hold.
+    #[arg(long, default_value_t = capacity::BACKENDS)]
+    max_backends: u32,
+    /// Connection-tracking entries (two per flow, about 150 bytes each).
+    #[arg(long, default_value_t = capacity::CONNTRACK)]
+    conntrack_size: u32,
+    /// Datapath log level (error, warn, info, debug, trace): per-flow messages are
+    /// debug. Messages below the level are removed by the verifier at load, so
+    /// they cost nothing per packet.
+    #[arg(long, default_value = "warn")]
+    datapath_log: log::Level,
+    /// Source ports for source-NATed flows, FIRST-LAST (keep it outside the node's
+    /// ip_local_port_range).
+    #[arg(long, default_value_t = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"))]
+    snat_ports: String,
+}
+
+fn parse_range(s: &str) -> Result<(u16, u16)> {
+    let (a, b) = s
+        .split_once('-')
+        .context("--snat-ports wants FIRST-LAST, e.g. 61000-65535")?;
+    let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
+    if a == 0 || b < a {
+        bail!("--snat-ports {s}: the range must be non-empty and start above 0");
+    }
+    Ok((a, b))
+}
+
+fn hostname() -> Result<String> {
+    let name =
+        std::fs::read_to_string("/proc/sys/kernel/hostname").context("reading the hostname")?;
+    Ok(name.trim().to_string())
+}
+
+fn settings(a: RunArgs) -> Result<Settings> {
+    let source = match (a.manifests, a.kubeconfig) {
+        (Some(dir), _) => SourceConfig::Manifests(dir),
+        (None, kc) => SourceConfig::Kubernetes(kc),
+    };
+    Ok(Settings {
+        source,
+        node_name: match a.node_name {
+            Some(n) => n,
+            None => hostname()?,
+        },
+        node_ips: a.node_ip,
+        ifaces: a.iface,
+        pod_iface_patterns: a.pod_ifaces,
+        pin_path: a.pin_path,
+        sizes: Sizes {
+            services: a.max_frontends,
+            service_ids: a.max_services,
+            backends: a.max_backends,
+            maglev_table_size: a.maglev_table_size,
+            conntrack: a.conntrack_size,
+        },
+        snat_ports: parse_range(&a.snat_ports)?,
+        metrics_addr: a.metrics_addr,
+        healthz_addr: a.healthz_addr,
+        datapath_log: a.datapath_log,
+    })
+}
 
 fn main() -> Result<()> {
-    env_logger::init();
-    let opts = LoadOptions {
-        pin_path: None,
-        sizes: Sizes {
-            maglev_table_size: 251,
-            service_ids: 16,
-            conntrack: 1024,
-            ..Sizes::default()
-        },
-    };
-    let _dp = Datapath::load(&opts)?;
-    println!("loaded");
-    Ok(())
+    let cli = Cli::parse();
+    env_logger::Builder::new()
+        // `lb` is the datapath's log target: its level is set in the datapath itself.
+        .parse_filters(&format!("warn,lb_agent={},lb=trace", cli.log_level))
+        .parse_env("RUST_LOG")
+        .format_timestamp_millis()
+        .init();
+    match cli.command {
+        Command::Run(args) => {
+            let s = settings(args)?;
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?
+                .block_on(agent::run(s))
+        }
+        Command::Dump {
+            pin_path,
+            json,
+            conntrack_limit,
+        } => {
+            let d = dump::collect(&pin_path, conntrack_limit)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&d)?);
+            } else {
+                print!("{}", dump::render(&d));
+            }
+            Ok(())
+        }
+        Command::Cleanup { pin_path } => {
+            let removed = pins::remove_all(&pin_path)?;
+            if removed.is_empty() {
+                println!("nothing pinned at {}", pin_path.display());
+            } else {
+                println!(
+                    "removed {} pins under {} (programs detached, maps freed)",
+                    removed.len(),
+                    pin_path.display()
+                );
+            }
+            Ok(())
+        }
+    }
 }

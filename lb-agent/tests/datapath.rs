@@ -453,3 +453,35 @@ fn a_pod_gets_a_reset_from_a_service_without_backends_through_tc() {
     assert_eq!((out.src_addr(), out.dst_addr()), (vip, pod));
     assert_eq!(out.eth_dst, LOCAL_POD_MAC);
 }
+
+#[test]
+fn a_pod_reaching_its_own_service_lands_on_itself_from_the_vip() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.90:80");
+    lab.service(&[vip], TCP, &[backend("10.244.0.5:8080", true)], 0);
+    let pod = sa("10.244.0.5:39100");
+    let (action, output) = lab.tc(&tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 1, 0, &[]));
+    assert_eq!(action, support::TC_REDIRECT, "back into the pod");
+    let out = decode(&output);
+    // Not from its own address (the pod would drop that as martian): from the VIP,
+    // with the client's port.
+    assert_eq!(
+        (out.src_addr(), out.dst_addr()),
+        (sa("10.96.0.90:39100"), sa("10.244.0.5:8080"))
+    );
+    assert_eq!(out.eth_dst, LOCAL_POD_MAC);
+    // The pod answers the VIP; it gets the answer from the VIP's service port.
+    let reply = tcp(
+        (LOCAL_POD_MAC, POD_GW_MAC),
+        sa("10.244.0.5:8080"),
+        sa("10.96.0.90:39100"),
+        SYN | ACK,
+        9,
+        2,
+        &[],
+    );
+    let (action, output) = lab.tc(&reply);
+    assert_eq!(action, support::TC_REDIRECT);
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (vip, pod));
+}

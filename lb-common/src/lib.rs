@@ -39,8 +39,9 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "service_stats";
     pub const BACKEND_STATS: &str = "backend_stats";
     pub const REASONS: &str = "reasons";
+    pub const SERVICE_NAMES: &str = "service_names";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 9] = [
+    pub const ALL: [&str; 10] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -50,6 +51,7 @@ pub mod map_names {
         SERVICE_STATS,
         BACKEND_STATS,
         REASONS,
+        SERVICE_NAMES,
     ];
 }
 
@@ -192,6 +194,10 @@ pub const CT_F_REPLY: u16 = 1 << 1;
 pub const CT_F_SNAT: u16 = 1 << 2;
 /// A TCP FIN or RST was seen: the flow is closing and its SNAT port may be reused soon.
 pub const CT_F_CLOSING: u16 = 1 << 3;
+/// Hairpin: a pod reached its own Service and landed on itself; the flow is
+/// source-NATed to the frontend address (keeping the client port), because a
+/// packet from its own address would be dropped by the pod as martian.
+pub const CT_F_HAIRPIN: u16 = 1 << 4;
 
 /// Value of `conntrack`: the addresses and ports to write into a packet of this flow.
 ///
@@ -225,6 +231,43 @@ pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 pub const SNAT_IDLE_CLOSING_NS: u64 = 10_000_000_000;
 pub const SNAT_IDLE_TCP_NS: u64 = 7_200_000_000_000;
 pub const SNAT_IDLE_UDP_NS: u64 = 60_000_000_000;
+
+/// Value of `service_names` (indexed by service id): which Service port an id is,
+/// as `namespace/name:port-name/proto/family`, NUL-padded. The datapath never
+/// reads it; it lets `lb-agent dump` and metrics name ids without the agent's memory.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ServiceName {
+    pub name: [u8; 128],
+}
+
+impl Default for ServiceName {
+    fn default() -> Self {
+        Self { name: [0; 128] }
+    }
+}
+
+impl ServiceName {
+    /// Stores `s`, cut to 127 bytes on a character boundary.
+    pub fn new(s: &str) -> Self {
+        let mut n = Self::default();
+        let mut end = s.len().min(127);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        n.name[..end].copy_from_slice(&s.as_bytes()[..end]);
+        n
+    }
+
+    pub fn as_str(&self) -> &str {
+        let len = self
+            .name
+            .iter()
+            .position(|b| *b == 0)
+            .unwrap_or(self.name.len());
+        core::str::from_utf8(&self.name[..len]).unwrap_or("")
+    }
+}
 
 /// Per-service, per-backend and per-reason counters (per-CPU maps: sum over CPUs).
 #[repr(C)]
@@ -273,6 +316,7 @@ mod pod {
     unsafe impl aya::Pod for super::Counters {}
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::MaglevPair {}
+    unsafe impl aya::Pod for super::ServiceName {}
 }
 
 #[cfg(test)]

@@ -11,8 +11,9 @@ use aya_ebpf::{
     helpers::generated::bpf_ktime_get_coarse_ns,
 };
 use lb_common::{
-    Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS, Config, CtEntry,
-    FlowKey, PROTO_TCP, Reason, SNAT_IDLE_CLOSING_NS, SNAT_IDLE_TCP_NS, SNAT_IDLE_UDP_NS,
+    Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS,
+    Config, CtEntry, FlowKey, PROTO_TCP, Reason, SNAT_IDLE_CLOSING_NS, SNAT_IDLE_TCP_NS,
+    SNAT_IDLE_UDP_NS,
 };
 
 use crate::{
@@ -102,8 +103,18 @@ pub fn open(
         family: key.family,
         _pad: [0; 2],
     };
-    match snat {
-        None => {
+    // The client is the backend (a pod reaching its own Service): it must not
+    // get a packet from its own address, which it would drop as martian.
+    let hairpin = backend.addr == key.src;
+    match (hairpin, snat) {
+        (true, _) => {
+            // Leave from the frontend address with the client's own port, so the
+            // reply (backend -> frontend:port) comes back here and is told apart
+            // from other clients by that port.
+            s.entry.flags |= CT_F_HAIRPIN;
+            s.reply.flags |= CT_F_HAIRPIN;
+            s.entry.nat_src = key.dst;
+            s.key.dst = key.dst;
             if CONNTRACK
                 .insert(&s.key, &s.reply, u64::from(BPF_ANY))
                 .is_err()
@@ -111,7 +122,15 @@ pub fn open(
                 return Err(Reason::DropMapError);
             }
         }
-        Some(cfg) => {
+        (false, None) => {
+            if CONNTRACK
+                .insert(&s.key, &s.reply, u64::from(BPF_ANY))
+                .is_err()
+            {
+                return Err(Reason::DropMapError);
+            }
+        }
+        (false, Some(cfg)) => {
             let t = now();
             s.entry.flags |= CT_F_SNAT;
             s.reply.flags |= CT_F_SNAT;
@@ -124,6 +143,7 @@ pub fn open(
                 s.entry.nat_src = cfg.snat_addr_v6;
             }
             s.key.dst = s.entry.nat_src;
+            // Inserts the reply entry under the port it finds.
             s.entry.nat_src_port = claim_snat_port(s, cfg, hash, t)?;
         }
     }

@@ -8,6 +8,7 @@
 //! register (the BPF calling convention has no aggregate returns).
 
 use aya_ebpf::bindings::bpf_fib_lookup;
+use aya_log_ebpf::{debug, warn};
 use lb_common::{
     BACKEND_F_LOCAL, CT_F_FORWARD, CtEntry, FlowKey, Reason, SVC_F_SNAT_REMOTE, Service,
     hash::flow_hash,
@@ -64,9 +65,27 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
                     return (Action::Pass, Reason::PassNotService);
                 }
                 match open_stage(s) {
-                    OPENED => {}
+                    OPENED => {
+                        // Per-flow logs: compiled in, pruned by the verifier unless the
+                        // agent loads with debug-level datapath logging.
+                        debug!(
+                            &pkt,
+                            "new flow {}:{} -> service {} backend {} (proto {})",
+                            s.h.key.src_port,
+                            s.h.key.dst_port,
+                            s.entry.service,
+                            s.entry.backend,
+                            s.h.key.proto
+                        );
+                    }
                     NO_BACKEND => return unpack(refuse_stage(pkt, s)),
-                    reason => return (Action::Drop, reason_of(reason)),
+                    reason => {
+                        warn!(
+                            &pkt,
+                            "new flow to port {} dropped: reason {}", s.h.key.dst_port, reason
+                        );
+                        return (Action::Drop, reason_of(reason));
+                    }
                 }
             }
             count_flow(s.entry.service, s.entry.backend, bytes);

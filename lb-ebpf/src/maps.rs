@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, MaglevPair, Reason, Service, ServiceKey, capacity,
-    maglev_row_elements,
+    Backend, Config, Counters, CtEntry, FlowKey, MaglevPair, Reason, Service, ServiceKey,
+    ServiceName, capacity, maglev_row_elements,
 };
 
 use crate::datapath::Scratch;
@@ -65,6 +65,11 @@ pub static BACKEND_STATS: PerCpuArray<Counters, { capacity::BACKENDS as usize }>
 /// Packets and bytes per [`Reason`]: every packet seen is counted once here.
 #[btf_map(name = "reasons")]
 pub static REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuArray::new();
+
+/// Names of service ids, for `lb-agent dump` and metrics. The datapath never
+/// reads it; it lives here so that it is created, pinned and typed like the rest.
+#[btf_map(name = "service_names")]
+pub static SERVICE_NAMES: Array<ServiceName, { capacity::SERVICE_IDS as usize }> = Array::new();
 
 /// Per-packet working state, kept off the 512-byte BPF stack. Not pinned: it
 /// holds nothing between packets.

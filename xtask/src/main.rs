@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a developer runs.
 
+mod demo;
 mod setup;
 
 use anyhow::Result;
@@ -20,6 +21,15 @@ enum Task {
     Setup,
     /// Set up, then run the whole test suite (as root: it loads BPF programs
     /// and builds network namespaces).
+    /// The main job: build lb, bring up a two-node cluster on network namespaces
+    /// (nodes, pods with real servers, an external client), run lb-agent on both
+    /// nodes with example Services, and show requests and the maps. Keeps the
+    /// cluster up for exploring until Ctrl-C (as root).
+    Demo {
+        /// Tear down and exit after showing the results.
+        #[arg(long)]
+        once: bool,
+    },
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -30,27 +40,20 @@ enum Task {
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
+        Task::Demo { once } => demo::run(once),
         Task::Test { args } => {
             setup::require_root("cargo xtask test")?;
             setup::run()?;
-            setup::cargo(
-                [
-                    "test",
-                    "--package",
-                    "lb-common",
-                    "--package",
-                    "lb-agent",
-                    "--package",
-                    "xtask",
-                ]
-                .into_iter()
+            // Every crate but the BPF one, which only builds for the BPF target
+            // (the agent's and the testbed's build scripts build and embed it).
+            let mut cargo_args: Vec<String> = ["test", "--workspace", "--exclude", "lb-ebpf"]
                 .map(String::from)
-                .chain(
-                    args.is_empty()
-                        .then(Vec::new)
-                        .unwrap_or_else(|| std::iter::once("--".to_string()).chain(args).collect()),
-                ),
-            )
+                .to_vec();
+            if !args.is_empty() {
+                cargo_args.push("--".into());
+                cargo_args.extend(args);
+            }
+            setup::cargo(cargo_args)
         }
     }
 }

@@ -11,7 +11,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, map_names,
+    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, ServiceName,
+    map_names,
 };
 
 pub struct Maps {
@@ -24,6 +25,14 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, Counters>,
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, Counters>,
+    pub service_names: Array<MapData, ServiceName>,
+}
+
+fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
+    let path = dir.join(name);
+    let data = MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+    Map::from_map_data(data)
+        .with_context(|| format!("{} is not a map of a known type", path.display()))
 }
 
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
@@ -55,6 +64,36 @@ impl Maps {
             service_stats: typed!(ebpf, map_names::SERVICE_STATS),
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             reasons: typed!(ebpf, map_names::REASONS),
+            service_names: typed!(ebpf, map_names::SERVICE_NAMES),
+        })
+    }
+
+    /// Opens the maps pinned in `dir` (for `lb-agent dump`; no program is loaded).
+    pub fn open_pinned(dir: &std::path::Path) -> Result<Self> {
+        macro_rules! pinned {
+            ($name:expr) => {
+                from_pin(dir, $name)?
+                    .try_into()
+                    .with_context(|| format!("map {} has an unexpected type", $name))?
+            };
+        }
+        let config: Array<MapData, Config> = pinned!(map_names::CONFIG);
+        let maglev_size = config.get(&0, 0).context("reading config")?.maglev_size;
+        let maglev = match from_pin(dir, map_names::MAGLEV)? {
+            Map::Array(data) => data,
+            _ => bail!("map {} is not an array", map_names::MAGLEV),
+        };
+        Ok(Self {
+            services: pinned!(map_names::SERVICES),
+            backends: pinned!(map_names::BACKENDS),
+            maglev: MaglevRows::new(maglev, maglev_size)?,
+            conntrack: pinned!(map_names::CONNTRACK),
+            config,
+            tx_ports: pinned!(map_names::TX_PORTS),
+            service_stats: pinned!(map_names::SERVICE_STATS),
+            backend_stats: pinned!(map_names::BACKEND_STATS),
+            reasons: pinned!(map_names::REASONS),
+            service_names: pinned!(map_names::SERVICE_NAMES),
         })
     }
 
@@ -83,6 +122,12 @@ impl Maps {
     /// Frees a backend slot (the datapath treats it as gone at once).
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.set_backend(id, &Backend::default())
+    }
+
+    pub fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {
+        self.service_names
+            .set(id, ServiceName::new(name), 0)
+            .with_context(|| format!("writing the name of service id {id}"))
     }
 
     /// Lets XDP redirect to `ifindex`.

@@ -1,8 +1,10 @@
 //! The datapath object, embedded at build time, and its loading.
 
+pub mod attach;
 pub mod maps;
+pub mod pins;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use aya::{
@@ -48,6 +50,18 @@ impl Default for Sizes {
 }
 
 impl Sizes {
+    /// The configured capacity of the map `name`, if it is one of the sized maps.
+    pub fn max_entries(&self, name: &str) -> Result<Option<u32>> {
+        Ok(Some(match name {
+            map_names::SERVICES => self.services,
+            map_names::BACKENDS | map_names::BACKEND_STATS => self.backends,
+            map_names::SERVICE_STATS | map_names::SERVICE_NAMES => self.service_ids,
+            map_names::MAGLEV => self.maglev_elements()?,
+            map_names::CONNTRACK => self.conntrack,
+            _ => return Ok(None),
+        }))
+    }
+
     /// Elements of the flat `maglev` array (two entries each).
     pub fn maglev_elements(&self) -> Result<u32> {
         self.service_ids
@@ -63,6 +77,9 @@ pub struct LoadOptions {
     /// reused as they are, so state survives agent restarts. None: unpinned.
     pub pin_path: Option<PathBuf>,
     pub sizes: Sizes,
+    /// Datapath log level (aya-log): None keeps only warnings and errors; per-flow
+    /// messages are at debug. Levels below it are pruned by the verifier.
+    pub log_level: Option<log::Level>,
 }
 
 /// The loaded (not yet attached) datapath.
@@ -75,17 +92,23 @@ impl Datapath {
     /// Creates or reuses the maps and loads both programs into the kernel.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let sizes = &opts.sizes;
-        let maglev_elements = sizes.maglev_elements()?;
+        crate::maglev::check_table_size(sizes.maglev_table_size)?;
         let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(map_names::SERVICES, sizes.services)
-            .map_max_entries(map_names::BACKENDS, sizes.backends)
-            .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
-            .map_max_entries(map_names::SERVICE_STATS, sizes.service_ids)
-            .map_max_entries(map_names::MAGLEV, maglev_elements)
-            .map_max_entries(map_names::CONNTRACK, sizes.conntrack);
+        // aya-log's level lives in read-only data: the verifier drops every log
+        // statement below it, so disabled logs cost nothing per packet.
+        let level = opts.log_level.unwrap_or(log::Level::Warn) as u8;
+        loader.override_global(aya_log::LEVEL, &level, true);
+        for name in pins::all_map_names() {
+            if let Some(n) = sizes.max_entries(name)? {
+                loader.map_max_entries(name, n);
+            }
+        }
         let pins: Vec<(&str, PathBuf)> = match &opts.pin_path {
-            Some(dir) => map_names::ALL.iter().map(|n| (*n, dir.join(n))).collect(),
+            Some(dir) => {
+                pins::prepare_dir(dir)?;
+                pins::check_pinned_maps(dir, sizes)?;
+                pins::all_map_names().map(|n| (n, dir.join(n))).collect()
+            }
             None => Vec::new(),
         };
         for (name, path) in &pins {
@@ -114,6 +137,11 @@ impl Datapath {
         program_mut(&mut self.ebpf, TC_PROGRAM)
     }
 
+    /// The datapath's log ring buffer, forwarding records to the `log` crate.
+    pub fn take_logger(&mut self) -> Result<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        aya_log::EbpfLogger::init(&mut self.ebpf).context("setting up datapath logs")
+    }
+
     /// Takes typed handles to the maps out of the object (once).
     pub fn take_maps(&mut self) -> Result<Maps> {
         Maps::take(&mut self.ebpf, self.sizes.maglev_table_size)
@@ -130,9 +158,4 @@ where
     program
         .try_into()
         .with_context(|| format!("program {name} has an unexpected type"))
-}
-
-/// Mounts bpffs at `/sys/fs/bpf` if nothing is mounted there, and creates `dir`.
-pub fn prepare_pin_dir(dir: &Path) -> Result<()> {
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))
 }

@@ -112,6 +112,7 @@ impl Lab {
         let mut dp = Datapath::load(&LoadOptions {
             pin_path: None,
             sizes: SIZES,
+            log_level: None,
         })
         .expect("load datapath");
         let mut maps = dp.take_maps().expect("maps");

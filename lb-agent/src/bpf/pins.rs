@@ -1,0 +1,161 @@
+//! The pin directory: maps at `<dir>/<map>` (so `bpftool map dump pinned
+//! <dir>/services` works) and the attachment links at `<dir>/links/<hook>-<ifindex>`.
+//! Pins are what lets the datapath outlive the agent: restarts adopt them.
+
+use std::{
+    ffi::CString,
+    os::unix::ffi::OsStrExt as _,
+    path::{Path, PathBuf},
+};
+
+use anyhow::{Context as _, Result, bail};
+use aya::maps::MapInfo;
+use lb_common::map_names;
+
+use super::{OBJECT, Sizes};
+
+/// The per-packet scratch map: holds nothing between packets, so a pinned one of
+/// another layout is simply replaced.
+pub const SCRATCH: &str = "scratch";
+
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// Every map the agent pins, state first.
+pub fn all_map_names() -> impl Iterator<Item = &'static str> {
+    map_names::ALL.into_iter().chain(std::iter::once(SCRATCH))
+}
+
+fn is_bpffs(path: &Path) -> Result<bool> {
+    let c = CString::new(path.as_os_str().as_bytes())?;
+    // SAFETY: statfs into a zeroed struct with a valid path.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(std::io::Error::last_os_error())
+            .with_context(|| format!("statfs {}", path.display()));
+    }
+    Ok(st.f_type as i64 == BPF_FS_MAGIC)
+}
+
+/// Makes `dir` a directory on bpffs: mounts bpffs on /sys/fs/bpf (or, for a pin
+/// path elsewhere, on the path itself) when it is not there yet.
+pub fn prepare_dir(dir: &Path) -> Result<()> {
+    let mut existing = dir.to_path_buf();
+    while !existing.exists() {
+        if !existing.pop() {
+            bail!("{} has no existing ancestor", dir.display());
+        }
+    }
+    if !is_bpffs(&existing)? {
+        let target = if dir.starts_with("/sys/fs/bpf") {
+            PathBuf::from("/sys/fs/bpf")
+        } else {
+            dir.to_path_buf()
+        };
+        std::fs::create_dir_all(&target)
+            .with_context(|| format!("creating {}", target.display()))?;
+        log::info!("mounting bpffs on {}", target.display());
+        let t = CString::new(target.as_os_str().as_bytes())?;
+        // SAFETY: mount(2) with valid C strings.
+        let rc = unsafe {
+            libc::mount(
+                c"bpf".as_ptr(),
+                t.as_ptr(),
+                c"bpf".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error()).with_context(|| {
+                format!(
+                    "mounting bpffs on {} (needs CAP_SYS_ADMIN)",
+                    target.display()
+                )
+            });
+        }
+    }
+    std::fs::create_dir_all(dir.join("links"))
+        .with_context(|| format!("creating {}/links", dir.display()))
+}
+
+/// Checks the maps already pinned in `dir` against those this build creates with
+/// `sizes`. A pinned state map of another shape is an error (reusing it would
+/// break the program or lose state silently); a pinned scratch map is replaced.
+/// Returns the names of the maps that will be reused.
+pub fn check_pinned_maps(dir: &Path, sizes: &Sizes) -> Result<Vec<&'static str>> {
+    let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded datapath object")?;
+    let mut reused = Vec::new();
+    let mut problems = Vec::new();
+    for name in all_map_names() {
+        let path = dir.join(name);
+        if !path.exists() {
+            continue;
+        }
+        let Some(def) = obj.maps.get(name) else {
+            bail!("the datapath object has no map {name}");
+        };
+        let max_entries = sizes
+            .max_entries(name)?
+            .unwrap_or_else(|| def.max_entries());
+        let info = MapInfo::from_pin(&path)
+            .with_context(|| format!("reading pinned map {}", path.display()))?;
+        // The kernel adds BPF_F_RDONLY_PROG to devmaps itself: not a difference.
+        const RDONLY_PROG: u32 = 1 << 7;
+        let found = (
+            info.key_size(),
+            info.value_size(),
+            info.max_entries(),
+            info.map_flags() & !RDONLY_PROG,
+        );
+        let want = (
+            def.key_size(),
+            def.value_size(),
+            max_entries,
+            def.map_flags() & !RDONLY_PROG,
+        );
+        if found == want {
+            reused.push(name);
+        } else if name == SCRATCH {
+            std::fs::remove_file(&path).with_context(|| format!("replacing {}", path.display()))?;
+        } else {
+            problems.push(format!(
+                "{}: key {} value {} bytes, {} entries, flags {:#x}; this agent needs key {} value {} bytes, {} entries, flags {:#x}",
+                path.display(), found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
+            ));
+        }
+    }
+    if !problems.is_empty() {
+        bail!(
+            "maps pinned by an earlier run do not fit this agent's settings (different sizes or \
+             an incompatible version):\n  {}\nStart with the sizes they were created with, or run \
+             `lb-agent cleanup --pin-path {}` to remove them (flushes connection tracking).",
+            problems.join("\n  "),
+            dir.display()
+        );
+    }
+    Ok(reused)
+}
+
+/// Removes every pin the agent made in `dir` (detaching the programs) and the
+/// directory itself. Missing pins are fine.
+pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut removed = Vec::new();
+    let links = dir.join("links");
+    if let Ok(entries) = std::fs::read_dir(&links) {
+        for e in entries.flatten() {
+            std::fs::remove_file(e.path())
+                .with_context(|| format!("removing {}", e.path().display()))?;
+            removed.push(e.path());
+        }
+        let _ = std::fs::remove_dir(&links);
+    }
+    for name in all_map_names() {
+        let p = dir.join(name);
+        if p.exists() {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+            removed.push(p);
+        }
+    }
+    let _ = std::fs::remove_dir(dir);
+    Ok(removed)
+}

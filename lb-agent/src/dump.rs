@@ -1,0 +1,340 @@
+//! `lb-agent dump`: the datapath's state decoded from the pinned maps, readable
+//! whether or not an agent is running.
+
+use std::{collections::BTreeMap, fmt::Write as _, path::Path};
+
+use anyhow::{Context as _, Result};
+use lb_common::{
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
+    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE,
+    SVC_F_TERMINATING_FALLBACK,
+};
+use serde::Serialize;
+
+use crate::{bpf::Maps, reconcile::socket_addr};
+
+#[derive(Serialize)]
+pub struct Dump {
+    pub config: ConfigDump,
+    pub services: Vec<ServiceDump>,
+    pub backends: Vec<BackendDump>,
+    pub maglev: Vec<TableDump>,
+    pub conntrack: ConntrackDump,
+    pub reasons: BTreeMap<String, CountersDump>,
+}
+
+#[derive(Serialize)]
+pub struct ConfigDump {
+    pub maglev_table_size: u32,
+    pub snat_v4: Option<String>,
+    pub snat_v6: Option<String>,
+    pub snat_ports: String,
+}
+
+#[derive(Serialize, Default, Clone, Copy)]
+pub struct CountersDump {
+    pub packets: u64,
+    pub bytes: u64,
+}
+
+#[derive(Serialize)]
+pub struct ServiceDump {
+    pub id: u32,
+    pub name: String,
+    pub frontends: Vec<FrontendDump>,
+    pub counters: CountersDump,
+}
+
+#[derive(Serialize)]
+pub struct FrontendDump {
+    pub address: String,
+    pub protocol: &'static str,
+    pub table: u32,
+    pub backends: u32,
+    pub flags: Vec<&'static str>,
+}
+
+#[derive(Serialize)]
+pub struct BackendDump {
+    pub id: u32,
+    pub address: String,
+    pub flags: Vec<&'static str>,
+    pub counters: CountersDump,
+}
+
+#[derive(Serialize)]
+pub struct TableDump {
+    pub row: u32,
+    /// Entries owned by each backend id.
+    pub shares: BTreeMap<u32, u32>,
+}
+
+#[derive(Serialize)]
+pub struct ConntrackDump {
+    pub entries: usize,
+    pub shown: Vec<FlowDump>,
+}
+
+#[derive(Serialize)]
+pub struct FlowDump {
+    pub protocol: &'static str,
+    pub from: String,
+    pub to: String,
+    pub becomes_from: String,
+    pub becomes_to: String,
+    pub direction: &'static str,
+    pub flags: Vec<&'static str>,
+    pub backend: u32,
+    pub service: u32,
+}
+
+fn proto(p: u8) -> &'static str {
+    match p {
+        PROTO_TCP => "TCP",
+        PROTO_UDP => "UDP",
+        _ => "?",
+    }
+}
+
+fn addr(a: &[u8; 16], family: u8, port: u16) -> String {
+    socket_addr(a, family, port).map_or_else(|| "?".into(), |s| s.to_string())
+}
+
+fn counters(c: lb_common::Counters) -> CountersDump {
+    CountersDump {
+        packets: c.packets,
+        bytes: c.bytes,
+    }
+}
+
+pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
+    let maps = Maps::open_pinned(dir)
+        .with_context(|| format!("no datapath pinned at {}", dir.display()))?;
+    let cfg = maps.config.get(&0, 0).context("reading config")?;
+    let config = ConfigDump {
+        maglev_table_size: cfg.maglev_size,
+        snat_v4: (cfg.flags & lb_common::CFG_F_SNAT_V4 != 0)
+            .then(|| std::net::Ipv4Addr::from(cfg.snat_addr_v4).to_string()),
+        snat_v6: (cfg.flags & lb_common::CFG_F_SNAT_V6 != 0)
+            .then(|| std::net::Ipv6Addr::from(cfg.snat_addr_v6).to_string()),
+        snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+    };
+
+    let mut by_id: BTreeMap<u32, Vec<FrontendDump>> = BTreeMap::new();
+    let mut rows = BTreeMap::new();
+    for entry in maps.services.iter() {
+        let (k, v) = entry.context("reading services")?;
+        let mut flags = Vec::new();
+        for (bit, name) in [
+            (SVC_F_SNAT_REMOTE, "snat-remote"),
+            (SVC_F_EXTERNAL, "external"),
+            (SVC_F_AFFINITY, "affinity"),
+            (SVC_F_TERMINATING_FALLBACK, "terminating-fallback"),
+        ] {
+            if v.flags & bit != 0 {
+                flags.push(name);
+            }
+        }
+        if v.backend_count > 0 {
+            rows.insert(v.table, ());
+        }
+        by_id.entry(v.id).or_default().push(FrontendDump {
+            address: addr(&k.addr, k.family, k.port),
+            protocol: proto(k.proto),
+            table: v.table,
+            backends: v.backend_count,
+            flags,
+        });
+    }
+    let mut services = Vec::new();
+    for (id, mut frontends) in by_id {
+        frontends.sort_by(|a, b| a.address.cmp(&b.address));
+        let name = maps
+            .service_names
+            .get(&id, 0)
+            .map(|n| n.as_str().to_string())
+            .unwrap_or_default();
+        services.push(ServiceDump {
+            id,
+            name,
+            frontends,
+            counters: counters(maps.service_counters(id).unwrap_or_default()),
+        });
+    }
+    let mut backends = Vec::new();
+    let capacity = maps.backends.len();
+    for id in 0..capacity {
+        let b = maps.backends.get(&id, 0).context("reading backends")?;
+        if !b.is_active() {
+            continue;
+        }
+        let mut flags = Vec::new();
+        if b.flags & BACKEND_F_LOCAL != 0 {
+            flags.push("local");
+        }
+        if b.flags & BACKEND_F_TERMINATING != 0 {
+            flags.push("terminating");
+        }
+        backends.push(BackendDump {
+            id,
+            address: addr(&b.addr, b.family, b.port),
+            flags,
+            counters: counters(maps.backend_counters(id).unwrap_or_default()),
+        });
+    }
+    let mut maglev = Vec::new();
+    for row in rows.keys() {
+        let mut shares = BTreeMap::new();
+        for id in maps.maglev.read_row(*row)? {
+            *shares.entry(id).or_insert(0) += 1;
+        }
+        maglev.push(TableDump { row: *row, shares });
+    }
+    let mut shown = Vec::new();
+    let mut entries = 0;
+    for entry in maps.conntrack.iter() {
+        let Ok((k, v)) = entry else { continue };
+        entries += 1;
+        if shown.len() >= conntrack_limit {
+            continue;
+        }
+        let mut flags = Vec::new();
+        if v.flags & CT_F_SNAT != 0 {
+            flags.push("snat");
+        }
+        if v.flags & CT_F_CLOSING != 0 {
+            flags.push("closing");
+        }
+        if v.flags & CT_F_HAIRPIN != 0 {
+            flags.push("hairpin");
+        }
+        shown.push(FlowDump {
+            protocol: proto(k.proto),
+            from: addr(&k.src, k.family, k.src_port),
+            to: addr(&k.dst, k.family, k.dst_port),
+            becomes_from: addr(&v.nat_src, k.family, v.nat_src_port),
+            becomes_to: addr(&v.nat_dst, k.family, v.nat_dst_port),
+            direction: if v.flags & CT_F_FORWARD != 0 {
+                "forward"
+            } else if v.flags & CT_F_REPLY != 0 {
+                "reply"
+            } else {
+                "?"
+            },
+            flags,
+            backend: v.backend,
+            service: v.service,
+        });
+    }
+    let reasons = maps
+        .reason_counters()?
+        .into_iter()
+        .map(|(r, c)| (r.name().to_string(), counters(c)))
+        .collect();
+    Ok(Dump {
+        config,
+        services,
+        backends,
+        maglev,
+        conntrack: ConntrackDump { entries, shown },
+        reasons,
+    })
+}
+
+/// The dump as text for people.
+pub fn render(d: &Dump) -> String {
+    let mut o = String::new();
+    let c = &d.config;
+    let _ = writeln!(
+        o,
+        "config: maglev table size {}, SNAT {} {} ports {}",
+        c.maglev_table_size,
+        c.snat_v4.as_deref().unwrap_or("-"),
+        c.snat_v6.as_deref().unwrap_or("-"),
+        c.snat_ports
+    );
+    let _ = writeln!(o, "\nservices ({} service ports):", d.services.len());
+    for s in &d.services {
+        let _ = writeln!(
+            o,
+            "  [{}] {}  packets {} bytes {}",
+            s.id, s.name, s.counters.packets, s.counters.bytes
+        );
+        for f in &s.frontends {
+            let _ = writeln!(
+                o,
+                "      {} {:<3} -> table {} ({} backends){}{}",
+                f.address,
+                f.protocol,
+                f.table,
+                f.backends,
+                if f.flags.is_empty() { "" } else { " " },
+                f.flags.join(",")
+            );
+        }
+    }
+    let _ = writeln!(o, "\nbackends ({}):", d.backends.len());
+    for b in &d.backends {
+        let _ = writeln!(
+            o,
+            "  [{}] {} {} packets {} bytes {}",
+            b.id,
+            b.address,
+            if b.flags.is_empty() {
+                "-".to_string()
+            } else {
+                b.flags.join(",")
+            },
+            b.counters.packets,
+            b.counters.bytes
+        );
+    }
+    let _ = writeln!(o, "\nmaglev tables ({}):", d.maglev.len());
+    for t in &d.maglev {
+        let total: u32 = t.shares.values().sum();
+        let shares: Vec<String> = t
+            .shares
+            .iter()
+            .map(|(id, n)| {
+                format!(
+                    "backend {id}: {n} ({:.1}%)",
+                    f64::from(*n) * 100.0 / f64::from(total.max(1))
+                )
+            })
+            .collect();
+        let _ = writeln!(o, "  row {}: {}", t.row, shares.join(", "));
+    }
+    let _ = writeln!(
+        o,
+        "\nconntrack ({} entries, {} shown):",
+        d.conntrack.entries,
+        d.conntrack.shown.len()
+    );
+    for f in &d.conntrack.shown {
+        let _ = writeln!(
+            o,
+            "  {:<3} {} -> {}  =>  {} -> {}  {} backend {} service {}{}{}",
+            f.protocol,
+            f.from,
+            f.to,
+            f.becomes_from,
+            f.becomes_to,
+            f.direction,
+            f.backend,
+            f.service,
+            if f.flags.is_empty() { "" } else { " " },
+            f.flags.join(",")
+        );
+    }
+    let _ = writeln!(o, "\ndatapath reasons:");
+    for (name, c) in &d.reasons {
+        if c.packets > 0 {
+            let _ = writeln!(
+                o,
+                "  {name:<26} packets {:<10} bytes {}",
+                c.packets, c.bytes
+            );
+        }
+    }
+    o
+}

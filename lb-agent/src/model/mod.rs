@@ -1,0 +1,189 @@
+//! The desired datapath state, computed from Services, EndpointSlices and node
+//! facts by pure functions: no ids, no maps, no I/O. The reconciler turns it into
+//! map entries.
+//!
+//! - [`service_model`]: one Service (and its slices) on one node -> its ports.
+//! - [`Desired`]: all services' ports, with frontend conflicts between Services
+//!   resolved deterministically.
+
+mod desired;
+mod service;
+
+use std::{
+    collections::BTreeSet,
+    fmt,
+    net::{IpAddr, SocketAddr},
+};
+
+pub use self::{
+    desired::{Changes, Desired},
+    service::{
+        DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, PROXY_NAME_LABEL, is_ignored, service_model,
+    },
+};
+use crate::cluster::{ObjectKey, Problem};
+
+/// L4 protocols lb balances.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Proto {
+    Tcp,
+    Udp,
+}
+
+impl Proto {
+    /// The Kubernetes spelling: `TCP`, `UDP`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Tcp => "TCP",
+            Self::Udp => "UDP",
+        }
+    }
+}
+
+impl fmt::Display for Proto {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Family {
+    V4,
+    V6,
+}
+
+impl Family {
+    pub fn of(ip: &IpAddr) -> Self {
+        if ip.is_ipv4() { Self::V4 } else { Self::V6 }
+    }
+
+    /// The Kubernetes spelling (`spec.ipFamilies`, `addressType`): `IPv4`, `IPv6`.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::V4 => "IPv4",
+            Self::V6 => "IPv6",
+        }
+    }
+}
+
+impl fmt::Display for Family {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// One Service port in one address family: the unit that gets a service id,
+/// counters and Maglev tables. Named by port name (not number), so that a port
+/// whose number changes keeps its id.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PortKey {
+    pub service: ObjectKey,
+    /// `spec.ports[].name` ("" when unnamed).
+    pub port_name: String,
+    pub proto: Proto,
+    pub family: Family,
+}
+
+/// `namespace/name:port-name/PROTO/family`, e.g. `default/web:http/TCP/IPv4`.
+impl fmt::Display for PortKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}/{}/{}",
+            self.service, self.port_name, self.proto, self.family
+        )
+    }
+}
+
+/// An address, port and protocol the datapath answers on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Frontend {
+    pub addr: IpAddr,
+    pub port: u16,
+    pub proto: Proto,
+}
+
+/// `10.0.0.1:80/TCP`, `[fd00::1]:53/UDP`.
+impl fmt::Display for Frontend {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}/{}",
+            SocketAddr::new(self.addr, self.port),
+            self.proto
+        )
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FrontendKind {
+    ClusterIp,
+    /// A NodePort on one of this node's addresses.
+    NodePort,
+    ExternalIp,
+    LoadBalancer,
+}
+
+impl FrontendKind {
+    /// Reached from outside the cluster: externalTrafficPolicy applies.
+    pub fn is_external(self) -> bool {
+        !matches!(self, Self::ClusterIp)
+    }
+}
+
+/// Which backends a frontend balances over.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Scope {
+    /// Every endpoint of the Service, on any node.
+    Cluster,
+    /// Only endpoints on this node (internalTrafficPolicy / externalTrafficPolicy Local).
+    Local,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct FrontendSpec {
+    pub kind: FrontendKind,
+    pub scope: Scope,
+    /// Source-NAT flows to backends on other nodes so their replies come back here
+    /// (external frontends with externalTrafficPolicy Cluster).
+    pub snat_remote: bool,
+}
+
+/// A backend: an endpoint address with the port the slice resolved for this
+/// Service port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct BackendSpec {
+    pub addr: SocketAddr,
+    /// The endpoint's `nodeName` is this node.
+    pub local: bool,
+    /// The endpoint is terminating (only chosen when none is ready).
+    pub terminating: bool,
+}
+
+/// The backends a Maglev table is built from.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Table {
+    pub backends: BTreeSet<BackendSpec>,
+    /// No endpoint was ready, so these are the serving, terminating ones.
+    pub terminating_fallback: bool,
+}
+
+/// What one Service port needs in the datapath.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PortSpec {
+    pub frontends: std::collections::BTreeMap<Frontend, FrontendSpec>,
+    /// Backends for `Scope::Cluster` frontends.
+    pub cluster: Table,
+    /// Backends for `Scope::Local` frontends; `Some` exactly when one has that scope.
+    pub local: Option<Table>,
+    /// sessionAffinity ClientIP timeout in seconds.
+    pub affinity_timeout: Option<u32>,
+}
+
+/// The model of one Service: its ports, and what was wrong with it (a bad port
+/// is skipped, the rest still works).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceModel {
+    pub ports: Vec<(PortKey, PortSpec)>,
+    pub problems: Vec<Problem>,
+}

@@ -1,0 +1,436 @@
+//! Kubernetes mode: cluster state from the API server.
+//!
+//! Three watchers (kube-runtime's `watcher`, with its default backoff):
+//!
+//! - Services, except those another proxy implements
+//!   (`service.kubernetes.io/service-proxy-name`) and headless ones
+//!   (`service.kubernetes.io/headless`), as kube-proxy selects them;
+//! - EndpointSlices, except those of headless Services (all nodes' endpoints:
+//!   the model picks what this node needs);
+//! - this node's Node object, whose InternalIP and ExternalIP addresses are the
+//!   addresses NodePorts answer on.
+//!
+//! Events: after the first complete listing of both Services and EndpointSlices
+//! one [`SourceEvent::Resync`]; after that `ServiceApplied` / `ServiceDeleted` /
+//! `SliceApplied` / `SliceDeleted` for each watch event, and a new `Resync` (with
+//! both kinds: the other kind from the local store) whenever a watcher has
+//! listed again (after a `410 Gone` or a lost connection), so that objects deleted
+//! while it was not watching disappear. `NodeAddresses` when this node's
+//! addresses change. Watch errors are logged and retried with backoff; they never
+//! end [`run`].
+
+use std::{collections::BTreeMap, net::IpAddr};
+
+use anyhow::{Result, bail};
+use futures::StreamExt;
+use k8s_openapi::api::{
+    core::v1::{Node, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::{
+    Api, Client,
+    runtime::{
+        WatchStreamExt,
+        watcher::{self, Event, watcher},
+    },
+};
+use tokio::sync::mpsc;
+
+use crate::cluster::{ObjectKey, SourceEvent};
+
+/// The Services lb implements (the same selection as kube-proxy's).
+pub const SERVICE_LABEL_SELECTOR: &str =
+    "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+/// The EndpointSlices lb reads.
+pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
+
+/// Watches Services, EndpointSlices and the Node `node_name` and sends what
+/// changes to `tx` (see the module documentation), until `tx` is closed.
+pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
+    let mut services = watcher(
+        Api::<Service>::all(client.clone()),
+        watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
+    )
+    .default_backoff()
+    .boxed();
+    let mut slices = watcher(
+        Api::<EndpointSlice>::all(client.clone()),
+        watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
+    )
+    .default_backoff()
+    .boxed();
+    let mut nodes = watcher(
+        Api::<Node>::all(client),
+        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+    )
+    .default_backoff()
+    .boxed();
+
+    let mut state = State::new(node_name);
+    loop {
+        let events = tokio::select! {
+            () = tx.closed() => return Ok(()),
+            Some(update) = services.next() => state.services(update),
+            Some(update) = slices.next() => state.slices(update),
+            Some(update) = nodes.next() => state.node(update),
+            // The watchers retry forever; this does not happen.
+            else => bail!("the Kubernetes watch streams ended"),
+        };
+        for event in events {
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// What the source knows: the current objects of both kinds, the listings in
+/// progress, and the node addresses last sent. Turns watcher output into
+/// [`SourceEvent`]s.
+#[derive(Debug, Default)]
+struct State {
+    node_name: String,
+    services: BTreeMap<ObjectKey, Service>,
+    slices: BTreeMap<ObjectKey, EndpointSlice>,
+    /// Objects of a listing in progress (between `Init` and `InitDone`).
+    service_listing: Option<BTreeMap<ObjectKey, Service>>,
+    slice_listing: Option<BTreeMap<ObjectKey, EndpointSlice>>,
+    node_listing: Option<Option<Node>>,
+    services_listed: bool,
+    slices_listed: bool,
+    node_addresses: Option<Vec<IpAddr>>,
+}
+
+impl State {
+    fn new(node_name: String) -> Self {
+        Self {
+            node_name,
+            ..Self::default()
+        }
+    }
+
+    /// Whether both kinds have been listed once (and the first `Resync` sent).
+    fn synced(&self) -> bool {
+        self.services_listed && self.slices_listed
+    }
+
+    /// The events that one update of the Service watcher leads to.
+    fn services(&mut self, update: Result<Event<Service>, watcher::Error>) -> Vec<SourceEvent> {
+        match update {
+            Ok(event) => self.service_event(event),
+            Err(e) => {
+                log::warn!("watching Services: {e} (retrying)");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The events that one update of the EndpointSlice watcher leads to.
+    fn slices(&mut self, update: Result<Event<EndpointSlice>, watcher::Error>) -> Vec<SourceEvent> {
+        match update {
+            Ok(event) => self.slice_event(event),
+            Err(e) => {
+                log::warn!("watching EndpointSlices: {e} (retrying)");
+                Vec::new()
+            }
+        }
+    }
+
+    /// The events that one update of the Node watcher leads to.
+    fn node(&mut self, update: Result<Event<Node>, watcher::Error>) -> Vec<SourceEvent> {
+        match update {
+            Ok(event) => self.node_event(event),
+            Err(e) => {
+                log::warn!("watching Node {}: {e} (retrying)", self.node_name);
+                Vec::new()
+            }
+        }
+    }
+
+    fn resync(&self) -> SourceEvent {
+        SourceEvent::Resync {
+            services: self.services.values().cloned().collect(),
+            slices: self.slices.values().cloned().collect(),
+            problems: Vec::new(),
+        }
+    }
+
+    /// Before the first `Resync`, changes only go to the store (the `Resync` will
+    /// carry them).
+    fn when_synced(&self, event: SourceEvent) -> Vec<SourceEvent> {
+        if self.synced() {
+            vec![event]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn service_event(&mut self, event: Event<Service>) -> Vec<SourceEvent> {
+        match event {
+            Event::Init => {
+                self.service_listing = Some(BTreeMap::new());
+                Vec::new()
+            }
+            Event::InitApply(svc) => {
+                self.service_listing
+                    .get_or_insert_default()
+                    .insert(ObjectKey::of(&svc.metadata), svc);
+                Vec::new()
+            }
+            Event::InitDone => {
+                self.services = self.service_listing.take().unwrap_or_default();
+                log::info!("listed {} Services", self.services.len());
+                self.services_listed = true;
+                if self.synced() {
+                    vec![self.resync()]
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::Apply(svc) => {
+                self.services
+                    .insert(ObjectKey::of(&svc.metadata), svc.clone());
+                self.when_synced(SourceEvent::ServiceApplied(Box::new(svc)))
+            }
+            Event::Delete(svc) => {
+                let key = ObjectKey::of(&svc.metadata);
+                self.services.remove(&key);
+                self.when_synced(SourceEvent::ServiceDeleted(key))
+            }
+        }
+    }
+
+    fn slice_event(&mut self, event: Event<EndpointSlice>) -> Vec<SourceEvent> {
+        match event {
+            Event::Init => {
+                self.slice_listing = Some(BTreeMap::new());
+                Vec::new()
+            }
+            Event::InitApply(slice) => {
+                self.slice_listing
+                    .get_or_insert_default()
+                    .insert(ObjectKey::of(&slice.metadata), slice);
+                Vec::new()
+            }
+            Event::InitDone => {
+                self.slices = self.slice_listing.take().unwrap_or_default();
+                log::info!("listed {} EndpointSlices", self.slices.len());
+                self.slices_listed = true;
+                if self.synced() {
+                    vec![self.resync()]
+                } else {
+                    Vec::new()
+                }
+            }
+            Event::Apply(slice) => {
+                self.slices
+                    .insert(ObjectKey::of(&slice.metadata), slice.clone());
+                self.when_synced(SourceEvent::SliceApplied(Box::new(slice)))
+            }
+            Event::Delete(slice) => {
+                let key = ObjectKey::of(&slice.metadata);
+                self.slices.remove(&key);
+                self.when_synced(SourceEvent::SliceDeleted(key))
+            }
+        }
+    }
+
+    /// The Node's addresses are sent when they differ from the last ones sent.
+    /// A listing without the Node, or its deletion, keeps them: the machine still
+    /// has its addresses, and the kubelet registers the Node again.
+    fn node_event(&mut self, event: Event<Node>) -> Vec<SourceEvent> {
+        let node = match event {
+            Event::Init => {
+                self.node_listing = Some(None);
+                return Vec::new();
+            }
+            Event::InitApply(node) => {
+                self.node_listing = Some(Some(node));
+                return Vec::new();
+            }
+            Event::InitDone => match self.node_listing.take().flatten() {
+                Some(node) => node,
+                None => {
+                    log::warn!(
+                        "Node {} not found; NodePorts answer on no node address yet",
+                        self.node_name
+                    );
+                    return Vec::new();
+                }
+            },
+            Event::Apply(node) => node,
+            Event::Delete(_) => {
+                log::warn!(
+                    "Node {} was deleted; keeping its last addresses",
+                    self.node_name
+                );
+                return Vec::new();
+            }
+        };
+        let addresses = node_addresses(&node);
+        if self.node_addresses.as_ref() == Some(&addresses) {
+            return Vec::new();
+        }
+        log::info!("Node {} addresses: {addresses:?}", self.node_name);
+        self.node_addresses = Some(addresses.clone());
+        vec![SourceEvent::NodeAddresses(addresses)]
+    }
+}
+
+/// A Node's InternalIP and ExternalIP addresses, in its order, without repeats.
+pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
+    let mut out = Vec::new();
+    let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
+    for a in listed.into_iter().flatten() {
+        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
+            continue;
+        }
+        match a.address.parse::<IpAddr>() {
+            Ok(ip) if !out.contains(&ip) => out.push(ip),
+            Ok(_) => {}
+            Err(_) => log::warn!(
+                "Node address {:?} ({}) is not an IP address; ignored",
+                a.address,
+                a.type_
+            ),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::{
+        api::core::v1::{NodeAddress, NodeStatus},
+        apimachinery::pkg::apis::meta::v1::ObjectMeta,
+    };
+
+    use super::*;
+
+    fn svc(name: &str) -> Service {
+        Service {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..Service::default()
+        }
+    }
+
+    fn slice(name: &str) -> EndpointSlice {
+        EndpointSlice {
+            metadata: ObjectMeta {
+                name: Some(name.into()),
+                namespace: Some("ns".into()),
+                ..ObjectMeta::default()
+            },
+            ..EndpointSlice::default()
+        }
+    }
+
+    fn node(addrs: &[(&str, &str)]) -> Node {
+        Node {
+            metadata: ObjectMeta {
+                name: Some("n1".into()),
+                ..ObjectMeta::default()
+            },
+            status: Some(NodeStatus {
+                addresses: Some(
+                    addrs
+                        .iter()
+                        .map(|(t, a)| NodeAddress {
+                            type_: (*t).into(),
+                            address: (*a).into(),
+                        })
+                        .collect(),
+                ),
+                ..NodeStatus::default()
+            }),
+            ..Node::default()
+        }
+    }
+
+    fn names(event: &SourceEvent) -> (Vec<String>, Vec<String>) {
+        let SourceEvent::Resync {
+            services, slices, ..
+        } = event
+        else {
+            panic!("not a resync: {event:?}")
+        };
+        (
+            services
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect(),
+            slices
+                .iter()
+                .map(|s| s.metadata.name.clone().unwrap())
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn first_resync_waits_for_both_listings_then_relists_replace() {
+        let mut st = State::new("n1".into());
+        assert!(st.services(Ok(Event::Init)).is_empty());
+        assert!(st.services(Ok(Event::InitApply(svc("a")))).is_empty());
+        assert!(st.services(Ok(Event::InitApply(svc("b")))).is_empty());
+        assert!(st.services(Ok(Event::InitDone)).is_empty());
+        // Not synced yet: an Apply is stored, not sent.
+        assert!(st.services(Ok(Event::Apply(svc("c")))).is_empty());
+        assert!(st.slices(Ok(Event::Init)).is_empty());
+        assert!(st.slices(Ok(Event::InitApply(slice("a-1")))).is_empty());
+        let out = st.slices(Ok(Event::InitDone));
+        assert_eq!(out.len(), 1);
+        assert_eq!(
+            names(&out[0]),
+            (vec!["a".into(), "b".into(), "c".into()], vec!["a-1".into()])
+        );
+
+        let out = st.services(Ok(Event::Delete(svc("b"))));
+        assert!(
+            matches!(&out[..], [SourceEvent::ServiceDeleted(k)] if *k == ObjectKey::new("ns", "b"))
+        );
+
+        // A relist of slices: only the listed ones remain, services come from the store.
+        st.slices(Ok(Event::Init));
+        st.slices(Ok(Event::InitApply(slice("c-1"))));
+        // Services keep flowing during the slice relist.
+        let out = st.services(Ok(Event::Apply(svc("d"))));
+        assert!(
+            matches!(&out[..], [SourceEvent::ServiceApplied(s)] if s.metadata.name.as_deref() == Some("d"))
+        );
+        let out = st.slices(Ok(Event::InitDone));
+        assert_eq!(
+            names(&out[0]),
+            (vec!["a".into(), "c".into(), "d".into()], vec!["c-1".into()])
+        );
+    }
+
+    #[test]
+    fn node_addresses_sent_on_change_only() {
+        let mut st = State::new("n1".into());
+        st.node(Ok(Event::Init));
+        st.node(Ok(Event::InitApply(node(&[
+            ("InternalIP", "10.0.0.1"),
+            ("Hostname", "n1"),
+            ("ExternalIP", "2001:db8::1"),
+            ("InternalIP", "10.0.0.1"),
+            ("InternalIP", "bogus"),
+        ]))));
+        let out = st.node(Ok(Event::InitDone));
+        let want: Vec<IpAddr> = vec!["10.0.0.1".parse().unwrap(), "2001:db8::1".parse().unwrap()];
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeAddresses(a)] if *a == want),
+            "{out:?}"
+        );
+        let same = node(&[("InternalIP", "10.0.0.1"), ("ExternalIP", "2001:db8::1")]);
+        assert!(st.node(Ok(Event::Apply(same.clone()))).is_empty());
+        assert!(st.node(Ok(Event::Delete(same))).is_empty());
+        let out = st.node(Ok(Event::Apply(node(&[("InternalIP", "10.0.0.2")]))));
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeAddresses(a)] if *a == vec!["10.0.0.2".parse::<IpAddr>().unwrap()])
+        );
+    }
+}

@@ -1,0 +1,781 @@
+//! Manifest mode: cluster state from a directory of Kubernetes manifests.
+//!
+//! Every regular file in the directory whose name ends in `.yaml`, `.yml` or
+//! `.json` is read, in name order (subdirectories, hidden files and editor
+//! leftovers such as `.foo.swp`, `foo~` and `#foo#` are ignored). A YAML file may
+//! hold several documents separated by `---`; a document (or a JSON file) is one
+//! object or a `kind: List` (or `ServiceList`, `EndpointSliceList`) with `items`.
+//! The objects are v1 Services and discovery.k8s.io/v1 EndpointSlices exactly as
+//! the API serves them: Services must carry their `clusterIP` (there is no
+//! allocator here) and NodePort / LoadBalancer Services their `nodePort`s.
+//!
+//! Whatever cannot be used is skipped and reported as a [`Problem`] located at
+//! `path:line`; the rest of the file and the other files still load.
+//!
+//! [`watch`] sends the whole directory as one [`SourceEvent::Resync`] at start and
+//! again after every change that alters what was loaded.
+
+use std::{
+    collections::HashMap,
+    fs, io,
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
+
+use anyhow::{Context, Result, bail};
+use k8s_openapi::api::{
+    core::v1::{Service, ServicePort},
+    discovery::v1::EndpointSlice,
+};
+use notify::{
+    EventKind, RecursiveMode, Watcher,
+    event::{AccessKind, AccessMode},
+};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use tokio::{
+    sync::{Notify, mpsc},
+    time::Instant,
+};
+
+use crate::cluster::{ObjectKey, Problem, ProblemKind, SourceEvent};
+
+/// The label that ties an EndpointSlice to its Service.
+pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+
+/// After a change, wait until the directory has been quiet this long...
+const QUIET: Duration = Duration::from_millis(100);
+/// ...but no longer than this after the first change of a burst.
+const MAX_DEBOUNCE: Duration = Duration::from_millis(400);
+/// While the directory is missing, look for it again this often.
+const MISSING_DIR_RETRY: Duration = Duration::from_secs(1);
+
+/// What one reading of a manifest directory found.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Loaded {
+    pub services: Vec<Service>,
+    pub slices: Vec<EndpointSlice>,
+    /// Everything that was skipped, with its `path:line`.
+    pub problems: Vec<Problem>,
+}
+
+impl Loaded {
+    fn into_resync(self) -> SourceEvent {
+        SourceEvent::Resync {
+            services: self.services,
+            slices: self.slices,
+            problems: self.problems,
+        }
+    }
+}
+
+/// Reads every manifest file of `dir` (see the module documentation). Never
+/// fails: a directory that cannot be read gives a single problem.
+pub fn load_dir(dir: &Path) -> Loaded {
+    let mut loader = Loader::default();
+    match manifest_files(dir) {
+        Ok(files) => {
+            for path in files {
+                loader.load_file(&path);
+            }
+        }
+        Err(e) => loader.problems.push(Problem {
+            kind: ProblemKind::Parse,
+            object: None,
+            location: Some(dir.display().to_string()),
+            message: format!("cannot read manifest directory {}: {e}", dir.display()),
+        }),
+    }
+    Loaded {
+        services: loader.services,
+        slices: loader.slices,
+        problems: loader.problems,
+    }
+}
+
+/// Whether a file name is one [`load_dir`] reads: `.yaml`, `.yml` or `.json`,
+/// and not hidden or an editor's backup or lock file.
+pub fn is_manifest_name(name: &str) -> bool {
+    if name.starts_with('.') || name.starts_with('#') || name.ends_with('~') {
+        return false;
+    }
+    let lower = name.to_ascii_lowercase();
+    [".yaml", ".yml", ".json"]
+        .iter()
+        .any(|ext| lower.len() > ext.len() && lower.ends_with(ext))
+}
+
+/// The manifest files of `dir`, sorted by name (symbolic links are followed).
+fn manifest_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let entry = entry?;
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else {
+            log::debug!("ignoring {:?} in {}: not UTF-8", name, dir.display());
+            continue;
+        };
+        if !is_manifest_name(name) {
+            continue;
+        }
+        let path = entry.path();
+        // A file removed since the listing is simply not there this time.
+        if fs::metadata(&path).is_ok_and(|m| m.is_file()) {
+            files.push(path);
+        }
+    }
+    files.sort();
+    Ok(files)
+}
+
+/// One YAML document of a file: its text padded with empty lines so that parser
+/// positions are positions in the file, and its first line.
+struct Chunk {
+    padded: String,
+    /// 1-based line of the document's first meaningful line.
+    line: usize,
+}
+
+/// Splits a YAML stream at its `---` (document start) and `...` (document end)
+/// marker lines.
+///
+/// serde_yaml_ng's multi-document iterator gives neither the line where each
+/// document starts nor anything after the first syntax error (it yields that
+/// error forever), so the stream is split here and each document parsed alone.
+/// A marker is only recognised at the start of a line, where YAML only allows it
+/// as a marker (even inside a block scalar).
+fn split_documents(text: &str) -> Vec<Chunk> {
+    let mut chunks = Vec::new();
+    let mut start = 0; // byte offset of the current document
+    let mut start_line = 1; // its first line
+    let mut offset = 0;
+    let mut push = |from: usize, to: usize, first_line: usize| {
+        let body = &text[from..to];
+        let mut padded = "\n".repeat(first_line - 1);
+        padded.push_str(body);
+        let line = body
+            .lines()
+            .position(|l| {
+                let t = l.trim();
+                !t.is_empty() && !t.starts_with('#') && t != "---"
+            })
+            .map_or(first_line, |i| first_line + i);
+        chunks.push(Chunk { padded, line });
+    };
+    for (line_no, l) in (1..).zip(text.split_inclusive('\n')) {
+        let bare = l.trim_end_matches(['\n', '\r']);
+        let is_marker = |m: &str| {
+            bare.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        };
+        if is_marker("---") {
+            if offset > start {
+                push(start, offset, start_line);
+            }
+            start = offset;
+            start_line = line_no;
+        } else if is_marker("...") {
+            push(start, offset + l.len(), start_line);
+            start = offset + l.len();
+            start_line = line_no + 1;
+        }
+        offset += l.len();
+    }
+    if offset > start {
+        push(start, offset, start_line);
+    }
+    chunks
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Format {
+    Yaml,
+    Json,
+}
+
+/// Where a document came from.
+struct Source<'a> {
+    path: &'a Path,
+    format: Format,
+    /// The document's text (positions are file positions), when the object is the
+    /// whole document; `None` for the items of a List.
+    text: Option<&'a str>,
+    /// The document's first line.
+    line: usize,
+}
+
+impl Source<'_> {
+    fn location(&self, line: usize) -> String {
+        format!("{}:{}", self.path.display(), line)
+    }
+
+    /// Decodes a typed object, locating the error as precisely as the parser can.
+    fn decode<T: DeserializeOwned>(&self, value: Value) -> Result<T, (String, usize)> {
+        match (self.text, self.format) {
+            (Some(text), Format::Yaml) => serde_yaml_ng::from_str(text).map_err(|e| {
+                let line = e.location().map_or(self.line, |l| l.line());
+                (e.to_string(), line)
+            }),
+            (Some(text), Format::Json) => {
+                serde_json::from_str(text).map_err(|e| (e.to_string(), e.line().max(1)))
+            }
+            (None, _) => serde_json::from_value(value).map_err(|e| (e.to_string(), self.line)),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Loader {
+    services: Vec<Service>,
+    slices: Vec<EndpointSlice>,
+    problems: Vec<Problem>,
+    /// Where each Service / EndpointSlice key was first seen.
+    seen_services: HashMap<ObjectKey, String>,
+    seen_slices: HashMap<ObjectKey, String>,
+}
+
+impl Loader {
+    fn problem(
+        &mut self,
+        kind: ProblemKind,
+        object: Option<ObjectKey>,
+        location: String,
+        message: String,
+    ) {
+        self.problems.push(Problem {
+            kind,
+            object,
+            location: Some(location),
+            message,
+        });
+    }
+
+    fn load_file(&mut self, path: &Path) {
+        let text = match fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(e) => {
+                let message = format!("cannot read {}: {e}", path.display());
+                self.problem(
+                    ProblemKind::Parse,
+                    None,
+                    path.display().to_string(),
+                    message,
+                );
+                return;
+            }
+        };
+        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+        let is_json = path
+            .extension()
+            .and_then(|e| e.to_str())
+            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+        if is_json {
+            self.load_json(path, text);
+        } else {
+            for chunk in split_documents(text) {
+                self.load_yaml_document(path, &chunk);
+            }
+        }
+    }
+
+    fn load_json(&mut self, path: &Path, text: &str) {
+        let line = text
+            .lines()
+            .position(|l| !l.trim().is_empty())
+            .map_or(1, |i| i + 1);
+        let source = Source {
+            path,
+            format: Format::Json,
+            text: Some(text),
+            line,
+        };
+        if text.trim().is_empty() {
+            return;
+        }
+        match serde_json::from_str::<Value>(text) {
+            Ok(value) => self.load_object(&source, value),
+            Err(e) => {
+                let location = source.location(e.line().max(1));
+                self.problem(
+                    ProblemKind::Parse,
+                    None,
+                    location,
+                    format!("invalid JSON: {e}"),
+                );
+            }
+        }
+    }
+
+    fn load_yaml_document(&mut self, path: &Path, chunk: &Chunk) {
+        let source = Source {
+            path,
+            format: Format::Yaml,
+            text: Some(&chunk.padded),
+            line: chunk.line,
+        };
+        let yaml = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&chunk.padded) {
+            // An empty document (only comments, or nothing between two `---`).
+            Ok(serde_yaml_ng::Value::Null) => return,
+            Ok(yaml) => yaml,
+            Err(e) => {
+                let location = source.location(e.location().map_or(chunk.line, |l| l.line()));
+                self.problem(
+                    ProblemKind::Parse,
+                    None,
+                    location,
+                    format!("invalid YAML: {e}"),
+                );
+                return;
+            }
+        };
+        match serde_json::to_value(yaml) {
+            Ok(value) => self.load_object(&source, value),
+            Err(e) => {
+                let location = source.location(chunk.line);
+                let message = format!("not a Kubernetes object: {e}");
+                self.problem(ProblemKind::Parse, None, location, message);
+            }
+        }
+    }
+
+    /// One decoded document, or one item of a List.
+    fn load_object(&mut self, source: &Source<'_>, value: Value) {
+        let location = source.location(source.line);
+        let Some(map) = value.as_object() else {
+            let message =
+                "not a Kubernetes object (expected a mapping with apiVersion and kind)".to_string();
+            self.problem(ProblemKind::Parse, None, location, message);
+            return;
+        };
+        let key = key_of(&value);
+        let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default();
+        let api_version = map
+            .get("apiVersion")
+            .and_then(Value::as_str)
+            .unwrap_or_default();
+        if kind.is_empty() || api_version.is_empty() {
+            let message = "not a Kubernetes object: apiVersion or kind is missing".to_string();
+            self.problem(ProblemKind::Parse, key, location, message);
+            return;
+        }
+        if kind.ends_with("List") && map.contains_key("items") {
+            self.load_list(source, &value, kind, api_version);
+            return;
+        }
+        match (api_version, kind) {
+            ("v1", "Service") => match source.decode::<Service>(value) {
+                Ok(svc) => self.add_service(source, svc),
+                Err((e, line)) => {
+                    let message = format!("Service does not decode: {e}");
+                    self.problem(ProblemKind::Parse, key, source.location(line), message);
+                }
+            },
+            ("discovery.k8s.io/v1", "EndpointSlice") => match source.decode::<EndpointSlice>(value)
+            {
+                Ok(slice) => self.add_slice(source, slice),
+                Err((e, line)) => {
+                    let message = format!("EndpointSlice does not decode: {e}");
+                    self.problem(ProblemKind::Parse, key, source.location(line), message);
+                }
+            },
+            _ => {
+                let message = format!(
+                    "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice); skipped"
+                );
+                self.problem(ProblemKind::UnsupportedKind, key, location, message);
+            }
+        }
+    }
+
+    /// `kind: List` (as `kubectl get -o yaml` writes it) or a typed list such as
+    /// `ServiceList` (as the API serves it, whose items carry no kind).
+    fn load_list(&mut self, source: &Source<'_>, value: &Value, kind: &str, api_version: &str) {
+        let items = match &value["items"] {
+            Value::Array(items) => items.clone(),
+            Value::Null => Vec::new(),
+            _ => {
+                let message = format!("{kind}: items is not a list");
+                self.problem(
+                    ProblemKind::Parse,
+                    None,
+                    source.location(source.line),
+                    message,
+                );
+                return;
+            }
+        };
+        let item_kind = kind.strip_suffix("List").unwrap_or_default();
+        let item_source = Source {
+            path: source.path,
+            format: source.format,
+            text: None,
+            line: source.line,
+        };
+        for mut item in items {
+            if let Value::Object(map) = &mut item
+                && !item_kind.is_empty()
+            {
+                map.entry("kind").or_insert_with(|| Value::from(item_kind));
+                map.entry("apiVersion")
+                    .or_insert_with(|| Value::from(api_version));
+            }
+            self.load_object(&item_source, item);
+        }
+    }
+
+    /// Records `key` as seen at `location`; false (with a problem) if it was seen
+    /// before: the first file by name keeps it.
+    fn claim(&mut self, is_service: bool, key: &ObjectKey, location: &str) -> bool {
+        let (seen, what) = if is_service {
+            (&mut self.seen_services, "Service")
+        } else {
+            (&mut self.seen_slices, "EndpointSlice")
+        };
+        if let Some(first) = seen.get(key) {
+            let message =
+                format!("duplicate {what} {key} (first defined at {first}); this one is skipped");
+            self.problem(
+                ProblemKind::Parse,
+                Some(key.clone()),
+                location.to_string(),
+                message,
+            );
+            return false;
+        }
+        seen.insert(key.clone(), location.to_string());
+        true
+    }
+
+    fn add_service(&mut self, source: &Source<'_>, mut svc: Service) {
+        let location = source.location(source.line);
+        if svc.metadata.name.as_deref().unwrap_or_default().is_empty() {
+            let message = "Service has no metadata.name".to_string();
+            self.problem(ProblemKind::Parse, None, location, message);
+            return;
+        }
+        svc.metadata
+            .namespace
+            .get_or_insert_with(|| "default".to_string());
+        let key = ObjectKey::of(&svc.metadata);
+        if !self.claim(true, &key, &location) {
+            return;
+        }
+        let problems = check_service(&svc, source.path);
+        if problems.is_empty() {
+            self.services.push(svc);
+        } else {
+            for (kind, message) in problems {
+                self.problem(kind, Some(key.clone()), location.clone(), message);
+            }
+        }
+    }
+
+    fn add_slice(&mut self, source: &Source<'_>, mut slice: EndpointSlice) {
+        let location = source.location(source.line);
+        if slice
+            .metadata
+            .name
+            .as_deref()
+            .unwrap_or_default()
+            .is_empty()
+        {
+            let message = "EndpointSlice has no metadata.name".to_string();
+            self.problem(ProblemKind::Parse, None, location, message);
+            return;
+        }
+        slice
+            .metadata
+            .namespace
+            .get_or_insert_with(|| "default".to_string());
+        let key = ObjectKey::of(&slice.metadata);
+        if !self.claim(false, &key, &location) {
+            return;
+        }
+        let has_service = slice
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(SERVICE_NAME_LABEL))
+            .is_some_and(|s| !s.is_empty());
+        if has_service {
+            self.slices.push(slice);
+        } else {
+            let message = format!(
+                "EndpointSlice has no {SERVICE_NAME_LABEL} label, so it belongs to no Service; skipped"
+            );
+            self.problem(ProblemKind::Parse, Some(key), location, message);
+        }
+    }
+}
+
+/// The key of a raw object, when it has a name.
+fn key_of(value: &Value) -> Option<ObjectKey> {
+    let meta = value.get("metadata")?;
+    let name = meta.get("name")?.as_str()?;
+    let namespace = meta
+        .get("namespace")
+        .and_then(Value::as_str)
+        .unwrap_or("default");
+    Some(ObjectKey::new(namespace, name))
+}
+
+/// What makes a Service unusable in manifest mode.
+fn check_service(svc: &Service, path: &Path) -> Vec<(ProblemKind, String)> {
+    let mut problems = Vec::new();
+    let spec = svc.spec.clone().unwrap_or_default();
+    let type_ = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let cluster_ip = spec.cluster_ip.as_deref().filter(|ip| !ip.is_empty());
+    let has_cluster_ips = spec
+        .cluster_ips
+        .as_ref()
+        .is_some_and(|ips| ips.iter().any(|ip| !ip.is_empty()));
+    if type_ != "ExternalName" && cluster_ip.is_none() && !has_cluster_ips {
+        problems.push((
+            ProblemKind::MissingClusterIp,
+            format!(
+                "Service in {} has no spec.clusterIP or spec.clusterIPs; manifest mode has no address \
+                 allocator, so set one (or clusterIP: None for a headless Service)",
+                path.display()
+            ),
+        ));
+    }
+    let wants_node_ports = match type_ {
+        "NodePort" => true,
+        "LoadBalancer" => spec.allocate_load_balancer_node_ports != Some(false),
+        _ => false,
+    };
+    for port in spec.ports.iter().flatten() {
+        let name = port_name(port);
+        if !(1..=65535).contains(&port.port) {
+            problems.push((
+                ProblemKind::BadPort,
+                format!("port {name}: port {} is outside 1..=65535", port.port),
+            ));
+        }
+        match port.node_port {
+            Some(np) if !(1..=65535).contains(&np) => {
+                problems.push((ProblemKind::BadPort, format!("port {name}: nodePort {np} is outside 1..=65535")));
+            }
+            None if wants_node_ports => problems.push((
+                ProblemKind::MissingNodePort,
+                format!("port {name}: a {type_} Service needs a nodePort here (manifest mode allocates none)"),
+            )),
+            _ => {}
+        }
+        if let Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(tp)) =
+            port.target_port
+            && !(1..=65535).contains(&tp)
+        {
+            problems.push((
+                ProblemKind::BadPort,
+                format!("port {name}: targetPort {tp} is outside 1..=65535"),
+            ));
+        }
+    }
+    problems
+}
+
+fn port_name(port: &ServicePort) -> String {
+    match port.name.as_deref() {
+        Some(name) if !name.is_empty() => format!("{name:?}"),
+        _ => port.port.to_string(),
+    }
+}
+
+/// Sends the directory as a [`SourceEvent::Resync`] now and after every change,
+/// until `tx` is closed.
+///
+/// Changes (files created, written, deleted, renamed) are debounced (100 ms of
+/// quiet, 400 ms at most), the directory is then read again whole, and a Resync
+/// is sent if anything (objects or problems) differs from the last one sent. One
+/// reading and one send at a time: changes during them lead to one more reading.
+/// If the directory disappears, the last state is kept (with a warning) until it
+/// is back.
+pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
+    match tokio::fs::metadata(&dir).await {
+        Ok(m) if m.is_dir() => {}
+        Ok(_) => bail!("manifest directory {}: not a directory", dir.display()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            bail!("manifest directory {} does not exist", dir.display())
+        }
+        Err(e) => return Err(e).with_context(|| format!("manifest directory {}", dir.display())),
+    }
+
+    let changed = Arc::new(Notify::new());
+    let mut watcher = {
+        let changed = changed.clone();
+        notify::recommended_watcher(move |res: notify::Result<notify::Event>| match res {
+            Ok(event) => {
+                if is_change(&event.kind) {
+                    changed.notify_one();
+                }
+            }
+            Err(e) => {
+                log::warn!("watching manifests: {e}");
+                changed.notify_one();
+            }
+        })
+        .context("creating the manifest directory watcher")?
+    };
+    // Watch first, then read: a change in between is not missed.
+    watcher
+        .watch(&dir, RecursiveMode::NonRecursive)
+        .with_context(|| format!("watching manifest directory {}", dir.display()))?;
+
+    let Some(mut last) = load(&dir).await? else {
+        bail!("manifest directory {} disappeared", dir.display());
+    };
+    log_problems(&last);
+    if tx.send(last.clone().into_resync()).await.is_err() {
+        return Ok(());
+    }
+
+    let mut watching = true;
+    loop {
+        tokio::select! {
+            () = tx.closed() => return Ok(()),
+            () = changed.notified() => debounce(&changed).await,
+            () = tokio::time::sleep(MISSING_DIR_RETRY), if !watching => {}
+        }
+        if !watching {
+            if !tokio::fs::metadata(&dir).await.is_ok_and(|m| m.is_dir()) {
+                continue;
+            }
+            if let Err(e) = watcher.watch(&dir, RecursiveMode::NonRecursive) {
+                log::debug!(
+                    "manifest directory {} is back but not watchable yet: {e}",
+                    dir.display()
+                );
+                continue;
+            }
+            log::info!("manifest directory {} is back", dir.display());
+            watching = true;
+        }
+        let Some(loaded) = load(&dir).await? else {
+            log::warn!(
+                "manifest directory {} disappeared; keeping the last state until it is back",
+                dir.display()
+            );
+            let _ = watcher.unwatch(&dir);
+            watching = false;
+            continue;
+        };
+        if loaded == last {
+            log::debug!(
+                "manifest directory {} changed, but not what it holds",
+                dir.display()
+            );
+            continue;
+        }
+        last = loaded;
+        log_problems(&last);
+        if tx.send(last.clone().into_resync()).await.is_err() {
+            return Ok(());
+        }
+    }
+}
+
+/// Reads the directory on a blocking thread; `None` if it is no longer there.
+async fn load(dir: &Path) -> Result<Option<Loaded>> {
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || dir.is_dir().then(|| load_dir(&dir)))
+        .await
+        .context("reading manifests")
+}
+
+/// Waits until no change has been reported for [`QUIET`], or [`MAX_DEBOUNCE`].
+async fn debounce(changed: &Notify) {
+    let deadline = Instant::now() + MAX_DEBOUNCE;
+    loop {
+        let until = (Instant::now() + QUIET).min(deadline);
+        if tokio::time::timeout_at(until, changed.notified())
+            .await
+            .is_err()
+            || Instant::now() >= deadline
+        {
+            return;
+        }
+    }
+}
+
+/// Events that may change what the directory holds. Opening and reading files
+/// (which this source does itself) are not.
+fn is_change(kind: &EventKind) -> bool {
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        _ => true,
+    }
+}
+
+fn log_problems(loaded: &Loaded) {
+    for p in &loaded.problems {
+        log::warn!("manifests: {p}");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifest_names() {
+        for name in ["a.yaml", "b.yml", "c.json", "D.YAML", "svc.v1.yaml"] {
+            assert!(is_manifest_name(name), "{name}");
+        }
+        for name in [
+            ".a.yaml",
+            ".a.yaml.swp",
+            "a.yaml~",
+            "#a.yaml#",
+            "a.txt",
+            "yaml",
+            ".yaml",
+            "a.yaml.bak",
+        ] {
+            assert!(!is_manifest_name(name), "{name}");
+        }
+    }
+
+    #[test]
+    fn documents_split_at_markers_with_lines() {
+        let text = "# leading comment\na: 1\n---\nb: 2\n--- \n\n  # c\nc: 3\n...\nd: 4\n---\n";
+        let chunks = split_documents(text);
+        let lines: Vec<usize> = chunks.iter().map(|c| c.line).collect();
+        assert_eq!(lines, [2, 4, 8, 10, 11]);
+        // Padding keeps parser positions at file positions.
+        assert!(chunks[1].padded.starts_with("\n\n---\nb: 2"));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[2].padded).unwrap();
+        assert_eq!(v["c"], serde_yaml_ng::Value::from(3));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[3].padded).unwrap();
+        assert_eq!(v["d"], serde_yaml_ng::Value::from(4));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[4].padded).unwrap();
+        assert!(v.is_null());
+    }
+
+    #[test]
+    fn marker_like_text_is_not_a_marker() {
+        let text = "a: |\n  ---\n  x\nb: ----\n---x: 1\n";
+        assert_eq!(split_documents(text).len(), 1);
+    }
+
+    #[test]
+    fn reading_is_not_a_change() {
+        assert!(!is_change(&EventKind::Access(AccessKind::Open(
+            notify::event::AccessMode::Any
+        ))));
+        assert!(!is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Read
+        ))));
+        assert!(is_change(&EventKind::Access(AccessKind::Close(
+            AccessMode::Write
+        ))));
+        assert!(is_change(&EventKind::Create(
+            notify::event::CreateKind::File
+        )));
+        assert!(is_change(&EventKind::Remove(
+            notify::event::RemoveKind::Any
+        )));
+    }
+}

@@ -1,0 +1,1200 @@
+//! The cluster: namespaces, links, addresses and routes; agents; teardown.
+//!
+//! ```text
+//!                 client (192.168.77.100, fd00:77::100)
+//!                    | lbXXXX-c-up
+//!   lan namespace:  [ bridge lbXXXX-br ]
+//!                    | lbXXXX-a-br            | lbXXXX-b-br
+//!                    | lbXXXX-a-up            | lbXXXX-b-up
+//!   node-a 192.168.77.10 fd00:77::10       node-b 192.168.77.11 fd00:77::11
+//!     lbXXXX-a-p0   lbXXXX-a-p1              lbXXXX-b-p0   lbXXXX-b-p1
+//!       | eth0        | eth0                   | eth0        | eth0
+//!     pod-a0        pod-a1                   pod-b0        pod-b1
+//!   10.244.1.10   10.244.1.11              10.244.2.10   10.244.2.11
+//! ```
+//!
+//! Pods are wired the way Calico and Cilium do it: host-side veths without
+//! a bridge, each carrying the node's pod gateway address (10.244.N.1/32,
+//! fd00:244:N::1/128), a /32 and /128 route per pod on the node, and in the
+//! pod a single /32 and /128 address with an on-link route to the gateway
+//! and a default route via it. So every packet a pod sends, even to a pod on
+//! the same node, enters the node through the host side of its veth, where
+//! lb's tc program sees it before routing.
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    ffi::OsString,
+    fs::{self, OpenOptions},
+    hash::{BuildHasher as _, Hasher as _},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    os::unix::process::CommandExt as _,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::{
+        Arc, Mutex, MutexGuard, Once, Weak,
+        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant, SystemTime},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+
+use crate::{
+    client,
+    net::{self, IpNet},
+    ns::{self, command_in, ethtool_in, ip, sysctl_in},
+    servers::{Servers, serve_in},
+};
+
+/// Prefix of every namespace a testbed creates:
+/// `lbt-<run>-<owner pid>-<role>`.
+const NS_PREFIX: &str = "lbt-";
+/// Where agents pin their maps: `/sys/fs/bpf/lb-test-<run>/<node>`.
+const BPFFS: &str = "/sys/fs/bpf";
+const PIN_PREFIX: &str = "lb-test-";
+/// The agent's default healthz address (inside its node's namespace).
+pub const AGENT_HEALTHZ: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
+/// How long every topology wait (links up, addresses usable) may take.
+const WAIT_LINKS: Duration = Duration::from_secs(5);
+/// How long an agent gets to exit after SIGTERM before it is killed.
+const AGENT_STOP: Duration = Duration::from_secs(5);
+
+/// What [`Cluster::up`] builds.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Pods on each node (1 to 50), named `pod-a0`, `pod-a1`, ...
+    pub pods_per_node: usize,
+    /// How long an agent may take to answer 200 on its healthz.
+    pub agent_ready_timeout: Duration,
+    /// Keep the per-run directory (agent logs) after teardown. It is also
+    /// kept when the cluster is dropped during a panic (a failing test).
+    pub keep_logs: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            pods_per_node: 2,
+            agent_ready_timeout: Duration::from_secs(20),
+            keep_logs: false,
+        }
+    }
+}
+
+/// A pod: a namespace with `eth0`, the peer of a host-side veth on its node.
+#[derive(Debug, Clone)]
+pub struct Pod {
+    name: String,
+    node: String,
+    ns: String,
+    host_veth: String,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+}
+
+impl Pod {
+    /// `pod-a0`: also what its servers answer with.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    /// The node it runs on (`node-a`).
+    pub fn node(&self) -> &str {
+        &self.node
+    }
+    /// Its namespace.
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+    /// The host side of its veth (in the node's namespace).
+    pub fn host_veth(&self) -> &str {
+        &self.host_veth
+    }
+    /// Its interface inside the pod.
+    pub fn iface(&self) -> &str {
+        "eth0"
+    }
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.ipv4
+    }
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.ipv6
+    }
+    /// Both addresses, IPv4 first.
+    pub fn addrs(&self) -> [IpAddr; 2] {
+        [self.ipv4.into(), self.ipv6.into()]
+    }
+    /// `ipv4:port` or `[ipv6]:port`.
+    pub fn sock(&self, v6: bool, port: u16) -> SocketAddr {
+        SocketAddr::new(self.addrs()[usize::from(v6)], port)
+    }
+}
+
+/// A node: a namespace with an uplink to the bridge and a host-side veth
+/// per pod.
+#[derive(Debug, Clone)]
+pub struct Node {
+    name: String,
+    ns: String,
+    uplink: String,
+    bridge_port: String,
+    ipv4: Ipv4Addr,
+    ipv6: Ipv6Addr,
+    pod_cidr_v4: IpNet,
+    pod_cidr_v6: IpNet,
+    pod_iface_prefix: String,
+    pin_path: PathBuf,
+    pods: Vec<Pod>,
+}
+
+impl Node {
+    /// `node-a`.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+    /// Its interface on the segment (where lb's XDP program goes).
+    pub fn uplink(&self) -> &str {
+        &self.uplink
+    }
+    /// The uplink's peer, a port of the bridge (in the lan namespace).
+    pub fn bridge_port(&self) -> &str {
+        &self.bridge_port
+    }
+    pub fn ipv4(&self) -> Ipv4Addr {
+        self.ipv4
+    }
+    pub fn ipv6(&self) -> Ipv6Addr {
+        self.ipv6
+    }
+    /// Both addresses, IPv4 first.
+    pub fn addrs(&self) -> [IpAddr; 2] {
+        [self.ipv4.into(), self.ipv6.into()]
+    }
+    /// `ipv4:port` or `[ipv6]:port` (e.g. a NodePort).
+    pub fn sock(&self, v6: bool, port: u16) -> SocketAddr {
+        SocketAddr::new(self.addrs()[usize::from(v6)], port)
+    }
+    /// The agent's `--node-ip`: `192.168.77.10,fd00:77::10`.
+    pub fn node_ip_arg(&self) -> String {
+        format!("{},{}", self.ipv4, self.ipv6)
+    }
+    pub fn pod_cidr_v4(&self) -> IpNet {
+        self.pod_cidr_v4
+    }
+    pub fn pod_cidr_v6(&self) -> IpNet {
+        self.pod_cidr_v6
+    }
+    /// The pods' gateway: 10.244.N.1 on every host-side veth of the node.
+    pub fn gateway_v4(&self) -> Ipv4Addr {
+        match self.pod_cidr_v4.host(1) {
+            IpAddr::V4(a) => a,
+            IpAddr::V6(_) => unreachable!(),
+        }
+    }
+    /// fd00:244:N::1 on every host-side veth of the node.
+    pub fn gateway_v6(&self) -> Ipv6Addr {
+        match self.pod_cidr_v6.host(1) {
+            IpAddr::V6(a) => a,
+            IpAddr::V4(_) => unreachable!(),
+        }
+    }
+    pub fn pods(&self) -> &[Pod] {
+        &self.pods
+    }
+    /// The host sides of the pods' veths.
+    pub fn host_veths(&self) -> Vec<&str> {
+        self.pods.iter().map(|p| p.host_veth()).collect()
+    }
+    /// A glob matching exactly this node's host-side pod veths
+    /// (`lbXXXX-a-p*`): the agent's `--pod-ifaces`.
+    pub fn pod_iface_pattern(&self) -> String {
+        format!("{}*", self.pod_iface_prefix)
+    }
+    /// The agent's `--pin-path`: `/sys/fs/bpf/lb-test-<run>/<node>`.
+    pub fn pin_path(&self) -> &Path {
+        &self.pin_path
+    }
+}
+
+/// The external client, on the segment, routing the LoadBalancer and
+/// externalIP prefixes via node-a.
+#[derive(Debug, Clone)]
+pub struct Client {
+    ns: String,
+    iface: String,
+    bridge_port: String,
+}
+
+impl Client {
+    pub fn ns(&self) -> &str {
+        &self.ns
+    }
+    pub fn iface(&self) -> &str {
+        &self.iface
+    }
+    pub fn bridge_port(&self) -> &str {
+        &self.bridge_port
+    }
+    pub fn ipv4(&self) -> Ipv4Addr {
+        net::CLIENT_V4
+    }
+    pub fn ipv6(&self) -> Ipv6Addr {
+        net::CLIENT_V6
+    }
+    pub fn addrs(&self) -> [IpAddr; 2] {
+        [net::CLIENT_V4.into(), net::CLIENT_V6.into()]
+    }
+}
+
+/// How an agent is started, kept for restarts.
+#[derive(Debug, Clone)]
+struct AgentSpec {
+    bin: PathBuf,
+    args: Vec<OsString>,
+    ns: String,
+    log: PathBuf,
+}
+
+/// What teardown needs; shared with the Ctrl-C handler's registry.
+struct Shared {
+    run: String,
+    namespaces: Mutex<Vec<String>>,
+    pin_dir: PathBuf,
+    run_dir: PathBuf,
+    keep_run_dir: AtomicBool,
+    agents: Mutex<BTreeMap<String, Child>>,
+    servers: Mutex<Vec<Servers>>,
+    /// Held for the whole teardown, so that a second caller (the signal
+    /// thread while a drop is under way) waits for the first to finish.
+    torn_down: Mutex<bool>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shared {
+    /// Removes everything the run made; idempotent, bounded (every command
+    /// has a time limit, agents get 5 s to exit).
+    fn teardown(&self) {
+        let mut done = lock(&self.torn_down);
+        if *done {
+            return;
+        }
+        *done = true;
+        drop(std::mem::take(&mut *lock(&self.servers)));
+        let agents = std::mem::take(&mut *lock(&self.agents));
+        for (_, child) in agents {
+            let _ = stop_child(child, AGENT_STOP);
+        }
+        let namespaces = std::mem::take(&mut *lock(&self.namespaces));
+        for name in namespaces.iter().rev() {
+            if let Err(e) = delete_netns(name) {
+                eprintln!("lb-testbed: {e:#}");
+            }
+        }
+        if self.pin_dir.exists()
+            && let Err(e) = fs::remove_dir_all(&self.pin_dir)
+        {
+            eprintln!("lb-testbed: removing {}: {e}", self.pin_dir.display());
+        }
+        if self.keep_run_dir.load(Ordering::SeqCst) {
+            eprintln!(
+                "lb-testbed: run {} kept its logs in {}",
+                self.run,
+                self.run_dir.display()
+            );
+        } else {
+            let _ = fs::remove_dir_all(&self.run_dir);
+        }
+        lock(&REGISTRY).retain(|w| w.upgrade().is_some_and(|s| s.run != self.run));
+    }
+}
+
+/// Clusters to tear down on SIGINT / SIGTERM.
+static REGISTRY: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
+static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
+static SIGNALS: Once = Once::new();
+
+extern "C" fn on_signal(_: libc::c_int) {
+    let fd = SIGNAL_PIPE.load(Ordering::SeqCst);
+    if fd >= 0 {
+        let b = 1u8;
+        // SAFETY: write is async-signal-safe; b lives for the call.
+        unsafe { libc::write(fd, (&raw const b).cast(), 1) };
+    }
+}
+
+/// On SIGINT / SIGTERM: tear down every live cluster of this process, then
+/// exit with 130. The handler only writes to a pipe; a thread does the
+/// work. (This replaces earlier handlers of these signals.)
+fn install_signal_handler() {
+    SIGNALS.call_once(|| {
+        let mut fds = [0; 2];
+        // SAFETY: fds has room for the two descriptors.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            eprintln!("lb-testbed: no signal pipe; Ctrl-C will not tear down");
+            return;
+        }
+        SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
+        let read_fd = fds[0];
+        let spawned = thread::Builder::new()
+            .name("lb-testbed signals".into())
+            .spawn(move || {
+                let mut b = 0u8;
+                loop {
+                    // SAFETY: reads one byte into b from our own pipe.
+                    let n = unsafe { libc::read(read_fd, (&raw mut b).cast(), 1) };
+                    if n == 1 {
+                        break;
+                    }
+                    if n == 0 {
+                        return;
+                    }
+                }
+                eprintln!("lb-testbed: interrupted, tearing down");
+                let clusters: Vec<Arc<Shared>> =
+                    lock(&REGISTRY).iter().filter_map(Weak::upgrade).collect();
+                for c in clusters {
+                    c.teardown();
+                }
+                std::process::exit(130);
+            });
+        if spawned.is_err() {
+            return;
+        }
+        for sig in [libc::SIGINT, libc::SIGTERM] {
+            // SAFETY: a zeroed sigaction with a valid handler and an empty mask.
+            unsafe {
+                let mut sa: libc::sigaction = std::mem::zeroed();
+                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+                sa.sa_flags = libc::SA_RESTART;
+                libc::sigemptyset(&mut sa.sa_mask);
+                libc::sigaction(sig, &sa, std::ptr::null_mut());
+            }
+        }
+    });
+}
+
+/// A namespace name of ours, split: `lbt-<run>-<pid>-<role>`.
+fn parse_ns_name(name: &str) -> Option<(&str, u32)> {
+    let rest = name.strip_prefix(NS_PREFIX)?;
+    let (run, rest) = rest.split_once('-')?;
+    let (pid, _role) = rest.split_once('-')?;
+    (run.len() == 4 && run.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
+    Some((run, pid.parse().ok()?))
+}
+
+/// Removes what crashed runs left behind: namespaces named
+/// `lbt-<run>-<pid>-*` whose pid is dead (after killing the processes still
+/// in them, e.g. orphaned agents), and the pin dirs
+/// `/sys/fs/bpf/lb-test-<run>` of those runs or whose `owner-<pid>` marker
+/// names a dead process. Returns what it removed.
+pub fn cleanup_stale() -> Vec<String> {
+    let mut removed = Vec::new();
+    let mut dead_runs = BTreeSet::new();
+    let mut names: Vec<String> = fs::read_dir(ns::NETNS_DIR)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| e.file_name().into_string().ok())
+        .collect();
+    names.sort();
+    for name in names {
+        let Some((run, pid)) = parse_ns_name(&name) else {
+            continue;
+        };
+        if ns::pid_alive(pid) {
+            continue;
+        }
+        dead_runs.insert(run.to_string());
+        match delete_netns(&name) {
+            Ok(()) => removed.push(name),
+            Err(e) => eprintln!("lb-testbed: stale namespace: {e:#}"),
+        }
+    }
+    let pin_dirs = fs::read_dir(BPFFS).into_iter().flatten().flatten();
+    for dir in pin_dirs {
+        let Some(run) = dir
+            .file_name()
+            .to_str()
+            .and_then(|n| n.strip_prefix(PIN_PREFIX))
+            .map(str::to_string)
+        else {
+            continue;
+        };
+        let owner_dead = fs::read_dir(dir.path())
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|e| {
+                e.file_name()
+                    .to_str()?
+                    .strip_prefix("owner-")?
+                    .parse::<u32>()
+                    .ok()
+            })
+            .any(|pid| !ns::pid_alive(pid));
+        if owner_dead || dead_runs.contains(&run) {
+            match fs::remove_dir_all(dir.path()) {
+                Ok(()) => removed.push(dir.path().display().to_string()),
+                Err(e) => eprintln!("lb-testbed: removing {}: {e}", dir.path().display()),
+            }
+        }
+    }
+    removed
+}
+
+/// Kills what still runs in a namespace of ours, then deletes it.
+fn delete_netns(name: &str) -> Result<()> {
+    if let Ok(pids) = ip(None, &format!("netns pids {name}")) {
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            ns::kill(pid, libc::SIGKILL);
+        }
+    }
+    ip(None, &format!("netns del {name}")).map(drop)
+}
+
+/// Sends SIGTERM, waits up to `grace`, then SIGKILL; reaps the child.
+fn stop_child(mut child: Child, grace: Duration) -> Result<std::process::ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    ns::kill(child.id(), libc::SIGTERM);
+    let deadline = Instant::now() + grace;
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    child.kill()?;
+    Ok(child.wait()?)
+}
+
+fn new_run_id() -> String {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    for _ in 0..256 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u32(std::process::id());
+        h.write_u64(COUNTER.fetch_add(1, Ordering::SeqCst));
+        h.write_u128(
+            SystemTime::now()
+                .duration_since(SystemTime::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or(0),
+        );
+        let run = format!("{:04x}", h.finish() & 0xffff);
+        let taken = fs::read_dir(ns::NETNS_DIR)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                parse_ns_name(&e.file_name().to_string_lossy()).is_some_and(|(r, _)| r == run)
+            })
+            || Path::new(BPFFS).join(format!("{PIN_PREFIX}{run}")).exists()
+            || lock(&REGISTRY)
+                .iter()
+                .filter_map(Weak::upgrade)
+                .any(|s| s.run == run);
+        if !taken {
+            return run;
+        }
+    }
+    // 256 collisions in a 16-bit space means something else is wrong; a
+    // clash only matters for the pin dir anyway.
+    format!("{:04x}", std::process::id() & 0xffff)
+}
+
+fn is_bpffs(path: &str) -> bool {
+    let Ok(c) = std::ffi::CString::new(path) else {
+        return false;
+    };
+    // SAFETY: statfs writes into a zeroed struct we own.
+    unsafe {
+        let mut st: libc::statfs = std::mem::zeroed();
+        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe_4a11
+    }
+}
+
+/// A small cluster of network namespaces; everything it made is removed
+/// when it is dropped, on SIGINT / SIGTERM (exit status 130), and when
+/// [`Cluster::up`] fails half-way.
+pub struct Cluster {
+    run: String,
+    opts: Options,
+    shared: Arc<Shared>,
+    lan_ns: String,
+    bridge: String,
+    nodes: Vec<Node>,
+    client: Client,
+    agent_specs: Mutex<BTreeMap<String, AgentSpec>>,
+    /// `xdp_pass` on the switch ports of the node uplinks (see `crate::xdp`).
+    switch_xdp: Mutex<Option<crate::xdp::Attached>>,
+}
+
+impl std::fmt::Debug for Cluster {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Cluster")
+            .field("run", &self.run)
+            .field("nodes", &self.nodes)
+            .field("client", &self.client)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Cluster {
+    /// Builds the cluster: removes leftovers of dead runs first, then
+    /// creates the namespaces, links, addresses and routes, and waits (5 s
+    /// at most) for every link to be up and every address usable.
+    pub fn up(opts: Options) -> Result<Self> {
+        ensure!(
+            (1..=50).contains(&opts.pods_per_node),
+            "pods_per_node must be 1 to 50, not {}",
+            opts.pods_per_node
+        );
+        // SAFETY: geteuid has no preconditions.
+        ensure!(
+            unsafe { libc::geteuid() } == 0,
+            "building network namespaces needs root"
+        );
+        install_signal_handler();
+        for r in cleanup_stale() {
+            eprintln!("lb-testbed: removed leftover {r}");
+        }
+        let run = new_run_id();
+        let pid = std::process::id();
+        let nsname = |role: &str| format!("{NS_PREFIX}{run}-{pid}-{role}");
+        let pin_dir = Path::new(BPFFS).join(format!("{PIN_PREFIX}{run}"));
+        let run_dir = std::env::temp_dir().join(format!("lb-testbed-{run}-{pid}"));
+        let shared = Arc::new(Shared {
+            run: run.clone(),
+            namespaces: Mutex::new(Vec::new()),
+            pin_dir: pin_dir.clone(),
+            run_dir: run_dir.clone(),
+            keep_run_dir: AtomicBool::new(opts.keep_logs),
+            agents: Mutex::new(BTreeMap::new()),
+            servers: Mutex::new(Vec::new()),
+            torn_down: Mutex::new(false),
+        });
+        lock(&REGISTRY).push(Arc::downgrade(&shared));
+
+        let nodes = ["a", "b"]
+            .iter()
+            .enumerate()
+            .map(|(i, letter)| {
+                let name = format!("node-{letter}");
+                let n = i as u8;
+                let pod_cidr_v4 = IpNet::v4(Ipv4Addr::new(10, 244, n + 1, 0), 24);
+                let pod_cidr_v6 = IpNet::v6(
+                    Ipv6Addr::new(0xfd00, 0x244, u16::from(n) + 1, 0, 0, 0, 0, 0),
+                    64,
+                );
+                let pod_iface_prefix = format!("lb{run}-{letter}-p");
+                let pods = (0..opts.pods_per_node)
+                    .map(|j| {
+                        let host = 10 + j as u32;
+                        Pod {
+                            name: format!("pod-{letter}{j}"),
+                            node: name.clone(),
+                            ns: nsname(&format!("pod-{letter}{j}")),
+                            host_veth: format!("{pod_iface_prefix}{j}"),
+                            ipv4: match pod_cidr_v4.host(host.into()) {
+                                IpAddr::V4(a) => a,
+                                IpAddr::V6(_) => unreachable!(),
+                            },
+                            ipv6: match pod_cidr_v6.host(net::v6_suffix(host).into()) {
+                                IpAddr::V6(a) => a,
+                                IpAddr::V4(_) => unreachable!(),
+                            },
+                        }
+                    })
+                    .collect();
+                Node {
+                    ns: nsname(&name),
+                    uplink: format!("lb{run}-{letter}-up"),
+                    bridge_port: format!("lb{run}-{letter}-br"),
+                    ipv4: Ipv4Addr::new(192, 168, 77, 10 + n),
+                    ipv6: Ipv6Addr::new(
+                        0xfd00,
+                        0x77,
+                        0,
+                        0,
+                        0,
+                        0,
+                        0,
+                        net::v6_suffix(10 + u32::from(n)),
+                    ),
+                    pod_cidr_v4,
+                    pod_cidr_v6,
+                    pod_iface_prefix,
+                    pin_path: pin_dir.join(&name),
+                    pods,
+                    name,
+                }
+            })
+            .collect();
+        let cluster = Cluster {
+            lan_ns: nsname("lan"),
+            bridge: format!("lb{run}-br"),
+            client: Client {
+                ns: nsname("client"),
+                iface: format!("lb{run}-c-up"),
+                bridge_port: format!("lb{run}-c-br"),
+            },
+            nodes,
+            run,
+            opts,
+            shared,
+            agent_specs: Mutex::new(BTreeMap::new()),
+            switch_xdp: Mutex::new(None),
+        };
+        // On an error, dropping `cluster` tears down what was built.
+        cluster
+            .build()
+            .with_context(|| format!("building test cluster {}", cluster.run))?;
+        Ok(cluster)
+    }
+
+    fn add_netns(&self, name: &str, sysctls: &[&str]) -> Result<()> {
+        ip(None, &format!("netns add {name}"))?;
+        lock(&self.shared.namespaces).push(name.to_string());
+        // Before any interface exists: interfaces copy `default`. No
+        // duplicate address detection: every address here is planned, and
+        // tentative addresses would only make the first packets fail.
+        let mut all = vec![
+            "net.ipv6.conf.all.accept_dad=0",
+            "net.ipv6.conf.default.accept_dad=0",
+        ];
+        all.extend_from_slice(sysctls);
+        sysctl_in(name, &all)?;
+        ip(Some(name), "link set lo up").map(drop)
+    }
+
+    fn build(&self) -> Result<()> {
+        fs::create_dir_all(&self.shared.run_dir)
+            .with_context(|| format!("creating {}", self.shared.run_dir.display()))?;
+        if is_bpffs(BPFFS) {
+            // The owner marker lets a later run find this pin dir if this
+            // process dies without tearing down.
+            let owner = self
+                .shared
+                .pin_dir
+                .join(format!("owner-{}", std::process::id()));
+            fs::create_dir_all(&owner).with_context(|| format!("creating {}", owner.display()))?;
+        }
+
+        // The segment: a bridge in its own namespace, a plain switch.
+        let lan = self.lan_ns.as_str();
+        self.add_netns(
+            lan,
+            &[
+                "net.ipv6.conf.all.disable_ipv6=1",
+                "net.ipv6.conf.default.disable_ipv6=1",
+                // br_netfilter, if loaded on the host, must not filter here.
+                "net.bridge.bridge-nf-call-iptables=0",
+                "net.bridge.bridge-nf-call-ip6tables=0",
+                "net.bridge.bridge-nf-call-arptables=0",
+            ],
+        )?;
+        // No STP (ports forward at once), no multicast snooping (NDP's
+        // multicast is flooded without an MLD querier).
+        ip(
+            Some(lan),
+            &format!(
+                "link add {} type bridge stp_state 0 mcast_snooping 0",
+                self.bridge
+            ),
+        )?;
+        ip(Some(lan), &format!("link set {} up", self.bridge))?;
+
+        for node in &self.nodes {
+            self.add_netns(
+                &node.ns,
+                &[
+                    "net.ipv4.ip_forward=1",
+                    "net.ipv6.conf.all.forwarding=1",
+                    // As Cilium does: translated and source-NATed packets
+                    // arrive on other interfaces than the reverse route's.
+                    "net.ipv4.conf.all.rp_filter=0",
+                    "net.ipv4.conf.default.rp_filter=0",
+                ],
+            )?;
+            self.uplink(
+                &node.ns,
+                &node.uplink,
+                &node.bridge_port,
+                node.addrs(),
+                true,
+            )?;
+        }
+        self.add_netns(&self.client.ns, &[])?;
+        self.uplink(
+            &self.client.ns,
+            &self.client.iface,
+            &self.client.bridge_port,
+            self.client.addrs(),
+            false,
+        )?;
+
+        for node in &self.nodes {
+            for pod in &node.pods {
+                self.add_netns(&pod.ns, &[])?;
+                let (h, p) = (pod.host_veth.as_str(), pod.ns.as_str());
+                ip(
+                    Some(&node.ns),
+                    &format!("link add {h} type veth peer name eth0 netns {p}"),
+                )?;
+                // Pod veth offloads stay at their defaults (partial
+                // checksums and all), as on a real node.
+                ip(
+                    Some(&node.ns),
+                    &format!("addr add {}/32 dev {h}", node.gateway_v4()),
+                )?;
+                ip(
+                    Some(&node.ns),
+                    &format!("addr add {}/128 dev {h} nodad", node.gateway_v6()),
+                )?;
+                ip(Some(&node.ns), &format!("link set {h} up"))?;
+                ip(Some(p), &format!("addr add {}/32 dev eth0", pod.ipv4))?;
+                ip(
+                    Some(p),
+                    &format!("addr add {}/128 dev eth0 nodad", pod.ipv6),
+                )?;
+                ip(Some(p), "link set eth0 up")?;
+            }
+        }
+
+        self.wait_links()?;
+        // A veth wakes its peer for XDP_TX frames only when the peer runs XDP
+        // (veth_xdp_flush checks the receiver's program; GRO's NAPI is not
+        // enough). Physical switch ports have no such quirk; give the switch
+        // side of each node uplink a pass program so lb's XDP_TX works.
+        let ports: Vec<String> = self.nodes.iter().map(|n| n.bridge_port.clone()).collect();
+        *lock(&self.switch_xdp) = Some(crate::xdp::attach(&self.lan_ns, "xdp_pass", &ports)?);
+
+        // Routes, now that every link is up.
+        for node in &self.nodes {
+            for pod in &node.pods {
+                let (h, p) = (pod.host_veth.as_str(), pod.ns.as_str());
+                ip(
+                    Some(&node.ns),
+                    &format!("route add {}/32 dev {h}", pod.ipv4),
+                )?;
+                ip(
+                    Some(&node.ns),
+                    &format!("-6 route add {}/128 dev {h}", pod.ipv6),
+                )?;
+                ip(
+                    Some(p),
+                    &format!("route add {}/32 dev eth0 scope link", node.gateway_v4()),
+                )?;
+                ip(
+                    Some(p),
+                    &format!("route add default via {} dev eth0", node.gateway_v4()),
+                )?;
+                ip(
+                    Some(p),
+                    &format!("-6 route add {}/128 dev eth0", node.gateway_v6()),
+                )?;
+                ip(
+                    Some(p),
+                    &format!("-6 route add default via {} dev eth0", node.gateway_v6()),
+                )?;
+            }
+            // The other nodes' pod CIDRs via their node, as a CNI's routes
+            // (or BGP) would. No route for the ClusterIP, LoadBalancer or
+            // externalIP ranges: lb translates those packets on the uplink
+            // (XDP) and on the host side of the pod veths (tc) before the
+            // kernel routes them; without lb they are unreachable, as on a
+            // node whose proxy is down. A route to the other node or a
+            // blackhole would hide exactly that.
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                ip(
+                    Some(&node.ns),
+                    &format!("route add {} via {}", other.pod_cidr_v4, other.ipv4),
+                )?;
+                ip(
+                    Some(&node.ns),
+                    &format!("-6 route add {} via {}", other.pod_cidr_v6, other.ipv6),
+                )?;
+            }
+        }
+        // The client reaches LoadBalancer IPs and externalIPs via node-a.
+        let a = &self.nodes[0];
+        for (prefix, via) in [
+            (net::LB_V4, IpAddr::from(a.ipv4)),
+            (net::EXTERNAL_V4, a.ipv4.into()),
+            (net::LB_V6, a.ipv6.into()),
+            (net::EXTERNAL_V6, a.ipv6.into()),
+        ] {
+            let family = if prefix.is_ipv4() { "" } else { "-6 " };
+            ip(
+                Some(&self.client.ns),
+                &format!("{family}route add {prefix} via {via}"),
+            )?;
+        }
+        self.wait_addresses()
+    }
+
+    /// A veth from `ns` (`dev`) to the bridge (`port`), with `addrs` on the
+    /// segment.
+    fn uplink(
+        &self,
+        ns: &str,
+        dev: &str,
+        port: &str,
+        addrs: [IpAddr; 2],
+        node: bool,
+    ) -> Result<()> {
+        let lan = self.lan_ns.as_str();
+        ip(
+            Some(ns),
+            &format!("link add {dev} type veth peer name {port} netns {lan}"),
+        )?;
+        ip(
+            Some(lan),
+            &format!("link set {port} master {}", self.bridge),
+        )?;
+        ip(Some(lan), &format!("link set {port} up"))?;
+        ip(
+            Some(ns),
+            &format!(
+                "addr add {}/{} dev {dev}",
+                addrs[0],
+                net::LAN_V4.prefix_len()
+            ),
+        )?;
+        ip(
+            Some(ns),
+            &format!(
+                "addr add {}/{} dev {dev} nodad",
+                addrs[1],
+                net::LAN_V6.prefix_len()
+            ),
+        )?;
+        // Uplinks stand for physical NICs, which put complete checksums on
+        // the wire. A veth by default hands its peer packets with partial
+        // (offloaded) checksums, which an XDP program on the receiving side
+        // would see as wrong; so no tx checksum offload on the emulated
+        // NICs (the nodes' uplinks and the client's interface).
+        ethtool_in(ns, &["-K", dev, "tx", "off"])?;
+        // Nor on the bridge's side, the switch: with GRO on (below) the
+        // bridge port merges segments into super-packets whose checksums
+        // are partial again, and a port with tx checksumming would put
+        // those (segmented) on the wire as they are. Measured: without this,
+        // half the packets of a bulk pod-to-pod stream reach node-b's
+        // uplink with a partial checksum.
+        ethtool_in(lan, &["-K", port, "tx", "off"])?;
+        if node {
+            // XDP redirects out of a node's uplink deliver into its peer,
+            // which needs NAPI: GRO on gives it that. XDP_TX needs more: the
+            // peer must run XDP itself (see `attach_switch_xdp`).
+            ethtool_in(lan, &["-K", port, "gro", "on"])?;
+        }
+        ip(Some(ns), &format!("link set {dev} up")).map(drop)
+    }
+
+    fn all_namespaces(&self) -> Vec<String> {
+        lock(&self.shared.namespaces).clone()
+    }
+
+    /// Waits until every link of every namespace has its carrier.
+    fn wait_links(&self) -> Result<()> {
+        let deadline = Instant::now() + WAIT_LINKS;
+        for ns in self.all_namespaces() {
+            loop {
+                let out = ip(Some(&ns), "-o link show")?;
+                let down: Vec<&str> = out
+                    .lines()
+                    .filter(|l| !l.contains("LOOPBACK") && !l.contains("LOWER_UP"))
+                    .filter_map(|l| l.split(':').nth(1))
+                    .map(str::trim)
+                    .collect();
+                if down.is_empty() {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    bail!(
+                        "links not up in {ns} after {WAIT_LINKS:?}: {}",
+                        down.join(", ")
+                    );
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Waits until no IPv6 address is tentative (there is no DAD, so this
+    /// is a check more than a wait).
+    fn wait_addresses(&self) -> Result<()> {
+        let deadline = Instant::now() + WAIT_LINKS;
+        for ns in self.all_namespaces() {
+            loop {
+                let out = ip(Some(&ns), "-6 -o addr show tentative")?;
+                if out.trim().is_empty() {
+                    break;
+                }
+                ensure!(
+                    !out.contains("dadfailed"),
+                    "duplicate address in {ns}: {out}"
+                );
+                if Instant::now() >= deadline {
+                    bail!("addresses still tentative in {ns} after {WAIT_LINKS:?}: {out}");
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// The run id (4 hex digits) in every name of this cluster.
+    pub fn run_id(&self) -> &str {
+        &self.run
+    }
+
+    pub fn options(&self) -> &Options {
+        &self.opts
+    }
+
+    /// Every namespace of the cluster.
+    pub fn namespaces(&self) -> Vec<String> {
+        self.all_namespaces()
+    }
+
+    /// The namespace of the bridge.
+    pub fn lan_ns(&self) -> &str {
+        &self.lan_ns
+    }
+
+    /// The bridge (in [`Self::lan_ns`]).
+    pub fn bridge(&self) -> &str {
+        &self.bridge
+    }
+
+    pub fn nodes(&self) -> &[Node] {
+        &self.nodes
+    }
+
+    /// The node named `name` (`node-a`, `node-b`). Panics if there is none.
+    pub fn node(&self, name: &str) -> &Node {
+        self.nodes
+            .iter()
+            .find(|n| n.name == name)
+            .unwrap_or_else(|| panic!("no node {name} in cluster {}", self.run))
+    }
+
+    /// Every pod, node by node.
+    pub fn pods(&self) -> impl Iterator<Item = &Pod> {
+        self.nodes.iter().flat_map(|n| n.pods.iter())
+    }
+
+    /// The pod named `name` (`pod-a0`). Panics if there is none.
+    pub fn pod(&self, name: &str) -> &Pod {
+        self.pods()
+            .find(|p| p.name == name)
+            .unwrap_or_else(|| panic!("no pod {name} in cluster {}", self.run))
+    }
+
+    pub fn client(&self) -> &Client {
+        &self.client
+    }
+
+    /// The per-run directory (agent logs).
+    pub fn run_dir(&self) -> &Path {
+        &self.shared.run_dir
+    }
+
+    /// `/sys/fs/bpf/lb-test-<run>`: the parent of the nodes' pin paths.
+    pub fn pin_dir(&self) -> &Path {
+        &self.shared.pin_dir
+    }
+
+    /// The segment's prefixes (192.168.77.0/24, fd00:77::/64).
+    pub fn lan_prefixes(&self) -> [IpNet; 2] {
+        [net::LAN_V4, net::LAN_V6]
+    }
+
+    /// LoadBalancer ingress prefixes (203.0.113.0/24, 2001:db8:1b::/64),
+    /// routed by the client via node-a.
+    pub fn lb_prefixes(&self) -> [IpNet; 2] {
+        [net::LB_V4, net::LB_V6]
+    }
+
+    /// externalIP prefixes (198.51.100.0/24, 2001:db8:e::/64), routed by
+    /// the client via node-a.
+    pub fn external_ip_prefixes(&self) -> [IpNet; 2] {
+        [net::EXTERNAL_V4, net::EXTERNAL_V6]
+    }
+
+    /// ClusterIP ranges (10.96.0.0/16, fd00:96::/112), routed by nothing.
+    pub fn cluster_ip_prefixes(&self) -> [IpNet; 2] {
+        [net::CLUSTER_IP_V4, net::CLUSTER_IP_V6]
+    }
+
+    /// Starts TCP and UDP servers, IPv4 and IPv6, on `ports` in every pod
+    /// (see [`crate::servers`] for what they answer). They stop when the
+    /// cluster goes, or with [`Self::stop_pod_servers`].
+    pub fn start_pod_servers(&self, ports: &[u16]) -> Result<()> {
+        for pod in self.pods() {
+            let s = serve_in(&pod.ns, &pod.name, &pod.addrs(), ports)?;
+            lock(&self.shared.servers).push(s);
+        }
+        Ok(())
+    }
+
+    /// Stops every pod server started so far.
+    pub fn stop_pod_servers(&self) {
+        drop(std::mem::take(&mut *lock(&self.shared.servers)));
+    }
+
+    /// Starts the lb agent on every node:
+    /// `<agent_bin> run --manifests <dir> --node-name <node> --node-ip <v4>,<v6>
+    /// --iface <uplink> --pod-ifaces <pattern> --pin-path <pin path>
+    /// --log-level info`, inside the node's namespace, output to
+    /// `<run dir>/agent-<node>.log`; then waits for each to answer 200 on
+    /// `http://127.0.0.1:10256/healthz` in its namespace.
+    pub fn start_agents(&self, agent_bin: &Path, manifests_dir: &Path) -> Result<()> {
+        for node in &self.nodes {
+            let mut args: Vec<OsString> = ["run", "--manifests"].map(OsString::from).to_vec();
+            args.push(manifests_dir.into());
+            for (k, v) in [
+                ("--node-name", node.name.clone()),
+                ("--node-ip", node.node_ip_arg()),
+                ("--iface", node.uplink.clone()),
+                ("--pod-ifaces", node.pod_iface_pattern()),
+                ("--pin-path", node.pin_path.display().to_string()),
+                ("--log-level", "info".to_string()),
+            ] {
+                args.push(k.into());
+                args.push(v.into());
+            }
+            let spec = AgentSpec {
+                bin: agent_bin.to_path_buf(),
+                args,
+                ns: node.ns.clone(),
+                log: self.shared.run_dir.join(format!("agent-{}.log", node.name)),
+            };
+            lock(&self.agent_specs).insert(node.name.clone(), spec);
+            self.spawn_agent(&node.name)?;
+        }
+        for node in &self.nodes {
+            self.wait_agent_ready(&node.name)?;
+        }
+        Ok(())
+    }
+
+    fn spawn_agent(&self, node: &str) -> Result<()> {
+        let spec = lock(&self.agent_specs)
+            .get(node)
+            .cloned()
+            .with_context(|| format!("no agent was started on {node}"))?;
+        ensure!(
+            !lock(&self.shared.agents).contains_key(node),
+            "the agent on {node} is already running"
+        );
+        if let Some(parent) = self.node(node).pin_path.parent()
+            && is_bpffs(BPFFS)
+        {
+            fs::create_dir_all(parent)?;
+        }
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&spec.log)
+            .with_context(|| format!("opening {}", spec.log.display()))?;
+        let child = command_in(&spec.ns, &spec.bin, &spec.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a terminal's Ctrl-C reaches only us,
+            // and we stop the agents in order.
+            .process_group(0)
+            .spawn()
+            .with_context(|| format!("starting {} on {node}", spec.bin.display()))?;
+        lock(&self.shared.agents).insert(node.to_string(), child);
+        Ok(())
+    }
+
+    fn wait_agent_ready(&self, node: &str) -> Result<()> {
+        let ns = self.node(node).ns.clone();
+        let timeout = self.opts.agent_ready_timeout;
+        let deadline = Instant::now() + timeout;
+        loop {
+            {
+                let mut agents = lock(&self.shared.agents);
+                let child = agents
+                    .get_mut(node)
+                    .with_context(|| format!("the agent on {node} is not running"))?;
+                if let Some(status) = child.try_wait()? {
+                    agents.remove(node);
+                    bail!(
+                        "the agent on {node} exited ({status}) before it was ready; its log ends:\n{}",
+                        ns::tail(&self.agent_log(node), 30)
+                    );
+                }
+            }
+            let last =
+                match client::http_get(&ns, AGENT_HEALTHZ, "/healthz", Duration::from_secs(1)) {
+                    Ok((200, _)) => return Ok(()),
+                    Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
+                    Err(e) => format!("{e:#}"),
+                };
+            if Instant::now() >= deadline {
+                bail!(
+                    "the agent on {node} was not ready after {timeout:?} (healthz: {last}); its log ends:\n{}",
+                    ns::tail(&self.agent_log(node), 30)
+                );
+            }
+            thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Stops the agent on `node`: SIGTERM, then SIGKILL after 5 s. Does
+    /// nothing if it is not running.
+    pub fn stop_agent(&self, node: &str) -> Result<()> {
+        let child = lock(&self.shared.agents).remove(node);
+        if let Some(child) = child {
+            stop_child(child, AGENT_STOP)
+                .with_context(|| format!("stopping the agent on {node}"))?;
+        }
+        Ok(())
+    }
+
+    /// Stops the agent on `node` and starts it again with the same
+    /// arguments, waiting until it is ready.
+    pub fn restart_agent(&self, node: &str) -> Result<()> {
+        self.stop_agent(node)?;
+        self.spawn_agent(node)?;
+        self.wait_agent_ready(node)
+    }
+
+    /// The pid of the agent running on `node`, if one is.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        lock(&self.shared.agents).get(node).map(Child::id)
+    }
+
+    /// Everything the agent on `node` has logged (across restarts).
+    pub fn agent_log(&self, node: &str) -> String {
+        let log = self.shared.run_dir.join(format!("agent-{node}.log"));
+        ns::read_lossy(&log)
+    }
+
+    /// Tears everything down now (also what dropping does).
+    pub fn down(self) {
+        drop(self);
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if thread::panicking() {
+            self.shared.keep_run_dir.store(true, Ordering::SeqCst);
+        }
+        self.shared.teardown();
+    }
+}
