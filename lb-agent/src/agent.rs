@@ -85,6 +85,40 @@ impl Attachments {
         }
     }
 
+    /// Runs the XDP program on exactly `want`, which become the only redirect
+    /// targets.
+    fn set_uplinks(
+        &mut self,
+        dp: &mut Datapath,
+        r: &mut Reconciler,
+        want: BTreeSet<u32>,
+    ) -> Result<()> {
+        for i in want.difference(&self.uplinks.clone()) {
+            let name = attach::ifname(*i).unwrap_or_default();
+            let how = dp.attach(Hook::Xdp, *i, &self.links_dir)?;
+            r.maps_mut().add_tx_port(*i)?;
+            log::info!("XDP program on uplink {name} ({how:?})");
+        }
+        for i in self.uplinks.difference(&want) {
+            log::info!("ifindex {i} is no longer an uplink");
+            attach::detach(&self.links_dir, Hook::Xdp, *i)?;
+            let _ = r.maps_mut().remove_tx_port(*i);
+        }
+        // Redirect targets left over by an earlier run.
+        let stale: Vec<u32> = r
+            .maps()
+            .tx_ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|i| !want.contains(i))
+            .collect();
+        for i in stale {
+            r.maps_mut().remove_tx_port(i)?;
+        }
+        self.uplinks = want;
+        Ok(())
+    }
+
     fn forget_pod(&mut self, link: &Link) {
         if self.pods.remove(&link.index) {
             log::info!("pod interface {} is gone", link.name);
@@ -95,37 +129,33 @@ impl Attachments {
     }
 }
 
-/// Chooses the node addresses and uplinks from the flags and the interfaces.
-fn node_addresses(
-    settings: &Settings,
-    links: &[Link],
-    addrs: &[(u32, IpAddr)],
-) -> Result<(Vec<IpAddr>, BTreeSet<u32>)> {
-    let index_of = |name: &str| links.iter().find(|l| l.name == name).map(|l| l.index);
+/// The uplinks named with --iface.
+fn named_uplinks(settings: &Settings, links: &[Link]) -> Result<BTreeSet<u32>> {
+    settings
+        .ifaces
+        .iter()
+        .map(|name| {
+            links
+                .iter()
+                .find(|l| &l.name == name)
+                .map(|l| l.index)
+                .with_context(|| format!("--iface {name}: no such interface"))
+        })
+        .collect()
+}
+
+/// The interfaces holding `node_ips` (the default uplinks).
+fn uplinks_holding(node_ips: &[IpAddr], addrs: &[(u32, IpAddr)]) -> BTreeSet<u32> {
     let mut uplinks = BTreeSet::new();
-    for name in &settings.ifaces {
-        uplinks
-            .insert(index_of(name).with_context(|| format!("--iface {name}: no such interface"))?);
-    }
-    let mut node_ips = settings.node_ips.clone();
-    if node_ips.is_empty() && !uplinks.is_empty() {
-        node_ips = addrs
-            .iter()
-            .filter(|(i, _)| uplinks.contains(i))
-            .map(|(_, a)| *a)
-            .collect();
-    }
-    if uplinks.is_empty() {
-        for ip in &node_ips {
-            match addrs.iter().find(|(_, a)| a == ip) {
-                Some((i, _)) => {
-                    uplinks.insert(*i);
-                }
-                None => bail!("--node-ip {ip} is on no interface of this host: pass --iface"),
+    for ip in node_ips {
+        match addrs.iter().find(|(_, a)| a == ip) {
+            Some((i, _)) => {
+                uplinks.insert(*i);
             }
+            None => log::warn!("node address {ip} is on no interface of this host (pass --iface)"),
         }
     }
-    Ok((node_ips, uplinks))
+    uplinks
 }
 
 fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> Config {
@@ -203,13 +233,31 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let links = netlink::links().await?;
     let addrs = netlink::addresses().await?;
-    let (node_ips, uplinks) = node_addresses(&settings, &links, &addrs)?;
-    if uplinks.is_empty() && matches!(settings.source, SourceConfig::Manifests(_)) {
-        bail!("no uplink: pass --iface or --node-ip");
+    let named = named_uplinks(&settings, &links)?;
+    let mut node_ips = settings.node_ips.clone();
+    if node_ips.is_empty() && !named.is_empty() {
+        node_ips = addrs
+            .iter()
+            .filter(|(i, _)| named.contains(i))
+            .map(|(_, a)| *a)
+            .collect();
+    }
+    let uplinks = if named.is_empty() {
+        uplinks_holding(&node_ips, &addrs)
+    } else {
+        named
+    };
+    if uplinks.is_empty() {
+        match settings.source {
+            SourceConfig::Manifests(_) => bail!("no uplink: pass --iface or --node-ip"),
+            SourceConfig::Kubernetes(_) => {
+                log::info!("no --iface or --node-ip: uplinks follow the Node object's addresses")
+            }
+        }
     }
     let mut att = Attachments {
         links_dir: settings.pin_path.join("links"),
-        uplinks: uplinks.clone(),
+        uplinks: BTreeSet::new(),
         patterns: settings.pod_iface_patterns.clone(),
         pods: HashSet::new(),
     };
@@ -217,20 +265,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         let mut r = reconciler.lock().expect("reconciler lock");
         r.maps_mut()
             .set_config(&node_config(&settings, &node_ips))?;
-        // Only the current uplinks may be redirect targets.
-        let stale: Vec<u32> = r
-            .maps()
-            .tx_ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| !uplinks.contains(i))
-            .collect();
-        for i in stale {
-            r.maps_mut().remove_tx_port(i)?;
-        }
-        for i in &uplinks {
-            r.maps_mut().add_tx_port(*i)?;
-        }
+        att.set_uplinks(&mut dp, &mut r, uplinks)?;
     }
     // Subscribe to link events before listing, so no pod veth falls in between.
     let (link_tx, mut link_rx) = mpsc::channel(256);
@@ -239,11 +274,6 @@ pub async fn run(settings: Settings) -> Result<()> {
             log::error!("link events stopped: {e:#}");
         }
     });
-    for i in &uplinks {
-        let name = attach::ifname(*i).unwrap_or_default();
-        let how = dp.attach(Hook::Xdp, *i, &att.links_dir)?;
-        log::info!("XDP program on uplink {name} ({how:?})");
-    }
     for link in netlink::links().await? {
         att.attach_pod(&mut dp, &link);
     }
@@ -251,7 +281,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     // pods now are detached.
     for (hook, index, path) in attach::pinned_links(&att.links_dir) {
         let keep = match hook {
-            Hook::Xdp => uplinks.contains(&index),
+            Hook::Xdp => att.uplinks.contains(&index),
             Hook::Tc => att.pods.contains(&index),
         };
         if !keep {
@@ -264,7 +294,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         started.elapsed(),
         settings.node_name,
         node_ips,
-        uplinks.len(),
+        att.uplinks.len(),
         att.pods.len()
     );
 
@@ -323,6 +353,18 @@ pub async fn run(settings: Settings) -> Result<()> {
             &mut known_problems,
             std::mem::take(&mut dirty.problems),
         );
+        if dirty.all && !node_ips_fixed {
+            // The Node object's addresses changed: SNAT address, and the uplinks
+            // unless --iface names them.
+            let ips = store.node().addresses.clone();
+            log::info!("node addresses now {ips:?}");
+            let addrs = netlink::addresses().await?;
+            let mut r = reconciler.lock().expect("reconciler lock");
+            r.maps_mut().set_config(&node_config(&settings, &ips))?;
+            if settings.ifaces.is_empty() {
+                att.set_uplinks(&mut dp, &mut r, uplinks_holding(&ips, &addrs))?;
+            }
+        }
         if !store.is_synced() || dirty.is_empty() {
             continue;
         }

@@ -271,9 +271,10 @@ impl Reconciler {
     ) -> Vec<Problem> {
         let mut problems = Vec::new();
         for key in changed {
+            // A port without frontends (all lost to other Services) needs nothing.
             let result = match desired.port(key) {
-                Some(spec) => self.upsert(key, spec, stats),
-                None => self.remove(key, stats),
+                Some(spec) if !spec.frontends.is_empty() => self.upsert(key, spec, stats),
+                _ => self.remove(key, stats),
             };
             if let Err(p) = result {
                 problems.push(p);

@@ -1,0 +1,371 @@
+//! The agent binary in manifest mode, with real pinned maps: files added, edited
+//! and deleted show up in the maps within a second; bad input is skipped and
+//! counted; a full map is an error, not a partial table; a restart adopts the
+//! pins without flushing anything; `cleanup` removes it all.
+//! Needs root (BPF, network namespaces).
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::atomic::{AtomicU32, Ordering},
+    time::{Duration, Instant},
+};
+
+use lb_agent::bpf::Maps;
+use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, ServiceKey};
+use lb_testbed::{command_in, http_get};
+
+const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
+const HEALTHZ: &str = "127.0.0.1:10256";
+const METRICS: &str = "127.0.0.1:10249";
+
+fn sh(cmd: &str) {
+    let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
+    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// A node: a namespace with an uplink (192.0.2.1/24) and a pod veth, a manifest
+/// directory, a pin path, and the agent process.
+struct Node {
+    ns: String,
+    dir: tempfile::TempDir,
+    pins: PathBuf,
+    extra_args: Vec<String>,
+    agent: Option<Child>,
+    log: PathBuf,
+}
+
+impl Node {
+    fn new(extra_args: &[&str]) -> Self {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let id = format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let ns = format!("lbam-{id}");
+        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        sh(&format!(
+            "ip netns add {ns} && ip -n {ns} link set lo up && \
+             ip -n {ns} link add up0 type veth peer name up1 && ip -n {ns} link set up0 up && ip -n {ns} link set up1 up && \
+             ip -n {ns} addr add 192.0.2.1/24 dev up0 && \
+             ip -n {ns} link add veth-p0 type veth peer name p1 && ip -n {ns} link set veth-p0 up"
+        ));
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("agent.log");
+        let mut node = Self {
+            ns,
+            pins: PathBuf::from(format!("/sys/fs/bpf/lbam-{id}")),
+            dir,
+            extra_args: extra_args.iter().map(ToString::to_string).collect(),
+            agent: None,
+            log,
+        };
+        // The directory must exist before the agent starts; manifests go in a
+        // subdirectory so the log next to them is not read as one.
+        std::fs::create_dir(node.manifests()).unwrap();
+        node
+    }
+
+    fn manifests(&self) -> PathBuf {
+        self.dir.path().join("m")
+    }
+
+    fn write(&self, name: &str, yaml: &str) {
+        // Write then rename, as editors and kubectl-style tools do.
+        let tmp = self.dir.path().join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml).unwrap();
+        std::fs::rename(&tmp, self.manifests().join(name)).unwrap();
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let mut args: Vec<String> = [
+            "run",
+            "--manifests",
+            self.manifests().to_str().unwrap(),
+            "--node-name",
+            "node-a",
+            "--iface",
+            "up0",
+            "--pod-ifaces",
+            "veth*",
+            "--pin-path",
+            self.pins.to_str().unwrap(),
+            "--maglev-table-size",
+            "251",
+            "--max-services",
+            "64",
+            "--conntrack-size",
+            "4096",
+            "--log-level",
+            "debug",
+        ]
+        .map(String::from)
+        .to_vec();
+        args.extend(self.extra_args.iter().cloned());
+        let child = command_in(&self.ns, AGENT, &args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("start lb-agent");
+        self.agent = Some(child);
+        self.wait_healthy();
+    }
+
+    fn wait_healthy(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Some(Ok(Some(status))) = self.agent.as_mut().map(Child::try_wait) {
+                panic!("agent exited ({status}):\n{}", self.log());
+            }
+            if let Ok((200, _)) = http_get(&self.ns, HEALTHZ.parse().unwrap(), "/healthz", Duration::from_secs(1)) {
+                return;
+            }
+            assert!(Instant::now() < deadline, "agent not healthy in 20 s:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// SIGTERM, as a DaemonSet rollout or systemd does.
+    fn stop(&mut self) {
+        if let Some(mut child) = self.agent.take() {
+            // SAFETY: signalling our own child.
+            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while child.try_wait().unwrap().is_none() {
+                assert!(Instant::now() < deadline, "agent ignored SIGTERM");
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    fn maps(&self) -> Maps {
+        Maps::open_pinned(&self.pins).expect("pinned maps")
+    }
+
+    fn metrics(&self) -> String {
+        http_get(&self.ns, METRICS.parse().unwrap(), "/metrics", Duration::from_secs(2)).unwrap().1
+    }
+
+    /// Polls `check` against the pinned maps until it holds; panics after `within`.
+    fn eventually(&self, within: Duration, what: &str, check: impl Fn(&Maps) -> bool) -> Duration {
+        let start = Instant::now();
+        loop {
+            if check(&self.maps()) {
+                return start.elapsed();
+            }
+            assert!(start.elapsed() < within, "{what}: not within {within:?}\nagent log:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.stop();
+        let _ = Command::new(AGENT).args(["cleanup", "--pin-path"]).arg(&self.pins).output();
+        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
+    }
+}
+
+fn skey(addr: &str, proto: u8) -> ServiceKey {
+    let a: SocketAddr = addr.parse().unwrap();
+    let mut k = ServiceKey { port: a.port(), proto, family: FAMILY_V4, ..ServiceKey::default() };
+    if let std::net::IpAddr::V4(v4) = a.ip() {
+        k.addr[..4].copy_from_slice(&v4.octets());
+    }
+    k
+}
+
+fn service(name: &str, ip: &str, node_port: Option<u16>, endpoints: &[&str]) -> String {
+    let (kind, np) = match node_port {
+        Some(p) => ("NodePort", format!(", nodePort: {p}")),
+        None => ("ClusterIP", String::new()),
+    };
+    let eps: String = endpoints
+        .iter()
+        .map(|e| format!("- addresses: [\"{e}\"]\n  nodeName: node-b\n  conditions: {{ready: true}}\n"))
+        .collect();
+    format!(
+        "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
+         spec:\n  type: {kind}\n  clusterIP: {ip}\n  ports: [{{name: http, port: 80, protocol: TCP{np}}}]\n\
+         ---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\n\
+         metadata: {{name: {name}-1, namespace: default, labels: {{kubernetes.io/service-name: {name}}}}}\n\
+         addressType: IPv4\nendpoints:\n{eps}ports: [{{name: http, port: 8080, protocol: TCP}}]\n"
+    )
+}
+
+fn backends(m: &Maps) -> Vec<String> {
+    let mut out = Vec::new();
+    for id in 0..m.backends.len() {
+        let b = m.backends.get(&id, 0).unwrap();
+        if b.is_active() {
+            out.push(format!("{}.{}.{}.{}:{}", b.addr[0], b.addr[1], b.addr[2], b.addr[3], b.port));
+        }
+    }
+    out.sort();
+    out
+}
+
+fn frontend(m: &Maps, addr: &str) -> Option<lb_common::Service> {
+    m.services.get(&skey(addr, PROTO_TCP), 0).ok()
+}
+
+#[test]
+fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
+    let mut node = Node::new(&[]);
+    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11"]));
+    node.start();
+    let m = node.maps();
+    let svc = frontend(&m, "10.96.0.10:80").expect("ClusterIP frontend");
+    assert_eq!(svc.backend_count, 2);
+    assert_eq!(frontend(&m, "192.0.2.1:30080").expect("NodePort on the node address").id, svc.id);
+    assert_eq!(backends(&m), ["10.244.1.10:8080", "10.244.1.11:8080"]);
+    drop(m);
+
+    // Edit: a third endpoint.
+    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11", "10.244.1.12"]));
+    let took = node.eventually(Duration::from_secs(1), "endpoint added", |m| {
+        frontend(m, "10.96.0.10:80").is_some_and(|s| s.backend_count == 3)
+    });
+    println!("endpoint added: in the maps after {took:?}");
+    assert_eq!(backends(&node.maps()).len(), 3);
+    // Its Maglev row now spreads over three ids.
+    let row = node.maps().maglev.read_row(frontend(&node.maps(), "10.96.0.10:80").unwrap().table).unwrap();
+    let distinct: std::collections::BTreeSet<u32> = row.iter().copied().collect();
+    assert_eq!(distinct.len(), 3);
+
+    // A second Service in another file.
+    node.write("db.yaml", &service("db", "10.96.0.20", None, &["10.244.1.20"]));
+    node.eventually(Duration::from_secs(1), "second file", |m| frontend(m, "10.96.0.20:80").is_some());
+
+    // Delete the first file: its frontends and backends go, the other stays.
+    std::fs::remove_file(node.manifests().join("web.yaml")).unwrap();
+    let took = node.eventually(Duration::from_secs(1), "file deleted", |m| {
+        frontend(m, "10.96.0.10:80").is_none() && frontend(m, "192.0.2.1:30080").is_none()
+    });
+    println!("file deleted: gone from the maps after {took:?}");
+    assert_eq!(backends(&node.maps()), ["10.244.1.20:8080"]);
+    assert!(frontend(&node.maps(), "10.96.0.20:80").is_some());
+}
+
+#[test]
+fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
+    let mut node = Node::new(&["--max-backends", "4"]);
+    node.write("good.yaml", &service("good", "10.96.0.10", None, &["10.244.1.10"]));
+    node.write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n");
+    node.write(
+        "noip.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: noip, namespace: default}\nspec:\n  ports: [{port: 80}]\n",
+    );
+    // Claims the good Service's VIP:port: the first by namespace/name keeps it.
+    node.write("dup.yaml", &service("zzz-dup", "10.96.0.10", None, &["10.244.1.99"]));
+    // Five endpoints with room for four backends (one is already used).
+    node.write(
+        "big.yaml",
+        &service("big", "10.96.0.30", None, &["10.244.2.1", "10.244.2.2", "10.244.2.3", "10.244.2.4", "10.244.2.5"]),
+    );
+    node.start();
+    let m = node.maps();
+    let good = frontend(&m, "10.96.0.10:80").expect("the good Service works");
+    assert_eq!(good.backend_count, 1);
+    assert_eq!(backends(&m), ["10.244.1.10:8080"], "no partial table for `big`, no backend of the duplicate");
+    assert!(frontend(&m, "10.96.0.30:80").is_none(), "`big` does not fit and is not programmed");
+    let metrics = node.metrics();
+    for kind in ["parse", "missing_cluster_ip", "duplicate_frontend", "capacity"] {
+        let line = metrics
+            .lines()
+            .find(|l| l.starts_with("lb_errors_total") && l.contains(&format!("kind=\"{kind}\"")))
+            .unwrap_or_else(|| panic!("no lb_errors_total{{kind={kind}}} in:\n{metrics}"));
+        assert!(!line.ends_with(" 0"), "{line}");
+    }
+    let log = node.log();
+    assert!(log.contains("broken.yaml:"), "the parse error names the file and line:\n{log}");
+    assert!(log.contains("default/noip"), "the missing clusterIP names the Service:\n{log}");
+}
+
+#[test]
+fn a_restart_adopts_the_pins_and_flushes_nothing() {
+    let mut node = Node::new(&[]);
+    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11"]));
+    node.start();
+    let before = node.maps();
+    let svc = frontend(&before, "10.96.0.10:80").unwrap();
+    let row = before.maglev.read_row(svc.table).unwrap();
+    let ids = backends(&before);
+    // A live connection, as the datapath would have recorded it.
+    let mut key = FlowKey { src_port: 40_000, dst_port: 80, proto: PROTO_TCP, family: FAMILY_V4, ..FlowKey::default() };
+    key.src[..4].copy_from_slice(&[198, 51, 100, 7]);
+    key.dst[..4].copy_from_slice(&[10, 96, 0, 10]);
+    let mut entry = CtEntry { nat_src_port: 40_000, nat_dst_port: 8080, flags: CT_F_FORWARD, ..CtEntry::default() };
+    entry.nat_dst[..4].copy_from_slice(&[10, 244, 1, 10]);
+    let mut m = node.maps();
+    m.conntrack.insert(key, entry, 0).unwrap();
+    drop((m, before));
+
+    node.stop();
+    // Stopped: the programs stay attached and the maps stay pinned.
+    let xdp = Command::new("ip").args(["-n", &node.ns, "link", "show", "up0"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&xdp.stdout).contains("xdp"), "XDP detached on stop");
+    assert!(node.pins.join("links").read_dir().unwrap().count() >= 2, "link pins gone on stop");
+
+    node.start();
+    let after = node.maps();
+    let svc2 = frontend(&after, "10.96.0.10:80").unwrap();
+    assert_eq!((svc2.id, svc2.table, svc2.backend_count), (svc.id, svc.table, svc.backend_count));
+    assert_eq!(after.maglev.read_row(svc2.table).unwrap(), row, "Maglev row rewritten");
+    assert_eq!(backends(&after), ids);
+    assert_eq!(after.conntrack.get(&key, 0).unwrap(), entry, "conntrack flushed");
+    // What the second agent did, from its part of the log.
+    let log = node.log();
+    let second = &log[log.rfind("adopting").expect("second start in the log")..];
+    assert!(second.starts_with("adopting 2 frontends and 2 backends"), "{second}");
+    assert!(second.contains("(Replaced)"), "links taken over with bpf_link_update:\n{second}");
+    let sync = second.lines().find(|l| l.contains("sync:")).expect("a sync line");
+    assert!(
+        sync.contains("frontends_written: 0")
+            && sync.contains("backends_written: 0")
+            && sync.contains("maglev_entries_written: 0")
+            && sync.contains("frontends_removed: 0"),
+        "the restart rewrote entries: {sync}"
+    );
+}
+
+#[test]
+fn cleanup_detaches_and_removes_the_pins() {
+    let mut node = Node::new(&[]);
+    node.write("web.yaml", &service("web", "10.96.0.10", None, &["10.244.1.10"]));
+    node.start();
+    node.stop();
+    let out = Command::new(AGENT).args(["cleanup", "--pin-path"]).arg(&node.pins).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(!Path::new(&node.pins).exists());
+    let link = Command::new("ip").args(["-n", &node.ns, "link", "show", "up0"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still attached");
+    let tc = Command::new("ip").args(["netns", "exec", &node.ns, "bpftool", "net", "show", "dev", "veth-p0"]).output().unwrap();
+    assert!(!String::from_utf8_lossy(&tc.stdout).contains("lb_tc"), "tc program still attached");
+}
+
+#[test]
+fn help_explains_every_flag_with_its_default() {
+    let out = Command::new(AGENT).args(["run", "--help"]).output().unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for (flag, default) in [
+        ("--kubeconfig", "in-cluster"),
+        ("--manifests", ""),
+        ("--node-name", "hostname"),
+        ("--node-ip", ""),
+        ("--iface", ""),
+        ("--pod-ifaces", "veth*"),
+        ("--pin-path", "/sys/fs/bpf/lb"),
+        ("--metrics-addr", "127.0.0.1:10249"),
+        ("--healthz-addr", "0.0.0.0:10256"),
+        ("--log-level", "info"),
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
+        assert!(help.contains(default), "--help lacks the default of {flag} ({default}):\n{help}");
+    }
+}
