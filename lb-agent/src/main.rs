@@ -34,7 +34,7 @@ struct Cli {
 enum Command {
     /// Run the agent: load or adopt the datapath, attach it, follow the cluster.
     /// SIGTERM stops the agent but leaves the datapath serving.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Print services, backends, Maglev tables and conntrack entries decoded from
     /// the pinned maps (works without a running agent).
     Dump {
@@ -175,7 +175,7 @@ fn main() -> Result<()> {
         .init();
     match cli.command {
         Command::Run(args) => {
-            let s = settings(args)?;
+            let s = settings(*args)?;
             tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()

@@ -301,13 +301,13 @@ fn rfc3339(t: SystemTime) -> String {
 async fn healthz_handler(State(s): State<AppState>) -> impl IntoResponse {
     let now = SystemTime::now();
     let (last, pending) = {
-        let h = s
+        
+        s
             .metrics
             .health
             .lock()
             .map(|h| (h.last_synced, h.pending_since))
-            .unwrap_or_default();
-        h
+            .unwrap_or_default()
     };
     let healthy = last.is_some()
         && pending.is_none_or(|p| now.duration_since(p).unwrap_or_default() < UNHEALTHY_AFTER);

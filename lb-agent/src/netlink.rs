@@ -110,11 +110,10 @@ pub async fn watch_links(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
             }
             _ => None,
         };
-        if let Some(e) = event {
-            if tx.send(e).await.is_err() {
+        if let Some(e) = event
+            && tx.send(e).await.is_err() {
                 break;
             }
-        }
     }
     task.abort();
     Ok(())

@@ -202,11 +202,10 @@ impl Reconciler {
         let mut adopted_backends = HashMap::new();
         for id in 0..sizes.backends {
             let b = maps.backends.get(&id, 0).context("reading backends")?;
-            if b.is_active() {
-                if let Some(addr) = socket_addr(&b.addr, b.family, b.port) {
+            if b.is_active()
+                && let Some(addr) = socket_addr(&b.addr, b.family, b.port) {
                     adopted_backends.insert(addr, (id, b.flags));
                 }
-            }
         }
         // Hold every id and row the maps use, so that nothing new is written over
         // them while desired ports take them over.
@@ -450,11 +449,10 @@ impl Reconciler {
                 Some(other) => self.ports.get(other).and_then(|p| p.frontends.get(k)),
                 None => self.adopted_frontends.get(k),
             };
-            if current != Some(v) {
-                if self.maps.set_service(k, v).is_ok() {
+            if current != Some(v)
+                && self.maps.set_service(k, v).is_ok() {
                     stats.frontends_written += 1;
                 }
-            }
             self.adopted_frontends.remove(k);
             self.owners.insert(*k, key.clone());
         }
@@ -586,8 +584,8 @@ impl Reconciler {
     /// between ports in the same pass keeps its id).
     fn free_unused(&mut self, stats: &mut Stats) {
         for addr in std::mem::take(&mut self.unused) {
-            if let Some(slot) = self.backends.get(&addr) {
-                if slot.users == 0 {
+            if let Some(slot) = self.backends.get(&addr)
+                && slot.users == 0 {
                     let id = slot.id;
                     self.backends.remove(&addr);
                     if self.maps.clear_backend(id).is_ok() {
@@ -595,7 +593,6 @@ impl Reconciler {
                     }
                     self.backend_ids.release(id);
                 }
-            }
         }
     }
 

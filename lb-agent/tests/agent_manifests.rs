@@ -50,7 +50,7 @@ impl Node {
         ));
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("agent.log");
-        let mut node = Self {
+        let node = Self {
             ns,
             pins: PathBuf::from(format!("/sys/fs/bpf/lbam-{id}")),
             dir,
