@@ -299,6 +299,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     );
 
     let metrics = Arc::new(Metrics::new(reconciler.clone()));
+    count_conntrack(&settings, &metrics);
     let server = {
         let m = metrics.clone();
         let (ma, ha) = (settings.metrics_addr, settings.healthz_addr);
@@ -410,7 +411,6 @@ pub async fn run(settings: Settings) -> Result<()> {
             metrics
                 .agent
                 .set_map("service_ids", ports, sizes.service_ids);
-            metrics.agent.set_map("conntrack", 0, sizes.conntrack);
         }
         report_problems(&metrics, &mut known_problems, problems);
         let took = t0.elapsed();
@@ -441,6 +441,36 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     log::info!("stopping; the datapath stays attached and serving (`lb-agent cleanup` removes it)");
     Ok(())
+}
+
+/// How often conntrack entries are counted (a walk over the whole map).
+const CONNTRACK_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Publishes the number of conntrack entries, counted now and then on a thread
+/// of its own through a second handle to the pinned map, so the walk never holds
+/// up a sync.
+fn count_conntrack(settings: &Settings, metrics: &Arc<Metrics>) {
+    let path = settings.pin_path.join(lb_common::map_names::CONNTRACK);
+    let capacity = settings.sizes.conntrack;
+    let metrics = metrics.clone();
+    std::thread::spawn(move || {
+        let map = match aya::maps::MapData::from_pin(&path)
+            .map_err(anyhow::Error::from)
+            .and_then(|d| Ok(aya::maps::HashMap::<_, lb_common::FlowKey, lb_common::CtEntry>::try_from(aya::maps::Map::from_map_data(d)?)?))
+        {
+            Ok(m) => m,
+            Err(e) => {
+                log::warn!("cannot count conntrack entries: {e:#}");
+                return;
+            }
+        };
+        loop {
+            // Bounded by the map's capacity even if entries churn during the walk.
+            let n = map.keys().take(capacity as usize).filter(Result::is_ok).count();
+            metrics.agent.set_map("conntrack", n, capacity);
+            std::thread::sleep(CONNTRACK_COUNT_EVERY);
+        }
+    });
 }
 
 /// Drains the datapath's log ring buffer into the agent's log as records arrive.

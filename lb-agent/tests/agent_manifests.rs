@@ -319,6 +319,23 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
     assert_eq!(after.maglev.read_row(svc2.table).unwrap(), row, "Maglev row rewritten");
     assert_eq!(backends(&after), ids);
     assert_eq!(after.conntrack.get(&key, 0).unwrap(), entry, "conntrack flushed");
+    // The metrics count it, and name the service port.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let metrics = node.metrics();
+        if metrics.lines().any(|l| l == "lb_map_entries{map=\"conntrack\"} 1") {
+            assert!(metrics.contains("lb_map_capacity{map=\"conntrack\"} 4096"), "{metrics}");
+            assert!(
+                metrics.contains("lb_service_packets_total{service=\"default/web:http/TCP/v4\"}"),
+                "{metrics}"
+            );
+            assert!(metrics.contains("lb_sync_duration_seconds_bucket"), "{metrics}");
+            assert!(metrics.contains("lb_datapath_packets_total{reason=\"pass_not_service\""), "{metrics}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "conntrack occupancy not reported:\n{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // What the second agent did, from its part of the log.
     let log = node.log();
     let second = &log[log.rfind("adopting").expect("second start in the log")..];
