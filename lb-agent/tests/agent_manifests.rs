@@ -386,3 +386,65 @@ fn help_explains_every_flag_with_its_default() {
         assert!(help.contains(default), "--help lacks the default of {flag} ({default}):\n{help}");
     }
 }
+
+/// Sends `frame` out of `dev` in namespace `ns` (a packet socket), so that it
+/// arrives on the veth's peer.
+fn inject(ns: &str, dev: &str, frame: &[u8]) {
+    let (dev, frame) = (dev.to_string(), frame.to_vec());
+    lb_testbed::in_netns(ns, move || {
+        // SAFETY: plain socket calls with checked results.
+        unsafe {
+            let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            let name = std::ffi::CString::new(dev).unwrap();
+            let mut sa: libc::sockaddr_ll = std::mem::zeroed();
+            sa.sll_family = libc::AF_PACKET as u16;
+            sa.sll_ifindex = libc::if_nametoindex(name.as_ptr()) as i32;
+            sa.sll_halen = 6;
+            let n = libc::sendto(
+                fd,
+                frame.as_ptr().cast(),
+                frame.len(),
+                0,
+                (&raw const sa).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            );
+            assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            libc::close(fd);
+        }
+    });
+}
+
+fn syn_to(dst: [u8; 4], port: u16) -> Vec<u8> {
+    let mut f = Vec::new();
+    etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [0xff; 6])
+        .ipv4([198, 51, 100, 7], dst, 64)
+        .tcp(40_001, port, 1, 1000)
+        .syn()
+        .write(&mut f, &[])
+        .unwrap();
+    f
+}
+
+#[test]
+fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
+    for (level, expect) in [(None, false), (Some("debug"), true)] {
+        let args: Vec<&str> = level.map(|l| vec!["--datapath-log", l]).unwrap_or_default();
+        let mut node = Node::new(&args);
+        node.write("web.yaml", &service("web", "10.96.0.10", None, &["10.244.1.10"]));
+        node.start();
+        // Through up1 into up0, where the XDP program runs.
+        inject(&node.ns, "up1", &syn_to([10, 96, 0, 10], 80));
+        let deadline = Instant::now() + Duration::from_secs(2);
+        let logged = loop {
+            let found = node.log().contains("new flow 40001:80");
+            if found || Instant::now() > deadline {
+                break found;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        assert_eq!(logged, expect, "datapath log level {level:?}:\n{}", node.log());
+        // The packet was balanced either way.
+        assert_eq!(node.maps().conntrack.iter().count(), 2, "a forward and a reply entry");
+    }
+}
