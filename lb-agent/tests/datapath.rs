@@ -485,3 +485,32 @@ fn a_pod_reaching_its_own_service_lands_on_itself_from_the_vip() {
     let out = decode(&output);
     assert_eq!((out.src_addr(), out.dst_addr()), (vip, pod));
 }
+
+#[test]
+fn icmpv6_packet_too_big_from_the_backend_itself_reaches_the_client_from_the_vip() {
+    let mut lab = Lab::new();
+    let vip = sa("[fd00:96::70]:443");
+    lab.service(&[vip], TCP, &[backend("[fd00:244:1::70]:8443", false)], 0);
+    let client = sa("[2001:db8:100::70]:42000");
+    let (_, fwd) = lab.xdp(&syn(client, vip));
+    assert_eq!(decode(&fwd).dst_addr(), sa("[fd00:244:1::70]:8443"));
+    // The backend itself says the (translated) packet was too big.
+    let quote = fwd[14..14 + 48].to_vec();
+    let mut frame = Vec::new();
+    etherparse::PacketBuilder::ethernet2(NODE_B_MAC, UPLINK_MAC)
+        .ipv6(
+            "fd00:244:1::70".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            "2001:db8:100::70".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            64,
+        )
+        .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
+        .write(&mut frame, &quote)
+        .unwrap();
+    let (action, output) = lab.xdp(&frame);
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    assert_eq!((out.src, out.dst), (vip.ip(), client.ip()), "from the VIP, as the client knows it");
+    let support::packet::L4::IcmpError { kind, quoted, .. } = out.l4 else { panic!("{out:?}") };
+    assert_eq!(kind, 2);
+    assert_eq!((quoted.src, quoted.dst), (client, vip));
+}
