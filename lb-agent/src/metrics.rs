@@ -24,7 +24,7 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::reconcile::{Reconciler, port_name};
+use crate::reconcile::Reconciler;
 
 type Labels = Vec<(String, String)>;
 
@@ -202,7 +202,7 @@ impl Collector for DatapathCollector {
         let mut sb = Vec::new();
         for (key, id) in r.service_ids() {
             if let Ok(c) = maps.service_counters(id) {
-                let l: Labels = vec![("service".into(), port_name(key))];
+                let l: Labels = vec![("service".into(), key.to_string())];
                 sp.push((l.clone(), c.packets));
                 sb.push((l, c.bytes));
             }

@@ -140,24 +140,6 @@ pub struct Reconciler {
     unused: Vec<SocketAddr>,
 }
 
-/// How a Service port is named in dumps and metrics: `namespace/name:port/proto/family`.
-pub fn port_name(key: &PortKey) -> String {
-    let port = if key.port_name.is_empty() {
-        "-"
-    } else {
-        &key.port_name
-    };
-    let proto = match key.proto {
-        Proto::Tcp => "TCP",
-        Proto::Udp => "UDP",
-    };
-    let family = match key.family {
-        crate::model::Family::V4 => "v4",
-        crate::model::Family::V6 => "v6",
-    };
-    format!("{}:{port}/{proto}/{family}", key.service)
-}
-
 pub fn service_key(f: &Frontend) -> ServiceKey {
     let (addr, family) = addr16(f.addr);
     ServiceKey {
@@ -364,7 +346,7 @@ impl Reconciler {
                         }
                     },
                 };
-                if let Err(e) = self.maps.set_service_name(a.id, &port_name(key)) {
+                if let Err(e) = self.maps.set_service_name(a.id, &key.to_string()) {
                     log::warn!("{e:#}");
                 }
                 a

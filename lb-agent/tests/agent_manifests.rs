@@ -326,7 +326,7 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
         if metrics.lines().any(|l| l == "lb_map_entries{map=\"conntrack\"} 1") {
             assert!(metrics.contains("lb_map_capacity{map=\"conntrack\"} 4096"), "{metrics}");
             assert!(
-                metrics.contains("lb_service_packets_total{service=\"default/web:http/TCP/v4\"}"),
+                metrics.contains("lb_service_packets_total{service=\"default/web:http/TCP/IPv4\"}"),
                 "{metrics}"
             );
             assert!(metrics.contains("lb_sync_duration_seconds_bucket"), "{metrics}");

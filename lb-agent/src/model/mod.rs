@@ -85,6 +85,8 @@ pub struct PortKey {
 }
 
 /// `namespace/name:port-name/PROTO/family`, e.g. `default/web:http/TCP/IPv4`.
+/// How a Service port is named in dumps, metrics and the `service_names` map:
+/// `namespace/name:port-name/TCP/IPv4` (the port name is empty when unnamed).
 impl fmt::Display for PortKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(

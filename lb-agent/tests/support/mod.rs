@@ -11,6 +11,7 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, Sizes},
     maglev,
+    reconcile::addr16,
 };
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FAMILY_V4,
@@ -42,17 +43,6 @@ pub const TC_REDIRECT: i32 = 7;
 /// A backend for [`Lab::service`]: address and whether it runs on this node.
 pub fn backend(addr: &str, local: bool) -> (SocketAddr, bool) {
     (addr.parse().expect("backend address"), local)
-}
-
-pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
-    let mut a = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => {
-            a[..4].copy_from_slice(&v4.octets());
-            (a, FAMILY_V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
-    }
 }
 
 pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
