@@ -456,8 +456,15 @@ fn count_conntrack(settings: &Settings, metrics: &Arc<Metrics>) {
     std::thread::spawn(move || {
         let map = match aya::maps::MapData::from_pin(&path)
             .map_err(anyhow::Error::from)
-            .and_then(|d| Ok(aya::maps::HashMap::<_, lb_common::FlowKey, lb_common::CtEntry>::try_from(aya::maps::Map::from_map_data(d)?)?))
-        {
+            .and_then(|d| {
+                Ok(aya::maps::HashMap::<
+                    _,
+                    lb_common::FlowKey,
+                    lb_common::CtEntry,
+                >::try_from(aya::maps::Map::from_map_data(
+                    d,
+                )?)?)
+            }) {
             Ok(m) => m,
             Err(e) => {
                 log::warn!("cannot count conntrack entries: {e:#}");
@@ -466,7 +473,11 @@ fn count_conntrack(settings: &Settings, metrics: &Arc<Metrics>) {
         };
         loop {
             // Bounded by the map's capacity even if entries churn during the walk.
-            let n = map.keys().take(capacity as usize).filter(Result::is_ok).count();
+            let n = map
+                .keys()
+                .take(capacity as usize)
+                .filter(Result::is_ok)
+                .count();
             metrics.agent.set_map("conntrack", n, capacity);
             std::thread::sleep(CONNTRACK_COUNT_EVERY);
         }

@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
-    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE,
-    SVC_F_TERMINATING_FALLBACK,
+    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL,
+    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK,
 };
 use serde::Serialize;
 
@@ -17,6 +17,8 @@ use crate::{bpf::Maps, reconcile::socket_addr};
 pub struct Dump {
     pub config: ConfigDump,
     pub services: Vec<ServiceDump>,
+    /// ClusterIP addresses: other ports of them are refused.
+    pub cluster_ips: Vec<String>,
     pub backends: Vec<BackendDump>,
     pub maglev: Vec<TableDump>,
     pub conntrack: ConntrackDump,
@@ -122,8 +124,17 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
 
     let mut by_id: BTreeMap<u32, Vec<FrontendDump>> = BTreeMap::new();
     let mut rows = BTreeMap::new();
+    let mut cluster_ips = Vec::new();
     for entry in maps.services.iter() {
         let (k, v) = entry.context("reading services")?;
+        if v.flags & SVC_F_ADDRESS != 0 {
+            cluster_ips.push(
+                addr(&k.addr, k.family, 0)
+                    .trim_end_matches(":0")
+                    .to_string(),
+            );
+            continue;
+        }
         let mut flags = Vec::new();
         for (bit, name) in [
             (SVC_F_SNAT_REMOTE, "snat-remote"),
@@ -231,9 +242,11 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         .into_iter()
         .map(|(r, c)| (r.name().to_string(), counters(c)))
         .collect();
+    cluster_ips.sort();
     Ok(Dump {
         config,
         services,
+        cluster_ips,
         backends,
         maglev,
         conntrack: ConntrackDump { entries, shown },
@@ -273,6 +286,11 @@ pub fn render(d: &Dump) -> String {
             );
         }
     }
+    let _ = writeln!(
+        o,
+        "\nClusterIP addresses (other ports refused): {}",
+        d.cluster_ips.join(" ")
+    );
     let _ = writeln!(o, "\nbackends ({}):", d.backends.len());
     for b in &d.backends {
         let _ = writeln!(

@@ -301,9 +301,7 @@ fn rfc3339(t: SystemTime) -> String {
 async fn healthz_handler(State(s): State<AppState>) -> impl IntoResponse {
     let now = SystemTime::now();
     let (last, pending) = {
-        
-        s
-            .metrics
+        s.metrics
             .health
             .lock()
             .map(|h| (h.last_synced, h.pending_since))

@@ -111,9 +111,10 @@ pub async fn watch_links(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
             _ => None,
         };
         if let Some(e) = event
-            && tx.send(e).await.is_err() {
-                break;
-            }
+            && tx.send(e).await.is_err()
+        {
+            break;
+        }
     }
     task.abort();
     Ok(())

@@ -23,8 +23,8 @@ use std::{
 use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, FAMILY_V4, FAMILY_V6,
-    PROTO_TCP, PROTO_UDP, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE,
-    SVC_F_TERMINATING_FALLBACK, Service, ServiceKey,
+    PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE,
+    SVC_F_TERMINATING_FALLBACK, Service, ServiceKey, hash,
 };
 
 use crate::{
@@ -138,6 +138,66 @@ pub struct Reconciler {
     taken_rows: HashSet<u32>,
     /// Backends whose last user went away during the current pass.
     unused: Vec<SocketAddr>,
+    /// The `addr_filter` bitmap and how many owned entries stand behind each bit.
+    filter: Filter,
+    /// ClusterIP address entries (port 0) and how many ClusterIP frontends use each.
+    cluster_ips: HashMap<ServiceKey, u32>,
+}
+
+/// The `addr_filter` bits, reference-counted: a bit is set before the first
+/// entry it stands for is written, and cleared after the last one is removed, so
+/// the datapath never skips a packet it should translate.
+#[derive(Default)]
+struct Filter {
+    counts: HashMap<u32, u32>,
+    words: HashMap<u32, u64>,
+}
+
+impl Filter {
+    fn add(&mut self, maps: &mut Maps, addr: &[u8; 16], family: u8, role: u32) {
+        let bit = hash::addr_filter_bit(addr, family, role);
+        let n = self.counts.entry(bit).or_insert(0);
+        *n += 1;
+        if *n == 1 {
+            self.write(maps, bit, true);
+        }
+    }
+
+    fn remove(&mut self, maps: &mut Maps, addr: &[u8; 16], family: u8, role: u32) {
+        let bit = hash::addr_filter_bit(addr, family, role);
+        if let Some(n) = self.counts.get_mut(&bit) {
+            *n -= 1;
+            if *n == 0 {
+                self.counts.remove(&bit);
+                self.write(maps, bit, false);
+            }
+        }
+    }
+
+    fn write(&mut self, maps: &mut Maps, bit: u32, set: bool) {
+        let index = bit / 64;
+        let word = self
+            .words
+            .entry(index)
+            .or_insert_with(|| maps.addr_filter.get(&index, 0).unwrap_or(0));
+        if set {
+            *word |= 1 << (bit % 64);
+        } else {
+            *word &= !(1 << (bit % 64));
+        }
+        if let Err(e) = maps.set_filter_word(index, *word) {
+            log::error!("{e:#}");
+        }
+    }
+}
+
+/// The address-level entry of a ClusterIP frontend's address.
+fn address_key(k: &ServiceKey) -> ServiceKey {
+    ServiceKey {
+        port: 0,
+        proto: 0,
+        ..*k
+    }
 }
 
 pub fn service_key(f: &Frontend) -> ServiceKey {
@@ -185,9 +245,10 @@ impl Reconciler {
         for id in 0..sizes.backends {
             let b = maps.backends.get(&id, 0).context("reading backends")?;
             if b.is_active()
-                && let Some(addr) = socket_addr(&b.addr, b.family, b.port) {
-                    adopted_backends.insert(addr, (id, b.flags));
-                }
+                && let Some(addr) = socket_addr(&b.addr, b.family, b.port)
+            {
+                adopted_backends.insert(addr, (id, b.flags));
+            }
         }
         // Hold every id and row the maps use, so that nothing new is written over
         // them while desired ports take them over.
@@ -202,6 +263,18 @@ impl Reconciler {
             if svc.backend_count > 0 {
                 rows.claim(svc.table);
             }
+        }
+        // The filter bits standing for what is in the maps (the bitmap itself is
+        // pinned and already set).
+        let mut filter = Filter::default();
+        for k in adopted_frontends.keys() {
+            let bit = hash::addr_filter_bit(&k.addr, k.family, hash::FILTER_FRONTEND);
+            *filter.counts.entry(bit).or_insert(0) += 1;
+        }
+        for addr in adopted_backends.keys() {
+            let (a, family) = addr16(addr.ip());
+            let bit = hash::addr_filter_bit(&a, family, hash::FILTER_BACKEND);
+            *filter.counts.entry(bit).or_insert(0) += 1;
         }
         log::info!(
             "adopting {} frontends and {} backends found in the maps",
@@ -222,6 +295,8 @@ impl Reconciler {
             taken_service_ids: HashSet::new(),
             taken_rows: HashSet::new(),
             unused: Vec::new(),
+            filter,
+            cluster_ips: HashMap::new(),
         })
     }
 
@@ -272,6 +347,8 @@ impl Reconciler {
             if !self.owners.contains_key(&key) && self.maps.remove_service(&key).is_ok() {
                 stats.frontends_removed += 1;
             }
+            self.filter
+                .remove(&mut self.maps, &key.addr, key.family, hash::FILTER_FRONTEND);
             if !self.taken_service_ids.contains(&svc.id) {
                 self.service_ids.release(svc.id);
             }
@@ -279,10 +356,13 @@ impl Reconciler {
                 self.rows.release(svc.table);
             }
         }
-        for (_, (id, _)) in std::mem::take(&mut self.adopted_backends) {
+        for (addr, (id, _)) in std::mem::take(&mut self.adopted_backends) {
             if self.maps.clear_backend(id).is_ok() {
                 stats.backends_freed += 1;
             }
+            let (a, family) = addr16(addr.ip());
+            self.filter
+                .remove(&mut self.maps, &a, family, hash::FILTER_BACKEND);
             self.backend_ids.release(id);
         }
         self.taken_service_ids.clear();
@@ -427,24 +507,20 @@ impl Reconciler {
             // agent left. (An entry another port owned holds that port's id, so it
             // differs and is rewritten.)
             let current = match self.owners.get(k) {
-                Some(owner) if owner == key => applied.frontends.get(k),
-                Some(other) => self.ports.get(other).and_then(|p| p.frontends.get(k)),
-                None => self.adopted_frontends.get(k),
+                Some(owner) if owner == key => applied.frontends.get(k).copied(),
+                Some(other) => self
+                    .ports
+                    .get(other)
+                    .and_then(|p| p.frontends.get(k))
+                    .copied(),
+                None => self.adopted_frontends.get(k).copied(),
             };
-            if current != Some(v)
-                && self.maps.set_service(k, v).is_ok() {
-                    stats.frontends_written += 1;
-                }
-            self.adopted_frontends.remove(k);
-            self.owners.insert(*k, key.clone());
+            self.own_frontend(key, *k, v, current, stats);
         }
         // 4. Removals.
-        for k in applied.frontends.keys() {
+        for (k, v) in &applied.frontends {
             if !wanted_frontends.contains_key(k) && self.owners.get(k) == Some(key) {
-                self.owners.remove(k);
-                if self.maps.remove_service(k).is_ok() {
-                    stats.frontends_removed += 1;
-                }
+                self.disown_frontend(k, v, stats);
             }
         }
         applied.frontends = wanted_frontends;
@@ -455,6 +531,81 @@ impl Reconciler {
         }
         self.ports.insert(key.clone(), applied);
         Ok(())
+    }
+
+    /// Makes `port` the owner of frontend `k` and writes `v` if the map holds
+    /// something else. The first owner of a key takes a filter reference (or the
+    /// one an adopted entry held) and, for a ClusterIP, one on its address entry.
+    fn own_frontend(
+        &mut self,
+        port: &PortKey,
+        k: ServiceKey,
+        v: &Service,
+        current: Option<Service>,
+        stats: &mut Stats,
+    ) {
+        let adopted = self.adopted_frontends.remove(&k).is_some();
+        let first = !self.owners.contains_key(&k);
+        if first && !adopted {
+            self.filter
+                .add(&mut self.maps, &k.addr, k.family, hash::FILTER_FRONTEND);
+        }
+        if current.as_ref() != Some(v) && self.maps.set_service(&k, v).is_ok() {
+            stats.frontends_written += 1;
+        }
+        if first && v.flags & SVC_F_EXTERNAL == 0 {
+            self.use_cluster_ip(&k, stats);
+        }
+        self.owners.insert(k, port.clone());
+    }
+
+    /// Removes frontend `k` (owned by the caller), its filter reference and, for a
+    /// ClusterIP, its reference on the address entry.
+    fn disown_frontend(&mut self, k: &ServiceKey, v: &Service, stats: &mut Stats) {
+        self.owners.remove(k);
+        if self.maps.remove_service(k).is_ok() {
+            stats.frontends_removed += 1;
+        }
+        self.filter
+            .remove(&mut self.maps, &k.addr, k.family, hash::FILTER_FRONTEND);
+        if v.flags & SVC_F_EXTERNAL == 0 {
+            let a = address_key(k);
+            if let Some(n) = self.cluster_ips.get_mut(&a) {
+                *n -= 1;
+                if *n == 0 {
+                    self.cluster_ips.remove(&a);
+                    if self.maps.remove_service(&a).is_ok() {
+                        stats.frontends_removed += 1;
+                    }
+                    self.filter
+                        .remove(&mut self.maps, &a.addr, a.family, hash::FILTER_FRONTEND);
+                }
+            }
+        }
+    }
+
+    /// One more ClusterIP frontend on this address: the first writes (or takes
+    /// over) the address entry that makes other ports of the address refused.
+    fn use_cluster_ip(&mut self, k: &ServiceKey, stats: &mut Stats) {
+        let a = address_key(k);
+        let n = self.cluster_ips.entry(a).or_insert(0);
+        *n += 1;
+        if *n > 1 {
+            return;
+        }
+        if self.adopted_frontends.remove(&a).is_some() {
+            return;
+        }
+        self.filter
+            .add(&mut self.maps, &a.addr, a.family, hash::FILTER_FRONTEND);
+        let entry = Service {
+            id: u32::MAX,
+            flags: SVC_F_ADDRESS,
+            ..Service::default()
+        };
+        if self.maps.set_service(&a, &entry).is_ok() {
+            stats.frontends_written += 1;
+        }
     }
 
     /// A port seen for the first time: if one of its frontends is already in the
@@ -513,15 +664,20 @@ impl Reconciler {
             }
             return Ok(());
         }
-        // An adopted backend keeps its id (held since start).
+        // An adopted backend keeps its id (held since start) and filter reference.
         let (id, written_flags) = match self.adopted_backends.remove(&addr) {
             Some((id, f)) => (id, Some(f)),
-            None => (
-                self.backend_ids
+            None => {
+                let id = self
+                    .backend_ids
                     .alloc()
-                    .ok_or("no backend id left (--backends)")?,
-                None,
-            ),
+                    .ok_or("no backend id left (--max-backends)")?;
+                // The filter bit goes first: replies from the backend must not be
+                // skipped once a table points at it.
+                let (a, family) = addr16(addr.ip());
+                self.filter.add(&mut self.maps, &a, family, hash::FILTER_BACKEND);
+                (id, None)
+            }
         };
         if written_flags != Some(flags) {
             self.write_backend(id, addr, flags)?;
@@ -567,14 +723,18 @@ impl Reconciler {
     fn free_unused(&mut self, stats: &mut Stats) {
         for addr in std::mem::take(&mut self.unused) {
             if let Some(slot) = self.backends.get(&addr)
-                && slot.users == 0 {
-                    let id = slot.id;
-                    self.backends.remove(&addr);
-                    if self.maps.clear_backend(id).is_ok() {
-                        stats.backends_freed += 1;
-                    }
-                    self.backend_ids.release(id);
+                && slot.users == 0
+            {
+                let id = slot.id;
+                self.backends.remove(&addr);
+                if self.maps.clear_backend(id).is_ok() {
+                    stats.backends_freed += 1;
                 }
+                self.backend_ids.release(id);
+                let (a, family) = addr16(addr.ip());
+                self.filter
+                    .remove(&mut self.maps, &a, family, hash::FILTER_BACKEND);
+            }
         }
     }
 
@@ -613,12 +773,9 @@ impl Reconciler {
         let Some(applied) = self.ports.remove(key) else {
             return Ok(());
         };
-        for k in applied.frontends.keys() {
+        for (k, v) in &applied.frontends {
             if self.owners.get(k) == Some(key) {
-                self.owners.remove(k);
-                if self.maps.remove_service(k).is_ok() {
-                    stats.frontends_removed += 1;
-                }
+                self.disown_frontend(k, v, stats);
             }
         }
         for r in [applied.cluster_row, applied.local_row]

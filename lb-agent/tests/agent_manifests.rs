@@ -22,7 +22,11 @@ const METRICS: &str = "127.0.0.1:10249";
 
 fn sh(cmd: &str) {
     let out = Command::new("sh").arg("-c").arg(cmd).output().expect("sh");
-    assert!(out.status.success(), "{cmd}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{cmd}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 /// A node: a namespace with an uplink (192.0.2.1/24) and a pod veth, a manifest
@@ -39,7 +43,11 @@ struct Node {
 impl Node {
     fn new(extra_args: &[&str]) -> Self {
         static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!("{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed));
+        let id = format!(
+            "{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        );
         let ns = format!("lbam-{id}");
         let _ = Command::new("ip").args(["netns", "del", &ns]).output();
         sh(&format!(
@@ -76,7 +84,11 @@ impl Node {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .unwrap();
         let mut args: Vec<String> = [
             "run",
             "--manifests",
@@ -117,10 +129,19 @@ impl Node {
             if let Some(Ok(Some(status))) = self.agent.as_mut().map(Child::try_wait) {
                 panic!("agent exited ({status}):\n{}", self.log());
             }
-            if let Ok((200, _)) = http_get(&self.ns, HEALTHZ.parse().unwrap(), "/healthz", Duration::from_secs(1)) {
+            if let Ok((200, _)) = http_get(
+                &self.ns,
+                HEALTHZ.parse().unwrap(),
+                "/healthz",
+                Duration::from_secs(1),
+            ) {
                 return;
             }
-            assert!(Instant::now() < deadline, "agent not healthy in 20 s:\n{}", self.log());
+            assert!(
+                Instant::now() < deadline,
+                "agent not healthy in 20 s:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(100));
         }
     }
@@ -147,7 +168,14 @@ impl Node {
     }
 
     fn metrics(&self) -> String {
-        http_get(&self.ns, METRICS.parse().unwrap(), "/metrics", Duration::from_secs(2)).unwrap().1
+        http_get(
+            &self.ns,
+            METRICS.parse().unwrap(),
+            "/metrics",
+            Duration::from_secs(2),
+        )
+        .unwrap()
+        .1
     }
 
     /// Polls `check` against the pinned maps until it holds; panics after `within`.
@@ -157,7 +185,11 @@ impl Node {
             if check(&self.maps()) {
                 return start.elapsed();
             }
-            assert!(start.elapsed() < within, "{what}: not within {within:?}\nagent log:\n{}", self.log());
+            assert!(
+                start.elapsed() < within,
+                "{what}: not within {within:?}\nagent log:\n{}",
+                self.log()
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -165,15 +197,26 @@ impl Node {
 
 impl Drop for Node {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("agent log of the failed test:\n{}", self.log());
+        }
         self.stop();
-        let _ = Command::new(AGENT).args(["cleanup", "--pin-path"]).arg(&self.pins).output();
+        let _ = Command::new(AGENT)
+            .args(["cleanup", "--pin-path"])
+            .arg(&self.pins)
+            .output();
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
 fn skey(addr: &str, proto: u8) -> ServiceKey {
     let a: SocketAddr = addr.parse().unwrap();
-    let mut k = ServiceKey { port: a.port(), proto, family: FAMILY_V4, ..ServiceKey::default() };
+    let mut k = ServiceKey {
+        port: a.port(),
+        proto,
+        family: FAMILY_V4,
+        ..ServiceKey::default()
+    };
     if let std::net::IpAddr::V4(v4) = a.ip() {
         k.addr[..4].copy_from_slice(&v4.octets());
     }
@@ -187,7 +230,9 @@ fn service(name: &str, ip: &str, node_port: Option<u16>, endpoints: &[&str]) -> 
     };
     let eps: String = endpoints
         .iter()
-        .map(|e| format!("- addresses: [\"{e}\"]\n  nodeName: node-b\n  conditions: {{ready: true}}\n"))
+        .map(|e| {
+            format!("- addresses: [\"{e}\"]\n  nodeName: node-b\n  conditions: {{ready: true}}\n")
+        })
         .collect();
     format!(
         "apiVersion: v1\nkind: Service\nmetadata: {{name: {name}, namespace: default}}\n\
@@ -203,11 +248,23 @@ fn backends(m: &Maps) -> Vec<String> {
     for id in 0..m.backends.len() {
         let b = m.backends.get(&id, 0).unwrap();
         if b.is_active() {
-            out.push(format!("{}.{}.{}.{}:{}", b.addr[0], b.addr[1], b.addr[2], b.addr[3], b.port));
+            out.push(format!(
+                "{}.{}.{}.{}:{}",
+                b.addr[0], b.addr[1], b.addr[2], b.addr[3], b.port
+            ));
         }
     }
     out.sort();
     out
+}
+
+/// Whether the `addr_filter` bit of an IPv4 address in a role is set.
+fn filtered(m: &Maps, ip: &str, role: u32) -> bool {
+    let ip: std::net::Ipv4Addr = ip.parse().unwrap();
+    let mut a = [0u8; 16];
+    a[..4].copy_from_slice(&ip.octets());
+    let bit = lb_common::hash::addr_filter_bit(&a, FAMILY_V4, role);
+    m.addr_filter.get(&(bit / 64), 0).unwrap() & (1 << (bit % 64)) != 0
 }
 
 fn frontend(m: &Maps, addr: &str) -> Option<lb_common::Service> {
@@ -217,65 +274,145 @@ fn frontend(m: &Maps, addr: &str) -> Option<lb_common::Service> {
 #[test]
 fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
     let mut node = Node::new(&[]);
-    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11"]));
+    node.write(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            Some(30080),
+            &["10.244.1.10", "10.244.1.11"],
+        ),
+    );
     node.start();
     let m = node.maps();
     let svc = frontend(&m, "10.96.0.10:80").expect("ClusterIP frontend");
     assert_eq!(svc.backend_count, 2);
-    assert_eq!(frontend(&m, "192.0.2.1:30080").expect("NodePort on the node address").id, svc.id);
+    assert_eq!(
+        frontend(&m, "192.0.2.1:30080")
+            .expect("NodePort on the node address")
+            .id,
+        svc.id
+    );
     assert_eq!(backends(&m), ["10.244.1.10:8080", "10.244.1.11:8080"]);
+    // The prefilter knows every frontend and backend address.
+    use lb_common::hash::{FILTER_BACKEND, FILTER_FRONTEND};
+    for (ip, role) in [
+        ("10.96.0.10", FILTER_FRONTEND),
+        ("192.0.2.1", FILTER_FRONTEND),
+        ("10.244.1.10", FILTER_BACKEND),
+        ("10.244.1.11", FILTER_BACKEND),
+    ] {
+        assert!(filtered(&m, ip, role), "addr_filter bit of {ip} ({role:#x}) not set");
+    }
     drop(m);
 
     // Edit: a third endpoint.
-    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11", "10.244.1.12"]));
+    node.write(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            Some(30080),
+            &["10.244.1.10", "10.244.1.11", "10.244.1.12"],
+        ),
+    );
     let took = node.eventually(Duration::from_secs(1), "endpoint added", |m| {
         frontend(m, "10.96.0.10:80").is_some_and(|s| s.backend_count == 3)
     });
     println!("endpoint added: in the maps after {took:?}");
     assert_eq!(backends(&node.maps()).len(), 3);
     // Its Maglev row now spreads over three ids.
-    let row = node.maps().maglev.read_row(frontend(&node.maps(), "10.96.0.10:80").unwrap().table).unwrap();
+    let row = node
+        .maps()
+        .maglev
+        .read_row(frontend(&node.maps(), "10.96.0.10:80").unwrap().table)
+        .unwrap();
     let distinct: std::collections::BTreeSet<u32> = row.iter().copied().collect();
     assert_eq!(distinct.len(), 3);
 
     // A second Service in another file.
-    node.write("db.yaml", &service("db", "10.96.0.20", None, &["10.244.1.20"]));
-    node.eventually(Duration::from_secs(1), "second file", |m| frontend(m, "10.96.0.20:80").is_some());
+    node.write(
+        "db.yaml",
+        &service("db", "10.96.0.20", None, &["10.244.1.20"]),
+    );
+    node.eventually(Duration::from_secs(1), "second file", |m| {
+        frontend(m, "10.96.0.20:80").is_some()
+    });
 
     // Delete the first file: its frontends and backends go, the other stays.
     std::fs::remove_file(node.manifests().join("web.yaml")).unwrap();
+    // (Backends are freed at the end of the pass that removes the frontends.)
     let took = node.eventually(Duration::from_secs(1), "file deleted", |m| {
-        frontend(m, "10.96.0.10:80").is_none() && frontend(m, "192.0.2.1:30080").is_none()
+        frontend(m, "10.96.0.10:80").is_none()
+            && frontend(m, "192.0.2.1:30080").is_none()
+            && backends(m) == ["10.244.1.20:8080"]
     });
     println!("file deleted: gone from the maps after {took:?}");
     assert_eq!(backends(&node.maps()), ["10.244.1.20:8080"]);
     assert!(frontend(&node.maps(), "10.96.0.20:80").is_some());
+    // And their bits are cleared (these addresses share no bit with what is left).
+    let m = node.maps();
+    assert!(!filtered(&m, "10.96.0.10", FILTER_FRONTEND));
+    assert!(!filtered(&m, "10.244.1.11", FILTER_BACKEND));
+    assert!(filtered(&m, "10.244.1.20", FILTER_BACKEND));
 }
 
 #[test]
 fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
     let mut node = Node::new(&["--max-backends", "4"]);
-    node.write("good.yaml", &service("good", "10.96.0.10", None, &["10.244.1.10"]));
-    node.write("broken.yaml", "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n");
+    node.write(
+        "good.yaml",
+        &service("good", "10.96.0.10", None, &["10.244.1.10"]),
+    );
+    node.write(
+        "broken.yaml",
+        "apiVersion: v1\nkind: Service\nmetadata: {name: x\n  spec: [\n",
+    );
     node.write(
         "noip.yaml",
         "apiVersion: v1\nkind: Service\nmetadata: {name: noip, namespace: default}\nspec:\n  ports: [{port: 80}]\n",
     );
     // Claims the good Service's VIP:port: the first by namespace/name keeps it.
-    node.write("dup.yaml", &service("zzz-dup", "10.96.0.10", None, &["10.244.1.99"]));
+    node.write(
+        "dup.yaml",
+        &service("zzz-dup", "10.96.0.10", None, &["10.244.1.99"]),
+    );
     // Five endpoints with room for four backends (one is already used).
     node.write(
         "big.yaml",
-        &service("big", "10.96.0.30", None, &["10.244.2.1", "10.244.2.2", "10.244.2.3", "10.244.2.4", "10.244.2.5"]),
+        &service(
+            "big",
+            "10.96.0.30",
+            None,
+            &[
+                "10.244.2.1",
+                "10.244.2.2",
+                "10.244.2.3",
+                "10.244.2.4",
+                "10.244.2.5",
+            ],
+        ),
     );
     node.start();
     let m = node.maps();
     let good = frontend(&m, "10.96.0.10:80").expect("the good Service works");
     assert_eq!(good.backend_count, 1);
-    assert_eq!(backends(&m), ["10.244.1.10:8080"], "no partial table for `big`, no backend of the duplicate");
-    assert!(frontend(&m, "10.96.0.30:80").is_none(), "`big` does not fit and is not programmed");
+    assert_eq!(
+        backends(&m),
+        ["10.244.1.10:8080"],
+        "no partial table for `big`, no backend of the duplicate"
+    );
+    assert!(
+        frontend(&m, "10.96.0.30:80").is_none(),
+        "`big` does not fit and is not programmed"
+    );
     let metrics = node.metrics();
-    for kind in ["parse", "missing_cluster_ip", "duplicate_frontend", "capacity"] {
+    for kind in [
+        "parse",
+        "missing_cluster_ip",
+        "duplicate_frontend",
+        "capacity",
+    ] {
         let line = metrics
             .lines()
             .find(|l| l.starts_with("lb_errors_total") && l.contains(&format!("kind=\"{kind}\"")))
@@ -283,24 +420,49 @@ fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
         assert!(!line.ends_with(" 0"), "{line}");
     }
     let log = node.log();
-    assert!(log.contains("broken.yaml:"), "the parse error names the file and line:\n{log}");
-    assert!(log.contains("default/noip"), "the missing clusterIP names the Service:\n{log}");
+    assert!(
+        log.contains("broken.yaml:"),
+        "the parse error names the file and line:\n{log}"
+    );
+    assert!(
+        log.contains("default/noip"),
+        "the missing clusterIP names the Service:\n{log}"
+    );
 }
 
 #[test]
 fn a_restart_adopts_the_pins_and_flushes_nothing() {
     let mut node = Node::new(&[]);
-    node.write("web.yaml", &service("web", "10.96.0.10", Some(30080), &["10.244.1.10", "10.244.1.11"]));
+    node.write(
+        "web.yaml",
+        &service(
+            "web",
+            "10.96.0.10",
+            Some(30080),
+            &["10.244.1.10", "10.244.1.11"],
+        ),
+    );
     node.start();
     let before = node.maps();
     let svc = frontend(&before, "10.96.0.10:80").unwrap();
     let row = before.maglev.read_row(svc.table).unwrap();
     let ids = backends(&before);
     // A live connection, as the datapath would have recorded it.
-    let mut key = FlowKey { src_port: 40_000, dst_port: 80, proto: PROTO_TCP, family: FAMILY_V4, ..FlowKey::default() };
+    let mut key = FlowKey {
+        src_port: 40_000,
+        dst_port: 80,
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        ..FlowKey::default()
+    };
     key.src[..4].copy_from_slice(&[198, 51, 100, 7]);
     key.dst[..4].copy_from_slice(&[10, 96, 0, 10]);
-    let mut entry = CtEntry { nat_src_port: 40_000, nat_dst_port: 8080, flags: CT_F_FORWARD, ..CtEntry::default() };
+    let mut entry = CtEntry {
+        nat_src_port: 40_000,
+        nat_dst_port: 8080,
+        flags: CT_F_FORWARD,
+        ..CtEntry::default()
+    };
     entry.nat_dst[..4].copy_from_slice(&[10, 244, 1, 10]);
     let mut m = node.maps();
     m.conntrack.insert(key, entry, 0).unwrap();
@@ -308,40 +470,84 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
 
     node.stop();
     // Stopped: the programs stay attached and the maps stay pinned.
-    let xdp = Command::new("ip").args(["-n", &node.ns, "link", "show", "up0"]).output().unwrap();
-    assert!(String::from_utf8_lossy(&xdp.stdout).contains("xdp"), "XDP detached on stop");
-    assert!(node.pins.join("links").read_dir().unwrap().count() >= 2, "link pins gone on stop");
+    let xdp = Command::new("ip")
+        .args(["-n", &node.ns, "link", "show", "up0"])
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&xdp.stdout).contains("xdp"),
+        "XDP detached on stop"
+    );
+    assert!(
+        node.pins.join("links").read_dir().unwrap().count() >= 2,
+        "link pins gone on stop"
+    );
 
     node.start();
     let after = node.maps();
     let svc2 = frontend(&after, "10.96.0.10:80").unwrap();
-    assert_eq!((svc2.id, svc2.table, svc2.backend_count), (svc.id, svc.table, svc.backend_count));
-    assert_eq!(after.maglev.read_row(svc2.table).unwrap(), row, "Maglev row rewritten");
+    assert_eq!(
+        (svc2.id, svc2.table, svc2.backend_count),
+        (svc.id, svc.table, svc.backend_count)
+    );
+    assert_eq!(
+        after.maglev.read_row(svc2.table).unwrap(),
+        row,
+        "Maglev row rewritten"
+    );
     assert_eq!(backends(&after), ids);
-    assert_eq!(after.conntrack.get(&key, 0).unwrap(), entry, "conntrack flushed");
+    assert_eq!(
+        after.conntrack.get(&key, 0).unwrap(),
+        entry,
+        "conntrack flushed"
+    );
     // The metrics count it, and name the service port.
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let metrics = node.metrics();
-        if metrics.lines().any(|l| l == "lb_map_entries{map=\"conntrack\"} 1") {
-            assert!(metrics.contains("lb_map_capacity{map=\"conntrack\"} 4096"), "{metrics}");
+        if metrics
+            .lines()
+            .any(|l| l == "lb_map_entries{map=\"conntrack\"} 1")
+        {
+            assert!(
+                metrics.contains("lb_map_capacity{map=\"conntrack\"} 4096"),
+                "{metrics}"
+            );
             assert!(
                 metrics.contains("lb_service_packets_total{service=\"default/web:http/TCP/IPv4\"}"),
                 "{metrics}"
             );
-            assert!(metrics.contains("lb_sync_duration_seconds_bucket"), "{metrics}");
-            assert!(metrics.contains("lb_datapath_packets_total{reason=\"pass_not_service\""), "{metrics}");
+            assert!(
+                metrics.contains("lb_sync_duration_seconds_bucket"),
+                "{metrics}"
+            );
+            assert!(
+                metrics.contains("lb_datapath_packets_total{reason=\"pass_not_service\""),
+                "{metrics}"
+            );
             break;
         }
-        assert!(Instant::now() < deadline, "conntrack occupancy not reported:\n{metrics}");
+        assert!(
+            Instant::now() < deadline,
+            "conntrack occupancy not reported:\n{metrics}"
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
     // What the second agent did, from its part of the log.
     let log = node.log();
     let second = &log[log.rfind("adopting").expect("second start in the log")..];
-    assert!(second.starts_with("adopting 2 frontends and 2 backends"), "{second}");
-    assert!(second.contains("(Replaced)"), "links taken over with bpf_link_update:\n{second}");
-    let sync = second.lines().find(|l| l.contains("sync:")).expect("a sync line");
+    assert!(
+        second.starts_with("adopting 3 frontends and 2 backends"),
+        "2 ports and the ClusterIP address entry: {second}"
+    );
+    assert!(
+        second.contains("(Replaced)"),
+        "links taken over with bpf_link_update:\n{second}"
+    );
+    let sync = second
+        .lines()
+        .find(|l| l.contains("sync:"))
+        .expect("a sync line");
     assert!(
         sync.contains("frontends_written: 0")
             && sync.contains("backends_written: 0")
@@ -354,21 +560,49 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
 #[test]
 fn cleanup_detaches_and_removes_the_pins() {
     let mut node = Node::new(&[]);
-    node.write("web.yaml", &service("web", "10.96.0.10", None, &["10.244.1.10"]));
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+    );
     node.start();
     node.stop();
-    let out = Command::new(AGENT).args(["cleanup", "--pin-path"]).arg(&node.pins).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(AGENT)
+        .args(["cleanup", "--pin-path"])
+        .arg(&node.pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(!Path::new(&node.pins).exists());
-    let link = Command::new("ip").args(["-n", &node.ns, "link", "show", "up0"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&link.stdout).contains("xdp"), "XDP still attached");
-    let tc = Command::new("ip").args(["netns", "exec", &node.ns, "bpftool", "net", "show", "dev", "veth-p0"]).output().unwrap();
-    assert!(!String::from_utf8_lossy(&tc.stdout).contains("lb_tc"), "tc program still attached");
+    let link = Command::new("ip")
+        .args(["-n", &node.ns, "link", "show", "up0"])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&link.stdout).contains("xdp"),
+        "XDP still attached"
+    );
+    let tc = Command::new("ip")
+        .args([
+            "netns", "exec", &node.ns, "bpftool", "net", "show", "dev", "veth-p0",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        !String::from_utf8_lossy(&tc.stdout).contains("lb_tc"),
+        "tc program still attached"
+    );
 }
 
 #[test]
 fn help_explains_every_flag_with_its_default() {
-    let out = Command::new(AGENT).args(["run", "--help"]).output().unwrap();
+    let out = Command::new(AGENT)
+        .args(["run", "--help"])
+        .output()
+        .unwrap();
     let help = String::from_utf8_lossy(&out.stdout);
     for (flag, default) in [
         ("--kubeconfig", "in-cluster"),
@@ -383,7 +617,10 @@ fn help_explains_every_flag_with_its_default() {
         ("--log-level", "info"),
     ] {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
-        assert!(help.contains(default), "--help lacks the default of {flag} ({default}):\n{help}");
+        assert!(
+            help.contains(default),
+            "--help lacks the default of {flag} ({default}):\n{help}"
+        );
     }
 }
 
@@ -395,7 +632,11 @@ fn inject(ns: &str, dev: &str, frame: &[u8]) {
         // SAFETY: plain socket calls with checked results.
         unsafe {
             let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-            assert!(fd >= 0, "packet socket: {}", std::io::Error::last_os_error());
+            assert!(
+                fd >= 0,
+                "packet socket: {}",
+                std::io::Error::last_os_error()
+            );
             let name = std::ffi::CString::new(dev).unwrap();
             let mut sa: libc::sockaddr_ll = std::mem::zeroed();
             sa.sll_family = libc::AF_PACKET as u16;
@@ -409,7 +650,12 @@ fn inject(ns: &str, dev: &str, frame: &[u8]) {
                 (&raw const sa).cast(),
                 std::mem::size_of::<libc::sockaddr_ll>() as u32,
             );
-            assert_eq!(n, frame.len() as isize, "sendto: {}", std::io::Error::last_os_error());
+            assert_eq!(
+                n,
+                frame.len() as isize,
+                "sendto: {}",
+                std::io::Error::last_os_error()
+            );
             libc::close(fd);
         }
     });
@@ -431,7 +677,10 @@ fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
     for (level, expect) in [(None, false), (Some("debug"), true)] {
         let args: Vec<&str> = level.map(|l| vec!["--datapath-log", l]).unwrap_or_default();
         let mut node = Node::new(&args);
-        node.write("web.yaml", &service("web", "10.96.0.10", None, &["10.244.1.10"]));
+        node.write(
+            "web.yaml",
+            &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+        );
         node.start();
         // Through up1 into up0, where the XDP program runs.
         inject(&node.ns, "up1", &syn_to([10, 96, 0, 10], 80));
@@ -443,8 +692,17 @@ fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
             }
             std::thread::sleep(Duration::from_millis(50));
         };
-        assert_eq!(logged, expect, "datapath log level {level:?}:\n{}", node.log());
+        assert_eq!(
+            logged,
+            expect,
+            "datapath log level {level:?}:\n{}",
+            node.log()
+        );
         // The packet was balanced either way.
-        assert_eq!(node.maps().conntrack.iter().count(), 2, "a forward and a reply entry");
+        assert_eq!(
+            node.maps().conntrack.iter().count(),
+            2,
+            "a forward and a reply entry"
+        );
     }
 }

@@ -499,8 +499,14 @@ fn icmpv6_packet_too_big_from_the_backend_itself_reaches_the_client_from_the_vip
     let mut frame = Vec::new();
     etherparse::PacketBuilder::ethernet2(NODE_B_MAC, UPLINK_MAC)
         .ipv6(
-            "fd00:244:1::70".parse::<std::net::Ipv6Addr>().unwrap().octets(),
-            "2001:db8:100::70".parse::<std::net::Ipv6Addr>().unwrap().octets(),
+            "fd00:244:1::70"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
+            "2001:db8:100::70"
+                .parse::<std::net::Ipv6Addr>()
+                .unwrap()
+                .octets(),
             64,
         )
         .icmpv6(etherparse::Icmpv6Type::PacketTooBig { mtu: 1280 })
@@ -509,8 +515,79 @@ fn icmpv6_packet_too_big_from_the_backend_itself_reaches_the_client_from_the_vip
     let (action, output) = lab.xdp(&frame);
     assert_eq!(action, XDP_TX);
     let out = decode(&output);
-    assert_eq!((out.src, out.dst), (vip.ip(), client.ip()), "from the VIP, as the client knows it");
-    let support::packet::L4::IcmpError { kind, quoted, .. } = out.l4 else { panic!("{out:?}") };
+    assert_eq!(
+        (out.src, out.dst),
+        (vip.ip(), client.ip()),
+        "from the VIP, as the client knows it"
+    );
+    let support::packet::L4::IcmpError { kind, quoted, .. } = out.l4 else {
+        panic!("{out:?}")
+    };
     assert_eq!(kind, 2);
     assert_eq!((quoted.src, quoted.dst), (client, vip));
+}
+
+#[test]
+fn a_clusterip_on_a_port_that_is_no_service_port_is_refused() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.95:80");
+    lab.service(&[vip], TCP, &[backend("10.244.1.95:8080", false)], 0);
+    lab.cluster_address(vip.ip());
+    let client = sa("198.51.100.95:41000");
+    let (action, output) = lab.xdp(&syn(client, sa("10.96.0.95:81")));
+    assert_eq!(action, XDP_TX);
+    let out = decode(&output);
+    let support::packet::L4::Tcp { flags, .. } = out.l4 else {
+        panic!()
+    };
+    assert_eq!(
+        (out.src_addr(), out.dst_addr(), flags),
+        (sa("10.96.0.95:81"), client, RST | ACK)
+    );
+    let (action, output) = lab.xdp(&udp(FROM_ROUTER, client, sa("10.96.0.95:53"), b"q"));
+    assert_eq!(action, XDP_TX);
+    assert!(matches!(
+        decode(&output).l4,
+        support::packet::L4::IcmpError {
+            kind: 3,
+            code: 3,
+            ..
+        }
+    ));
+    // The service port itself still works.
+    let (action, output) = lab.xdp(&syn(client, vip));
+    assert_eq!(action, XDP_TX);
+    assert_eq!(decode(&output).dst_addr(), sa("10.244.1.95:8080"));
+}
+
+#[test]
+fn packets_of_unknown_addresses_skip_the_lookups() {
+    let mut lab = Lab::new();
+    lab.service(
+        &[sa("10.96.0.96:80")],
+        TCP,
+        &[backend("10.244.1.96:80", false)],
+        0,
+    );
+    // Neither end is a frontend or backend address: passed at once, counted.
+    let frame = syn(sa("198.51.100.96:1000"), sa("203.0.113.9:80"));
+    let (action, output) = lab.xdp(&frame);
+    assert_eq!((action, output), (XDP_PASS, frame));
+    assert_eq!(lab.reason(Reason::PassNotService), 1);
+    // The filter is exact about what it was told: the backend's own traffic to a
+    // non-service port is looked up (and passed), a backend reply is translated.
+    let (action, _) = lab.xdp(&syn(sa("198.51.100.96:1001"), sa("10.96.0.96:80")));
+    assert_eq!(action, XDP_TX);
+    let reply = tcp(
+        (NODE_B_MAC, UPLINK_MAC),
+        sa("10.244.1.96:80"),
+        sa("198.51.100.96:1001"),
+        SYN | ACK,
+        1,
+        1001,
+        &[],
+    );
+    let (action, output) = lab.xdp(&reply);
+    assert_eq!(action, XDP_TX);
+    assert_eq!(decode(&output).src_addr(), sa("10.96.0.96:80"));
 }

@@ -57,6 +57,27 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
+/// Words (u64) of the `addr_filter` bitmap.
+pub const ADDR_FILTER_WORDS: u32 = 4096;
+/// Seeds of the two roles an address can have in `addr_filter`.
+pub const FILTER_FRONTEND: u32 = 0x0f0f_5a5a;
+pub const FILTER_BACKEND: u32 = 0x3c3c_a5a5;
+
+/// The bit of `addr_filter` standing for `addr` (of `family`) in a role: a
+/// frontend address (checked against packets' destination) or a backend address
+/// (checked against their source). A clear bit proves the address has that role
+/// nowhere, so the datapath skips its hash lookups for most unrelated traffic.
+#[inline(always)]
+pub const fn addr_filter_bit(addr: &[u8; 16], family: u8, role: u32) -> u32 {
+    let mut h = mix(role, word(addr, 0));
+    if family != crate::FAMILY_V4 {
+        h = mix(h, word(addr, 4));
+        h = mix(h, word(addr, 8));
+        h = mix(h, word(addr, 12));
+    }
+    finish(h) % (ADDR_FILTER_WORDS * 64)
+}
+
 /// Hash of a byte string with a seed (murmur3-style, little-endian words). Used
 /// for Maglev permutations: it must give the same value on every node and every
 /// build, which `std`'s hashers do not promise.

@@ -40,8 +40,9 @@ pub mod map_names {
     pub const BACKEND_STATS: &str = "backend_stats";
     pub const REASONS: &str = "reasons";
     pub const SERVICE_NAMES: &str = "service_names";
+    pub const ADDR_FILTER: &str = "addr_filter";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 10] = [
+    pub const ALL: [&str; 11] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -52,6 +53,7 @@ pub mod map_names {
         BACKEND_STATS,
         REASONS,
         SERVICE_NAMES,
+        ADDR_FILTER,
     ];
 }
 
@@ -104,6 +106,9 @@ pub const SVC_F_AFFINITY: u32 = 1 << 2;
 pub const SVC_F_SOURCE_RANGES: u32 = 1 << 3;
 /// The table holds terminating (serving) endpoints only: none was ready.
 pub const SVC_F_TERMINATING_FALLBACK: u32 = 1 << 4;
+/// An address-level entry (port 0, protocol 0): the address is a ClusterIP, so
+/// packets to it on a port that is no Service port are refused, as kube-proxy does.
+pub const SVC_F_ADDRESS: u32 = 1 << 5;
 
 /// Value of `services`.
 #[repr(C)]

@@ -60,8 +60,15 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
     match parse_stage(pkt, s) {
         Parsed::Pass(reason) => (Action::Pass, reason),
         Parsed::Flow => {
+            if !service::may_concern(&s.h.key) {
+                return (Action::Pass, Reason::PassNotService);
+            }
             if !established(s) {
                 if !service::lookup(&s.h.key, &mut s.svc) {
+                    if service::is_cluster_address(&s.h.key) {
+                        // A ClusterIP on a port that is no Service port.
+                        return unpack(refuse_stage(pkt, s));
+                    }
                     return (Action::Pass, Reason::PassNotService);
                 }
                 match open_stage(s) {

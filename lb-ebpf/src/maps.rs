@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Config, Counters, CtEntry, FlowKey, MaglevPair, Reason, Service, ServiceKey,
-    ServiceName, capacity, maglev_row_elements,
+    ServiceName, capacity, hash, maglev_row_elements,
 };
 
 use crate::datapath::Scratch;
@@ -70,6 +70,12 @@ pub static REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuAr
 /// reads it; it lives here so that it is created, pinned and typed like the rest.
 #[btf_map(name = "service_names")]
 pub static SERVICE_NAMES: Array<ServiceName, { capacity::SERVICE_IDS as usize }> = Array::new();
+
+/// Bits standing for frontend and backend addresses (see
+/// `lb_common::hash::addr_filter_bit`): a packet whose destination is no frontend
+/// and whose source is no backend skips the conntrack and service lookups.
+#[btf_map(name = "addr_filter")]
+pub static ADDR_FILTER: Array<u64, { hash::ADDR_FILTER_WORDS as usize }> = Array::new();
 
 /// Per-packet working state, kept off the 512-byte BPF stack. Not pinned: it
 /// holds nothing between packets.

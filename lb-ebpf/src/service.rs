@@ -1,8 +1,41 @@
 //! Service lookup and backend choice (Maglev).
 
-use lb_common::{Backend, Config, CtEntry, FlowKey, Service, ServiceKey, maglev_row_elements};
+use lb_common::{
+    Backend, Config, CtEntry, FlowKey, Service, ServiceKey, hash, maglev_row_elements,
+};
 
-use crate::maps::{BACKENDS, CONFIG, MAGLEV, SERVICES};
+use crate::maps::{ADDR_FILTER, BACKENDS, CONFIG, MAGLEV, SERVICES};
+
+#[inline(always)]
+fn filter_has(addr: &[u8; 16], family: u8, role: u32) -> bool {
+    let bit = hash::addr_filter_bit(addr, family, role);
+    match ADDR_FILTER.get(bit / 64) {
+        Some(word) => *word & (1u64 << (bit % 64)) != 0,
+        None => true,
+    }
+}
+
+/// Whether the packet may be lb's business: its destination may be a frontend,
+/// or its source a backend. False is certain (two array loads, no hashing of
+/// the whole 5-tuple); true is checked by the lookups that follow.
+#[inline(always)]
+pub fn may_concern(key: &FlowKey) -> bool {
+    filter_has(&key.dst, key.family, hash::FILTER_FRONTEND)
+        || filter_has(&key.src, key.family, hash::FILTER_BACKEND)
+}
+
+/// Whether the destination is a ClusterIP (an address-level entry), so that a
+/// port that is no Service port is refused rather than routed nowhere.
+#[inline(always)]
+pub fn is_cluster_address(key: &FlowKey) -> bool {
+    let skey = ServiceKey {
+        addr: key.dst,
+        port: 0,
+        proto: 0,
+        family: key.family,
+    };
+    SERVICES.get_ptr(&skey).is_some()
+}
 
 /// Copies the frontend a packet with `key` is addressed to into `out`; false if
 /// it is not a service.

@@ -26,6 +26,7 @@ pub struct Maps {
     pub backend_stats: PerCpuArray<MapData, Counters>,
     pub reasons: PerCpuArray<MapData, Counters>,
     pub service_names: Array<MapData, ServiceName>,
+    pub addr_filter: Array<MapData, u64>,
 }
 
 fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
@@ -65,6 +66,7 @@ impl Maps {
             backend_stats: typed!(ebpf, map_names::BACKEND_STATS),
             reasons: typed!(ebpf, map_names::REASONS),
             service_names: typed!(ebpf, map_names::SERVICE_NAMES),
+            addr_filter: typed!(ebpf, map_names::ADDR_FILTER),
         })
     }
 
@@ -94,6 +96,7 @@ impl Maps {
             backend_stats: pinned!(map_names::BACKEND_STATS),
             reasons: pinned!(map_names::REASONS),
             service_names: pinned!(map_names::SERVICE_NAMES),
+            addr_filter: pinned!(map_names::ADDR_FILTER),
         })
     }
 
@@ -128,6 +131,13 @@ impl Maps {
         self.service_names
             .set(id, ServiceName::new(name), 0)
             .with_context(|| format!("writing the name of service id {id}"))
+    }
+
+    /// Writes one 64-bit word of the `addr_filter` bitmap.
+    pub fn set_filter_word(&mut self, index: u32, word: u64) -> Result<()> {
+        self.addr_filter
+            .set(index, word, 0)
+            .with_context(|| format!("writing addr_filter word {index}"))
     }
 
     /// Lets XDP redirect to `ifindex`.

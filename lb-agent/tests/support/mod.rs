@@ -158,8 +158,38 @@ impl Lab {
         svc
     }
 
+    /// Sets the `addr_filter` bit of an address in a role (the agent does this
+    /// before writing entries; tests never clear bits, a superset is harmless).
+    pub fn filter(&mut self, addr: &[u8; 16], family: u8, role: u32) {
+        let bit = lb_common::hash::addr_filter_bit(addr, family, role);
+        let word = self.maps.addr_filter.get(&(bit / 64), 0).unwrap() | (1 << (bit % 64));
+        self.maps.set_filter_word(bit / 64, word).unwrap();
+    }
+
+    /// Marks `addr` as a ClusterIP address: its other ports are refused.
+    pub fn cluster_address(&mut self, addr: IpAddr) {
+        let (a, family) = addr16(addr);
+        self.filter(&a, family, lb_common::hash::FILTER_FRONTEND);
+        self.maps
+            .set_service(
+                &ServiceKey {
+                    addr: a,
+                    port: 0,
+                    proto: 0,
+                    family,
+                },
+                &Service {
+                    id: u32::MAX,
+                    flags: lb_common::SVC_F_ADDRESS,
+                    ..Service::default()
+                },
+            )
+            .unwrap();
+    }
+
     pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
         let (a, family) = addr16(addr.ip());
+        self.filter(&a, family, lb_common::hash::FILTER_BACKEND);
         let flags = BACKEND_F_ACTIVE | if local { BACKEND_F_LOCAL } else { 0 };
         self.maps
             .set_backend(
@@ -176,6 +206,7 @@ impl Lab {
 
     pub fn frontend(&mut self, addr: SocketAddr, proto: u8, svc: &Svc, flags: u32) {
         let (a, family) = addr16(addr.ip());
+        self.filter(&a, family, lb_common::hash::FILTER_FRONTEND);
         self.maps
             .set_service(
                 &ServiceKey {

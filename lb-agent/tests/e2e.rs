@@ -1,0 +1,976 @@
+//! End to end: a two-node cluster of network namespaces (lb-testbed) with
+//! `lb-agent run --manifests` on both nodes, pod servers in four pods, and
+//! real clients (curl, socat, kernel sockets) in the pods and in the external
+//! client. Every case uses its own Services, written to the manifest
+//! directory; the cluster is brought up once and the cases run in sequence.
+//! Each case prints one line saying what it checked; the test ends with
+//! `e2e: N checks passed (...)`. On a failure it prints the agents' logs and
+//! `lb-agent dump` of both nodes (and a tcpdump of a failing request), runs the
+//! remaining cases, and fails.
+//!
+//! Needs root (namespaces, BPF). `cargo test -p lb-agent --test e2e -- --nocapture`.
+
+/// Fails the case with the message unless `cond` holds; counts a passed check.
+macro_rules! check {
+    ($env:expr, $cond:expr, $($arg:tt)+) => {{
+        if !$cond {
+            anyhow::bail!($($arg)+);
+        }
+        $env.passed();
+    }};
+}
+
+#[path = "e2e/harness.rs"]
+mod harness;
+
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::{IpAddr, SocketAddr},
+    sync::{
+        Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, anyhow, bail};
+use harness::{
+    ANSWER, Answer, Env, Shape, Tcp, Udp, fam, ms, probe, spread, tally_line, timed, wait_until,
+};
+use lb_testbed::{ProbeError, StreamReport, curl_in, manifests::ServiceSpec, socat_udp_in};
+
+const PODS: [&str; 4] = ["pod-a0", "pod-a1", "pod-b0", "pod-b1"];
+/// A stream may not go longer than this with bytes outstanding and nothing
+/// echoed ("well under a second").
+const MAX_STALL: Duration = Duration::from_millis(500);
+/// A refusal must come at once: well under a second.
+const REFUSE_WITHIN: Duration = Duration::from_millis(500);
+/// Manifest changes must be in force within a second.
+const FOLLOW_WITHIN: Duration = Duration::from_secs(1);
+/// How long a probe waits while polling for a change: an answer takes
+/// milliseconds.
+const FAST: Duration = Duration::from_millis(100);
+
+/// The Services of the suite: (ClusterIP number, name).
+const LOCAL: (u128, &str) = (20, "e2e-local");
+const REMOTE: (u128, &str) = (21, "e2e-remote");
+const NP_TO_B: (u128, &str) = (22, "e2e-np-to-b");
+const NP_TO_A: (u128, &str) = (23, "e2e-np-to-a");
+const LB: (u128, &str) = (24, "e2e-lb");
+const SPREAD: (u128, &str) = (25, "e2e-spread");
+const CHURN: (u128, &str) = (26, "e2e-churn");
+const RESTART: (u128, &str) = (27, "e2e-restart");
+const EMPTY: (u128, &str) = (28, "e2e-empty");
+const EDIT: (u128, &str) = (29, "e2e-edit");
+const HAIRPIN: (u128, &str) = (30, "e2e-hairpin");
+
+const NODEPORT_TO_B: u16 = 30101;
+const NODEPORT_TO_A: u16 = 30102;
+const NODEPORT_LB: u16 = 30103;
+const NODEPORT_RESTART: u16 = 30107;
+const NODEPORT_EMPTY: u16 = 30108;
+const EDIT_OLD: (u16, u16) = (81, 30109);
+const EDIT_NEW: (u16, u16) = (82, 30110);
+const CHURN_PODS: [&str; 3] = ["pod-a1", "pod-b0", "pod-b1"];
+
+fn spec(
+    env: &Env,
+    svc: (u128, &str),
+    kind: &'static str,
+    port: u16,
+    np: Option<u16>,
+) -> ServiceSpec {
+    ServiceSpec::new(svc.1, kind, env.c.cluster_ips(svc.0)).tcp_udp("p", port, np)
+}
+
+fn edit_spec(env: &Env, (port, np): (u16, u16)) -> ServiceSpec {
+    spec(env, EDIT, "NodePort", port, Some(np))
+}
+
+fn lb_spec(env: &Env) -> ServiceSpec {
+    let mut s = spec(env, LB, "LoadBalancer", 80, Some(NODEPORT_LB));
+    s.load_balancer_ips = env.c.lb_ips(20);
+    s.external_ips = env.c.external_ips(20);
+    s
+}
+
+/// Every Service of the suite as it starts.
+fn initial_services(env: &Env) -> Vec<(ServiceSpec, Vec<&'static str>)> {
+    vec![
+        (spec(env, LOCAL, "ClusterIP", 80, None), vec!["pod-a1"]),
+        (spec(env, REMOTE, "ClusterIP", 80, None), vec!["pod-b0"]),
+        (
+            spec(env, NP_TO_B, "NodePort", 80, Some(NODEPORT_TO_B)),
+            vec!["pod-b1"],
+        ),
+        (
+            spec(env, NP_TO_A, "NodePort", 80, Some(NODEPORT_TO_A)),
+            vec!["pod-a1"],
+        ),
+        (lb_spec(env), PODS.to_vec()),
+        (spec(env, SPREAD, "ClusterIP", 80, None), PODS.to_vec()),
+        (spec(env, CHURN, "ClusterIP", 80, None), CHURN_PODS.to_vec()),
+        (
+            spec(env, RESTART, "NodePort", 80, Some(NODEPORT_RESTART)),
+            vec!["pod-b0", "pod-b1"],
+        ),
+        (
+            spec(env, EMPTY, "NodePort", 80, Some(NODEPORT_EMPTY)),
+            vec![],
+        ),
+        (edit_spec(env, EDIT_OLD), vec!["pod-a1", "pod-b0"]),
+        (spec(env, HAIRPIN, "ClusterIP", 80, None), vec!["pod-a0"]),
+    ]
+}
+
+fn vip(env: &Env, svc: (u128, &str), v6: bool, port: u16) -> SocketAddr {
+    SocketAddr::new(env.c.cluster_ips(svc.0)[usize::from(v6)], port)
+}
+
+fn both<T>(f: impl Fn(bool) -> T) -> [T; 2] {
+    [f(false), f(true)]
+}
+
+/// Case 1: ClusterIP from pods to a backend on their own node and on the other
+/// node; the backend sees the client pod's own address.
+fn clusterip(env: &Env) -> Result<String> {
+    let mut n = 0;
+    for client in ["pod-a0", "pod-b1"] {
+        let cp = env.c.pod(client);
+        for (svc, backend) in [(LOCAL, "pod-a1"), (REMOTE, "pod-b0")] {
+            for v6 in [false, true] {
+                let to = vip(env, svc, v6, 80);
+                let own = cp.addrs()[usize::from(v6)];
+                for proto in [Tcp, Udp] {
+                    env.ask_expect(cp.ns(), to, proto, |a| {
+                        if a.server != backend || a.peer.ip() != own {
+                            bail!(
+                                "{proto} {client} -> {} {to}: answered by {a}, expected {backend} seeing {own}",
+                                svc.1
+                            );
+                        }
+                        Ok(())
+                    })?;
+                    n += 1;
+                }
+            }
+        }
+    }
+    Ok(format!(
+        "{n}/{n} requests (curl TCP, socat UDP, v4+v6) from pod-a0 and pod-b1 to a backend on the same node (pod-a1 / pod-b0) and on the other node each answered by it, seeing the client pod's own address"
+    ))
+}
+
+/// Case 2: NodePort with externalTrafficPolicy Cluster, the only backend on the
+/// other node: answered through the dialed node, which the backend sees as
+/// the peer (source NAT from its address, a port of its SNAT range).
+fn nodeport(env: &Env) -> Result<String> {
+    let client = env.c.client();
+    let mut lines = Vec::new();
+    for (dialed, nodeport, backend) in [
+        ("node-a", NODEPORT_TO_B, "pod-b1"),
+        ("node-b", NODEPORT_TO_A, "pod-a1"),
+    ] {
+        let node = env.c.node(dialed);
+        let (lo, hi) = env.snat_ports(dialed)?;
+        for v6 in [false, true] {
+            let to = node.sock(v6, nodeport);
+            let snat = node.addrs()[usize::from(v6)];
+            for proto in [Tcp, Udp] {
+                let a = env.ask_expect(client.ns(), to, proto, |a| {
+                    if a.server != backend
+                        || a.peer.ip() != snat
+                        || !(lo..=hi).contains(&a.peer.port())
+                    {
+                        bail!(
+                            "{proto} client -> {dialed} {to}: answered by {a}, expected {backend} seeing {snat} with a port in {lo}-{hi}"
+                        );
+                    }
+                    Ok(())
+                })?;
+                lines.push(format!("{proto} {to} -> {}", a));
+            }
+        }
+    }
+    Ok(format!(
+        "client -> NodePort (connected sockets: curl, socat) on each node, backend only on the other node: {}",
+        lines.join("; ")
+    ))
+}
+
+/// Case 3: The LoadBalancer ingress IP and the externalIP from the client (routed
+/// via node-a): answered by the Service's pods; a backend on node-a sees the
+/// client, one on node-b sees node-a (source NAT for remote backends only).
+fn loadbalancer(env: &Env) -> Result<String> {
+    let client = env.c.client();
+    let na = env.c.node("node-a");
+    let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+    let mut n = 0;
+    for (what, ips) in [
+        ("LB ingress", env.c.lb_ips(20)),
+        ("externalIP", env.c.external_ips(20)),
+    ] {
+        for v6 in [false, true] {
+            let to = SocketAddr::new(ips[usize::from(v6)], 80);
+            let client_ip = client.addrs()[usize::from(v6)];
+            let node_ip = na.addrs()[usize::from(v6)];
+            for proto in [Tcp, Udp] {
+                for _ in 0..6 {
+                    let a = env.ask_expect(client.ns(), to, proto, |a| {
+                        let Some(p) = PODS.iter().find(|p| **p == a.server) else {
+                            bail!("{what} {proto} {to}: answered by {a}, not a pod of the Service");
+                        };
+                        let want = if env.c.pod(p).node() == "node-a" {
+                            client_ip
+                        } else {
+                            node_ip
+                        };
+                        if a.peer.ip() != want {
+                            bail!(
+                                "{what} {proto} {to}: answered by {a}, expected it to see {want}"
+                            );
+                        }
+                        Ok(())
+                    })?;
+                    *tally.entry(a.server).or_insert(0) += 1;
+                    n += 1;
+                }
+            }
+        }
+    }
+    check!(
+        env,
+        tally.len() >= 2,
+        "all {n} LoadBalancer/externalIP requests went to one pod: {}",
+        tally_line(&tally)
+    );
+    Ok(format!(
+        "{n}/{n} requests from the client to {} and {} (and IPv6), TCP (curl) and UDP (socat), answered by the pods ({}), node-a's backends seeing the client, node-b's seeing node-a",
+        env.c.lb_ips(20)[0],
+        env.c.external_ips(20)[0],
+        tally_line(&tally)
+    ))
+}
+
+/// Case 4: 200 new connections (curl) / new sockets (socat) reach every
+/// backend and none gets more than twice its fair share.
+fn spread_case(env: &Env) -> Result<String> {
+    const N: usize = 200;
+    let fair = N / PODS.len();
+    let a0 = env.c.pod("pod-a0");
+    let client = env.c.client();
+    let mut lines = Vec::new();
+    let mut targets = Vec::new();
+    for v6 in [false, true] {
+        targets.push(("pod-a0 -> ClusterIP", a0.ns(), vip(env, SPREAD, v6, 80), v6));
+        targets.push((
+            "client -> LB IP",
+            client.ns(),
+            SocketAddr::new(env.c.lb_ips(20)[usize::from(v6)], 80),
+            v6,
+        ));
+    }
+    for (what, ns, to, v6) in targets {
+        for proto in [Tcp, Udp] {
+            let t = spread(ns, to, proto, N)?;
+            let missing: Vec<&str> = PODS
+                .iter()
+                .filter(|p| !t.contains_key(**p))
+                .copied()
+                .collect();
+            check!(
+                env,
+                missing.is_empty(),
+                "{what} {proto} {}: {} never chosen ({})",
+                fam(v6),
+                missing.join(", "),
+                tally_line(&t)
+            );
+            check!(
+                env,
+                t.values().all(|&c| c <= 2 * fair) && t.len() == PODS.len(),
+                "{what} {proto} {}: more than twice the fair share ({fair}) or a stranger: {}",
+                fam(v6),
+                tally_line(&t)
+            );
+            lines.push(format!(
+                "{what} {proto} {}: {}",
+                fam(v6),
+                t.values()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join("/")
+            ));
+        }
+    }
+    Ok(format!(
+        "{N} new flows (curl TCP, socat UDP) each reach all 4 backends (a0/a1/b0/b1), none above {}: {}",
+        2 * fair,
+        lines.join("; ")
+    ))
+}
+
+/// The pod each TCP flow from `client` to `vips` was sent to, from node
+/// `node`'s conntrack (the only flows to those VIPs so far).
+fn stream_backends(
+    env: &Env,
+    node: &str,
+    client: IpAddr,
+    vips: &[SocketAddr],
+) -> Result<Vec<String>> {
+    let mut found = Vec::new();
+    wait_until(Duration::from_secs(3), || {
+        let d = env.dump(node)?;
+        let shown = d["conntrack"]["shown"]
+            .as_array()
+            .context("no conntrack in dump")?;
+        found.clear();
+        for v in vips {
+            let hits: Vec<&serde_json::Value> = shown
+                .iter()
+                .filter(|e| {
+                    e["protocol"] == "TCP"
+                        && e["direction"] == "forward"
+                        && e["to"] == v.to_string().as_str()
+                        && e["from"]
+                            .as_str()
+                            .and_then(|f| f.parse::<SocketAddr>().ok())
+                            .is_some_and(|f| f.ip() == client)
+                })
+                .collect();
+            if hits.len() != 1 {
+                bail!(
+                    "{} forward conntrack entries {client} -> {v} on {node}",
+                    hits.len()
+                );
+            }
+            let to: SocketAddr = hits[0]["becomes_to"]
+                .as_str()
+                .and_then(|s| s.parse().ok())
+                .context("bad becomes_to")?;
+            let pod = env
+                .pod_of(to.ip())
+                .with_context(|| format!("{v} becomes {to}: no pod"))?;
+            found.push(pod.name().to_string());
+        }
+        Ok(())
+    })?;
+    Ok(found)
+}
+
+fn stream_ok(env: &Env, what: &str, r: &StreamReport) -> Result<String> {
+    check!(
+        env,
+        r.lossless(),
+        "{what}: not lossless: sent {} received {} corrupt at {:?} error {:?}",
+        r.sent,
+        r.received,
+        r.corrupt_at,
+        r.error
+    );
+    check!(
+        env,
+        r.longest_stall < MAX_STALL,
+        "{what}: stalled for {} (limit {})",
+        ms(r.longest_stall),
+        ms(MAX_STALL)
+    );
+    Ok(format!(
+        "{what} {} bytes via {}, longest stall {}",
+        r.received,
+        r.server,
+        ms(r.longest_stall)
+    ))
+}
+
+/// Case 5: An endpoint is removed while long-lived TCP streams (v4, v6) run to
+/// remaining backends: the streams go on without a stall or a lost byte, and
+/// new flows avoid the removed backend.
+fn endpoint_removal(env: &Env) -> Result<String> {
+    const BYTES: u64 = 6_000_000;
+    const DURATION: Duration = Duration::from_secs(6);
+    let a0 = env.c.pod("pod-a0");
+    let vips = both(|v6| vip(env, CHURN, v6, 80));
+    thread::scope(|s| -> Result<String> {
+        let streams: Vec<_> = vips
+            .iter()
+            .map(|to| s.spawn(move || lb_testbed::tcp_stream(a0.ns(), *to, BYTES, DURATION)))
+            .collect();
+        let during = (|| -> Result<(String, Vec<String>, String)> {
+            let mut used = Vec::new();
+            for (v, to) in vips.iter().enumerate() {
+                used.extend(stream_backends(env, "node-a", a0.addrs()[v], &[*to])?);
+            }
+            let removed = CHURN_PODS
+                .iter()
+                .find(|p| !used.iter().any(|u| u == *p))
+                .copied()
+                .context("no backend free of streams")?;
+            let keep: Vec<&str> = CHURN_PODS
+                .iter()
+                .copied()
+                .filter(|p| *p != removed)
+                .collect();
+            env.write(&spec(env, CHURN, "ClusterIP", 80, None), &keep)?;
+            thread::sleep(Duration::from_millis(1500));
+            let mut tally: BTreeMap<String, usize> = BTreeMap::new();
+            for to in &vips {
+                for proto in [Tcp, Udp] {
+                    for (k, c) in spread(a0.ns(), *to, proto, 50)? {
+                        *tally.entry(k).or_insert(0) += c;
+                    }
+                }
+            }
+            check!(
+                env,
+                !tally.contains_key(removed) && tally.keys().all(|k| keep.contains(&k.as_str())),
+                "after removing {removed}: new flows answered by {}",
+                tally_line(&tally)
+            );
+            Ok((removed.to_string(), used, tally_line(&tally)))
+        })();
+        let reports: Vec<Result<StreamReport>> = streams
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("stream thread panicked")))
+            })
+            .collect();
+        let (removed, used, tally) = during?;
+        let mut lines = Vec::new();
+        for (i, r) in reports.into_iter().enumerate() {
+            let r = r?;
+            check!(
+                env,
+                r.server == used[i],
+                "stream {} answered by {} but conntrack said {}",
+                fam(i == 1),
+                r.server,
+                used[i]
+            );
+            lines.push(stream_ok(env, &format!("TCP {} stream", fam(i == 1)), &r)?);
+        }
+        Ok(format!(
+            "removed {removed} from {} during 2 streams: {}; 200 new flows (curl, socat, v4+v6) 1.5 s later: {tally}",
+            CHURN.1,
+            lines.join(", ")
+        ))
+    })
+}
+
+/// Case 6: Both agents are restarted while TCP streams (pod -> ClusterIP, client
+/// -> NodePort, v4 and v6) run and new TCP and UDP flows keep being made: no
+/// stream stalls or loses a byte, no new flow fails, and `lb-agent dump`
+/// shows the same service ids, backend ids and Maglev rows before, during
+/// and after.
+fn agent_restart(env: &Env) -> Result<String> {
+    const BYTES: u64 = 8_000_000;
+    const DURATION: Duration = Duration::from_secs(12);
+    let a0 = env.c.pod("pod-a0");
+    let client = env.c.client();
+    let na = env.c.node("node-a");
+    let nodes = ["node-a", "node-b"];
+    let before: Vec<Shape> = nodes.iter().map(|n| env.shape(n)).collect::<Result<_>>()?;
+    let mut targets: Vec<(String, &str, SocketAddr)> = Vec::new();
+    for v6 in [false, true] {
+        targets.push((
+            format!("pod-a0 -> ClusterIP {}", fam(v6)),
+            a0.ns(),
+            vip(env, RESTART, v6, 80),
+        ));
+        targets.push((
+            format!("client -> node-a NodePort {}", fam(v6)),
+            client.ns(),
+            na.sock(v6, NODEPORT_RESTART),
+        ));
+    }
+    let done = AtomicBool::new(false);
+    let shapes_seen = Mutex::new((0usize, Vec::<String>::new()));
+    let flows = Mutex::new((0usize, Vec::<String>::new()));
+    let t0 = Instant::now();
+    thread::scope(|s| -> Result<String> {
+        let streams: Vec<_> = targets
+            .iter()
+            .map(|(_, ns, to)| s.spawn(move || lb_testbed::tcp_stream(ns, *to, BYTES, DURATION)))
+            .collect();
+        // The maps, while the agents go and come.
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                for (i, n) in nodes.iter().enumerate() {
+                    let diff = match env.shape(n) {
+                        Ok(shape) => before[i].diff(&shape),
+                        Err(e) => vec![format!("dump failed: {e:#}")],
+                    };
+                    let mut g = shapes_seen.lock().unwrap();
+                    g.0 += 1;
+                    g.1.extend(diff.into_iter().map(|d| format!("{n}: {d}")));
+                }
+                thread::sleep(Duration::from_millis(100));
+            }
+        });
+        // New flows all along.
+        s.spawn(|| {
+            while !done.load(Ordering::SeqCst) {
+                for (what, ns, to) in &targets {
+                    for proto in [Tcp, Udp] {
+                        let r = probe(ns, *to, proto, Duration::from_secs(1));
+                        let mut g = flows.lock().unwrap();
+                        g.0 += 1;
+                        if let Err(e) = r {
+                            g.1.push(format!("{what} {proto} at {}: {e}", ms(t0.elapsed())));
+                        }
+                    }
+                }
+                thread::sleep(Duration::from_millis(20));
+            }
+        });
+        let restarts = (|| -> Result<Vec<String>> {
+            thread::sleep(Duration::from_millis(1000));
+            let mut took = Vec::new();
+            for n in nodes {
+                let (r, t) = timed(|| env.c.restart_agent(n));
+                r.with_context(|| format!("restarting the agent on {n}"))?;
+                took.push(format!("{n} {}", ms(t)));
+            }
+            thread::sleep(Duration::from_millis(500));
+            Ok(took)
+        })();
+        let restarted_at = t0.elapsed();
+        done.store(true, Ordering::SeqCst);
+        let reports: Vec<Result<StreamReport>> = streams
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("stream thread panicked")))
+            })
+            .collect();
+        let took = restarts?;
+        check!(
+            env,
+            restarted_at + Duration::from_millis(500) < DURATION,
+            "the restarts ended {} after the streams started, not within their {} (the check would be void)",
+            ms(restarted_at),
+            ms(DURATION)
+        );
+        let mut stalls = Vec::new();
+        for ((what, _, _), r) in targets.iter().zip(reports) {
+            let r = r?;
+            stream_ok(env, what, &r)?;
+            stalls.push(ms(r.longest_stall));
+        }
+        let (flows_made, flows_failed) = std::mem::take(&mut *flows.lock().unwrap());
+        check!(
+            env,
+            flows_failed.is_empty() && flows_made > 0,
+            "{} of {flows_made} new flows during the restarts failed: {}",
+            flows_failed.len(),
+            flows_failed.join("; ")
+        );
+        let (dumps, diffs) = std::mem::take(&mut *shapes_seen.lock().unwrap());
+        check!(
+            env,
+            diffs.is_empty() && dumps > 0,
+            "the maps changed across the restart ({dumps} dumps): {}",
+            diffs.join("\n")
+        );
+        let mut after = Vec::new();
+        for (i, n) in nodes.iter().enumerate() {
+            let shape = env.shape(n)?;
+            let diff = before[i].diff(&shape);
+            check!(
+                env,
+                diff.is_empty(),
+                "after the restart, {n}'s maps differ:\n{}",
+                diff.join("\n")
+            );
+            after.push(format!(
+                "{n}: {} service ids, {} backend ids",
+                shape.services.len(),
+                shape.backends.len()
+            ));
+        }
+        Ok(format!(
+            "restarted {} during 4 streams (pod->ClusterIP, client->NodePort via node-a, v4+v6): all lossless, longest stalls {}; {flows_made} new TCP/UDP flows during the restarts all answered; {dumps} dumps during and one after identical to before ({})",
+            took.join(", "),
+            stalls.join("/"),
+            after.join("; ")
+        ))
+    })
+}
+
+/// Case 7: A Service without endpoints is refused at once: TCP with a RST
+/// (connection refused), UDP with ICMP port unreachable, from a pod to the
+/// ClusterIP and from the client to the NodePort of both nodes.
+fn no_endpoints(env: &Env) -> Result<String> {
+    let a0 = env.c.pod("pod-a0");
+    let client = env.c.client();
+    let mut targets: Vec<(&str, &str, SocketAddr)> = Vec::new();
+    for v6 in [false, true] {
+        targets.push(("pod-a0", a0.ns(), vip(env, EMPTY, v6, 80)));
+        for n in ["node-a", "node-b"] {
+            targets.push((
+                "client",
+                client.ns(),
+                env.c.node(n).sock(v6, NODEPORT_EMPTY),
+            ));
+        }
+    }
+    let mut slowest = Duration::ZERO;
+    for (who, ns, to) in &targets {
+        for proto in [Tcp, Udp] {
+            let (r, t) = timed(|| probe(ns, *to, proto, Duration::from_secs(3)));
+            check!(
+                env,
+                r == Err(ProbeError::Refused) && t < REFUSE_WITHIN,
+                "{proto} {who} -> {to} (no endpoints): {r:?} after {}, expected refused within {}",
+                ms(t),
+                ms(REFUSE_WITHIN)
+            );
+            slowest = slowest.max(t);
+        }
+        // The real clients say the same.
+        let (r, t) = timed(|| curl_in(ns, &format!("http://{to}/"), Duration::from_secs(3)));
+        let msg = r
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_else(|| "answered".into());
+        check!(
+            env,
+            msg.contains("exit status: 7") && t < REFUSE_WITHIN,
+            "curl {who} -> {to} (no endpoints) after {}: {msg}",
+            ms(t)
+        );
+        let (r, t) = timed(|| socat_udp_in(ns, *to, b"x", Duration::from_secs(3)));
+        let msg = r
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_else(|| "answered".into());
+        check!(
+            env,
+            msg.contains("Connection refused") && t < REFUSE_WITHIN + Duration::from_millis(500),
+            "socat {who} -> {to} (no endpoints) after {}: {msg}",
+            ms(t)
+        );
+    }
+    Ok(format!(
+        "{} frontends (ClusterIP from pod-a0, NodePort on node-a and node-b from the client, v4+v6): TCP refused (probe, curl exit 7) and UDP port unreachable (probe, socat \"Connection refused\"), slowest probe {}",
+        targets.len(),
+        ms(slowest)
+    ))
+}
+
+/// The e2e-edit frontends of one port pair: (what, ns, address, is a
+/// ClusterIP).
+fn edit_targets(env: &Env, (port, np): (u16, u16)) -> Vec<(String, String, SocketAddr, bool)> {
+    let a0 = env.c.pod("pod-a0");
+    let client = env.c.client();
+    let mut t = Vec::new();
+    for v6 in [false, true] {
+        t.push((
+            "pod-a0 -> ClusterIP".into(),
+            a0.ns().to_string(),
+            vip(env, EDIT, v6, port),
+            true,
+        ));
+        for n in ["node-a", "node-b"] {
+            t.push((
+                format!("client -> {n} NodePort"),
+                client.ns().to_string(),
+                env.c.node(n).sock(v6, np),
+                false,
+            ));
+        }
+    }
+    t
+}
+
+type Targets = [(String, String, SocketAddr, bool)];
+
+/// Every target answers (by a pod of e2e-edit) within `timeout`, over TCP
+/// and UDP.
+fn all_answer(targets: &Targets, timeout: Duration) -> Result<()> {
+    for (who, ns, to, _) in targets {
+        for proto in [Tcp, Udp] {
+            match probe(ns, *to, proto, timeout) {
+                Ok(p) if p == "pod-a1" || p == "pod-b0" => {}
+                other => bail!("{proto} {who} {to}: {other:?}, expected an answer"),
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The NodePorts among `targets` refuse TCP (the node's own RST, at once).
+fn nodeports_refuse_tcp(targets: &Targets) -> Result<()> {
+    for (who, ns, to, cluster_ip) in targets {
+        if !cluster_ip {
+            let r = probe(ns, *to, Tcp, Duration::from_millis(100));
+            if r != Err(ProbeError::Refused) {
+                bail!("TCP {who} {to}: {r:?}, expected refused");
+            }
+        }
+    }
+    Ok(())
+}
+
+/// No service port of e2e-edit is left in either node's maps.
+fn edit_gone_from_maps(env: &Env) -> Result<()> {
+    let prefix = format!("default/{}:", EDIT.1);
+    for n in ["node-a", "node-b"] {
+        let left: Vec<String> = env
+            .service_names(n)?
+            .into_iter()
+            .filter(|s| s.starts_with(&prefix))
+            .collect();
+        if !left.is_empty() {
+            bail!("{n} still has {}", left.join(", "));
+        }
+    }
+    Ok(())
+}
+
+/// No target is answered (within 300 ms); returns how each kind failed.
+fn none_answer(targets: &Targets) -> Result<Vec<String>> {
+    let mut how = BTreeSet::new();
+    for (who, ns, to, cluster_ip) in targets {
+        for proto in [Tcp, Udp] {
+            let r = probe(ns, *to, proto, Duration::from_millis(300));
+            let Err(e) = r else {
+                bail!("{proto} {who} {to}: still answered: {r:?}");
+            };
+            let kind = if *cluster_ip { "ClusterIP" } else { "NodePort" };
+            how.insert(format!("{kind} {proto} {e}"));
+        }
+    }
+    Ok(how.into_iter().collect())
+}
+
+/// The old port's frontends are refused: the ClusterIP over TCP and UDP, the
+/// NodePorts over TCP (the node's own RST; its ICMP port unreachables are
+/// rate-limited, so UDP there is only required to go unanswered, above).
+/// Returns what was not refused, with a capture of one such request.
+fn refused(env: &Env, targets: &Targets) -> Vec<String> {
+    let mut bad = Vec::new();
+    let mut captured = false;
+    for (who, ns, to, cluster_ip) in targets {
+        for proto in [Tcp, Udp] {
+            if proto == Udp && !cluster_ip {
+                continue;
+            }
+            let (r, t) = timed(|| probe(ns, *to, proto, Duration::from_secs(1)));
+            if r == Err(ProbeError::Refused) && t < REFUSE_WITHIN {
+                env.passed();
+                continue;
+            }
+            let mut line = format!(
+                "{proto} {who} {to}: {r:?} after {}, expected refused",
+                ms(t)
+            );
+            if !captured {
+                captured = true;
+                let nodes: Vec<&str> = env.c.nodes().iter().map(|n| n.ns()).collect();
+                let mut spaces = vec![ns.as_str()];
+                spaces.extend(nodes);
+                let mut again = String::new();
+                let cap = env.capture(
+                    &spaces,
+                    &format!("host {} or icmp or icmp6", to.ip()),
+                    || {
+                        again = format!("{:?}", probe(ns, *to, proto, Duration::from_secs(1)));
+                    },
+                );
+                line += &format!("; again under tcpdump: {again}\n{cap}");
+            }
+            bad.push(line);
+        }
+    }
+    bad
+}
+
+/// Case 8: Changing a port, deleting the Service's file and writing it again each
+/// take effect within a second.
+fn update_delete(env: &Env) -> Result<String> {
+    let old = edit_targets(env, EDIT_OLD);
+    let new = edit_targets(env, EDIT_NEW);
+    all_answer(&old, ANSWER).context("before the change")?;
+    env.passed();
+    let mut problems = Vec::new();
+
+    // In force: the old NodePorts refuse TCP and every new frontend answers
+    // (both decided in milliseconds, so the poll measures the change).
+    env.write(&edit_spec(env, EDIT_NEW), &["pod-a1", "pod-b0"])?;
+    let t_change = wait_until(Duration::from_secs(3), || {
+        nodeports_refuse_tcp(&old)?;
+        all_answer(&new, FAST)
+    })
+    .context("after changing port 81 -> 82 and nodePort 30109 -> 30110")?;
+    check!(
+        env,
+        t_change <= FOLLOW_WITHIN,
+        "the port change took {} (limit {})",
+        ms(t_change),
+        ms(FOLLOW_WITHIN)
+    );
+    let how_old = none_answer(&old).context("after the port change")?;
+    let not_refused = refused(env, &old);
+    if !not_refused.is_empty() {
+        problems.push(format!(
+            "after the port change, the old port is not refused:\n{}",
+            not_refused.join("\n")
+        ));
+    }
+
+    // Gone: out of both nodes' maps, the NodePorts refusing TCP; then nothing
+    // answers on any of its frontends.
+    env.delete(EDIT.1)?;
+    let t_delete = wait_until(Duration::from_secs(3), || {
+        nodeports_refuse_tcp(&new)?;
+        edit_gone_from_maps(env)
+    })
+    .context("after deleting the file")?;
+    check!(
+        env,
+        t_delete <= FOLLOW_WITHIN,
+        "the deletion took {} (limit {})",
+        ms(t_delete),
+        ms(FOLLOW_WITHIN)
+    );
+    let how_deleted = none_answer(&new).context("after deleting the file")?;
+
+    env.write(&edit_spec(env, EDIT_NEW), &["pod-a1", "pod-b0"])?;
+    let t_again = wait_until(Duration::from_secs(3), || all_answer(&new, FAST))
+        .context("after writing the file again")?;
+    check!(
+        env,
+        t_again <= FOLLOW_WITHIN,
+        "the re-creation took {} (limit {})",
+        ms(t_again),
+        ms(FOLLOW_WITHIN)
+    );
+    let line = format!(
+        "port 81->82 / nodePort 30109->30110 in force after {} (old port unanswered: {}), file deleted: gone from both nodes' maps after {} (then unanswered: {}), written again: answering after {}",
+        ms(t_change),
+        how_old.join(", "),
+        ms(t_delete),
+        how_deleted.join(", "),
+        ms(t_again)
+    );
+    if !problems.is_empty() {
+        bail!("{}\n(the rest held: {line})", problems.join("\n"));
+    }
+    Ok(format!(
+        "{line}; the old port then refused (ClusterIP TCP+UDP, NodePort TCP)"
+    ))
+}
+
+/// Hairpin: a pod reaching a Service whose only backend is itself is answered
+/// by itself, which sees the Service's address.
+fn hairpin(env: &Env) -> Result<String> {
+    let a0 = env.c.pod("pod-a0");
+    let mut seen = Vec::new();
+    for v6 in [false, true] {
+        let to = vip(env, HAIRPIN, v6, 80);
+        for proto in [Tcp, Udp] {
+            let a: Answer = env.ask_expect(a0.ns(), to, proto, |a| {
+                if a.server != "pod-a0" || a.peer.ip() != to.ip() {
+                    bail!(
+                        "hairpin {proto} {to}: answered by {a}, expected pod-a0 seeing {}",
+                        to.ip()
+                    );
+                }
+                Ok(())
+            })?;
+            seen.push(format!("{proto} {}", a.peer));
+        }
+    }
+    Ok(format!(
+        "pod-a0 -> {} (only backend pod-a0), TCP (curl) and UDP (socat), v4+v6: answered by pod-a0 seeing the VIP ({})",
+        HAIRPIN.1,
+        seen.join(", ")
+    ))
+}
+
+type Case = (&'static str, fn(&Env) -> Result<String>);
+
+#[test]
+fn e2e() {
+    let t0 = Instant::now();
+    let env = Env::up().unwrap_or_else(|e| panic!("bringing the cluster up: {e:#}"));
+    let setup = (|| -> Result<()> {
+        for (s, pods) in initial_services(&env) {
+            env.write(&s, &pods)?;
+        }
+        env.start_agents()?;
+        // Ready means the first sync is done; check that it saw every Service.
+        let want = initial_services(&env).len() * 4;
+        for n in ["node-a", "node-b"] {
+            let names = env.service_names(n)?;
+            let ours = names
+                .iter()
+                .filter(|s| s.starts_with("default/e2e-"))
+                .count();
+            if ours != want {
+                bail!("{n} has {ours} service ports of the suite, expected {want}: {names:?}");
+            }
+        }
+        Ok(())
+    })();
+    if let Err(e) = setup {
+        panic!("setting up: {e:#}\n{}", env.evidence());
+    }
+    println!(
+        "e2e: cluster {} up with lb-agent on both nodes in {:.1}s",
+        env.c.run_id(),
+        t0.elapsed().as_secs_f64()
+    );
+
+    let cases: [Case; 9] = [
+        ("clusterip", clusterip),
+        ("nodeport", nodeport),
+        ("loadbalancer", loadbalancer),
+        ("spread", spread_case),
+        ("endpoint-removal", endpoint_removal),
+        ("agent-restart", agent_restart),
+        ("no-endpoints", no_endpoints),
+        ("update-delete", update_delete),
+        ("hairpin", hairpin),
+    ];
+    let mut failed = Vec::new();
+    for (i, (name, case)) in cases.iter().enumerate() {
+        let t = Instant::now();
+        match case(&env) {
+            Ok(line) => println!(
+                "e2e [{}] {name} ok ({:.1}s): {line}",
+                i + 1,
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                println!(
+                    "e2e [{}] {name} FAILED ({:.1}s): {e:#}\n{}",
+                    i + 1,
+                    t.elapsed().as_secs_f64(),
+                    env.evidence()
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
+    if failed.is_empty() {
+        println!(
+            "e2e: {} checks passed ({}) in {:.1}s",
+            env.checks(),
+            names.join(", "),
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        panic!(
+            "e2e: {} checks passed, {} of {} cases failed: {}",
+            env.checks(),
+            failed.len(),
+            cases.len(),
+            failed.join(", ")
+        );
+    }
+}
