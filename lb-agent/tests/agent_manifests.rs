@@ -258,6 +258,21 @@ fn backends(m: &Maps) -> Vec<String> {
     out
 }
 
+/// Names of the programs on tcx ingress of `dev` in namespace `ns`.
+fn tcx_programs(ns: &str, dev: &str) -> Vec<String> {
+    let dev = dev.to_string();
+    lb_testbed::in_netns(ns, move || {
+        use aya::programs::{SchedClassifier, tc::TcAttachType};
+        match SchedClassifier::query_tcx(&dev, TcAttachType::Ingress) {
+            Ok((_, progs)) => progs
+                .iter()
+                .map(|p| p.name_as_str().unwrap_or("?").to_string())
+                .collect(),
+            Err(_) => Vec::new(),
+        }
+    })
+}
+
 /// Whether the `addr_filter` bit of an IPv4 address in a role is set.
 fn filtered(m: &Maps, ip: &str, role: u32) -> bool {
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
@@ -302,7 +317,10 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
         ("10.244.1.10", FILTER_BACKEND),
         ("10.244.1.11", FILTER_BACKEND),
     ] {
-        assert!(filtered(&m, ip, role), "addr_filter bit of {ip} ({role:#x}) not set");
+        assert!(
+            filtered(&m, ip, role),
+            "addr_filter bit of {ip} ({role:#x}) not set"
+        );
     }
     drop(m);
 
@@ -566,6 +584,11 @@ fn cleanup_detaches_and_removes_the_pins() {
     );
     node.start();
     node.stop();
+    assert_eq!(
+        tcx_programs(&node.ns, "veth-p0"),
+        ["lb_tc"],
+        "stays attached after the agent stops"
+    );
     let out = Command::new(AGENT)
         .args(["cleanup", "--pin-path"])
         .arg(&node.pins)
@@ -585,14 +608,8 @@ fn cleanup_detaches_and_removes_the_pins() {
         !String::from_utf8_lossy(&link.stdout).contains("xdp"),
         "XDP still attached"
     );
-    let tc = Command::new("ip")
-        .args([
-            "netns", "exec", &node.ns, "bpftool", "net", "show", "dev", "veth-p0",
-        ])
-        .output()
-        .unwrap();
     assert!(
-        !String::from_utf8_lossy(&tc.stdout).contains("lb_tc"),
+        tcx_programs(&node.ns, "veth-p0").is_empty(),
         "tc program still attached"
     );
 }
@@ -704,5 +721,69 @@ fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
             2,
             "a forward and a reply entry"
         );
+    }
+}
+
+#[test]
+fn pod_interfaces_that_come_and_go_are_attached_and_forgotten() {
+    let mut node = Node::new(&[]);
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+    );
+    node.start();
+    let links = node.pins.join("links");
+    let pinned = |name: &str| -> bool {
+        let out = Command::new("ip")
+            .args(["-n", &node.ns, "-o", "link", "show", name])
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        let Some(ifindex) = text
+            .split(':')
+            .next()
+            .and_then(|i| i.trim().parse::<u32>().ok())
+        else {
+            return false;
+        };
+        links.join(format!("tc-{ifindex}")).exists()
+    };
+    // A CNI creates a pod veth while the agent runs.
+    sh(&format!(
+        "ip -n {0} link add veth-new type veth peer name p2 && ip -n {0} link set veth-new up",
+        node.ns
+    ));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while !pinned("veth-new") {
+        assert!(
+            Instant::now() < deadline,
+            "new pod interface not attached in 1 s:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        tcx_programs(&node.ns, "veth-new"),
+        ["lb_tc"],
+        "tcx program not on veth-new"
+    );
+    // An interface not matching the patterns is left alone.
+    sh(&format!(
+        "ip -n {0} link add other0 type veth peer name other1",
+        node.ns
+    ));
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!pinned("other0"));
+    // The pod goes away: its link pin is removed.
+    let before = links.read_dir().unwrap().count();
+    sh(&format!("ip -n {} link del veth-new", node.ns));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while links.read_dir().unwrap().count() != before - 1 {
+        assert!(
+            Instant::now() < deadline,
+            "pin of the removed interface kept:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
