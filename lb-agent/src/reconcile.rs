@@ -153,9 +153,53 @@ struct Filter {
     words: HashMap<u32, u64>,
 }
 
+/// What one bit of the filter stands for.
+#[derive(Clone, Copy)]
+struct FilterKey {
+    addr: [u8; 16],
+    family: u8,
+    port: u16,
+    proto: u8,
+    role: u32,
+}
+
+impl FilterKey {
+    /// A `services` key: a frontend, or (port 0, protocol 0) a ClusterIP address.
+    fn frontend(k: &ServiceKey) -> Self {
+        let role = if k.port == 0 && k.proto == 0 {
+            hash::FILTER_CLUSTER_IP
+        } else {
+            hash::FILTER_FRONTEND
+        };
+        Self {
+            addr: k.addr,
+            family: k.family,
+            port: k.port,
+            proto: k.proto,
+            role,
+        }
+    }
+
+    /// A backend address and port (whatever the protocol).
+    fn backend(addr: SocketAddr) -> Self {
+        let (a, family) = addr16(addr.ip());
+        Self {
+            addr: a,
+            family,
+            port: addr.port(),
+            proto: 0,
+            role: hash::FILTER_BACKEND,
+        }
+    }
+
+    fn bit(&self) -> u32 {
+        hash::addr_filter_bit(&self.addr, self.family, self.port, self.proto, self.role)
+    }
+}
+
 impl Filter {
-    fn add(&mut self, maps: &mut Maps, addr: &[u8; 16], family: u8, role: u32) {
-        let bit = hash::addr_filter_bit(addr, family, role);
+    fn add(&mut self, maps: &mut Maps, key: FilterKey) {
+        let bit = key.bit();
         let n = self.counts.entry(bit).or_insert(0);
         *n += 1;
         if *n == 1 {
@@ -163,8 +207,8 @@ impl Filter {
         }
     }
 
-    fn remove(&mut self, maps: &mut Maps, addr: &[u8; 16], family: u8, role: u32) {
-        let bit = hash::addr_filter_bit(addr, family, role);
+    fn remove(&mut self, maps: &mut Maps, key: FilterKey) {
+        let bit = key.bit();
         if let Some(n) = self.counts.get_mut(&bit) {
             *n -= 1;
             if *n == 0 {
@@ -172,6 +216,11 @@ impl Filter {
                 self.write(maps, bit, false);
             }
         }
+    }
+
+    /// Counts an entry found in the maps at start (its bit is already set).
+    fn count(&mut self, key: FilterKey) {
+        *self.counts.entry(key.bit()).or_insert(0) += 1;
     }
 
     fn write(&mut self, maps: &mut Maps, bit: u32, set: bool) {
@@ -210,6 +259,7 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
             Proto::Udp => PROTO_UDP,
         },
         family,
+        _pad: [0; 4],
     }
 }
 
@@ -268,13 +318,10 @@ impl Reconciler {
         // pinned and already set).
         let mut filter = Filter::default();
         for k in adopted_frontends.keys() {
-            let bit = hash::addr_filter_bit(&k.addr, k.family, hash::FILTER_FRONTEND);
-            *filter.counts.entry(bit).or_insert(0) += 1;
+            filter.count(FilterKey::frontend(k));
         }
         for addr in adopted_backends.keys() {
-            let (a, family) = addr16(addr.ip());
-            let bit = hash::addr_filter_bit(&a, family, hash::FILTER_BACKEND);
-            *filter.counts.entry(bit).or_insert(0) += 1;
+            filter.count(FilterKey::backend(*addr));
         }
         log::info!(
             "adopting {} frontends and {} backends found in the maps",
@@ -348,7 +395,7 @@ impl Reconciler {
                 stats.frontends_removed += 1;
             }
             self.filter
-                .remove(&mut self.maps, &key.addr, key.family, hash::FILTER_FRONTEND);
+                .remove(&mut self.maps, FilterKey::frontend(&key));
             if !self.taken_service_ids.contains(&svc.id) {
                 self.service_ids.release(svc.id);
             }
@@ -360,9 +407,7 @@ impl Reconciler {
             if self.maps.clear_backend(id).is_ok() {
                 stats.backends_freed += 1;
             }
-            let (a, family) = addr16(addr.ip());
-            self.filter
-                .remove(&mut self.maps, &a, family, hash::FILTER_BACKEND);
+            self.filter.remove(&mut self.maps, FilterKey::backend(addr));
             self.backend_ids.release(id);
         }
         self.taken_service_ids.clear();
@@ -547,8 +592,7 @@ impl Reconciler {
         let adopted = self.adopted_frontends.remove(&k).is_some();
         let first = !self.owners.contains_key(&k);
         if first && !adopted {
-            self.filter
-                .add(&mut self.maps, &k.addr, k.family, hash::FILTER_FRONTEND);
+            self.filter.add(&mut self.maps, FilterKey::frontend(&k));
         }
         if current.as_ref() != Some(v) && self.maps.set_service(&k, v).is_ok() {
             stats.frontends_written += 1;
@@ -566,8 +610,7 @@ impl Reconciler {
         if self.maps.remove_service(k).is_ok() {
             stats.frontends_removed += 1;
         }
-        self.filter
-            .remove(&mut self.maps, &k.addr, k.family, hash::FILTER_FRONTEND);
+        self.filter.remove(&mut self.maps, FilterKey::frontend(k));
         if v.flags & SVC_F_EXTERNAL == 0 {
             let a = address_key(k);
             if let Some(n) = self.cluster_ips.get_mut(&a) {
@@ -577,8 +620,7 @@ impl Reconciler {
                     if self.maps.remove_service(&a).is_ok() {
                         stats.frontends_removed += 1;
                     }
-                    self.filter
-                        .remove(&mut self.maps, &a.addr, a.family, hash::FILTER_FRONTEND);
+                    self.filter.remove(&mut self.maps, FilterKey::frontend(&a));
                 }
             }
         }
@@ -596,8 +638,7 @@ impl Reconciler {
         if self.adopted_frontends.remove(&a).is_some() {
             return;
         }
-        self.filter
-            .add(&mut self.maps, &a.addr, a.family, hash::FILTER_FRONTEND);
+        self.filter.add(&mut self.maps, FilterKey::frontend(&a));
         let entry = Service {
             id: u32::MAX,
             flags: SVC_F_ADDRESS,
@@ -674,8 +715,7 @@ impl Reconciler {
                     .ok_or("no backend id left (--max-backends)")?;
                 // The filter bit goes first: replies from the backend must not be
                 // skipped once a table points at it.
-                let (a, family) = addr16(addr.ip());
-                self.filter.add(&mut self.maps, &a, family, hash::FILTER_BACKEND);
+                self.filter.add(&mut self.maps, FilterKey::backend(addr));
                 (id, None)
             }
         };
@@ -704,6 +744,7 @@ impl Reconciler {
                     port: addr.port(),
                     family,
                     flags,
+                    _pad: [0; 4],
                 },
             )
             .map_err(|e| format!("{e:#}"))
@@ -731,9 +772,7 @@ impl Reconciler {
                     stats.backends_freed += 1;
                 }
                 self.backend_ids.release(id);
-                let (a, family) = addr16(addr.ip());
-                self.filter
-                    .remove(&mut self.maps, &a, family, hash::FILTER_BACKEND);
+                self.filter.remove(&mut self.maps, FilterKey::backend(addr));
             }
         }
     }

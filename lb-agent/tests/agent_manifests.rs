@@ -13,7 +13,10 @@ use std::{
 };
 
 use lb_agent::bpf::Maps;
-use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, ServiceKey};
+use lb_common::{
+    CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, ServiceKey,
+    hash::{FILTER_BACKEND, FILTER_CLUSTER_IP, FILTER_FRONTEND},
+};
 use lb_testbed::{command_in, http_get};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
@@ -273,12 +276,21 @@ fn tcx_programs(ns: &str, dev: &str) -> Vec<String> {
     })
 }
 
-/// Whether the `addr_filter` bit of an IPv4 address in a role is set.
-fn filtered(m: &Maps, ip: &str, role: u32) -> bool {
+/// Whether the `addr_filter` bit of an IPv4 address and port (protocol 0 for
+/// backends and ClusterIP addresses, TCP for frontends) in a role is set.
+fn filtered(m: &Maps, addr: &str, role: u32) -> bool {
+    let (ip, port) = addr
+        .split_once(':')
+        .map_or((addr, 0), |(i, p)| (i, p.parse().unwrap()));
     let ip: std::net::Ipv4Addr = ip.parse().unwrap();
     let mut a = [0u8; 16];
     a[..4].copy_from_slice(&ip.octets());
-    let bit = lb_common::hash::addr_filter_bit(&a, FAMILY_V4, role);
+    let proto = if role == lb_common::hash::FILTER_FRONTEND {
+        PROTO_TCP
+    } else {
+        0
+    };
+    let bit = lb_common::hash::addr_filter_bit(&a, FAMILY_V4, port, proto, role);
     m.addr_filter.get(&(bit / 64), 0).unwrap() & (1 << (bit % 64)) != 0
 }
 
@@ -309,19 +321,22 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
         svc.id
     );
     assert_eq!(backends(&m), ["10.244.1.10:8080", "10.244.1.11:8080"]);
-    // The prefilter knows every frontend and backend address.
-    use lb_common::hash::{FILTER_BACKEND, FILTER_FRONTEND};
-    for (ip, role) in [
-        ("10.96.0.10", FILTER_FRONTEND),
-        ("192.0.2.1", FILTER_FRONTEND),
-        ("10.244.1.10", FILTER_BACKEND),
-        ("10.244.1.11", FILTER_BACKEND),
+    // The prefilter knows every frontend, ClusterIP and backend.
+    for (addr, role) in [
+        ("10.96.0.10:80", FILTER_FRONTEND),
+        ("10.96.0.10", FILTER_CLUSTER_IP),
+        ("192.0.2.1:30080", FILTER_FRONTEND),
+        ("10.244.1.10:8080", FILTER_BACKEND),
+        ("10.244.1.11:8080", FILTER_BACKEND),
     ] {
         assert!(
-            filtered(&m, ip, role),
-            "addr_filter bit of {ip} ({role:#x}) not set"
+            filtered(&m, addr, role),
+            "addr_filter bit of {addr} ({role:#x}) not set"
         );
     }
+    // Other traffic to the node's own address is none of lb's business.
+    assert!(!filtered(&m, "192.0.2.1:22", FILTER_FRONTEND));
+    assert!(!filtered(&m, "192.0.2.1", FILTER_CLUSTER_IP));
     drop(m);
 
     // Edit: a third endpoint.
@@ -370,9 +385,10 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
     assert!(frontend(&node.maps(), "10.96.0.20:80").is_some());
     // And their bits are cleared (these addresses share no bit with what is left).
     let m = node.maps();
-    assert!(!filtered(&m, "10.96.0.10", FILTER_FRONTEND));
-    assert!(!filtered(&m, "10.244.1.11", FILTER_BACKEND));
-    assert!(filtered(&m, "10.244.1.20", FILTER_BACKEND));
+    assert!(!filtered(&m, "10.96.0.10:80", FILTER_FRONTEND));
+    assert!(!filtered(&m, "10.96.0.10", FILTER_CLUSTER_IP));
+    assert!(!filtered(&m, "10.244.1.11:8080", FILTER_BACKEND));
+    assert!(filtered(&m, "10.244.1.20:8080", FILTER_BACKEND));
 }
 
 #[test]

@@ -57,25 +57,34 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
-/// Words (u64) of the `addr_filter` bitmap.
+/// Words (u64) of the `addr_filter` bitmap (a power of two).
 pub const ADDR_FILTER_WORDS: u32 = 4096;
-/// Seeds of the two roles an address can have in `addr_filter`.
+/// The roles an entry of `addr_filter` stands for:
+/// - a frontend (address, port, protocol), checked against a packet's destination;
+/// - a backend (address, port), checked against a packet's source (replies);
+/// - a ClusterIP address (any port), checked against a packet's destination.
 pub const FILTER_FRONTEND: u32 = 0x0f0f_5a5a;
 pub const FILTER_BACKEND: u32 = 0x3c3c_a5a5;
+pub const FILTER_CLUSTER_IP: u32 = 0x6969_9696;
 
-/// The bit of `addr_filter` standing for `addr` (of `family`) in a role: a
-/// frontend address (checked against packets' destination) or a backend address
-/// (checked against their source). A clear bit proves the address has that role
-/// nowhere, so the datapath skips its hash lookups for most unrelated traffic.
+/// The bit of `addr_filter` standing for an address, port and protocol (0 where
+/// the role ignores them) in a role. A clear bit proves there is no such entry,
+/// so the datapath skips its hash lookups for traffic that is none of its
+/// business, including other traffic to the node's own addresses.
 #[inline(always)]
-pub const fn addr_filter_bit(addr: &[u8; 16], family: u8, role: u32) -> u32 {
-    let mut h = mix(role, word(addr, 0));
+pub const fn addr_filter_bit(addr: &[u8; 16], family: u8, port: u16, proto: u8, role: u32) -> u32 {
+    // One multiplicative (Fibonacci) hash of a 64-bit fold: a filter needs a
+    // spread, not strength, and this costs one multiply per check.
+    let mut x = word(addr, 0) as u64;
     if family != crate::FAMILY_V4 {
-        h = mix(h, word(addr, 4));
-        h = mix(h, word(addr, 8));
-        h = mix(h, word(addr, 12));
+        x ^= (word(addr, 4) as u64).rotate_left(13)
+            ^ (word(addr, 8) as u64).rotate_left(29)
+            ^ (word(addr, 12) as u64).rotate_left(43);
     }
-    finish(h) % (ADDR_FILTER_WORDS * 64)
+    x ^= (((port as u32) << 8 | proto as u32) as u64) << 32;
+    x ^= (role as u64).rotate_left(17);
+    const BITS: u32 = (ADDR_FILTER_WORDS * 64).trailing_zeros();
+    (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as u32
 }
 
 /// Hash of a byte string with a seed (murmur3-style, little-endian words). Used
@@ -98,7 +107,46 @@ pub fn hash_bytes(seed: u32, bytes: &[u8]) -> u32 {
 
 #[cfg(test)]
 mod tests {
+    extern crate std;
+
     use super::*;
+
+    #[test]
+    fn filter_bits_spread_and_depend_on_every_input() {
+        // 5,000 frontends (consecutive addresses, a few ports): few collisions.
+        let mut seen = std::collections::HashSet::new();
+        let mut a = [0u8; 16];
+        for i in 0..5_000u32 {
+            a[..4].copy_from_slice(&(0x0a60_0000u32 + i).to_be_bytes());
+            seen.insert(addr_filter_bit(
+                &a,
+                crate::FAMILY_V4,
+                80 + (i % 4) as u16,
+                6,
+                FILTER_FRONTEND,
+            ));
+        }
+        assert!(seen.len() > 4_900, "{} distinct bits of 5000", seen.len());
+        let base = addr_filter_bit(&a, crate::FAMILY_V4, 80, 6, FILTER_FRONTEND);
+        assert_ne!(
+            addr_filter_bit(&a, crate::FAMILY_V4, 81, 6, FILTER_FRONTEND),
+            base
+        );
+        assert_ne!(
+            addr_filter_bit(&a, crate::FAMILY_V4, 80, 17, FILTER_FRONTEND),
+            base
+        );
+        assert_ne!(
+            addr_filter_bit(&a, crate::FAMILY_V4, 80, 6, FILTER_BACKEND),
+            base
+        );
+        let mut v6 = a;
+        v6[15] = 1;
+        assert_ne!(
+            addr_filter_bit(&v6, crate::FAMILY_V6, 80, 6, FILTER_FRONTEND),
+            base
+        );
+    }
     use crate::{FAMILY_V4, PROTO_TCP};
 
     fn key(src_port: u16) -> FlowKey {

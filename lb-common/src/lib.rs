@@ -80,7 +80,10 @@ pub mod capacity {
 /// A ClusterIP, each LoadBalancer ingress IP, each externalIP and, for NodePorts,
 /// each node address gets its own key; all keys of one Service port share a
 /// [`Service`] value (same `id`), or differ only where a traffic policy makes them.
-#[repr(C)]
+///
+/// (Address fields of every map type are 8-byte aligned, so the datapath copies
+/// them as two 8-byte words.)
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct ServiceKey {
     /// Frontend address (network order; IPv4 in the first 4 bytes).
@@ -91,6 +94,8 @@ pub struct ServiceKey {
     pub proto: u8,
     /// [`FAMILY_V4`] or [`FAMILY_V6`].
     pub family: u8,
+    /// Always zero (hash keys compare every byte).
+    pub _pad: [u8; 4],
 }
 
 /// Source-NAT flows that go to a backend on another node, so that replies come
@@ -154,7 +159,7 @@ pub const BACKEND_F_LOCAL: u8 = 1 << 1;
 pub const BACKEND_F_TERMINATING: u8 = 1 << 2;
 
 /// Value of `backends` (an array indexed by backend id).
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Backend {
     /// Pod address (network order; IPv4 in the first 4 bytes).
@@ -165,6 +170,7 @@ pub struct Backend {
     pub family: u8,
     /// `BACKEND_F_*` bits.
     pub flags: u8,
+    pub _pad: [u8; 4],
 }
 
 impl Backend {
@@ -288,7 +294,7 @@ pub const CFG_F_SNAT_V4: u32 = 1 << 0;
 pub const CFG_F_SNAT_V6: u32 = 1 << 1;
 
 /// The single entry (index 0) of `config`: node facts the datapath needs.
-#[repr(C)]
+#[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
     /// Entries per Maglev row (see [`MaglevPair`] for the layout).
@@ -332,9 +338,9 @@ mod tests {
 
     #[test]
     fn layouts_have_no_implicit_padding() {
-        assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<Service>(), 6 * 4);
-        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1);
+        assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8);
         assert_eq!(size_of::<Counters>(), 16);

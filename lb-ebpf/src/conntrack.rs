@@ -19,6 +19,7 @@ use lb_common::{
 use crate::{
     datapath::Scratch,
     maps::CONNTRACK,
+    mem,
     parse::{Headers, TCP_FIN, TCP_RST},
 };
 
@@ -72,37 +73,29 @@ pub fn open(
     hash: u32,
 ) -> Result<(), Reason> {
     let key = &s.h.key;
-    s.entry = CtEntry {
-        nat_src: key.src,
-        nat_dst: backend.addr,
-        nat_src_port: key.src_port,
-        nat_dst_port: backend.port,
-        backend: backend_id,
+    set_entry(
+        &mut s.entry,
+        (&key.src, key.src_port),
+        (&backend.addr, backend.port),
+        backend_id,
         service,
-        flags: CT_F_FORWARD,
-        _pad: 0,
-        last_seen_ns: 0,
-    };
-    s.reply = CtEntry {
-        nat_src: key.dst,
-        nat_dst: key.src,
-        nat_src_port: key.dst_port,
-        nat_dst_port: key.src_port,
-        backend: backend_id,
+        CT_F_FORWARD,
+    );
+    set_entry(
+        &mut s.reply,
+        (&key.dst, key.dst_port),
+        (&key.src, key.src_port),
+        backend_id,
         service,
-        flags: CT_F_REPLY,
-        _pad: 0,
-        last_seen_ns: 0,
-    };
-    s.key = FlowKey {
-        src: backend.addr,
-        dst: key.src,
-        src_port: backend.port,
-        dst_port: key.src_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
+        CT_F_REPLY,
+    );
+    mem::zero(&mut s.key);
+    mem::copy_addr(&mut s.key.src, &backend.addr);
+    mem::copy_addr(&mut s.key.dst, &key.src);
+    s.key.src_port = backend.port;
+    s.key.dst_port = key.src_port;
+    s.key.proto = key.proto;
+    s.key.family = key.family;
     // The client is the backend (a pod reaching its own Service): it must not
     // get a packet from its own address, which it would drop as martian.
     let hairpin = backend.addr == key.src;
@@ -113,8 +106,8 @@ pub fn open(
             // from other clients by that port.
             s.entry.flags |= CT_F_HAIRPIN;
             s.reply.flags |= CT_F_HAIRPIN;
-            s.entry.nat_src = key.dst;
-            s.key.dst = key.dst;
+            mem::copy_addr(&mut s.entry.nat_src, &key.dst);
+            mem::copy_addr(&mut s.key.dst, &key.dst);
             if CONNTRACK
                 .insert(&s.key, &s.reply, u64::from(BPF_ANY))
                 .is_err()
@@ -137,12 +130,12 @@ pub fn open(
             s.entry.last_seen_ns = t;
             s.reply.last_seen_ns = t;
             if s.h.is_v4() {
-                s.entry.nat_src = [0; 16];
+                mem::zero_addr(&mut s.entry.nat_src);
                 s.entry.nat_src[..4].copy_from_slice(&cfg.snat_addr_v4);
             } else {
-                s.entry.nat_src = cfg.snat_addr_v6;
+                mem::copy_addr(&mut s.entry.nat_src, &cfg.snat_addr_v6);
             }
-            s.key.dst = s.entry.nat_src;
+            mem::copy_addr(&mut s.key.dst, &s.entry.nat_src);
             // Inserts the reply entry under the port it finds.
             s.entry.nat_src_port = claim_snat_port(s, cfg, hash, t)?;
         }
@@ -154,6 +147,28 @@ pub fn open(
         return Err(Reason::DropMapError);
     }
     Ok(())
+}
+
+/// Fills a conntrack value field by field (a struct literal would become a
+/// byte-wise `memcpy` on BPF).
+#[inline(always)]
+fn set_entry(
+    e: &mut CtEntry,
+    src: (&[u8; 16], u16),
+    dst: (&[u8; 16], u16),
+    backend: u32,
+    service: u32,
+    flags: u16,
+) {
+    mem::copy_addr(&mut e.nat_src, src.0);
+    mem::copy_addr(&mut e.nat_dst, dst.0);
+    e.nat_src_port = src.1;
+    e.nat_dst_port = dst.1;
+    e.backend = backend;
+    e.service = service;
+    e.flags = flags;
+    e._pad = 0;
+    e.last_seen_ns = 0;
 }
 
 /// Finds a port in the SNAT range for which the reply key `s.key` (with that port

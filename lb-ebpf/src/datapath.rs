@@ -113,7 +113,7 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
     }
 }
 
-#[inline(never)]
+#[inline(always)]
 fn parse_stage<P: Packet>(pkt: P, s: &mut Scratch) -> Parsed {
     parse::parse(&pkt, &mut s.h)
 }

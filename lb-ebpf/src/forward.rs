@@ -4,13 +4,11 @@
 //! about to expire, an MTU problem) goes to the kernel, already translated, which
 //! routes it like any other packet.
 
-use core::mem::MaybeUninit;
-
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
 use lb_common::Reason;
 
 use crate::{
-    csum,
+    csum, mem,
     packet::{Action, Outcome, Packet, load, store},
     parse::{ETH_HLEN, Headers},
 };
@@ -27,8 +25,7 @@ pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) ->
     if h.l3 != ETH_HLEN {
         return (Action::Pass, Reason::PassToKernel);
     }
-    // SAFETY: bpf_fib_lookup is plain data; zeroed is a valid value.
-    *fib = unsafe { MaybeUninit::zeroed().assume_init() };
+    mem::zero(fib);
     let k = &h.key;
     fib.l4_protocol = k.proto;
     fib.sport = k.src_port.to_be();

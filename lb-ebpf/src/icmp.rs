@@ -11,14 +11,16 @@
 //! side reach the client (path-MTU discovery towards the service), errors from the
 //! client side reach the backend.
 
-use lb_common::{FlowKey, PROTO_TCP, PROTO_UDP};
+use lb_common::{PROTO_TCP, PROTO_UDP};
 
 use crate::{
     conntrack,
     csum::{self, Diff},
     datapath::Scratch,
+    mem,
     nat::{addr_offsets, write_addr},
-    packet::{Packet, load, store},
+    packet::{Packet, at, load, store},
+    parse,
 };
 
 /// The error was translated; `s.h` describes its new outer header.
@@ -46,41 +48,32 @@ pub fn translate_error<P: Packet>(pkt: &mut P, s: &mut Scratch) -> u32 {
 fn find_quoted_flow<P: Packet>(pkt: &P, s: &mut Scratch) -> bool {
     let q = &mut s.quoted;
     q.l3 = s.h.l4 + 8;
-    q.key = FlowKey {
-        family: s.h.key.family,
-        ..FlowKey::default()
-    };
+    mem::zero(&mut q.key);
+    q.key.family = s.h.key.family;
     if s.h.is_v4() {
-        let Some(ip) = load::<P, [u8; 12]>(pkt, q.l3) else {
+        let Some(ip) = at::<P, [u8; 20]>(pkt, q.l3) else {
             return false;
         };
-        let Some(src) = load::<P, [u8; 4]>(pkt, q.l3 + 12) else {
-            return false;
-        };
-        let Some(dst) = load::<P, [u8; 4]>(pkt, q.l3 + 16) else {
-            return false;
-        };
-        let ihl = usize::from(ip[0] & 0x0f) * 4;
-        if ip[0] >> 4 != 4 || ihl < 20 {
+        let ip = ip.cast::<u8>();
+        // SAFETY: `at` checked the 20 bytes.
+        let (version_ihl, proto) = unsafe { (*ip, *ip.add(9)) };
+        let ihl = usize::from(version_ihl & 0x0f) * 4;
+        if version_ihl >> 4 != 4 || ihl < 20 {
             return false;
         }
-        q.key.proto = ip[9];
-        q.key.src[..4].copy_from_slice(&src);
-        q.key.dst[..4].copy_from_slice(&dst);
+        q.key.proto = proto;
+        parse::addr::<4>(ip, 12, &mut q.key.src);
+        parse::addr::<4>(ip, 16, &mut q.key.dst);
         q.l4 = q.l3 + ihl;
     } else {
-        let Some(ip) = load::<P, [u8; 8]>(pkt, q.l3) else {
+        let Some(ip) = at::<P, [u8; 40]>(pkt, q.l3) else {
             return false;
         };
-        let Some(src) = load::<P, [u8; 16]>(pkt, q.l3 + 8) else {
-            return false;
-        };
-        let Some(dst) = load::<P, [u8; 16]>(pkt, q.l3 + 24) else {
-            return false;
-        };
-        q.key.proto = ip[6];
-        q.key.src = src;
-        q.key.dst = dst;
+        let ip = ip.cast::<u8>();
+        // SAFETY: `at` checked the 40 bytes.
+        q.key.proto = unsafe { *ip.add(6) };
+        parse::addr::<16>(ip, 8, &mut q.key.src);
+        parse::addr::<16>(ip, 24, &mut q.key.dst);
         q.l4 = q.l3 + 40;
     }
     if q.key.proto != PROTO_TCP && q.key.proto != PROTO_UDP {
@@ -91,13 +84,14 @@ fn find_quoted_flow<P: Packet>(pkt: &P, s: &mut Scratch) -> bool {
     };
     q.key.src_port = u16::from_be_bytes([ports[0], ports[1]]);
     q.key.dst_port = u16::from_be_bytes([ports[2], ports[3]]);
-    s.key = FlowKey {
-        src: q.key.dst,
-        dst: q.key.src,
-        src_port: q.key.dst_port,
-        dst_port: q.key.src_port,
-        ..q.key
-    };
+    // The reverse direction, field by field (no byte-wise `memcpy`).
+    mem::zero(&mut s.key);
+    mem::copy_addr(&mut s.key.src, &q.key.dst);
+    mem::copy_addr(&mut s.key.dst, &q.key.src);
+    s.key.src_port = q.key.dst_port;
+    s.key.dst_port = q.key.src_port;
+    s.key.proto = q.key.proto;
+    s.key.family = q.key.family;
     let Some(entry) = conntrack::lookup(&s.key) else {
         return false;
     };

@@ -7,6 +7,8 @@
 //!   local pods, whose checksums may be left for offload (see `packet`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Inline assembly for context loads the verifier must see verbatim (see `packet`).
+#![cfg_attr(target_arch = "bpf", feature(asm_experimental_arch))]
 
 mod conntrack;
 mod csum;
@@ -14,6 +16,7 @@ mod datapath;
 mod forward;
 mod icmp;
 mod maps;
+mod mem;
 mod nat;
 mod packet;
 mod parse;

@@ -3,7 +3,7 @@
 //! Sizes here are defaults; the agent sets the real ones at load time.
 
 use aya_ebpf::{
-    bindings::{BPF_F_MMAPABLE, BPF_F_NO_COMMON_LRU},
+    bindings::BPF_F_MMAPABLE,
     btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
@@ -33,15 +33,13 @@ pub static MAGLEV: Array<
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 
-/// Connection tracking: both directions of every translated flow. Per-CPU LRU
-/// lists keep inserts from contending across CPUs; entries stay visible to all.
+/// Connection tracking: both directions of every translated flow. One common LRU
+/// (per-CPU free lists in front of it): `BPF_F_NO_COMMON_LRU` would split the
+/// capacity into one share per CPU, so a CPU that gets most new flows (one RX
+/// queue, skewed RSS) would evict live flows while the table is mostly empty.
 #[btf_map(name = "conntrack")]
-pub static CONNTRACK: LruHashMap<
-    FlowKey,
-    CtEntry,
-    { capacity::CONNTRACK as usize },
-    { BPF_F_NO_COMMON_LRU as usize },
-> = LruHashMap::new();
+pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }, 0> =
+    LruHashMap::new();
 
 /// Node facts (index 0).
 #[btf_map(name = "config")]

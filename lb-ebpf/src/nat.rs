@@ -2,19 +2,22 @@
 //! updates: the IPv4 header checksum for the addresses, the L4 checksum for the
 //! addresses (pseudo-header) and the ports.
 
+use core::ptr;
+
 use lb_common::{CtEntry, FlowKey, PROTO_UDP};
 
 use crate::{
     csum::{self, Diff},
-    packet::{Packet, load, store},
+    mem,
+    packet::{Packet, at, load, store},
     parse::Headers,
 };
 
 /// Updates `key` to the 5-tuple a packet has after [`rewrite`] with `to`.
 #[inline(always)]
 pub fn translated(key: &mut FlowKey, to: &CtEntry) {
-    key.src = to.nat_src;
-    key.dst = to.nat_dst;
+    mem::copy_addr(&mut key.src, &to.nat_src);
+    mem::copy_addr(&mut key.dst, &to.nat_dst);
     key.src_port = to.nat_src_port;
     key.dst_port = to.nat_dst_port;
 }
@@ -62,8 +65,23 @@ pub fn rewrite<P: Packet>(pkt: &mut P, h: &Headers, to: &CtEntry) -> Result<(), 
 #[inline(always)]
 pub fn write_addr<P: Packet>(pkt: &P, v4: bool, off: usize, addr: &[u8; 16]) -> Result<(), ()> {
     if v4 {
-        store(pkt, off, [addr[0], addr[1], addr[2], addr[3]])
+        write_words::<P, 2>(pkt, off, addr)
     } else {
-        store(pkt, off, *addr)
+        write_words::<P, 8>(pkt, off, addr)
     }
+}
+
+/// Stores the first `N` 16-bit words of `addr` at `off`. IP headers are only
+/// 2-byte aligned, and a wider or byte-array store would become byte stores or a
+/// `memmove` call.
+#[inline(always)]
+fn write_words<P: Packet, const N: usize>(pkt: &P, off: usize, addr: &[u8; 16]) -> Result<(), ()> {
+    let p = at::<P, [u16; N]>(pkt, off).ok_or(())?.cast::<u16>();
+    let a = addr.as_ptr().cast::<u16>();
+    for i in 0..N {
+        // SAFETY: `at` checked the bounds; `addr` sits at an 8-byte offset of an
+        // 8-byte-aligned map type or scratch value.
+        unsafe { ptr::write_volatile(p.add(i), ptr::read(a.add(i))) };
+    }
+    Ok(())
 }

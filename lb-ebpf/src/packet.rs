@@ -8,7 +8,12 @@
 //!
 //! The balancing logic above this module is written once, generic over [`Packet`].
 
-use core::{ffi::c_void, mem::size_of, ptr};
+use core::{
+    arch::asm,
+    ffi::c_void,
+    mem::{offset_of, size_of},
+    ptr,
+};
 
 use aya_ebpf::{
     bindings::{
@@ -24,6 +29,33 @@ use aya_ebpf::{
 use lb_common::Reason;
 
 use crate::{csum, maps::TX_PORTS};
+
+/// Reads the 32-bit context field at `OFF` (packet pointers: `data`, `data_end`).
+///
+/// Inline assembly, because the verifier accepts only `*(u32 *)(ctx + constant)`
+/// for these fields and rewrites each such load into a pointer load. Plain or
+/// volatile Rust reads leave LLVM free to compute `ctx + OFF` once into a register
+/// and load through it ("dereference of modified ctx ptr"), or to hoist the loads
+/// into a caller and pass the pointers as 32-bit values; both are rejected, and
+/// which one LLVM picks changes with unrelated code. The asm block is opaque and
+/// not `pure`, so it is emitted exactly here, with the offset as an immediate.
+#[inline(always)]
+fn ctx_u32<const OFF: usize>(ctx: *const c_void) -> usize {
+    let v: u64;
+    // SAFETY: `ctx` is the context the kernel passed in, and OFF a field of it.
+    unsafe {
+        asm!(
+            "{v} = *(u32 *)({ctx} + {off})",
+            v = out(reg) v,
+            ctx = in(reg) ctx,
+            off = const OFF,
+            options(nostack, readonly, preserves_flags),
+        );
+    }
+    // The load zero-extends; a `u32` here would make LLVM clear the upper half
+    // with shifts, which the verifier refuses on packet pointers.
+    v as usize
+}
 
 /// What to do with the packet once the datapath is done with it.
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -174,15 +206,11 @@ impl Packet for Xdp {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        // Volatile: the loads must stay in the function that uses them. LLVM would
-        // otherwise hoist them into a caller and pass the pointers as 32-bit
-        // arguments, which the verifier rejects (no arithmetic on packet pointers).
-        // SAFETY (all context reads): the pointer is the context the kernel passed in.
-        unsafe { ptr::read_volatile(&raw const (*self.0).data) as usize }
+        ctx_u32::<{ offset_of!(xdp_md, data) }>(self.0.cast())
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        unsafe { ptr::read_volatile(&raw const (*self.0).data_end) as usize }
+        ctx_u32::<{ offset_of!(xdp_md, data_end) }>(self.0.cast())
     }
     #[inline(always)]
     fn ctx(&self) -> *mut c_void {
@@ -269,15 +297,11 @@ impl Packet for Tc {
 
     #[inline(always)]
     fn data(&self) -> usize {
-        // Volatile: the loads must stay in the function that uses them. LLVM would
-        // otherwise hoist them into a caller and pass the pointers as 32-bit
-        // arguments, which the verifier rejects (no arithmetic on packet pointers).
-        // SAFETY (all context reads): the pointer is the context the kernel passed in.
-        unsafe { ptr::read_volatile(&raw const (*self.0).data) as usize }
+        ctx_u32::<{ offset_of!(__sk_buff, data) }>(self.0.cast())
     }
     #[inline(always)]
     fn data_end(&self) -> usize {
-        unsafe { ptr::read_volatile(&raw const (*self.0).data_end) as usize }
+        ctx_u32::<{ offset_of!(__sk_buff, data_end) }>(self.0.cast())
     }
     #[inline(always)]
     fn ctx(&self) -> *mut c_void {

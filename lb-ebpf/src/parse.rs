@@ -8,7 +8,12 @@ use lb_common::{
     FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
 };
 
-use crate::packet::{Packet, load};
+use core::ptr;
+
+use crate::{
+    mem,
+    packet::{Packet, at, load},
+};
 
 pub const ETH_HLEN: usize = 14;
 const ETH_P_IP: u16 = 0x0800;
@@ -69,7 +74,29 @@ pub enum Parsed {
 
 #[inline(always)]
 fn be16<P: Packet>(pkt: &P, off: usize) -> Option<u16> {
-    load::<P, [u8; 2]>(pkt, off).map(u16::from_be_bytes)
+    load::<P, u16>(pkt, off).map(u16::from_be)
+}
+
+/// A 16-bit word at `off` bytes into a header already bounds-checked by the
+/// caller (native byte order, as in memory). Header fields sit at even offsets of
+/// 2-byte-aligned headers, so these are single aligned loads; this avoids copying
+/// headers byte by byte.
+#[inline(always)]
+pub fn word(hdr: *const u8, off: usize) -> u16 {
+    // SAFETY: `hdr..hdr + off + 2` lies in the range the caller checked.
+    unsafe { ptr::read(hdr.add(off).cast::<u16>()) }
+}
+
+/// Copies `N` bytes (a multiple of 2) of an address at `off` into `out`.
+#[inline(always)]
+pub fn addr<const N: usize>(hdr: *const u8, off: usize, out: &mut [u8; 16]) {
+    let mut i = 0;
+    while i < N {
+        let w = word(hdr, off + i).to_ne_bytes();
+        out[i] = w[0];
+        out[i + 1] = w[1];
+        i += 2;
+    }
 }
 
 /// Parses the packet into `h`.
@@ -99,12 +126,14 @@ pub fn parse<P: Packet>(pkt: &P, h: &mut Headers) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
-    let Some(ip) = load::<P, [u8; 12]>(pkt, l3) else {
+    let Some(ip) = at::<P, [u8; 20]>(pkt, l3) else {
         return Parsed::Pass(Reason::PassMalformed);
     };
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    let tot_len = u16::from_be_bytes([ip[2], ip[3]]);
-    if ip[0] >> 4 != 4 || ihl < 20 || usize::from(tot_len) < ihl {
+    let ip = ip.cast::<u8>().cast_const();
+    let [ver_ihl, _] = word(ip, 0).to_ne_bytes();
+    let ihl = usize::from(ver_ihl & 0x0f) * 4;
+    let tot_len = u16::from_be(word(ip, 2));
+    if ver_ihl >> 4 != 4 || ihl < 20 || usize::from(tot_len) < ihl {
         return Parsed::Pass(Reason::PassMalformed);
     }
     // Frames may carry padding after the datagram, but never less than it claims.
@@ -112,22 +141,15 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
         return Parsed::Pass(Reason::PassMalformed);
     }
     // More-fragments flag or a fragment offset: no ports to balance on.
-    if u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff != 0 {
+    if u16::from_be(word(ip, 6)) & 0x3fff != 0 {
         return Parsed::Pass(Reason::PassFragment);
     }
-    let Some(src) = load::<P, [u8; 4]>(pkt, l3 + 12) else {
-        return Parsed::Pass(Reason::PassMalformed);
-    };
-    let Some(dst) = load::<P, [u8; 4]>(pkt, l3 + 16) else {
-        return Parsed::Pass(Reason::PassMalformed);
-    };
-    h.key = FlowKey {
-        family: FAMILY_V4,
-        proto: ip[9],
-        ..FlowKey::default()
-    };
-    h.key.src[..4].copy_from_slice(&src);
-    h.key.dst[..4].copy_from_slice(&dst);
+    let [_, proto] = word(ip, 8).to_ne_bytes();
+    mem::zero(&mut h.key);
+    h.key.family = FAMILY_V4;
+    h.key.proto = proto;
+    addr::<4>(ip, 12, &mut h.key.src);
+    addr::<4>(ip, 16, &mut h.key.dst);
     h.l3 = l3;
     h.l4 = l3 + ihl;
     h.ip_len = tot_len;
@@ -136,36 +158,32 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
 
 #[inline(always)]
 fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
-    let Some(ip) = load::<P, [u8; 8]>(pkt, l3) else {
+    let Some(ip) = at::<P, [u8; IPV6_HLEN]>(pkt, l3) else {
         return Parsed::Pass(Reason::PassMalformed);
     };
-    let Some(src) = load::<P, [u8; 16]>(pkt, l3 + 8) else {
-        return Parsed::Pass(Reason::PassMalformed);
-    };
-    let Some(dst) = load::<P, [u8; 16]>(pkt, l3 + 24) else {
-        return Parsed::Pass(Reason::PassMalformed);
-    };
-    let payload_len = u16::from_be_bytes([ip[4], ip[5]]);
-    if ip[0] >> 4 != 6 || l3 + IPV6_HLEN + usize::from(payload_len) > pkt.total_len() as usize {
+    let ip = ip.cast::<u8>().cast_const();
+    let [ver, _] = word(ip, 0).to_ne_bytes();
+    let payload_len = u16::from_be(word(ip, 4));
+    if ver >> 4 != 6 || l3 + IPV6_HLEN + usize::from(payload_len) > pkt.total_len() as usize {
         return Parsed::Pass(Reason::PassMalformed);
     }
-    h.key = FlowKey {
-        family: FAMILY_V6,
-        proto: ip[6],
-        src,
-        dst,
-        ..FlowKey::default()
-    };
+    let [next, _] = word(ip, 6).to_ne_bytes();
+    mem::zero(&mut h.key);
+    h.key.family = FAMILY_V6;
+    h.key.proto = next;
+    addr::<16>(ip, 8, &mut h.key.src);
+    addr::<16>(ip, 24, &mut h.key.dst);
     let mut l4 = l3 + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match h.key.proto {
             // Hop-by-hop and destination options: skip them.
             0 | 60 => {
-                let Some(ext) = load::<P, [u8; 2]>(pkt, l4) else {
+                let Some(ext) = load::<P, u16>(pkt, l4) else {
                     return Parsed::Pass(Reason::PassMalformed);
                 };
-                h.key.proto = ext[0];
-                l4 += (usize::from(ext[1]) + 1) * 8;
+                let [next, len] = ext.to_ne_bytes();
+                h.key.proto = next;
+                l4 += (usize::from(len) + 1) * 8;
             }
             44 => return Parsed::Pass(Reason::PassFragment),
             _ => break,
@@ -184,42 +202,45 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
 /// `l4_len`: bytes from the L4 header to the end of the IP datagram.
 #[inline(always)]
 fn parse_l4<P: Packet>(pkt: &P, h: &mut Headers, l4_len: usize) -> Parsed {
-    let l4 = h.l4;
     h.flags = 0;
     match h.key.proto {
         PROTO_TCP => {
-            let Some(tcp) = load::<P, [u8; 20]>(pkt, l4) else {
+            let Some(tcp) = at::<P, [u8; 20]>(pkt, h.l4) else {
                 return Parsed::Pass(Reason::PassMalformed);
             };
-            let doff = usize::from(tcp[12] >> 4) * 4;
+            let tcp = tcp.cast::<u8>().cast_const();
+            let [doff, flags] = word(tcp, 12).to_ne_bytes();
+            let doff = usize::from(doff >> 4) * 4;
             if doff < 20 || doff > l4_len {
                 return Parsed::Pass(Reason::PassMalformed);
             }
-            h.key.src_port = u16::from_be_bytes([tcp[0], tcp[1]]);
-            h.key.dst_port = u16::from_be_bytes([tcp[2], tcp[3]]);
-            h.flags = tcp[13];
+            h.key.src_port = u16::from_be(word(tcp, 0));
+            h.key.dst_port = u16::from_be(word(tcp, 2));
+            h.flags = flags;
         }
         PROTO_UDP => {
-            let Some(udp) = load::<P, [u8; 8]>(pkt, l4) else {
+            let Some(udp) = at::<P, [u8; 8]>(pkt, h.l4) else {
                 return Parsed::Pass(Reason::PassMalformed);
             };
-            let len = usize::from(u16::from_be_bytes([udp[4], udp[5]]));
+            let udp = udp.cast::<u8>().cast_const();
+            let len = usize::from(u16::from_be(word(udp, 4)));
             if len < 8 || len > l4_len {
                 return Parsed::Pass(Reason::PassMalformed);
             }
-            h.key.src_port = u16::from_be_bytes([udp[0], udp[1]]);
-            h.key.dst_port = u16::from_be_bytes([udp[2], udp[3]]);
+            h.key.src_port = u16::from_be(word(udp, 0));
+            h.key.dst_port = u16::from_be(word(udp, 2));
         }
         PROTO_ICMP | PROTO_ICMPV6 => {
             let v4 = h.is_v4();
             if (h.key.proto == PROTO_ICMP) != v4 {
                 return Parsed::Pass(Reason::PassOtherProtocol);
             }
-            let Some(icmp) = load::<P, [u8; 8]>(pkt, l4) else {
+            let Some(icmp_type) = load::<P, u16>(pkt, h.l4) else {
                 return Parsed::Pass(Reason::PassMalformed);
             };
-            h.flags = icmp[0];
-            return if is_icmp_error(icmp[0], v4) {
+            let [icmp_type, _] = icmp_type.to_ne_bytes();
+            h.flags = icmp_type;
+            return if is_icmp_error(icmp_type, v4) {
                 Parsed::IcmpError
             } else {
                 Parsed::Pass(Reason::PassOtherProtocol)

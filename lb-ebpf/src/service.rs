@@ -7,21 +7,27 @@ use lb_common::{
 use crate::maps::{ADDR_FILTER, BACKENDS, CONFIG, MAGLEV, SERVICES};
 
 #[inline(always)]
-fn filter_has(addr: &[u8; 16], family: u8, role: u32) -> bool {
-    let bit = hash::addr_filter_bit(addr, family, role);
+fn filter_has(addr: &[u8; 16], family: u8, port: u16, proto: u8, role: u32) -> bool {
+    let bit = hash::addr_filter_bit(addr, family, port, proto, role);
     match ADDR_FILTER.get(bit / 64) {
         Some(word) => *word & (1u64 << (bit % 64)) != 0,
         None => true,
     }
 }
 
-/// Whether the packet may be lb's business: its destination may be a frontend,
-/// or its source a backend. False is certain (two array loads, no hashing of
-/// the whole 5-tuple); true is checked by the lookups that follow.
+/// Whether the packet may be lb's business: its destination may be a frontend
+/// or a ClusterIP, or its source a backend. False is certain (a few array loads,
+/// no hash-map lookup); true is checked by the lookups that follow.
 #[inline(always)]
 pub fn may_concern(key: &FlowKey) -> bool {
-    filter_has(&key.dst, key.family, hash::FILTER_FRONTEND)
-        || filter_has(&key.src, key.family, hash::FILTER_BACKEND)
+    filter_has(
+        &key.dst,
+        key.family,
+        key.dst_port,
+        key.proto,
+        hash::FILTER_FRONTEND,
+    ) || filter_has(&key.src, key.family, key.src_port, 0, hash::FILTER_BACKEND)
+        || filter_has(&key.dst, key.family, 0, 0, hash::FILTER_CLUSTER_IP)
 }
 
 /// Whether the destination is a ClusterIP (an address-level entry), so that a
@@ -33,6 +39,7 @@ pub fn is_cluster_address(key: &FlowKey) -> bool {
         port: 0,
         proto: 0,
         family: key.family,
+        _pad: [0; 4],
     };
     SERVICES.get_ptr(&skey).is_some()
 }
@@ -46,6 +53,7 @@ pub fn lookup(key: &FlowKey, out: &mut Service) -> bool {
         port: key.dst_port,
         proto: key.proto,
         family: key.family,
+        _pad: [0; 4],
     };
     match SERVICES.get_ptr(&skey) {
         Some(svc) => {

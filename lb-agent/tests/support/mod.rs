@@ -158,10 +158,11 @@ impl Lab {
         svc
     }
 
-    /// Sets the `addr_filter` bit of an address in a role (the agent does this
-    /// before writing entries; tests never clear bits, a superset is harmless).
-    pub fn filter(&mut self, addr: &[u8; 16], family: u8, role: u32) {
-        let bit = lb_common::hash::addr_filter_bit(addr, family, role);
+    /// Sets the `addr_filter` bit of an address, port and protocol in a role (the
+    /// agent does this before writing entries; tests never clear bits, a superset
+    /// is harmless).
+    pub fn filter(&mut self, addr: &[u8; 16], family: u8, port: u16, proto: u8, role: u32) {
+        let bit = lb_common::hash::addr_filter_bit(addr, family, port, proto, role);
         let word = self.maps.addr_filter.get(&(bit / 64), 0).unwrap() | (1 << (bit % 64));
         self.maps.set_filter_word(bit / 64, word).unwrap();
     }
@@ -169,7 +170,7 @@ impl Lab {
     /// Marks `addr` as a ClusterIP address: its other ports are refused.
     pub fn cluster_address(&mut self, addr: IpAddr) {
         let (a, family) = addr16(addr);
-        self.filter(&a, family, lb_common::hash::FILTER_FRONTEND);
+        self.filter(&a, family, 0, 0, lb_common::hash::FILTER_CLUSTER_IP);
         self.maps
             .set_service(
                 &ServiceKey {
@@ -177,6 +178,7 @@ impl Lab {
                     port: 0,
                     proto: 0,
                     family,
+                    _pad: [0; 4],
                 },
                 &Service {
                     id: u32::MAX,
@@ -189,7 +191,7 @@ impl Lab {
 
     pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
         let (a, family) = addr16(addr.ip());
-        self.filter(&a, family, lb_common::hash::FILTER_BACKEND);
+        self.filter(&a, family, addr.port(), 0, lb_common::hash::FILTER_BACKEND);
         let flags = BACKEND_F_ACTIVE | if local { BACKEND_F_LOCAL } else { 0 };
         self.maps
             .set_backend(
@@ -199,6 +201,7 @@ impl Lab {
                     port: addr.port(),
                     family,
                     flags,
+                    _pad: [0; 4],
                 },
             )
             .unwrap();
@@ -206,7 +209,13 @@ impl Lab {
 
     pub fn frontend(&mut self, addr: SocketAddr, proto: u8, svc: &Svc, flags: u32) {
         let (a, family) = addr16(addr.ip());
-        self.filter(&a, family, lb_common::hash::FILTER_FRONTEND);
+        self.filter(
+            &a,
+            family,
+            addr.port(),
+            proto,
+            lb_common::hash::FILTER_FRONTEND,
+        );
         self.maps
             .set_service(
                 &ServiceKey {
@@ -214,6 +223,7 @@ impl Lab {
                     port: addr.port(),
                     proto,
                     family,
+                    _pad: [0; 4],
                 },
                 &Service {
                     id: svc.id,
