@@ -1,5 +1,6 @@
 //! `cargo xtask <task>`: everything a developer runs.
 
+mod bench;
 mod demo;
 mod setup;
 
@@ -30,6 +31,16 @@ enum Task {
         #[arg(long)]
         once: bool,
     },
+    /// Benchmark lb against kube-proxy (iptables, nftables) in one run, as root;
+    /// prints ratios, writes bench-results/ (JSON, README section).
+    Bench {
+        /// The reduced run (under two minutes).
+        #[arg(long)]
+        quick: bool,
+        /// Extra arguments for lb-bench (e.g. `--only per-packet`).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     Test {
         /// Extra arguments for `cargo test` (e.g. a test name filter).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -41,6 +52,7 @@ fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
         Task::Demo { once } => demo::run(once),
+        Task::Bench { quick, args } => bench::run(quick, args),
         Task::Test { args } => {
             setup::require_root("cargo xtask test")?;
             setup::run()?;

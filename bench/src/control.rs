@@ -1,0 +1,423 @@
+//! Control plane: N Services × 10 endpoints.
+//!
+//! - full sync: `lb-agent run --manifests` on a directory holding them, from
+//!   process start to its "first sync done" log line (and from "datapath
+//!   ready" to it); the agent's peak RSS (VmHWM) right after;
+//! - the same sync in-process (lb_agent's store, model and reconciler writing
+//!   real maps), and the latency of single EndpointSlice changes through the
+//!   same steps the agent's loop takes (store → model → desired → reconcile);
+//! - beside it, `iptables-restore` of kube-proxy's rules for the same Services,
+//!   and `nft -f` of its nftables rules, each capped in time.
+
+use std::{
+    fmt::Write as _,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, ensure};
+use lb_agent::{
+    bpf::{Datapath, LoadOptions, Sizes},
+    cluster::{NodeInfo, ObjectKey, SourceEvent},
+    model::Desired,
+    reconcile::{Reconciler, Stats},
+    source::manifests,
+    store::Store,
+};
+use lb_testbed::{command_in, output_with_input};
+
+use crate::{
+    Figure, Target,
+    kubeproxy::{self, NodeFacts},
+    netns::{self, Agent, Scope, ip},
+    report::percentile,
+};
+
+const SECTION: &str = "Control plane (Services × 10 endpoints)";
+const EPS: usize = 10;
+
+fn counts(quick: bool) -> Vec<usize> {
+    if quick {
+        vec![1000]
+    } else {
+        vec![1000, 10_000]
+    }
+}
+
+pub fn keys_for(quick: bool) -> Vec<String> {
+    let mut k = Vec::new();
+    for n in counts(quick) {
+        for f in [
+            "agent_sync.s",
+            "agent_start_to_sync.s",
+            "agent_rss.mb",
+            "inproc_sync.s",
+            "iptables_restore.s",
+            "nft.s",
+        ] {
+            k.push(format!("control.{n}.{f}"));
+        }
+    }
+    k.push("control.change.p50_ms".into());
+    k.push("control.change.p99_ms".into());
+    k
+}
+
+pub fn keys() -> Vec<String> {
+    keys_for(false)
+}
+
+/// Map sizes for `n` Services: the default table size up to 1,000 Services,
+/// 1021 beyond (memory: rows × table size × 4 bytes).
+fn sizes(n: usize) -> Sizes {
+    let big = n > 1000;
+    Sizes {
+        services: 65_536,
+        service_ids: if big { 20_000 } else { 1024 },
+        backends: 131_072,
+        maglev_table_size: if big {
+            1021
+        } else {
+            lb_common::capacity::MAGLEV_TABLE_SIZE
+        },
+        conntrack: 65_536,
+    }
+}
+
+/// Writes N Services with their slices, 100 per file.
+fn write_manifests(dir: &Path, n: usize) -> Result<()> {
+    let _ = std::fs::remove_dir_all(dir);
+    std::fs::create_dir_all(dir)?;
+    let mut file = String::new();
+    for i in 0..n {
+        let _ = write!(
+            file,
+            "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ipFamilies: [IPv4]\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n",
+            ip = kubeproxy::cluster_ip(i)
+        );
+        for j in 0..EPS {
+            let _ = writeln!(
+                file,
+                "- {{addresses: [\"{}\"], nodeName: node-b, conditions: {{ready: true}}}}",
+                kubeproxy::pod_ip(i * EPS + j)
+            );
+        }
+        file.push_str("---\n");
+        if (i + 1) % 100 == 0 || i + 1 == n {
+            std::fs::write(dir.join(format!("svc-{:05}.yaml", i / 100)), &file)?;
+            file.clear();
+        }
+    }
+    Ok(())
+}
+
+fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
+    let mut scope = Scope::new();
+    let ns = scope.netns(&format!("cp{n}"))?;
+    ip(Some(&ns), "link add u0 type veth peer name u1")?;
+    ip(Some(&ns), "link set u0 up")?;
+    ip(Some(&ns), "link set u1 up")?;
+    ip(Some(&ns), "addr add 192.0.2.1/24 dev u0")?;
+    let s = sizes(n);
+    let pin = netns::pin_dir(&format!("cp{n}"));
+    let args: Vec<String> = [
+        "run".to_string(),
+        "--manifests".into(),
+        dir.display().to_string(),
+        "--node-name".into(),
+        "node-a".into(),
+        "--iface".into(),
+        "u0".into(),
+        "--pin-path".into(),
+        pin.display().to_string(),
+        "--metrics-addr".into(),
+        "127.0.0.1:10249".into(),
+        "--healthz-addr".into(),
+        "127.0.0.1:10256".into(),
+        "--maglev-table-size".into(),
+        s.maglev_table_size.to_string(),
+        "--max-services".into(),
+        s.service_ids.to_string(),
+        "--max-backends".into(),
+        s.backends.to_string(),
+        "--conntrack-size".into(),
+        s.conntrack.to_string(),
+    ]
+    .to_vec();
+    let log = std::env::temp_dir().join(format!("{}.log", netns::ns_name(&format!("cp{n}"))));
+    let mut agent = Agent::spawn(bin, &ns, &args, log.clone(), pin)?;
+    let started = agent.started;
+    let ready = agent.wait_for("datapath ready", Duration::from_secs(60))?;
+    let synced = agent.wait_for("first sync done", Duration::from_secs(180))?;
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    ensure!(
+        text.contains(&format!("{n} service ports")),
+        "the agent synced something else than {n} service ports: {}",
+        text.lines()
+            .find(|l| l.contains("first sync done"))
+            .unwrap_or("")
+    );
+    let rss = agent.peak_rss().unwrap_or(0) as f64 / (1024.0 * 1024.0);
+    agent.stop(bin);
+    let _ = std::fs::remove_file(&log);
+    Ok((
+        (synced - ready).as_secs_f64(),
+        (synced - started).as_secs_f64(),
+        rss,
+    ))
+}
+
+/// The sync and single-change latencies in-process.
+fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
+    let s = sizes(n);
+    let mut dp = Datapath::load(&LoadOptions {
+        pin_path: None,
+        sizes: s,
+        log_level: None,
+    })?;
+    let mut reconciler = Reconciler::adopt(dp.take_maps()?, s)?;
+    let loaded = manifests::load_dir(dir);
+    ensure!(
+        loaded.problems.is_empty(),
+        "manifest problems: {:?}",
+        loaded.problems.first()
+    );
+    let mut slices = loaded.slices.clone();
+    let mut store = Store::new(NodeInfo {
+        name: "node-a".into(),
+        addresses: vec!["192.0.2.1".parse()?],
+    });
+    let mut desired = Desired::default();
+    // The agent loop, as in lb_agent::agent::run.
+    let step = |store: &mut Store,
+                desired: &mut Desired,
+                reconciler: &mut Reconciler,
+                ev: SourceEvent|
+     -> Result<usize> {
+        let dirty = store.apply(ev);
+        let keys: Vec<ObjectKey> = if dirty.all {
+            store.service_keys().cloned().collect()
+        } else {
+            dirty.services.iter().cloned().collect()
+        };
+        let mut changed = std::collections::BTreeSet::new();
+        for k in keys {
+            let model = store.model(&k);
+            changed.extend(desired.set_service(&k, model).ports);
+        }
+        let mut stats = Stats::default();
+        let problems = reconciler.apply(desired, &changed, &mut stats);
+        ensure!(
+            problems.is_empty(),
+            "reconcile problems: {:?}",
+            problems.first()
+        );
+        Ok(changed.len())
+    };
+    let t = Instant::now();
+    let ports = step(
+        &mut store,
+        &mut desired,
+        &mut reconciler,
+        SourceEvent::Resync {
+            services: loaded.services,
+            slices: loaded.slices,
+            problems: Vec::new(),
+        },
+    )?;
+    reconciler.finish_adoption(&mut Stats::default());
+    let sync = t.elapsed().as_secs_f64();
+    ensure!(ports == n, "in-process sync wrote {ports} ports, not {n}");
+    let mut lat = Vec::new();
+    for c in 0..changes {
+        // Move one endpoint of one Service to another address and back.
+        let i = (c * 7919) % slices.len();
+        let slice = &mut slices[i];
+        let ep = slice
+            .endpoints
+            .as_mut()
+            .and_then(|e| e.first_mut())
+            .context("a slice without endpoints")?;
+        let orig = kubeproxy::pod_ip(i * EPS).to_string();
+        let spare = format!("10.250.{}.{}", (i / 250) % 250, i % 250 + 1);
+        ep.addresses[0] = if ep.addresses[0] == orig { spare } else { orig };
+        let ev = SourceEvent::SliceApplied(Box::new(slice.clone()));
+        let t = Instant::now();
+        let ports = step(&mut store, &mut desired, &mut reconciler, ev)?;
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        ensure!(ports == 1, "one slice change touched {ports} ports");
+    }
+    Ok((sync, lat))
+}
+
+/// Runs `program args` with `input` in a fresh namespace; the time it took,
+/// or None past `cap`.
+fn timed_load(
+    role: &str,
+    program: &str,
+    args: &[&str],
+    input: String,
+    cap: Duration,
+) -> Result<Option<f64>> {
+    let mut scope = Scope::new();
+    let ns = scope.netns(role)?;
+    let t = Instant::now();
+    match output_with_input(
+        &mut command_in(&ns, program, args),
+        Some(input.into_bytes()),
+        cap,
+    ) {
+        Ok(out) => {
+            ensure!(out.status.success(), "{program}: {}", out.stderr.trim());
+            Ok(Some(t.elapsed().as_secs_f64()))
+        }
+        Err(e) if format!("{e:#}").contains("did not finish") => Ok(None),
+        Err(e) => Err(e),
+    }
+}
+
+pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
+    ensure!(bin.exists(), "no lb-agent binary at {}", bin.display());
+    let cap = Duration::from_secs(if quick { 20 } else { 90 });
+    let mut figs = Vec::new();
+    let mut notes = Vec::new();
+    let mut lat_all = Vec::new();
+    for n in counts(quick) {
+        let dir: PathBuf = std::env::temp_dir().join(netns::ns_name(&format!("cp{n}-manifests")));
+        write_manifests(&dir, n)?;
+        let runs = if quick || n > 1000 { 1 } else { 3 };
+        let (mut sync, mut start, mut rss, mut inproc_sync) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let (a, b, c) =
+                agent_sync(bin, &dir, n).with_context(|| format!("agent with {n} Services"))?;
+            sync.push(a);
+            start.push(b);
+            rss.push(c);
+            let (s, lat) = inproc(&dir, n, if quick { 100 } else { 200 })?;
+            inproc_sync.push(s);
+            if n == *counts(quick).last().unwrap() {
+                lat_all.extend(lat);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+        let svcs = kubeproxy::many(n, EPS);
+        let node = NodeFacts {
+            pod_cidr: "10.0.0.0/8".into(),
+            service_cidr: "10.96.0.0/12".into(),
+            node_ips: vec!["192.0.2.1".parse()?],
+        };
+        let ipt = timed_load(
+            &format!("ipt{n}"),
+            "iptables-restore",
+            &["-w", "--noflush"],
+            kubeproxy::iptables_restore(&svcs, &node),
+            cap,
+        )?;
+        let nft = timed_load(
+            &format!("nft{n}"),
+            "nft",
+            &["-f", "-"],
+            kubeproxy::nft_script(&svcs, &node),
+            cap,
+        )?;
+        let s = sizes(n);
+        let what = format!("{n} Services");
+        let mut f = Figure::new(
+            SECTION,
+            &format!("control.{n}.agent_sync.s"),
+            &format!("{what}: full sync into the maps (agent)"),
+            "s",
+            sync,
+        )
+        .note(format!(
+            "table size {}, max-services {}",
+            s.maglev_table_size, s.service_ids
+        ));
+        if n == 10_000 {
+            f = f.target(Target::AtMost(2.0));
+        }
+        figs.push(f);
+        figs.push(Figure::new(
+            SECTION,
+            &format!("control.{n}.agent_start_to_sync.s"),
+            &format!("{what}: agent start to first sync"),
+            "s",
+            start,
+        ));
+        figs.push(
+            Figure::new(
+                SECTION,
+                &format!("control.{n}.agent_rss.mb"),
+                &format!("{what}: agent peak RSS (VmHWM)"),
+                "MB",
+                rss,
+            )
+            .target(Target::AtMost(150.0)),
+        );
+        figs.push(Figure::new(
+            SECTION,
+            &format!("control.{n}.inproc_sync.s"),
+            &format!("{what}: sync in-process (store+model+maps)"),
+            "s",
+            inproc_sync,
+        ));
+        for (key, label, v) in [
+            ("iptables_restore", "kube-proxy iptables-restore", ipt),
+            ("nft", "kube-proxy nft -f", nft),
+        ] {
+            let f = Figure::new(
+                SECTION,
+                &format!("control.{n}.{key}.s"),
+                &format!("{what}: {label}"),
+                "s",
+                vec![v.unwrap_or(cap.as_secs_f64())],
+            );
+            figs.push(match v {
+                Some(_) => f,
+                None => f.note(format!("> {} s cap, stopped", cap.as_secs())),
+            });
+        }
+    }
+    let last = *counts(quick).last().unwrap();
+    figs.push(Figure::new(
+        SECTION,
+        "control.change.p50_ms",
+        &format!("one EndpointSlice change to maps, p50 ({last} Services)"),
+        "ms",
+        vec![percentile(&lat_all, 50.0).unwrap_or(f64::NAN)],
+    ));
+    figs.push(
+        Figure::new(
+            SECTION,
+            "control.change.p99_ms",
+            &format!("one EndpointSlice change to maps, p99 ({last} Services)"),
+            "ms",
+            vec![percentile(&lat_all, 99.0).unwrap_or(f64::NAN)],
+        )
+        .target(Target::AtMost(10.0)),
+    );
+    notes.push(format!(
+        "Control plane: Services are ClusterIP, one TCP port, 10 ready endpoints on another node. \
+         Agent sync = from its `datapath ready` to its `first sync done` log line (reading and \
+         parsing the manifests included); start-to-sync adds loading the datapath. 10,000 Services \
+         run with --maglev-table-size 1021 --max-services 20000 (1,000 with the default 16381). \
+         Change latency: {} single EndpointSlice changes (one endpoint's address), each timed \
+         through the agent loop's steps in-process (store, model, desired state, reconcile with \
+         map writes); the manifest watcher's 100 ms debounce is left out. iptables-restore \
+         (the system's {}) and nft run in a fresh namespace, capped at {} s.",
+        lat_all.len(),
+        iptables_backend(),
+        cap.as_secs()
+    ));
+    Ok((figs, notes))
+}
+
+fn iptables_backend() -> String {
+    std::process::Command::new("iptables")
+        .arg("--version")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_else(|| "iptables".into())
+}

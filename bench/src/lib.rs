@@ -1,0 +1,178 @@
+//! lb's benchmark harness (`cargo xtask bench`): lb against kube-proxy's
+//! iptables and nftables modes on the same machine, in one run, interleaved.
+//!
+//! - [`perpacket`]: per-packet cost of `lb_xdp` under BPF_PROG_TEST_RUN;
+//! - [`maglev_bench`]: Maglev table builds and disruption;
+//! - [`control`]: full sync and single-change latency, agent memory, and
+//!   kube-proxy's rule loads for the same Services;
+//! - [`forwarding`]: packets per second through a balancer namespace;
+//! - [`connrate`]: short TCP connections per second through a NodePort.
+//!
+//! Needs root. Everything runs in network namespaces named `lbb-<pid>-*`,
+//! removed at the end, on failure and on Ctrl-C.
+
+pub mod connrate;
+pub mod control;
+pub mod forwarding;
+pub mod frames;
+pub mod kubeproxy;
+pub mod maglev_bench;
+pub mod netns;
+pub mod perpacket;
+pub mod report;
+
+use std::{
+    path::{Path, PathBuf},
+    time::{Instant, SystemTime, UNIX_EPOCH},
+};
+
+use anyhow::{Context as _, Result, bail};
+
+pub use report::{Figure, Report, Target};
+
+/// The benchmark programs (lb-ebpf/src/bench.rs), built by this crate's build script.
+pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
+
+/// How much to measure.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Profile {
+    /// Everything, reduced: under two minutes.
+    Quick,
+    /// Everything (bounded: about ten minutes).
+    Full,
+}
+
+impl Profile {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quick => "quick",
+            Self::Full => "full",
+        }
+    }
+}
+
+/// The parts of a run, in the order they run.
+pub const PARTS: [&str; 5] = ["per-packet", "maglev", "control", "forwarding", "connrate"];
+
+#[derive(Clone, Debug)]
+pub struct Options {
+    pub profile: Profile,
+    /// Where the JSON and the README section go (`bench-results/`).
+    pub out_dir: PathBuf,
+    /// The lb-agent binary (the control-plane, forwarding and connection-rate
+    /// parts run it).
+    pub agent: PathBuf,
+    /// Parts to run (empty: all).
+    pub only: Vec<String>,
+}
+
+/// The workspace root (for the default paths and the git commit).
+pub fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("workspace root")
+        .to_path_buf()
+}
+
+/// The lb-agent binary: `$LB_AGENT`, else target/release, else target/debug.
+pub fn default_agent() -> PathBuf {
+    if let Some(p) = std::env::var_os("LB_AGENT") {
+        return PathBuf::from(p);
+    }
+    let release = workspace().join("target/release/lb-agent");
+    if release.exists() {
+        return release;
+    }
+    workspace().join("target/debug/lb-agent")
+}
+
+/// Every figure key a complete run reports (the smoke test checks them).
+pub fn expected_keys(profile: Profile) -> Vec<String> {
+    let quick = profile == Profile::Quick;
+    let mut k: Vec<String> = [
+        "floor.ns",
+        "wrapper.ns",
+        "wrapper_vary.ns",
+        "lru_insert.ns",
+        "new_flow.lru_ratio",
+    ]
+    .iter()
+    .map(|s| format!("per_packet.{s}"))
+    .collect();
+    for c in [
+        "non_service",
+        "new_flow",
+        "established",
+        "reply",
+        "nodeport_snat",
+        "udp",
+        "ipv6",
+    ] {
+        k.push(format!("per_packet.{c}.ns"));
+        k.push(format!("per_packet.{c}.ratio"));
+    }
+    k.extend(maglev_bench::keys());
+    k.extend(control::keys_for(quick));
+    k.extend(forwarding::keys());
+    k.extend(connrate::keys());
+    k
+}
+
+/// Runs the benchmark and writes its outputs; the report is returned even
+/// when parts failed (they are listed in it).
+pub fn run(opts: &Options) -> Result<Report> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("the benchmark needs root (BPF programs, network namespaces)");
+    }
+    netns::install_signal_handler();
+    for r in netns::cleanup_stale() {
+        eprintln!("lb-bench: removed leftover {r}");
+    }
+    let started = Instant::now();
+    let mut report = Report {
+        machine: report::Machine::detect(&workspace()),
+        profile: opts.profile.name().into(),
+        started_unix: SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        ..Report::default()
+    };
+    let quick = opts.profile == Profile::Quick;
+    let wanted = |p: &str| opts.only.is_empty() || opts.only.iter().any(|o| o == p);
+    let mut part = |name: &str, f: &mut dyn FnMut() -> Result<(Vec<Figure>, Vec<String>)>| {
+        if !wanted(name) {
+            return;
+        }
+        eprintln!("lb-bench: {name} ...");
+        let t = Instant::now();
+        match f() {
+            Ok((figs, notes)) => {
+                report.figures.extend(figs);
+                report.notes.extend(notes);
+            }
+            Err(e) => {
+                eprintln!("lb-bench: {name} failed: {e:#}");
+                report.errors.push((name.to_string(), format!("{e:#}")));
+            }
+        }
+        netns::teardown_all();
+        eprintln!("lb-bench: {name} took {:.1} s", t.elapsed().as_secs_f64());
+    };
+    part("per-packet", &mut || {
+        perpacket::run(perpacket::Settings {
+            iterations: 1_000_000,
+            rounds: if quick { 3 } else { 7 },
+            flow_check: 20_000,
+        })
+    });
+    part("maglev", &mut || maglev_bench::run(quick));
+    part("control", &mut || control::run(quick, &opts.agent));
+    part("forwarding", &mut || forwarding::run(quick, &opts.agent));
+    part("connrate", &mut || connrate::run(quick, &opts.agent));
+    report.duration = started.elapsed();
+    let path = report.write(&opts.out_dir).context("writing the results")?;
+    eprintln!("lb-bench: results in {}", path.display());
+    Ok(report)
+}

@@ -1,0 +1,330 @@
+//! XDP programs for lb's benchmarks (`cargo xtask bench`, the `lb-bench` crate);
+//! not part of the datapath the agent loads.
+//!
+//! - `bench_floor`: swaps the Ethernet addresses and returns XDP_TX: the cheapest
+//!   program that still touches the packet, the unit per-packet costs are given in.
+//! - `bench_nop`: returns XDP_TX at once: the tail-call target that measures
+//!   `bench_wrap`'s own cost.
+//! - `bench_wrap`: BPF_PROG_TEST_RUN with `repeat` reruns a program on the frame
+//!   its previous iteration rewrote, so a NAT program would see its own output.
+//!   This wrapper first restores the frame from `bench_tmpl` (optionally giving
+//!   every iteration a flow of its own, from a per-CPU counter, checksums fixed),
+//!   then tail-calls `bench_jmp[0]` (lb's `lb_xdp`). It returns XDP_ABORTED only
+//!   when it cannot do that, which the harness treats as an error.
+//! - `bench_gen`: the same restore and flow variation, then XDP_TX: with
+//!   BPF_F_TEST_XDP_LIVE_FRAMES it is a packet generator (live frames are
+//!   recycled pages that may come back rewritten, hence the full restore).
+//! - `bench_fwd`: a minimal IPv4 forwarder without NAT: parse, `bpf_fib_lookup`,
+//!   TTL decrement, MAC rewrite, devmap redirect; the reference lb is compared to.
+//! - `bench_lru`: inserts one new key into an LRU hash with conntrack's key,
+//!   value and size, then XDP_TX: the kernel's own cost for what a new flow does
+//!   twice (forward and reply entry), shown next to lb's new-flow cost.
+#![cfg_attr(target_arch = "bpf", no_std)]
+#![cfg_attr(target_arch = "bpf", no_main)]
+
+use core::{ffi::c_void, mem::size_of, ptr};
+
+use aya_ebpf::{
+    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    btf_maps::{Array, DevMapHash, LruHashMap, PerCpuArray, ProgramArray},
+    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    macros::{btf_map, xdp},
+    programs::XdpContext,
+};
+use lb_common::{CtEntry, FlowKey, capacity};
+
+/// Largest frame the template holds.
+const TMPL_BYTES: usize = 128;
+
+/// Value of `bench_tmpl` (index 0): the frame every run starts from.
+#[repr(C)]
+pub struct Template {
+    /// Frame length: a multiple of 4, at most 128; the frames the program runs
+    /// on must have exactly this length (the harness makes sure of it).
+    pub len: u32,
+    /// 0: restore only. 1: vary the IPv4 source (port, then the low 16 bits
+    /// of the address) by a per-CPU counter, fixing the checksums.
+    pub vary: u32,
+    /// With `vary`: distinct flows to cycle through; 0: never repeat (the
+    /// counter itself, so up to 2^32 distinct sources).
+    pub flows: u32,
+    pub _pad: u32,
+    pub data: [u8; TMPL_BYTES],
+}
+
+#[btf_map(name = "bench_tmpl")]
+static TMPL: Array<Template, 1> = Array::new();
+
+/// Index 0: packets `bench_wrap` / `bench_gen` varied (the per-packet flow counter).
+/// Index 1: keys `bench_lru` inserted.
+#[btf_map(name = "bench_cnt")]
+static COUNTER: PerCpuArray<u64, 2> = PerCpuArray::new();
+
+/// `bench_lru`'s table: conntrack's key, value, size and flags.
+#[btf_map(name = "bench_lru_tbl")]
+static LRU: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+
+/// Index 0: the program `bench_wrap` tail-calls.
+#[btf_map(name = "bench_jmp")]
+static JMP: ProgramArray<4> = ProgramArray::new();
+
+/// Interfaces `bench_fwd` may redirect to.
+#[btf_map(name = "bench_ports")]
+static PORTS: DevMapHash<64> = DevMapHash::new();
+
+const ETH_P_IP_BE: u16 = 0x0800u16.to_be();
+const PROTO_TCP: u8 = 6;
+const PROTO_UDP: u8 = 17;
+const AF_INET: u8 = 2;
+
+#[xdp]
+pub fn bench_floor(ctx: XdpContext) -> u32 {
+    let data = ctx.data();
+    if data + 12 > ctx.data_end() {
+        return xdp_action::XDP_PASS;
+    }
+    let p = data as *mut [u16; 6];
+    // SAFETY: 12 bytes checked above; packet data is 2-byte aligned.
+    unsafe {
+        let m = ptr::read(p);
+        ptr::write(p, [m[3], m[4], m[5], m[0], m[1], m[2]]);
+    }
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_nop(_ctx: XdpContext) -> u32 {
+    xdp_action::XDP_TX
+}
+
+#[xdp]
+pub fn bench_wrap(ctx: XdpContext) -> u32 {
+    if prepare(&ctx).is_none() {
+        return xdp_action::XDP_ABORTED;
+    }
+    // SAFETY: tail call on our own context; returns only on failure.
+    unsafe { JMP.tail_call(&ctx, 0) };
+    xdp_action::XDP_ABORTED
+}
+
+#[xdp]
+pub fn bench_gen(ctx: XdpContext) -> u32 {
+    match prepare(&ctx) {
+        Some(()) => xdp_action::XDP_TX,
+        None => xdp_action::XDP_DROP,
+    }
+}
+
+/// Restores the frame and applies the flow variation.
+#[inline(always)]
+fn prepare(ctx: &XdpContext) -> Option<()> {
+    let t = TMPL.get_ptr(0)?;
+    let data = ctx.data();
+    let end = ctx.data_end();
+    // SAFETY: `t` points at the map value; reads of plain integers.
+    let (len, vary, flows) = unsafe { ((*t).len as usize, (*t).vary, (*t).flows) };
+    // The harness gives the program frames of exactly `len` bytes. (Checking
+    // `data + len == end` here would let LLVM drop the per-word packet bounds
+    // checks below, which the verifier needs to see.)
+    // SAFETY: every packet store is bounds-checked against `end`; template
+    // reads stay inside the 128-byte array (offsets below 128).
+    unsafe {
+        let src = (&raw const (*t).data).cast::<u8>();
+        let mut off = 0usize;
+        while off < TMPL_BYTES {
+            let p = data + off;
+            if off + 8 > len || p + 8 > end {
+                break;
+            }
+            ptr::write(p as *mut u64, ptr::read(src.add(off).cast::<u64>()));
+            off += 8;
+        }
+        let p = data + off;
+        if off + 4 <= len && off < TMPL_BYTES && p + 4 <= end {
+            ptr::write(p as *mut u32, ptr::read(src.add(off).cast::<u32>()));
+        }
+    }
+    if vary != 0 {
+        vary_source(data, end, flows)?;
+    }
+    Some(())
+}
+
+#[inline(always)]
+fn fold(mut s: u64) -> u16 {
+    s = (s & 0xffff_ffff) + (s >> 32);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s = (s & 0xffff) + (s >> 16);
+    s as u16
+}
+
+/// `!old + new` of one 16-bit word (ones'-complement difference).
+#[inline(always)]
+fn diff(old: u16, new: u16) -> u64 {
+    u64::from(!old) + u64::from(new)
+}
+
+#[inline(always)]
+fn apply(check: u16, d: u64) -> u16 {
+    !fold(u64::from(!check) + d)
+}
+
+/// Gives this packet flow `counter % flows` (or `counter`): adds it to the
+/// source port, and its upper 16 bits to the low half of the source address.
+/// IPv4 without options, TCP or UDP, Ethernet without tags.
+#[inline(always)]
+fn vary_source(data: usize, end: usize, flows: u32) -> Option<()> {
+    let c = COUNTER.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot.
+    let n = unsafe {
+        let n = *c;
+        *c = n + 1;
+        n
+    };
+    let idx = if flows != 0 {
+        (n % u64::from(flows)) as u32
+    } else {
+        n as u32
+    };
+    // Ethernet 14 + IPv4 20, then ports; the TCP checksum ends at 52.
+    if data + 54 > end {
+        return None;
+    }
+    // SAFETY: all accesses below are inside the 54 bytes checked above, at even
+    // offsets (packet data is 2-byte aligned).
+    unsafe {
+        if ptr::read((data + 12) as *const u16) != ETH_P_IP_BE {
+            return None;
+        }
+        let ttl_proto = ptr::read((data + 22) as *const [u8; 2]);
+        let csum_off = match ttl_proto[1] {
+            PROTO_TCP => 50,
+            PROTO_UDP => 40,
+            _ => return None,
+        };
+        let port_p = (data + 34) as *mut u16;
+        let old_port = ptr::read(port_p);
+        let new_port = u16::from_be(old_port).wrapping_add(idx as u16).to_be();
+        let addr_p = (data + 28) as *mut u16;
+        let old_addr = ptr::read(addr_p);
+        let new_addr = u16::from_be(old_addr)
+            .wrapping_add((idx >> 16) as u16)
+            .to_be();
+        ptr::write(port_p, new_port);
+        ptr::write(addr_p, new_addr);
+        let ip_check_p = (data + 24) as *mut u16;
+        let addr_d = diff(old_addr, new_addr);
+        ptr::write(ip_check_p, apply(ptr::read(ip_check_p), addr_d));
+        let l4_check_p = (data + csum_off) as *mut u16;
+        let check = ptr::read(l4_check_p);
+        if csum_off == 40 && check == 0 {
+            return Some(());
+        }
+        let mut new = apply(check, addr_d + diff(old_port, new_port));
+        if csum_off == 40 && new == 0 {
+            new = 0xffff;
+        }
+        ptr::write(l4_check_p, new);
+    }
+    Some(())
+}
+
+#[xdp]
+pub fn bench_lru(_ctx: XdpContext) -> u32 {
+    let Some(c) = COUNTER.get_ptr_mut(1) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: this CPU's slot.
+    let n = unsafe {
+        let n = *c;
+        *c = n + 1;
+        n
+    };
+    // Key: the counter in the first 8 bytes of `src`, TCP, IPv4; the rest zero.
+    // Built as words: a struct literal would cost a byte-wise memset here.
+    let words: [u64; 5] = [n, 0, 0, 0, (u64::from(PROTO_TCP) << 32) | (4 << 40)];
+    // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
+    let key: FlowKey = unsafe { core::mem::transmute(words) };
+    // SAFETY: CtEntry is 56 bytes of plain integers, 8-byte aligned.
+    let value: CtEntry = unsafe { core::mem::transmute([n; 7]) };
+    match LRU.insert(&key, &value, 0) {
+        Ok(()) => xdp_action::XDP_TX,
+        Err(_) => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[xdp]
+pub fn bench_fwd(ctx: XdpContext) -> u32 {
+    forward(&ctx).unwrap_or(xdp_action::XDP_PASS)
+}
+
+#[inline(always)]
+fn forward(ctx: &XdpContext) -> Option<u32> {
+    let data = ctx.data();
+    if data + 34 > ctx.data_end() {
+        return None;
+    }
+    // SAFETY: the Ethernet and IPv4 headers (34 bytes) were checked above;
+    // all accesses are at even offsets.
+    unsafe {
+        if ptr::read((data + 12) as *const u16) != ETH_P_IP_BE {
+            return None;
+        }
+        let ip = data + 14;
+        let vihl = ptr::read(ip as *const [u8; 2]);
+        if vihl[0] != 0x45 {
+            return None;
+        }
+        let ttl_p = (ip + 8) as *mut [u8; 2];
+        let ttl_proto = ptr::read(ttl_p);
+        if ttl_proto[0] <= 1 {
+            return None;
+        }
+        let mut fib: bpf_fib_lookup = core::mem::zeroed();
+        fib.family = AF_INET;
+        fib.__bindgen_anon_2.tos = vihl[1];
+        fib.l4_protocol = ttl_proto[1];
+        fib.__bindgen_anon_1.tot_len = u16::from_be(ptr::read((ip + 2) as *const u16));
+        fib.ifindex = (*ctx.ctx).ingress_ifindex;
+        fib.__bindgen_anon_3.ipv4_src = ptr::read_unaligned((ip + 12) as *const u32);
+        fib.__bindgen_anon_4.ipv4_dst = ptr::read_unaligned((ip + 16) as *const u32);
+        let rc = fib_lookup_helper(
+            ctx.ctx.cast::<c_void>(),
+            &raw mut fib,
+            size_of::<bpf_fib_lookup>() as i32,
+            0,
+        );
+        if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
+            return None;
+        }
+        let new = [ttl_proto[0] - 1, ttl_proto[1]];
+        let check_p = (ip + 10) as *mut u16;
+        let d = diff(u16::from_ne_bytes(ttl_proto), u16::from_ne_bytes(new));
+        ptr::write(ttl_p, new);
+        ptr::write(check_p, apply(ptr::read(check_p), d));
+        let mut macs = [0u8; 12];
+        macs[..6].copy_from_slice(&fib.dmac);
+        macs[6..].copy_from_slice(&fib.smac);
+        ptr::write(data as *mut [u8; 12], macs);
+        Some(
+            PORTS
+                .redirect(fib.ifindex, u64::from(xdp_action::XDP_PASS))
+                .unwrap_or(xdp_action::XDP_PASS),
+        )
+    }
+}
+
+#[cfg(target_arch = "bpf")]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+#[cfg(not(target_arch = "bpf"))]
+fn main() {}
+
+#[cfg(target_arch = "bpf")]
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 4] = *b"GPL\0";
