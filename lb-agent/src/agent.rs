@@ -391,6 +391,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             changed.extend(ch.ports);
             problems.extend(ch.problems);
         }
+        let modelled = t0.elapsed();
         let mut stats = Stats::default();
         {
             let mut r = reconciler.lock().expect("reconciler lock");
@@ -403,6 +404,14 @@ pub async fn run(settings: Settings) -> Result<()> {
                     desired.len(),
                     store.service_count()
                 );
+                // Parsing the initial state leaves freed memory in glibc's
+                // per-thread arenas (the manifest reader's, the workers'); hand it
+                // back to the system, or the agent keeps its peak size for good.
+                #[cfg(all(target_os = "linux", target_env = "gnu"))]
+                // SAFETY: malloc_trim has no preconditions.
+                unsafe {
+                    libc::malloc_trim(0);
+                }
             }
             let sizes = *r.sizes();
             let (frontends, backends, ports) = r.occupancy();
@@ -432,11 +441,17 @@ pub async fn run(settings: Settings) -> Result<()> {
             h.pending_since = None;
         }
         log::debug!(
-            "sync: {} ports changed in {took:?}: {stats:?}",
-            changed.len()
+            "sync: {} ports changed in {took:?} (model {modelled:?}, maps {:?}): {stats:?}",
+            changed.len(),
+            took - modelled
         );
         if server.is_finished() {
-            bail!("the metrics/healthz server stopped (address in use?)");
+            // Say why (an address in use, or not assignable in this namespace).
+            return match server.await {
+                Ok(Err(e)) => Err(e.context("the metrics/healthz server stopped")),
+                Ok(Ok(())) => bail!("the metrics/healthz server stopped"),
+                Err(e) => Err(anyhow::Error::new(e).context("the metrics/healthz server failed")),
+            };
         }
     }
     log::info!("stopping; the datapath stays attached and serving (`lb-agent cleanup` removes it)");

@@ -180,23 +180,39 @@ fn sum_per_cpu(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Count
     }))
 }
 
-/// The `maglev` array, memory-mapped: rows are written with plain stores, so a
-/// table of 16381 entries costs no syscalls (the map is `BPF_F_MMAPABLE`).
+/// The `maglev` array, written through memory mappings: a row of 16381 entries
+/// costs two syscalls, not one per element (the map is `BPF_F_MMAPABLE`).
+///
+/// Each access maps just the pages of one row and unmaps them after. A mapping of
+/// the whole array would be populated at once (the kernel maps every page of a
+/// BPF array at mmap time) and count the entire table memory, tens of MB at
+/// thousands of Services, in the agent's RSS for as long as it runs.
 ///
 /// The mapping is an array of u32 backend ids: each 8-byte element holds two (see
 /// [`lb_common::MaglevPair`]), so row `r` starts at id index `r * row_stride`.
 pub struct MaglevRows {
-    // Keeps the map alive while it is mapped.
-    _map: MapData,
-    base: NonNull<u32>,
+    map: MapData,
+    page: usize,
+    /// Bytes of the array (elements × 8).
+    len: usize,
     rows: usize,
-    mapped_len: usize,
     row_len: usize,
     row_stride: usize,
 }
 
-// SAFETY: the mapping is owned by this value and only written through &mut self.
-unsafe impl Send for MaglevRows {}
+/// One row's pages, mapped; unmapped on drop.
+struct RowWindow {
+    base: NonNull<libc::c_void>,
+    len: usize,
+    row: *mut u32,
+}
+
+impl Drop for RowWindow {
+    fn drop(&mut self) {
+        // SAFETY: unmapping exactly what `MaglevRows::window` mapped.
+        unsafe { libc::munmap(self.base.as_ptr(), self.len) };
+    }
+}
 
 impl MaglevRows {
     fn new(map: MapData, row_len: u32) -> Result<Self> {
@@ -214,31 +230,17 @@ impl MaglevRows {
         }
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
-        let mapped_len = (elements * 8).div_ceil(page) * page;
-        let fd = map.fd().as_fd().as_raw_fd();
-        // SAFETY: mapping a BPF array fd the way the kernel documents for
-        // BPF_F_MMAPABLE maps; the result is checked below.
-        let ptr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                mapped_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED,
-                fd,
-                0,
-            )
-        };
-        if ptr == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error()).context("mmap of the maglev map");
-        }
-        Ok(Self {
-            _map: map,
-            base: NonNull::new(ptr.cast()).context("mmap returned null")?,
+        let rows = Self {
+            map,
+            page,
+            len: elements * 8,
             rows: elements / row_elements,
-            mapped_len,
             row_len: row_len as usize,
             row_stride: row_elements * 2,
-        })
+        };
+        // Fail at start, not at the first write, if the map cannot be mapped.
+        rows.window(0)?;
+        Ok(rows)
     }
 
     pub fn rows(&self) -> usize {
@@ -249,13 +251,37 @@ impl MaglevRows {
         self.row_len
     }
 
-    fn row_ptr(&self, row: u32) -> Result<*mut u32> {
+    /// Maps the pages holding `row`.
+    fn window(&self, row: u32) -> Result<RowWindow> {
         let row = row as usize;
         if row >= self.rows() {
             bail!("maglev row {row} out of range ({} rows)", self.rows());
         }
-        // SAFETY: in bounds of the mapping, checked above.
-        Ok(unsafe { self.base.as_ptr().add(row * self.row_stride) })
+        let start = row * self.row_stride * 4;
+        let end = (start + self.row_len * 4).min(self.len);
+        let first_page = start / self.page * self.page;
+        let len = (end - first_page).div_ceil(self.page) * self.page;
+        let fd = self.map.fd().as_fd().as_raw_fd();
+        // SAFETY: mapping pages of a BPF array fd the way the kernel documents
+        // for BPF_F_MMAPABLE maps (page-aligned offset, inside the array); the
+        // result is checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd,
+                libc::off_t::try_from(first_page)?,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(std::io::Error::last_os_error()).context("mmap of the maglev map");
+        }
+        let base = NonNull::new(ptr).context("mmap returned null")?;
+        // SAFETY: `start - first_page` is inside the mapping, and 4-byte aligned.
+        let row = unsafe { ptr.cast::<u8>().add(start - first_page).cast::<u32>() };
+        Ok(RowWindow { base, len, row })
     }
 
     /// Writes a row, storing only the entries that change; returns how many did.
@@ -269,13 +295,13 @@ impl MaglevRows {
                 self.row_len
             );
         }
-        let p = self.row_ptr(row)?;
+        let w = self.window(row)?;
         let mut changed = 0;
         for (i, v) in table.iter().enumerate() {
-            // SAFETY: i < row_len, inside the row; volatile because the kernel
-            // reads the same memory concurrently.
+            // SAFETY: i < row_len, inside the mapped row; volatile because the
+            // kernel reads the same memory concurrently.
             unsafe {
-                let e = p.add(i);
+                let e = w.row.add(i);
                 if std::ptr::read_volatile(e) != *v {
                     std::ptr::write_volatile(e, *v);
                     changed += 1;
@@ -287,17 +313,10 @@ impl MaglevRows {
 
     /// Reads a row back.
     pub fn read_row(&self, row: u32) -> Result<Vec<u32>> {
-        let p = self.row_ptr(row)?;
+        let w = self.window(row)?;
         // SAFETY: the row lies inside the mapping.
         Ok((0..self.row_len)
-            .map(|i| unsafe { std::ptr::read_volatile(p.add(i)) })
+            .map(|i| unsafe { std::ptr::read_volatile(w.row.add(i)) })
             .collect())
-    }
-}
-
-impl Drop for MaglevRows {
-    fn drop(&mut self) {
-        // SAFETY: unmapping exactly what new() mapped.
-        unsafe { libc::munmap(self.base.as_ptr().cast(), self.mapped_len) };
     }
 }

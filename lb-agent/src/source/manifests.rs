@@ -17,7 +17,9 @@
 
 use std::{
     collections::HashMap,
-    fs, io,
+    fs,
+    hash::{DefaultHasher, Hasher},
+    io::{self, Write as _},
     path::{Path, PathBuf},
     sync::Arc,
     time::Duration,
@@ -61,6 +63,32 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// A 128-bit digest of everything read (objects and problems): equal digests
+    /// mean nothing changed, without keeping a second copy to compare against.
+    pub fn digest(&self) -> u128 {
+        /// Feeds serialized bytes into two differently seeded hashers.
+        struct Sink(DefaultHasher, DefaultHasher);
+        impl io::Write for Sink {
+            fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+                self.0.write(b);
+                self.1.write(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> io::Result<()> {
+                Ok(())
+            }
+        }
+        let mut sink = Sink(DefaultHasher::new(), DefaultHasher::new());
+        sink.1.write_u64(0x9e37_79b9_7f4a_7c15);
+        // Serializing to a hasher cannot fail (no I/O, string-keyed maps only).
+        let _ = serde_json::to_writer(&mut sink, &self.services);
+        let _ = serde_json::to_writer(&mut sink, &self.slices);
+        for p in &self.problems {
+            let _ = write!(sink, "{p:?}");
+        }
+        (u128::from(sink.0.finish()) << 64) | u128::from(sink.1.finish())
+    }
+
     fn into_resync(self) -> SourceEvent {
         SourceEvent::Resync {
             services: self.services,
@@ -75,11 +103,7 @@ impl Loaded {
 pub fn load_dir(dir: &Path) -> Loaded {
     let mut loader = Loader::default();
     match manifest_files(dir) {
-        Ok(files) => {
-            for path in files {
-                loader.load_file(&path);
-            }
-        }
+        Ok(files) => for_each_parsed(&files, |file| loader.load_parsed(file)),
         Err(e) => loader.problems.push(Problem {
             kind: ProblemKind::Parse,
             object: None,
@@ -129,10 +153,14 @@ fn manifest_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// One YAML document of a file: its text padded with empty lines so that parser
-/// positions are positions in the file, and its first line.
-struct Chunk {
-    padded: String,
+/// One YAML document of a file: its text, the file line that text starts on
+/// (parser positions are relative to it), and its first meaningful line.
+///
+/// (Positions are offset rather than kept by padding each document with the
+/// empty lines before it: padding makes parsing a file quadratic in its length.)
+struct Chunk<'a> {
+    text: &'a str,
+    first_line: usize,
     /// 1-based line of the document's first meaningful line.
     line: usize,
 }
@@ -145,15 +173,13 @@ struct Chunk {
 /// error forever), so the stream is split here and each document parsed alone.
 /// A marker is only recognised at the start of a line, where YAML only allows it
 /// as a marker (even inside a block scalar).
-fn split_documents(text: &str) -> Vec<Chunk> {
+fn split_documents(text: &str) -> Vec<Chunk<'_>> {
     let mut chunks = Vec::new();
     let mut start = 0; // byte offset of the current document
     let mut start_line = 1; // its first line
     let mut offset = 0;
     let mut push = |from: usize, to: usize, first_line: usize| {
         let body = &text[from..to];
-        let mut padded = "\n".repeat(first_line - 1);
-        padded.push_str(body);
         let line = body
             .lines()
             .position(|l| {
@@ -161,7 +187,11 @@ fn split_documents(text: &str) -> Vec<Chunk> {
                 !t.is_empty() && !t.starts_with('#') && t != "---"
             })
             .map_or(first_line, |i| first_line + i);
-        chunks.push(Chunk { padded, line });
+        chunks.push(Chunk {
+            text: body,
+            first_line,
+            line,
+        });
     };
     for (line_no, l) in (1..).zip(text.split_inclusive('\n')) {
         let bare = l.trim_end_matches(['\n', '\r']);
@@ -188,6 +218,119 @@ fn split_documents(text: &str) -> Vec<Chunk> {
     chunks
 }
 
+/// A manifest file read and parsed into JSON values document by document: the
+/// costly part of loading, which depends on nothing else and so runs on several
+/// threads ([`for_each_parsed`]); what the values mean is then settled in file
+/// order ([`Loader::load_parsed`]), where duplicates are decided.
+struct ParsedFile {
+    path: PathBuf,
+    text: io::Result<String>,
+    format: Format,
+    docs: Vec<ParsedDoc>,
+}
+
+struct ParsedDoc {
+    /// The document's bytes in the file's text (after a byte-order mark).
+    range: std::ops::Range<usize>,
+    first_line: usize,
+    line: usize,
+    /// The value, or the parse error and its file line.
+    value: Result<Value, (String, usize)>,
+}
+
+fn parse_file(path: &Path) -> ParsedFile {
+    let is_json = path
+        .extension()
+        .and_then(|e| e.to_str())
+        .is_some_and(|e| e.eq_ignore_ascii_case("json"));
+    let format = if is_json { Format::Json } else { Format::Yaml };
+    let text = fs::read_to_string(path);
+    let mut docs = Vec::new();
+    if let Ok(full) = &text {
+        let text = full.strip_prefix('\u{feff}').unwrap_or(full);
+        if is_json {
+            if !text.trim().is_empty() {
+                let line = text
+                    .lines()
+                    .position(|l| !l.trim().is_empty())
+                    .map_or(1, |i| i + 1);
+                let value = serde_json::from_str::<Value>(text)
+                    .map_err(|e| (format!("invalid JSON: {e}"), e.line().max(1)));
+                docs.push(ParsedDoc {
+                    range: 0..text.len(),
+                    first_line: 1,
+                    line,
+                    value,
+                });
+            }
+        } else {
+            for chunk in split_documents(text) {
+                // Straight into a JSON value (one pass): what the API would serve,
+                // and what kind detection and typed decoding read. YAML that has
+                // no JSON form (non-string keys, say) is no Kubernetes object.
+                let value = serde_yaml_ng::from_str::<Value>(chunk.text).map_err(|e| {
+                    let line = e
+                        .location()
+                        .map_or(chunk.line, |l| l.line() + chunk.first_line - 1);
+                    (format!("invalid YAML: {e}"), line)
+                });
+                let start = chunk.text.as_ptr() as usize - text.as_ptr() as usize;
+                docs.push(ParsedDoc {
+                    range: start..start + chunk.text.len(),
+                    first_line: chunk.first_line,
+                    line: chunk.line,
+                    value,
+                });
+            }
+        }
+    }
+    ParsedFile {
+        path: path.to_path_buf(),
+        text,
+        format,
+        docs,
+    }
+}
+
+/// Parses `files` on up to four threads and hands the results to `take` in the
+/// order of `files`. Each thread works ahead by at most one file, so memory
+/// stays at a few files' worth of parsed values.
+fn for_each_parsed(files: &[PathBuf], mut take: impl FnMut(ParsedFile)) {
+    let workers = std::thread::available_parallelism()
+        .map_or(1, |n| n.get())
+        .clamp(1, 4)
+        .min(files.len());
+    if workers <= 1 {
+        for path in files {
+            take(parse_file(path));
+        }
+        return;
+    }
+    std::thread::scope(|scope| {
+        let results: Vec<_> = (0..workers)
+            .map(|w| {
+                let (tx, rx) = std::sync::mpsc::sync_channel(1);
+                scope.spawn(move || {
+                    for path in files.iter().skip(w).step_by(workers) {
+                        if tx.send(parse_file(path)).is_err() {
+                            return;
+                        }
+                    }
+                });
+                rx
+            })
+            .collect();
+        // File i was parsed by worker i % workers, which parses its files in order.
+        for i in 0..files.len() {
+            match results[i % workers].recv() {
+                Ok(file) => take(file),
+                // The worker panicked; the scope re-raises the panic.
+                Err(_) => break,
+            }
+        }
+    });
+}
+
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Format {
     Yaml,
@@ -198,9 +341,11 @@ enum Format {
 struct Source<'a> {
     path: &'a Path,
     format: Format,
-    /// The document's text (positions are file positions), when the object is the
-    /// whole document; `None` for the items of a List.
+    /// The document's text, when the object is the whole document; `None` for
+    /// the items of a List.
     text: Option<&'a str>,
+    /// The file line `text` starts on (parser positions are relative to it).
+    first_line: usize,
     /// The document's first line.
     line: usize,
 }
@@ -210,18 +355,27 @@ impl Source<'_> {
         format!("{}:{}", self.path.display(), line)
     }
 
-    /// Decodes a typed object, locating the error as precisely as the parser can.
+    /// Decodes a typed object from the already parsed value. On error the text is
+    /// parsed again, typed, to name the line of the offending field (the common
+    /// path parses each document once).
     fn decode<T: DeserializeOwned>(&self, value: Value) -> Result<T, (String, usize)> {
-        match (self.text, self.format) {
-            (Some(text), Format::Yaml) => serde_yaml_ng::from_str(text).map_err(|e| {
-                let line = e.location().map_or(self.line, |l| l.line());
-                (e.to_string(), line)
-            }),
-            (Some(text), Format::Json) => {
-                serde_json::from_str(text).map_err(|e| (e.to_string(), e.line().max(1)))
+        serde_json::from_value(value).map_err(|e| {
+            let offset = self.first_line - 1;
+            match (self.text, self.format) {
+                (Some(text), Format::Yaml) => match serde_yaml_ng::from_str::<T>(text) {
+                    Err(e) => {
+                        let line = e.location().map_or(self.line, |l| l.line() + offset);
+                        (e.to_string(), line)
+                    }
+                    Ok(_) => (e.to_string(), self.line),
+                },
+                (Some(text), Format::Json) => match serde_json::from_str::<T>(text) {
+                    Err(e) => (e.to_string(), e.line().max(1) + offset),
+                    Ok(_) => (e.to_string(), self.line),
+                },
+                (None, _) => (e.to_string(), self.line),
             }
-            (None, _) => serde_json::from_value(value).map_err(|e| (e.to_string(), self.line)),
-        }
+        })
     }
 }
 
@@ -251,90 +405,39 @@ impl Loader {
         });
     }
 
-    fn load_file(&mut self, path: &Path) {
-        let text = match fs::read_to_string(path) {
-            Ok(text) => text,
+    /// Takes in the documents of one parsed file, in order.
+    fn load_parsed(&mut self, file: ParsedFile) {
+        let ParsedFile {
+            path,
+            text,
+            format,
+            docs,
+        } = file;
+        let text = match &text {
+            Ok(text) => text.strip_prefix('\u{feff}').unwrap_or(text),
             Err(e) => {
                 let message = format!("cannot read {}: {e}", path.display());
-                self.problem(
-                    ProblemKind::Parse,
-                    None,
-                    path.display().to_string(),
-                    message,
-                );
-                return;
-            }
-        };
-        let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
-        let is_json = path
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("json"));
-        if is_json {
-            self.load_json(path, text);
-        } else {
-            for chunk in split_documents(text) {
-                self.load_yaml_document(path, &chunk);
-            }
-        }
-    }
-
-    fn load_json(&mut self, path: &Path, text: &str) {
-        let line = text
-            .lines()
-            .position(|l| !l.trim().is_empty())
-            .map_or(1, |i| i + 1);
-        let source = Source {
-            path,
-            format: Format::Json,
-            text: Some(text),
-            line,
-        };
-        if text.trim().is_empty() {
-            return;
-        }
-        match serde_json::from_str::<Value>(text) {
-            Ok(value) => self.load_object(&source, value),
-            Err(e) => {
-                let location = source.location(e.line().max(1));
-                self.problem(
-                    ProblemKind::Parse,
-                    None,
-                    location,
-                    format!("invalid JSON: {e}"),
-                );
-            }
-        }
-    }
-
-    fn load_yaml_document(&mut self, path: &Path, chunk: &Chunk) {
-        let source = Source {
-            path,
-            format: Format::Yaml,
-            text: Some(&chunk.padded),
-            line: chunk.line,
-        };
-        let yaml = match serde_yaml_ng::from_str::<serde_yaml_ng::Value>(&chunk.padded) {
-            // An empty document (only comments, or nothing between two `---`).
-            Ok(serde_yaml_ng::Value::Null) => return,
-            Ok(yaml) => yaml,
-            Err(e) => {
-                let location = source.location(e.location().map_or(chunk.line, |l| l.line()));
-                self.problem(
-                    ProblemKind::Parse,
-                    None,
-                    location,
-                    format!("invalid YAML: {e}"),
-                );
-                return;
-            }
-        };
-        match serde_json::to_value(yaml) {
-            Ok(value) => self.load_object(&source, value),
-            Err(e) => {
-                let location = source.location(chunk.line);
-                let message = format!("not a Kubernetes object: {e}");
+                let location = path.display().to_string();
                 self.problem(ProblemKind::Parse, None, location, message);
+                return;
+            }
+        };
+        for doc in docs {
+            let source = Source {
+                path: &path,
+                format,
+                text: Some(&text[doc.range]),
+                first_line: doc.first_line,
+                line: doc.line,
+            };
+            match doc.value {
+                // An empty document (only comments, or nothing between two `---`).
+                Ok(Value::Null) => {}
+                Ok(value) => self.load_object(&source, value),
+                Err((message, line)) => {
+                    let location = source.location(line);
+                    self.problem(ProblemKind::Parse, None, location, message);
+                }
             }
         }
     }
@@ -410,6 +513,7 @@ impl Loader {
             path: source.path,
             format: source.format,
             text: None,
+            first_line: source.first_line,
             line: source.line,
         };
         for mut item in items {
@@ -623,11 +727,14 @@ pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
         .watch(&dir, RecursiveMode::NonRecursive)
         .with_context(|| format!("watching manifest directory {}", dir.display()))?;
 
-    let Some(mut last) = load(&dir).await? else {
+    let Some(first) = load(&dir).await? else {
         bail!("manifest directory {} disappeared", dir.display());
     };
-    log_problems(&last);
-    if tx.send(last.clone().into_resync()).await.is_err() {
+    log_problems(&first);
+    // Only a digest of what was sent is kept: a copy of every object would
+    // double the agent's memory at tens of thousands of Services.
+    let mut last = first.digest();
+    if tx.send(first.into_resync()).await.is_err() {
         return Ok(());
     }
 
@@ -661,16 +768,17 @@ pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
             watching = false;
             continue;
         };
-        if loaded == last {
+        let digest = loaded.digest();
+        if digest == last {
             log::debug!(
                 "manifest directory {} changed, but not what it holds",
                 dir.display()
             );
             continue;
         }
-        last = loaded;
-        log_problems(&last);
-        if tx.send(last.clone().into_resync()).await.is_err() {
+        last = digest;
+        log_problems(&loaded);
+        if tx.send(loaded.into_resync()).await.is_err() {
             return Ok(());
         }
     }
@@ -679,9 +787,19 @@ pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
 /// Reads the directory on a blocking thread; `None` if it is no longer there.
 async fn load(dir: &Path) -> Result<Option<Loaded>> {
     let dir = dir.to_path_buf();
-    tokio::task::spawn_blocking(move || dir.is_dir().then(|| load_dir(&dir)))
+    let t0 = Instant::now();
+    let loaded = tokio::task::spawn_blocking(move || dir.is_dir().then(|| load_dir(&dir)))
         .await
-        .context("reading manifests")
+        .context("reading manifests")?;
+    if let Some(l) = &loaded {
+        log::debug!(
+            "read {} Services and {} EndpointSlices in {:?}",
+            l.services.len(),
+            l.slices.len(),
+            t0.elapsed()
+        );
+    }
+    Ok(loaded)
 }
 
 /// Waits until no change has been reported for [`QUIET`], or [`MAX_DEBOUNCE`].
@@ -744,13 +862,14 @@ mod tests {
         let chunks = split_documents(text);
         let lines: Vec<usize> = chunks.iter().map(|c| c.line).collect();
         assert_eq!(lines, [2, 4, 8, 10, 11]);
-        // Padding keeps parser positions at file positions.
-        assert!(chunks[1].padded.starts_with("\n\n---\nb: 2"));
-        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[2].padded).unwrap();
+        let starts: Vec<usize> = chunks.iter().map(|c| c.first_line).collect();
+        assert_eq!(starts, [1, 3, 5, 10, 11]);
+        assert!(chunks[1].text.starts_with("---\nb: 2"));
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(chunks[2].text).unwrap();
         assert_eq!(v["c"], serde_yaml_ng::Value::from(3));
-        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[3].padded).unwrap();
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(chunks[3].text).unwrap();
         assert_eq!(v["d"], serde_yaml_ng::Value::from(4));
-        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(&chunks[4].padded).unwrap();
+        let v: serde_yaml_ng::Value = serde_yaml_ng::from_str(chunks[4].text).unwrap();
         assert!(v.is_null());
     }
 
@@ -777,5 +896,57 @@ mod tests {
         assert!(is_change(&EventKind::Remove(
             notify::event::RemoveKind::Any
         )));
+    }
+    #[test]
+    fn digests_tell_contents_apart_not_readings() {
+        let dir = std::env::temp_dir().join(format!("lb-digest-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let svc = |ip: &str| {
+            format!(
+                "apiVersion: v1\nkind: Service\nmetadata: {{name: a, namespace: x}}\nspec:\n  clusterIP: {ip}\n  ports: [{{port: 80}}]\n"
+            )
+        };
+        fs::write(dir.join("a.yaml"), svc("10.96.0.1")).unwrap();
+        let first = load_dir(&dir).digest();
+        // The same objects written differently: same digest.
+        fs::write(
+            dir.join("a.yaml"),
+            format!("# a comment\n{}", svc("10.96.0.1")),
+        )
+        .unwrap();
+        assert_eq!(load_dir(&dir).digest(), first);
+        // One field changed, or a problem appeared: another digest.
+        fs::write(dir.join("a.yaml"), svc("10.96.0.2")).unwrap();
+        assert_ne!(load_dir(&dir).digest(), first);
+        fs::write(dir.join("a.yaml"), svc("10.96.0.1")).unwrap();
+        fs::write(dir.join("b.yaml"), "a: [").unwrap();
+        assert_ne!(load_dir(&dir).digest(), first);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn files_parsed_in_parallel_are_taken_in_order() {
+        let dir = std::env::temp_dir().join(format!("lb-order-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let mut files = Vec::new();
+        for i in 0..9 {
+            let path = dir.join(format!("f{i}.yaml"));
+            fs::write(&path, format!("n: {i}\n---\nm: {i}\n")).unwrap();
+            files.push(path);
+        }
+        let mut seen = Vec::new();
+        for_each_parsed(&files, |f| {
+            let values: Vec<Value> = f.docs.into_iter().map(|d| d.value.unwrap()).collect();
+            seen.push((f.path, values));
+        });
+        fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(seen.len(), 9);
+        for (i, (path, values)) in seen.into_iter().enumerate() {
+            assert_eq!(path, files[i]);
+            assert_eq!(
+                values,
+                [serde_json::json!({"n": i}), serde_json::json!({"m": i})]
+            );
+        }
     }
 }

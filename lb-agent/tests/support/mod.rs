@@ -14,8 +14,8 @@ use lb_agent::{
     reconcile::addr16,
 };
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FAMILY_V4,
-    FAMILY_V6, FlowKey, PROTO_TCP, Reason, Service, ServiceKey, hash::flow_hash,
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FlowKey,
+    PROTO_TCP, Reason, Service, ServiceKey, hash::flow_hash,
 };
 pub use netns::Netns;
 
