@@ -5,7 +5,7 @@
 mod support;
 
 use lb_common::{Reason, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE};
-use support::{Lab, TCP, UDP, XDP_PASS, XDP_TX, backend, netns::*, packet::*, sa};
+use support::{Lab, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, netns::*, packet::*, sa};
 
 #[test]
 fn clusterip_syn_goes_to_the_maglev_backend_and_the_reply_comes_back_from_the_vip() {
@@ -235,6 +235,56 @@ fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
     let (_, output) = lab.xdp(&syn(sa("198.51.100.41:45000"), nodeport));
     assert_ne!(decode(&output).src_addr(), snat);
     let _ = svc;
+}
+
+#[test]
+fn snat_ports_run_out_with_a_counted_drop_and_come_back_once_idle() {
+    let mut lab = Lab::new();
+    let nodeport = sa("192.0.2.1:30081");
+    lab.service(
+        &[nodeport],
+        TCP,
+        &[backend("10.244.1.41:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let range = support::SNAT_PORTS.0..=support::SNAT_PORTS.1;
+    let span = usize::from(support::SNAT_PORTS.1 - support::SNAT_PORTS.0) + 1;
+    // Three clients per port: the range fills up, then claims fail.
+    let mut ports = std::collections::BTreeSet::new();
+    let mut dropped = 0;
+    for i in 0..3 * span {
+        let client = sa(&format!("198.51.100.{}:{}", 2 + i % 200, 40_000 + i));
+        match lab.xdp(&syn(client, nodeport)) {
+            (XDP_TX, out) => {
+                let p = decode(&out).src_addr().port();
+                assert!(range.contains(&p), "port {p} outside the range");
+                assert!(ports.insert(p), "port {p} given to two flows");
+            }
+            (XDP_DROP, _) => dropped += 1,
+            (action, _) => panic!("SYN {i}: action {action}"),
+        }
+    }
+    assert!(
+        ports.len() * 10 >= span * 9,
+        "only {} of {span} ports used",
+        ports.len()
+    );
+    assert_eq!(ports.len() + dropped, 3 * span);
+    assert_eq!(lab.reason(Reason::DropSnatExhausted), dropped as u64);
+    // Every flow closed long ago: its port may go to a new flow, and the old
+    // flow's forward entry goes with it (it must not come back on that port).
+    let entries: Vec<_> = lab.maps.conntrack.iter().map(Result::unwrap).collect();
+    for (k, mut e) in entries {
+        e.flags |= lb_common::CT_F_CLOSING;
+        e.last_seen_ns = 0;
+        lab.maps.conntrack.insert(k, e, 0).unwrap();
+    }
+    let before = lab.maps.conntrack.keys().count();
+    let (action, out) = lab.xdp(&syn(sa("203.0.113.9:50000"), nodeport));
+    assert_eq!(action, XDP_TX, "no idle port reclaimed");
+    assert!(ports.contains(&decode(&out).src_addr().port()));
+    // One old forward entry removed, one new forward entry, the reply replaced.
+    assert_eq!(lab.maps.conntrack.keys().count(), before);
 }
 
 #[test]

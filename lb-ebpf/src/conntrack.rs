@@ -23,8 +23,10 @@ use crate::{
     parse::{Headers, TCP_FIN, TCP_RST},
 };
 
-/// Ports tried for a new source-NAT flow before giving up.
-const SNAT_TRIES: u32 = 8;
+/// Ports tried for a new source-NAT flow before giving up. With ports probed in
+/// a flow-specific order (double hashing), a claim fails only if all of them are
+/// held: at 70% of a backend's ports in use, 0.3% of new flows.
+const SNAT_TRIES: u32 = 16;
 
 #[inline(always)]
 fn now() -> u64 {
@@ -173,8 +175,10 @@ fn set_entry(
 
 /// Finds a port in the SNAT range for which the reply key `s.key` (with that port
 /// as its destination port) is free, idle, or already this flow's, and inserts
-/// `s.reply` there. Starts at a port derived from the flow hash, so a flow whose
-/// forward entry was evicted gets its old port back.
+/// `s.reply` there. Probes ports in an order derived from the flow hash (a start
+/// and a stride), so a flow whose forward entry was evicted gets its old port
+/// back, and flows that collide at the start spread out instead of queueing up
+/// behind each other as consecutive probes would make them.
 #[inline(always)]
 fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u16, Reason> {
     let min = u32::from(cfg.snat_port_min);
@@ -187,6 +191,13 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
         return Err(Reason::DropSnatExhausted);
     }
     let mut offset = hash % span;
+    // A stride in 1..span from the hash's other bits (span 1 gives stride 0,
+    // with a single port to try anyway).
+    let stride = if span > 1 {
+        (hash.rotate_right(16) % (span - 1)) + 1
+    } else {
+        0
+    };
     for _ in 0..SNAT_TRIES {
         let port = (min + offset) as u16;
         s.key.dst_port = port;
@@ -209,9 +220,9 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
                 return Err(Reason::DropMapError);
             }
         }
-        offset += 1;
-        if offset == span {
-            offset = 0;
+        offset += stride;
+        if offset >= span {
+            offset -= span;
         }
     }
     Err(Reason::DropSnatExhausted)
