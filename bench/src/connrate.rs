@@ -6,11 +6,12 @@
 //! veths (lb redirects into them); each mode runs a bounded time per round.
 
 use std::{
+    collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
     path::{Path, PathBuf},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
@@ -84,10 +85,35 @@ impl Drop for Server {
     }
 }
 
-/// Opens and closes connections for `secs`; (connections per second, errors).
-fn load(ns: &str, target: SocketAddr, secs: f64) -> Result<(f64, u64)> {
+/// What one mode's load did: connections per second, and failures by kind.
+struct Load {
+    cps: f64,
+    errors: BTreeMap<String, u64>,
+}
+
+impl Load {
+    fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+
+    /// "3 × connection timed out, 1 × short answer" (or "none").
+    fn error_kinds(&self) -> String {
+        if self.errors.is_empty() {
+            return "none".into();
+        }
+        let kinds: Vec<String> = self
+            .errors
+            .iter()
+            .map(|(k, n)| format!("{n} × {k}"))
+            .collect();
+        kinds.join(", ")
+    }
+}
+
+/// Opens and closes connections for `secs`.
+fn load(ns: &str, target: SocketAddr, secs: f64) -> Result<Load> {
     let ok = Arc::new(AtomicU64::new(0));
-    let err = Arc::new(AtomicU64::new(0));
+    let err = Arc::new(Mutex::new(BTreeMap::<String, u64>::new()));
     let deadline = Instant::now() + Duration::from_secs_f64(secs);
     let t0 = Instant::now();
     let handles: Vec<_> = (0..CLIENTS)
@@ -116,9 +142,14 @@ fn load(ns: &str, target: SocketAddr, secs: f64) -> Result<(f64, u64)> {
                             }
                         })();
                         match r {
-                            Ok(()) => ok.fetch_add(1, Ordering::Relaxed),
-                            Err(_) => err.fetch_add(1, Ordering::Relaxed),
-                        };
+                            Ok(()) => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Err(e) => {
+                                let mut kinds = err.lock().unwrap_or_else(|p| p.into_inner());
+                                *kinds.entry(e.kind().to_string()).or_default() += 1;
+                            }
+                        }
                     }
                 })
             })
@@ -128,10 +159,46 @@ fn load(ns: &str, target: SocketAddr, secs: f64) -> Result<(f64, u64)> {
         let _ = h.join();
     }
     let took = t0.elapsed().as_secs_f64();
-    Ok((
-        ok.load(Ordering::Relaxed) as f64 / took,
-        err.load(Ordering::Relaxed),
-    ))
+    let errors = std::mem::take(&mut *err.lock().unwrap_or_else(|p| p.into_inner()));
+    Ok(Load {
+        cps: ok.load(Ordering::Relaxed) as f64 / took,
+        errors,
+    })
+}
+
+/// The datapath's drop counters with packets, as `reason: packets, ...` (from
+/// `lb-agent dump --json`), to tell what a failed connection ran into.
+fn datapath_drops(agent_bin: &Path, pin: &Path) -> String {
+    let out = std::process::Command::new(agent_bin)
+        .args(["dump", "--json", "--conntrack-limit", "0", "--pin-path"])
+        .arg(pin)
+        .output();
+    let dump: serde_json::Value = match out {
+        Ok(o) if o.status.success() => match serde_json::from_slice(&o.stdout) {
+            Ok(v) => v,
+            Err(e) => return format!("unreadable dump: {e}"),
+        },
+        Ok(o) => return format!("dump failed: {}", String::from_utf8_lossy(&o.stderr).trim()),
+        Err(e) => return format!("dump failed: {e}"),
+    };
+    let mut drops = Vec::new();
+    if let Some(reasons) = dump["reasons"].as_object() {
+        for (name, c) in reasons {
+            let packets = c["packets"].as_u64().unwrap_or(0);
+            if name.starts_with("drop") && packets > 0 {
+                drops.push(format!("{name}: {packets}"));
+            }
+        }
+    }
+    let drops = if drops.is_empty() {
+        "none".into()
+    } else {
+        drops.join(", ")
+    };
+    format!(
+        "{drops}; {} conntrack entries",
+        dump["conntrack"]["entries"].as_u64().unwrap_or(0)
+    )
 }
 
 pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
@@ -157,21 +224,29 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     let target = SocketAddr::from((NODE_IP, NODE_PORT));
     let (mut lb_cps, mut lb_err, mut ipt_cps, mut ipt_err, mut ratio) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut error_notes = Vec::new();
     for round in 0..rounds {
         let mut agent = topo.start_agent(agent_bin, &dir, &format!("cr-agent-{round}"))?;
         let r = load(&topo.cli, target, secs);
+        let drops = datapath_drops(agent_bin, &agent.pin);
         agent.stop(agent_bin);
         topo.flush_rules()?;
-        let (a, ae) = r.context("lb")?;
+        let lb = r.context("lb")?;
         topo.load_iptables()?;
         let r = load(&topo.cli, target, secs);
         topo.flush_rules()?;
-        let (b, be) = r.context("iptables")?;
-        lb_cps.push(a);
-        lb_err.push(ae as f64);
-        ipt_cps.push(b);
-        ipt_err.push(be as f64);
-        ratio.push(a / b);
+        let ipt = r.context("iptables")?;
+        error_notes.push(format!(
+            "round {}: lb errors: {} (datapath drops: {drops}); iptables errors: {}",
+            round + 1,
+            lb.error_kinds(),
+            ipt.error_kinds()
+        ));
+        lb_cps.push(lb.cps);
+        lb_err.push(lb.error_count() as f64);
+        ipt_cps.push(ipt.cps);
+        ipt_err.push(ipt.error_count() as f64);
+        ratio.push(lb.cps / ipt.cps);
     }
     let _ = std::fs::remove_dir_all(&dir);
     let figs = vec![
@@ -201,12 +276,13 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
         )
         .target(Target::AtLeast(1.0)),
     ];
-    let notes = vec![format!(
+    let mut notes = vec![format!(
         "Connection rate: {CLIENTS} client threads, each connect → read the 3-byte answer to EOF \
          → close, for {secs} s per mode and round ({rounds} rounds, lb then iptables); errors = \
          failed connects or reads (1 s timeouts). Client, balancer softirq and servers share the \
          machine's 2 vCPUs. The servers close first and keep no TIME_WAIT sockets \
          (tcp_max_tw_buckets=0), so that one round's connections cannot stall the next's."
     )];
+    notes.extend(error_notes);
     Ok((figs, notes))
 }

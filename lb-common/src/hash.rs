@@ -87,6 +87,22 @@ pub const fn addr_filter_bit(addr: &[u8; 16], family: u8, port: u16, proto: u8, 
     (x.wrapping_mul(0x9e37_79b9_7f4a_7c15) >> (64 - BITS)) as u32
 }
 
+/// The `attempt`-th source-NAT port offset (in `0..span`) to try for a new flow
+/// with flow hash `flow`. Every attempt is an independent hash of the flow, so
+/// a flow's tries spread over the whole range whatever its size: a claim fails
+/// only when every tried port is held (`share^tries` with `share` of the range
+/// in use). A fixed stride would not do: with a range like 61000-65535 (4,536
+/// ports, many divisors) 1 flow in 200 would cycle through 8 ports or fewer.
+/// The same flow gets the same sequence, so a flow whose entries were evicted
+/// gets its old port back.
+#[inline(always)]
+pub const fn snat_probe(flow: u32, attempt: u32, span: u32) -> u32 {
+    if span == 0 {
+        return 0;
+    }
+    finish(flow ^ attempt.wrapping_mul(SEED)) % span
+}
+
 /// Hash of a byte string with a seed (murmur3-style, little-endian words). Used
 /// for Maglev permutations: it must give the same value on every node and every
 /// build, which `std`'s hashers do not promise.
@@ -110,6 +126,37 @@ mod tests {
     extern crate std;
 
     use super::*;
+
+    /// Fills ten backends' source-NAT ranges (the default 4,536 ports each) to
+    /// 70% with claims of 32 tries, as the datapath does: none may fail.
+    #[test]
+    fn snat_probes_find_a_free_port_in_a_range_filled_to_70_percent() {
+        const SPAN: u32 = 4_536;
+        const TRIES: u32 = 32;
+        let mut held = std::vec![[false; SPAN as usize]; 10];
+        let mut rng = 0x1234_5678_9abc_def0u64;
+        let mut failed = 0;
+        for _ in 0..(SPAN * 10 * 7 / 10) {
+            rng = rng
+                .wrapping_mul(6_364_136_223_846_793_005)
+                .wrapping_add(1_442_695_040_888_963_407);
+            let flow = (rng >> 32) as u32;
+            let backend = &mut held[(rng >> 16) as usize % 10];
+            match (0..TRIES)
+                .map(|i| snat_probe(flow, i, SPAN) as usize)
+                .find(|p| !backend[*p])
+            {
+                Some(p) => backend[p] = true,
+                None => failed += 1,
+            }
+        }
+        assert_eq!(failed, 0, "claims that found no free port");
+        // The sequence is the flow's own: the same flow, the same ports.
+        assert_eq!(snat_probe(7, 3, SPAN), snat_probe(7, 3, SPAN));
+        assert_ne!(snat_probe(7, 3, SPAN), snat_probe(8, 3, SPAN));
+        assert_eq!(snat_probe(7, 3, 1), 0);
+        assert_eq!(snat_probe(7, 3, 0), 0);
+    }
 
     #[test]
     fn filter_bits_spread_and_depend_on_every_input() {

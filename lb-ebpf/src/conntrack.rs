@@ -13,7 +13,7 @@ use aya_ebpf::{
 use lb_common::{
     Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS,
     Config, CtEntry, FlowKey, PROTO_TCP, Reason, SNAT_IDLE_CLOSING_NS, SNAT_IDLE_TCP_NS,
-    SNAT_IDLE_UDP_NS,
+    SNAT_IDLE_UDP_NS, hash,
 };
 
 use crate::{
@@ -23,10 +23,12 @@ use crate::{
     parse::{Headers, TCP_FIN, TCP_RST},
 };
 
-/// Ports tried for a new source-NAT flow before giving up. With ports probed in
-/// a flow-specific order (double hashing), a claim fails only if all of them are
-/// held: at 70% of a backend's ports in use, 0.3% of new flows.
-const SNAT_TRIES: u32 = 16;
+/// Ports tried for a new source-NAT flow before giving up. Each try is an
+/// independent hash of the flow (`hash::snat_probe`), so a claim fails only if
+/// all of them are held: with 70% of a backend's ports in use, 1 new flow in
+/// 90,000 (16 tries: 1 in 300). Tries past the first are rare while the range
+/// has room, so the bound costs nothing on the common path.
+const SNAT_TRIES: u32 = 32;
 
 #[inline(always)]
 fn now() -> u64 {
@@ -175,10 +177,10 @@ fn set_entry(
 
 /// Finds a port in the SNAT range for which the reply key `s.key` (with that port
 /// as its destination port) is free, idle, or already this flow's, and inserts
-/// `s.reply` there. Probes ports in an order derived from the flow hash (a start
-/// and a stride), so a flow whose forward entry was evicted gets its old port
-/// back, and flows that collide at the start spread out instead of queueing up
-/// behind each other as consecutive probes would make them.
+/// `s.reply` there. Probes ports in an order derived from the flow hash, so a
+/// flow whose forward entry was evicted gets its old port back, and flows that
+/// collide at their first port go separate ways instead of queueing up behind
+/// each other as consecutive probes would make them.
 #[inline(always)]
 fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u16, Reason> {
     let min = u32::from(cfg.snat_port_min);
@@ -190,16 +192,8 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
     if span == 0 {
         return Err(Reason::DropSnatExhausted);
     }
-    let mut offset = hash % span;
-    // A stride in 1..span from the hash's other bits (span 1 gives stride 0,
-    // with a single port to try anyway).
-    let stride = if span > 1 {
-        (hash.rotate_right(16) % (span - 1)) + 1
-    } else {
-        0
-    };
-    for _ in 0..SNAT_TRIES {
-        let port = (min + offset) as u16;
+    for attempt in 0..SNAT_TRIES {
+        let port = (min + hash::snat_probe(hash, attempt, span)) as u16;
         s.key.dst_port = port;
         if CONNTRACK
             .insert(&s.key, &s.reply, u64::from(BPF_NOEXIST))
@@ -219,10 +213,6 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
                 }
                 return Err(Reason::DropMapError);
             }
-        }
-        offset += stride;
-        if offset >= span {
-            offset -= span;
         }
     }
     Err(Reason::DropSnatExhausted)
