@@ -11,6 +11,7 @@
 
 use std::{
     fmt::Write as _,
+    net::Ipv4Addr,
     path::{Path, PathBuf},
     time::{Duration, Instant},
 };
@@ -19,7 +20,7 @@ use anyhow::{Context as _, Result, ensure};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Sizes},
     cluster::{NodeInfo, ObjectKey, SourceEvent},
-    model::Desired,
+    model::{Address, Desired},
     reconcile::{Reconciler, Stats},
     source::manifests,
     store::Store,
@@ -235,12 +236,13 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         let slice = &mut slices[i];
         let ep = slice
             .endpoints
-            .as_mut()
-            .and_then(|e| e.first_mut())
+            .first_mut()
             .context("a slice without endpoints")?;
-        let orig = kubeproxy::pod_ip(i * EPS).to_string();
-        let spare = format!("10.250.{}.{}", (i / 250) % 250, i % 250 + 1);
-        ep.addresses[0] = if ep.addresses[0] == orig { spare } else { orig };
+        let orig = Address::Ip(kubeproxy::pod_ip(i * EPS).into());
+        let spare = Address::Ip(
+            Ipv4Addr::new(10, 250, ((i / 250) % 250) as u8, (i % 250 + 1) as u8).into(),
+        );
+        ep.address = if ep.address == orig { spare } else { orig };
         let ev = SourceEvent::SliceApplied(Box::new(slice.clone()));
         let t = Instant::now();
         let ports = step(&mut store, &mut desired, &mut reconciler, ev)?;

@@ -158,6 +158,17 @@ fn uplinks_holding(node_ips: &[IpAddr], addrs: &[(u32, IpAddr)]) -> BTreeSet<u32
     uplinks
 }
 
+/// Returns freed heap memory to the system. glibc keeps what a thread frees in
+/// that thread's arena for its next allocations; memory freed after a large
+/// listing would otherwise stay in the agent's RSS for good.
+fn release_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim has no preconditions.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> Config {
     let mut cfg = Config {
         maglev_size: settings.sizes.maglev_table_size,
@@ -331,7 +342,15 @@ pub async fn run(settings: Settings) -> Result<()> {
                     if node_ips_fixed && matches!(ev, SourceEvent::NodeAddresses(_)) {
                         return;
                     }
+                    let listing = matches!(ev, SourceEvent::Resync { .. });
                     dirty.merge(store.apply(ev));
+                    if listing {
+                        // The listing's API objects were built (and are now freed)
+                        // in the reader's threads' malloc arenas, which this
+                        // thread does not allocate from: without handing them
+                        // back, the sync would grow the agent by as much again.
+                        release_freed_memory();
+                    }
                 };
                 take(ev);
                 while let Ok(ev) = rx.try_recv() {
@@ -404,14 +423,9 @@ pub async fn run(settings: Settings) -> Result<()> {
                     desired.len(),
                     store.service_count()
                 );
-                // Parsing the initial state leaves freed memory in glibc's
-                // per-thread arenas (the manifest reader's, the workers'); hand it
-                // back to the system, or the agent keeps its peak size for good.
-                #[cfg(all(target_os = "linux", target_env = "gnu"))]
-                // SAFETY: malloc_trim has no preconditions.
-                unsafe {
-                    libc::malloc_trim(0);
-                }
+                // The first sync's temporaries (changed-port sets, Maglev
+                // tables) are gone: give their memory back too.
+                release_freed_memory();
             }
             let sizes = *r.sizes();
             let (frontends, backends, ports) = r.occupancy();

@@ -3,10 +3,12 @@
 
 use std::{fmt, net::IpAddr};
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
+
+use crate::model::Slice;
 
 /// `namespace/name` of a Kubernetes object.
-#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct ObjectKey {
     pub namespace: String,
     pub name: String,
@@ -50,15 +52,16 @@ pub enum SourceEvent {
     /// A Service was created or changed.
     ServiceApplied(Box<Service>),
     ServiceDeleted(ObjectKey),
-    /// An EndpointSlice was created or changed.
-    SliceApplied(Box<EndpointSlice>),
+    /// An EndpointSlice was created or changed (in the model's compact form:
+    /// sources convert as objects arrive, so no API object is kept).
+    SliceApplied(Box<Slice>),
     SliceDeleted(ObjectKey),
     /// A full (re)list: exactly these objects exist; anything not in it is gone.
     /// `problems` are the inputs that were skipped in this listing (the
     /// manifest source reports unparsable files here).
     Resync {
         services: Vec<Service>,
-        slices: Vec<EndpointSlice>,
+        slices: Vec<Slice>,
         problems: Vec<Problem>,
     },
     /// This node's addresses changed (Kubernetes mode: the Node object).

@@ -2,19 +2,16 @@
 //! which Services a change touches.
 
 use std::{
-    collections::{BTreeMap, BTreeSet, HashMap},
+    collections::{BTreeSet, HashMap, HashSet},
     net::IpAddr,
 };
 
-use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     cluster::{NodeInfo, ObjectKey, Problem, SourceEvent},
-    model::{ServiceModel, service_model},
+    model::{ServiceModel, Slice, service_model},
 };
-
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
 /// Services whose model may have changed.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -41,25 +38,14 @@ impl Dirty {
 #[derive(Default)]
 pub struct Store {
     services: HashMap<ObjectKey, Service>,
-    slices: HashMap<ObjectKey, EndpointSlice>,
+    /// Slices in the model's compact form, not as the API objects (see `Slice`).
+    slices: HashMap<ObjectKey, Slice>,
     /// Service -> its slices (by the service-name label).
     slices_of: HashMap<ObjectKey, BTreeSet<ObjectKey>>,
     node: NodeInfo,
     /// Whether a full listing has arrived (before that the store is partial and
     /// must not be reconciled: a restarted agent would delete everything).
     synced: bool,
-}
-
-fn owner(slice: &EndpointSlice) -> Option<ObjectKey> {
-    let name = slice.metadata.labels.as_ref()?.get(SERVICE_NAME_LABEL)?;
-    Some(ObjectKey::new(
-        slice
-            .metadata
-            .namespace
-            .clone()
-            .unwrap_or_else(|| "default".into()),
-        name.clone(),
-    ))
 }
 
 impl Store {
@@ -89,7 +75,7 @@ impl Store {
     /// The model of one Service as the store holds it now (None: no such Service).
     pub fn model(&self, key: &ObjectKey) -> Option<ServiceModel> {
         let svc = self.services.get(key)?;
-        let slices: Vec<&EndpointSlice> = self
+        let slices: Vec<&Slice> = self
             .slices_of
             .get(key)
             .into_iter()
@@ -142,14 +128,14 @@ impl Store {
         }
     }
 
-    fn put_slice(&mut self, slice: EndpointSlice, dirty: &mut Dirty) {
-        let key = ObjectKey::of(&slice.metadata);
+    fn put_slice(&mut self, slice: Slice, dirty: &mut Dirty) {
+        let key = slice.key.clone();
         if self.slices.get(&key) == Some(&slice) {
             return;
         }
         // A slice may move to another Service if its label changes.
         self.remove_slice(&key, dirty);
-        if let Some(svc) = owner(&slice) {
+        if let Some(svc) = slice.service.clone() {
             self.slices_of
                 .entry(svc.clone())
                 .or_default()
@@ -163,7 +149,7 @@ impl Store {
         let Some(old) = self.slices.remove(key) else {
             return;
         };
-        if let Some(svc) = owner(&old) {
+        if let Some(svc) = old.service {
             if let Some(set) = self.slices_of.get_mut(&svc) {
                 set.remove(key);
                 if set.is_empty() {
@@ -175,39 +161,37 @@ impl Store {
     }
 
     /// Replaces everything with a full listing; only what differs is dirty.
-    fn resync(&mut self, services: Vec<Service>, slices: Vec<EndpointSlice>, dirty: &mut Dirty) {
+    /// (Objects are taken one at a time from the listing, without a second
+    /// collection of them: at 10,000 Services that would be tens of megabytes.)
+    fn resync(&mut self, services: Vec<Service>, slices: Vec<Slice>, dirty: &mut Dirty) {
         self.synced = true;
-        let new_services: BTreeMap<ObjectKey, Service> = services
-            .into_iter()
-            .map(|s| (ObjectKey::of(&s.metadata), s))
+        let listed: HashSet<ObjectKey> = services
+            .iter()
+            .map(|s| ObjectKey::of(&s.metadata))
             .collect();
-        let gone: Vec<ObjectKey> = self
-            .services
-            .keys()
-            .filter(|k| !new_services.contains_key(*k))
-            .cloned()
-            .collect();
-        for k in gone {
-            self.services.remove(&k);
-            dirty.services.insert(k);
-        }
-        for (_, s) in new_services {
+        self.services.retain(|k, _| {
+            let keep = listed.contains(k);
+            if !keep {
+                dirty.services.insert(k.clone());
+            }
+            keep
+        });
+        drop(listed);
+        for s in services {
             self.put_service(s, dirty);
         }
-        let new_slices: BTreeMap<ObjectKey, EndpointSlice> = slices
-            .into_iter()
-            .map(|s| (ObjectKey::of(&s.metadata), s))
-            .collect();
+        let listed: HashSet<&ObjectKey> = slices.iter().map(|s| &s.key).collect();
         let gone: Vec<ObjectKey> = self
             .slices
             .keys()
-            .filter(|k| !new_slices.contains_key(*k))
+            .filter(|k| !listed.contains(*k))
             .cloned()
             .collect();
+        drop(listed);
         for k in gone {
             self.remove_slice(&k, dirty);
         }
-        for (_, s) in new_slices {
+        for s in slices {
             self.put_slice(s, dirty);
         }
     }
@@ -224,12 +208,13 @@ mod tests {
         .unwrap()
     }
 
-    fn slice(ns: &str, name: &str, service: &str, ip: &str) -> EndpointSlice {
-        serde_yaml_ng::from_str(&format!(
+    fn slice(ns: &str, name: &str, service: &str, ip: &str) -> Slice {
+        let slice: k8s_openapi::api::discovery::v1::EndpointSlice = serde_yaml_ng::from_str(&format!(
             "metadata: {{namespace: {ns}, name: {name}, labels: {{kubernetes.io/service-name: {service}}}}}\n\
              addressType: IPv4\nendpoints: [{{addresses: [\"{ip}\"]}}]\nports: [{{port: 8080}}]"
         ))
-        .unwrap()
+        .unwrap();
+        Slice::from(&slice)
     }
 
     fn keys(d: &Dirty) -> Vec<String> {

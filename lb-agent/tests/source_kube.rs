@@ -408,10 +408,7 @@ impl Running {
                     .iter()
                     .map(|s| ObjectKey::of(&s.metadata).to_string())
                     .collect();
-                let mut e: Vec<String> = slices
-                    .iter()
-                    .map(|s| ObjectKey::of(&s.metadata).to_string())
-                    .collect();
+                let mut e: Vec<String> = slices.iter().map(|s| s.key.to_string()).collect();
                 s.sort();
                 e.sort();
                 (s, e)
@@ -521,10 +518,10 @@ async fn watch_events_become_applied_and_deleted() {
     fake.put(Res::Slices, slice("web", "c-1", "c", "10.244.0.7"));
     match r.next_cluster_event().await {
         SourceEvent::SliceApplied(s) => {
-            assert_eq!(ObjectKey::of(&s.metadata), ObjectKey::new("web", "c-1"));
+            assert_eq!(s.key, ObjectKey::new("web", "c-1"));
             assert_eq!(
-                s.endpoints.as_ref().unwrap()[0].addresses,
-                strs(&["10.244.0.7"])
+                s.endpoints[0].address,
+                lb_agent::model::Address::Ip("10.244.0.7".parse().unwrap())
             );
         }
         e => panic!("expected SliceApplied, got {e:?}"),

@@ -76,10 +76,7 @@ fn names(l: &Loaded) -> (Vec<String>, Vec<String>) {
             .iter()
             .map(|s| ObjectKey::of(&s.metadata).to_string())
             .collect(),
-        l.slices
-            .iter()
-            .map(|s| ObjectKey::of(&s.metadata).to_string())
-            .collect(),
+        l.slices.iter().map(|s| s.key.to_string()).collect(),
     )
 }
 
@@ -129,8 +126,8 @@ fn multi_document_yaml() {
     let port = &l.services[0].spec.as_ref().unwrap().ports.as_ref().unwrap()[0];
     assert_eq!((port.port, port.protocol.as_deref()), (80, Some("TCP")));
     assert_eq!(
-        l.slices[0].endpoints.as_ref().unwrap()[0].addresses,
-        strs(&["10.244.0.5"])
+        l.slices[0].endpoints[0].address,
+        lb_agent::model::Address::Ip("10.244.0.5".parse().unwrap())
     );
 }
 
@@ -473,8 +470,8 @@ fn duplicates_first_file_wins() {
     );
     assert_eq!(cluster_ip(&l.services[0]), "10.96.0.1");
     assert_eq!(
-        l.slices[0].endpoints.as_ref().unwrap()[0].addresses,
-        strs(&["10.244.0.1"])
+        l.slices[0].endpoints[0].address,
+        lb_agent::model::Address::Ip("10.244.0.1".parse().unwrap())
     );
     assert_eq!(l.problems.len(), 2, "{:#?}", l.problems);
     assert_eq!(l.problems[0].object, Some(ObjectKey::new("default", "web")));
@@ -568,10 +565,7 @@ impl Watching {
                 .iter()
                 .map(|s| ObjectKey::of(&s.metadata).to_string())
                 .collect(),
-            slices
-                .iter()
-                .map(|s| ObjectKey::of(&s.metadata).to_string())
-                .collect(),
+            slices.iter().map(|s| s.key.to_string()).collect(),
             problems.len(),
         );
         (keys, services)

@@ -2,12 +2,14 @@
 //! facts by pure functions: no ids, no maps, no I/O. The reconciler turns it into
 //! map entries.
 //!
-//! - [`service_model`]: one Service (and its slices) on one node -> its ports.
+//! - [`service_model`]: one Service (and its slices, as [`Slice`]s) on one node
+//!   -> its ports.
 //! - [`Desired`]: all services' ports, with frontend conflicts between Services
 //!   resolved deterministically.
 
 mod desired;
 mod service;
+mod slice;
 
 use std::{
     collections::BTreeSet,
@@ -20,6 +22,7 @@ pub use self::{
     service::{
         DEFAULT_AFFINITY_TIMEOUT, HEADLESS_LABEL, PROXY_NAME_LABEL, is_ignored, service_model,
     },
+    slice::{Address, SERVICE_NAME_LABEL, Slice, SliceEndpoint},
 };
 use crate::cluster::{ObjectKey, Problem};
 

@@ -8,12 +8,13 @@ use std::{
 
 use k8s_openapi::api::{
     core::v1::{Service, ServicePort, ServiceSpec},
-    discovery::v1::{EndpointPort, EndpointSlice},
+    discovery::v1::EndpointPort,
 };
 
 use super::{
     BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, PortKey, PortSpec, Proto, Scope,
     ServiceModel, Table,
+    slice::{Address, Slice},
 };
 use crate::cluster::{NodeInfo, ObjectKey, Problem, ProblemKind};
 
@@ -54,7 +55,7 @@ pub fn is_ignored(svc: &Service) -> bool {
 /// [`ServiceModel::problems`]: a port with an unsupported protocol or a bad
 /// number loses that port, an address that does not parse (or has a family the
 /// Service does not have) loses that frontend or endpoint.
-pub fn service_model(svc: &Service, slices: &[&EndpointSlice], node: &NodeInfo) -> ServiceModel {
+pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> ServiceModel {
     if is_ignored(svc) {
         return ServiceModel::default();
     }
@@ -323,35 +324,26 @@ struct ParsedSlice<'a> {
 }
 
 impl<'a> ParsedSlice<'a> {
-    fn parse(
-        slice: &'a EndpointSlice,
-        node: &NodeInfo,
-        problems: &mut Vec<Problem>,
-    ) -> Option<Self> {
-        let family = match slice.address_type.as_str() {
+    fn parse(slice: &'a Slice, node: &NodeInfo, problems: &mut Vec<Problem>) -> Option<Self> {
+        let family = match &*slice.address_type {
             "IPv4" => Family::V4,
             "IPv6" => Family::V6,
             _ => return None, // FQDN: not for a proxy
         };
-        let key = ObjectKey::of(&slice.metadata);
+        let key = &slice.key;
         let mut endpoints = Vec::new();
-        for ep in slice.endpoints.iter().flatten() {
-            // Only the first address has defined semantics (and kube-proxy only
-            // reads that one).
-            let Some(addr) = ep.addresses.first() else {
-                continue;
-            };
-            let ip = match addr.parse::<IpAddr>() {
-                Ok(ip) if Family::of(&ip) == family => ip,
-                Ok(_) => {
+        for ep in &slice.endpoints {
+            let ip = match &ep.address {
+                Address::Ip(ip) if Family::of(ip) == family => *ip,
+                Address::Ip(ip) => {
                     problems.push(Problem::new(
                         ProblemKind::BadAddress,
                         Some(key.clone()),
-                        format!("endpoint {addr:?} is not {family}; skipped"),
+                        format!("endpoint {:?} is not {family}; skipped", ip.to_string()),
                     ));
                     continue;
                 }
-                Err(_) => {
+                Address::Unparsed(addr) => {
                     problems.push(Problem::new(
                         ProblemKind::BadAddress,
                         Some(key.clone()),
@@ -359,11 +351,11 @@ impl<'a> ParsedSlice<'a> {
                     ));
                     continue;
                 }
+                Address::Missing => continue,
             };
-            let cond = ep.conditions.as_ref();
-            let ready = cond.and_then(|c| c.ready).unwrap_or(true);
-            let serving = cond.and_then(|c| c.serving).unwrap_or(ready);
-            let terminating = cond.and_then(|c| c.terminating).unwrap_or(false);
+            let ready = ep.ready.unwrap_or(true);
+            let serving = ep.serving.unwrap_or(ready);
+            let terminating = ep.terminating.unwrap_or(false);
             let local = ep.node_name.as_deref() == Some(node.name.as_str());
             endpoints.push((
                 ip,
@@ -375,7 +367,7 @@ impl<'a> ParsedSlice<'a> {
                 },
             ));
         }
-        let ports = slice.ports.as_deref().unwrap_or_default();
+        let ports = &*slice.ports;
         for p in ports {
             if let Some(n) = p.port
                 && valid_port(n).is_none()
@@ -469,6 +461,8 @@ fn choose<'e>(endpoints: impl Iterator<Item = (SocketAddr, &'e Endpoint)> + Clon
 mod tests {
     use std::net::Ipv4Addr;
 
+    use k8s_openapi::api::discovery::v1::EndpointSlice;
+
     use super::*;
 
     fn svc(yaml: &str) -> Service {
@@ -491,7 +485,8 @@ mod tests {
     }
 
     fn model(svc: &Service, slices: &[EndpointSlice]) -> ServiceModel {
-        let refs: Vec<&EndpointSlice> = slices.iter().collect();
+        let slices: Vec<Slice> = slices.iter().map(Slice::from).collect();
+        let refs: Vec<&Slice> = slices.iter().collect();
         service_model(svc, &refs, &node())
     }
 
@@ -1363,7 +1358,7 @@ spec:
             }]),
             ..Default::default()
         };
-        let m = service_model(&s, &[&sl], &node());
+        let m = service_model(&s, &[&Slice::from(&sl)], &node());
         assert!(m.problems.is_empty());
         let p = port(&m, &key("st", "", Proto::Udp, Family::V4));
         assert_eq!(

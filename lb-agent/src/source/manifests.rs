@@ -41,10 +41,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::cluster::{ObjectKey, Problem, ProblemKind, SourceEvent};
-
-/// The label that ties an EndpointSlice to its Service.
-pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
+use crate::{
+    cluster::{ObjectKey, Problem, ProblemKind, SourceEvent},
+    model::{SERVICE_NAME_LABEL, Slice},
+};
 
 /// After a change, wait until the directory has been quiet this long...
 const QUIET: Duration = Duration::from_millis(100);
@@ -57,7 +57,8 @@ const MISSING_DIR_RETRY: Duration = Duration::from_secs(1);
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Loaded {
     pub services: Vec<Service>,
-    pub slices: Vec<EndpointSlice>,
+    /// In the model's compact form, converted as each is decoded.
+    pub slices: Vec<Slice>,
     /// Everything that was skipped, with its `path:line`.
     pub problems: Vec<Problem>,
 }
@@ -382,7 +383,7 @@ impl Source<'_> {
 #[derive(Default)]
 struct Loader {
     services: Vec<Service>,
-    slices: Vec<EndpointSlice>,
+    slices: Vec<Slice>,
     problems: Vec<Problem>,
     /// Where each Service / EndpointSlice key was first seen.
     seen_services: HashMap<ObjectKey, String>,
@@ -603,7 +604,7 @@ impl Loader {
             .and_then(|l| l.get(SERVICE_NAME_LABEL))
             .is_some_and(|s| !s.is_empty());
         if has_service {
-            self.slices.push(slice);
+            self.slices.push(Slice::from(&slice));
         } else {
             let message = format!(
                 "EndpointSlice has no {SERVICE_NAME_LABEL} label, so it belongs to no Service; skipped"
