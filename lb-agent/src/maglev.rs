@@ -56,40 +56,43 @@ pub fn build(backends: &[(SocketAddr, u32)], m: u32) -> Vec<u32> {
     }
     let mut sorted: Vec<&(SocketAddr, u32)> = backends.iter().collect();
     sorted.sort_by_key(|(addr, _)| (addr.ip(), addr.port()));
-    let m64 = u64::from(m);
-    // Permutation of backend i: offset_i + j * skip_i (mod m), j = 0, 1, ...
-    let perms: Vec<(u64, u64)> = sorted
+    // Permutation of backend i: offset_i + j * skip_i (mod m), j = 0, 1, ...,
+    // walked by adding skip_i and wrapping once, not by a division per step
+    // (at 10,000 Services the builds were a tenth of the sync's CPU time).
+    let m = m as usize;
+    let mut perms: Vec<(usize, usize)> = sorted
         .iter()
         .map(|(addr, _)| {
             let id = identity(addr);
-            let offset = u64::from(hash_bytes(OFFSET_SEED, &id)) % m64;
-            let skip = u64::from(hash_bytes(SKIP_SEED, &id)) % (m64 - 1) + 1;
+            let offset = hash_bytes(OFFSET_SEED, &id) as usize % m;
+            let skip = hash_bytes(SKIP_SEED, &id) as usize % (m - 1) + 1;
             (offset, skip)
         })
         .collect();
-    let mut next = vec![0u64; sorted.len()];
-    let mut owner: Vec<Option<usize>> = vec![None; m as usize];
-    let mut filled = 0u64;
+    const FREE: u32 = u32::MAX;
+    let mut owner: Vec<u32> = vec![FREE; m];
+    let mut filled = 0;
     'fill: loop {
-        for (i, &(offset, skip)) in perms.iter().enumerate() {
+        for (i, (next, skip)) in perms.iter_mut().enumerate() {
             // Backend i takes its next preferred entry that is still free.
-            let mut c = ((offset + next[i] * skip) % m64) as usize;
-            while owner[c].is_some() {
-                next[i] += 1;
-                c = ((offset + next[i] * skip) % m64) as usize;
+            while owner[*next] != FREE {
+                *next += *skip;
+                if *next >= m {
+                    *next -= m;
+                }
             }
-            owner[c] = Some(i);
-            next[i] += 1;
+            owner[*next] = i as u32;
+            *next += *skip;
+            if *next >= m {
+                *next -= m;
+            }
             filled += 1;
-            if filled == m64 {
+            if filled == m {
                 break 'fill;
             }
         }
     }
-    owner
-        .into_iter()
-        .map(|o| sorted[o.expect("every entry filled")].1)
-        .collect()
+    owner.into_iter().map(|o| sorted[o as usize].1).collect()
 }
 
 #[cfg(test)]
@@ -115,6 +118,54 @@ mod tests {
             *counts.entry(*v).or_default() += 1;
         }
         counts
+    }
+
+    /// The paper's construction, written plainly: every node (and every agent
+    /// version) must build the same table from the same backends, or flows
+    /// would change backend with the node that receives them.
+    fn reference(backends: &[(SocketAddr, u32)], m: u32) -> Vec<u32> {
+        let mut sorted: Vec<&(SocketAddr, u32)> = backends.iter().collect();
+        sorted.sort_by_key(|(addr, _)| (addr.ip(), addr.port()));
+        let m = u64::from(m);
+        let perms: Vec<(u64, u64)> = sorted
+            .iter()
+            .map(|(addr, _)| {
+                let id = identity(addr);
+                let offset = u64::from(hash_bytes(OFFSET_SEED, &id)) % m;
+                let skip = u64::from(hash_bytes(SKIP_SEED, &id)) % (m - 1) + 1;
+                (offset, skip)
+            })
+            .collect();
+        let mut next = vec![0u64; sorted.len()];
+        let mut owner: Vec<Option<usize>> = vec![None; m as usize];
+        let mut filled = 0;
+        while filled < m {
+            for (i, &(offset, skip)) in perms.iter().enumerate() {
+                let mut c = ((offset + next[i] * skip) % m) as usize;
+                while owner[c].is_some() {
+                    next[i] += 1;
+                    c = ((offset + next[i] * skip) % m) as usize;
+                }
+                owner[c] = Some(i);
+                next[i] += 1;
+                filled += 1;
+                if filled == m {
+                    break;
+                }
+            }
+        }
+        owner.into_iter().map(|o| sorted[o.unwrap()].1).collect()
+    }
+
+    #[test]
+    fn same_table_as_the_reference_construction() {
+        for (n, m) in [(1, 7), (3, 13), (10, 1021), (100, 16_381), (1000, 16_381)] {
+            assert_eq!(
+                build(&backends(n), m),
+                reference(&backends(n), m),
+                "{n} backends, size {m}"
+            );
+        }
     }
 
     #[test]
