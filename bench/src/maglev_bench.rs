@@ -24,6 +24,9 @@ pub fn keys() -> Vec<String> {
                 format!("maglev.moved_{n}.pct"),
             ]
         })
+        .chain(std::iter::once(
+            "maglev.moved_100_larger_table.pct".to_string(),
+        ))
         .collect()
 }
 
@@ -32,6 +35,26 @@ fn backends(n: usize) -> Vec<(SocketAddr, u32)> {
         .map(|i| {
             let ip = IpAddr::from([10, 244, (i / 250) as u8, (i % 250 + 1) as u8]);
             (SocketAddr::new(ip, 8080), i as u32 + 1)
+        })
+        .collect()
+}
+
+/// A larger prime table size, to show what `--maglev-table-size` buys.
+const LARGER_TABLE_SIZE: u32 = 32_749;
+
+/// Removes each of a few backends in turn; the share (%) of table entries
+/// (flows) whose backend changes each time.
+fn moved_shares(b: &[(SocketAddr, u32)], m: u32) -> Vec<f64> {
+    let n = b.len();
+    let full = maglev::build(b, m);
+    [0, n / 3, n / 2, n - 1]
+        .into_iter()
+        .map(|k| {
+            let mut less = b.to_vec();
+            less.remove(k);
+            let t = maglev::build(&less, m);
+            let changed = full.iter().zip(&t).filter(|(a, b)| a != b).count();
+            100.0 * changed as f64 / f64::from(m)
         })
         .collect()
 }
@@ -57,17 +80,7 @@ pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
             "ms",
             times,
         ));
-        // Remove each of a few backends in turn; the share of table entries
-        // (flows) whose backend changes.
-        let full = maglev::build(&b, m);
-        let mut moved = Vec::new();
-        for k in [0, n / 3, n / 2, n - 1] {
-            let mut less = b.clone();
-            less.remove(k);
-            let t = maglev::build(&less, m);
-            let changed = full.iter().zip(&t).filter(|(a, b)| a != b).count();
-            moved.push(100.0 * changed as f64 / f64::from(m));
-        }
+        let moved = moved_shares(&b, m);
         figs.push(
             Figure::new(
                 SECTION,
@@ -79,6 +92,16 @@ pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
             .target(Target::AtMost(100.0 / n as f64 + 1.0)),
         );
     }
+    // The table size is the knob for disruption: Maglev moves more than the
+    // removed backend's share, less so the larger the table is per backend.
+    let big = LARGER_TABLE_SIZE;
+    figs.push(Figure::new(
+        SECTION,
+        "maglev.moved_100_larger_table.pct",
+        &format!("  same, --maglev-table-size {big}"),
+        "%",
+        moved_shares(&backends(100), big),
+    ));
     notes.push(format!(
         "Maglev: build time of one table of {m} entries ({rounds} builds each); flows moved = \
          share of table entries whose backend changes when one backend is removed (4 different \
