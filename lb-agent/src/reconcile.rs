@@ -90,6 +90,56 @@ impl Ids {
     }
 }
 
+/// Maglev entries built ahead at a time (4 MB), whatever the table size.
+const PREBUILT_ENTRIES: usize = 1 << 20;
+
+/// A port's Maglev tables built ahead of its reconcile, holding positions in
+/// the table's backend order (ids are only known once the backends are written).
+#[derive(Default)]
+struct Prebuilt {
+    cluster: Option<Vec<u32>>,
+    local: Option<Vec<u32>>,
+}
+
+/// Builds the tables of `keys`' desired ports, on up to four threads when
+/// there are enough of them (a single change is built in place, with no thread
+/// to start). Maglev depends only on the backends' addresses, so a table over
+/// positions maps to the table over ids entry by entry.
+fn prebuild_tables(desired: &Desired, keys: &[&PortKey], m: u32) -> Vec<Prebuilt> {
+    let build = |key: &PortKey| -> Prebuilt {
+        let Some(spec) = desired.port(key).filter(|s| !s.frontends.is_empty()) else {
+            return Prebuilt::default();
+        };
+        let one = |t: &Table| {
+            let positions: Vec<(SocketAddr, u32)> = t
+                .backends
+                .iter()
+                .enumerate()
+                .map(|(i, b)| (b.addr, i as u32))
+                .collect();
+            (!positions.is_empty()).then(|| maglev::build(&positions, m))
+        };
+        Prebuilt {
+            cluster: one(&spec.cluster),
+            local: spec.local.as_ref().and_then(one),
+        }
+    };
+    let workers = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    if workers < 2 || keys.len() < 16 {
+        return keys.iter().map(|k| build(k)).collect();
+    }
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = keys
+            .chunks(keys.len().div_ceil(workers))
+            .map(|part| scope.spawn(|| part.iter().map(|k| build(k)).collect::<Vec<_>>()))
+            .collect();
+        parts
+            .into_iter()
+            .flat_map(|p| p.join().expect("a Maglev build thread panicked"))
+            .collect()
+    })
+}
+
 /// A backend slot: its id, what is written there, and how many tables use it.
 #[derive(Debug)]
 struct BackendSlot {
@@ -373,14 +423,22 @@ impl Reconciler {
         stats: &mut Stats,
     ) -> Vec<Problem> {
         let mut problems = Vec::new();
-        for key in changed {
-            // A port without frontends (all lost to other Services) needs nothing.
-            let result = match desired.port(key) {
-                Some(spec) if !spec.frontends.is_empty() => self.upsert(key, spec, stats),
-                _ => self.remove(key, stats),
-            };
-            if let Err(p) = result {
-                problems.push(p);
+        let keys: Vec<&PortKey> = changed.iter().collect();
+        let m = self.sizes.maglev_table_size;
+        // Tables of a chunk of ports are built ahead on several threads (the
+        // builds are most of a full sync's CPU time), a bounded amount at a time.
+        let chunk = (PREBUILT_ENTRIES / m.max(1) as usize).max(1);
+        for keys in keys.chunks(chunk) {
+            let tables = prebuild_tables(desired, keys, m);
+            for (key, pre) in keys.iter().zip(tables) {
+                // A port without frontends (all lost to other Services) needs nothing.
+                let result = match desired.port(key) {
+                    Some(spec) if !spec.frontends.is_empty() => self.upsert(key, spec, pre, stats),
+                    _ => self.remove(key, stats),
+                };
+                if let Err(p) = result {
+                    problems.push(p);
+                }
             }
         }
         self.free_unused(stats);
@@ -425,7 +483,13 @@ impl Reconciler {
         )
     }
 
-    fn upsert(&mut self, key: &PortKey, spec: &PortSpec, stats: &mut Stats) -> Result<(), Problem> {
+    fn upsert(
+        &mut self,
+        key: &PortKey,
+        spec: &PortSpec,
+        pre: Prebuilt,
+        stats: &mut Stats,
+    ) -> Result<(), Problem> {
         // Check capacity before touching anything: never a partial table.
         let wanted: BTreeSet<SocketAddr> = spec
             .cluster
@@ -500,8 +564,18 @@ impl Reconciler {
         }
 
         // 2. Maglev rows.
-        let cluster_row = self.write_table(&mut applied.cluster_row, Some(&spec.cluster), stats);
-        let local_row = self.write_table(&mut applied.local_row, spec.local.as_ref(), stats);
+        let cluster_row = self.write_table(
+            &mut applied.cluster_row,
+            Some(&spec.cluster),
+            pre.cluster,
+            stats,
+        );
+        let local_row = self.write_table(
+            &mut applied.local_row,
+            spec.local.as_ref(),
+            pre.local,
+            stats,
+        );
         if cluster_row.is_err() || local_row.is_err() {
             self.ports.insert(key.clone(), applied);
             return Err(Self::capacity_problem(
@@ -778,10 +852,13 @@ impl Reconciler {
     }
 
     /// Writes (or frees) the row for `table`. An empty or absent table has no row.
+    /// `prebuilt`, when given, is the table built ahead over `table`'s backends
+    /// with their positions as values (see [`prebuild_tables`]).
     fn write_table(
         &mut self,
         row: &mut Option<u32>,
         table: Option<&Table>,
+        prebuilt: Option<Vec<u32>>,
         stats: &mut Stats,
     ) -> Result<(), ()> {
         let Some(table) = table.filter(|t| !t.backends.is_empty()) else {
@@ -800,7 +877,15 @@ impl Reconciler {
             .iter()
             .filter_map(|b| self.backends.get(&b.addr).map(|s| (b.addr, s.id)))
             .collect();
-        let built = maglev::build(&entries, self.sizes.maglev_table_size);
+        let built = match prebuilt {
+            // Positions turn into ids when every backend has its slot (they were
+            // all just upserted, so `entries` is in the table's order).
+            Some(positions) if entries.len() == table.backends.len() => positions
+                .into_iter()
+                .map(|p| entries[p as usize].1)
+                .collect(),
+            _ => maglev::build(&entries, self.sizes.maglev_table_size),
+        };
         match self.maps.maglev.write_row(r, &built) {
             Ok(n) => stats.maglev_entries_written += n,
             Err(e) => log::error!("writing Maglev row {r}: {e:#}"),
