@@ -345,10 +345,11 @@ pub async fn run(settings: Settings) -> Result<()> {
                     let listing = matches!(ev, SourceEvent::Resync { .. });
                     dirty.merge(store.apply(ev));
                     if listing {
-                        // The listing's API objects were built (and are now freed)
-                        // in the reader's threads' malloc arenas, which this
-                        // thread does not allocate from: without handing them
-                        // back, the sync would grow the agent by as much again.
+                        // Reading a listing leaves freed memory (parsed values,
+                        // the API objects slices were converted from) in the
+                        // reader threads' malloc arenas, which this thread does
+                        // not allocate from: hand it back before the sync grows
+                        // the agent again.
                         release_freed_memory();
                     }
                 };
