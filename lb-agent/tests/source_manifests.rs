@@ -723,3 +723,33 @@ async fn watch_needs_the_directory_and_stops_with_the_receiver() {
         .unwrap();
     assert!(result.is_ok(), "{result:?}");
 }
+
+#[test]
+fn empty_documents_are_skipped_but_an_empty_list_item_is_a_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    // Empty documents (only a comment, nothing between two `---`) are no objects.
+    write(
+        dir.path(),
+        "a.yaml",
+        &format!("# nothing here\n---\n---\n{}", svc("one", "10.96.3.1")),
+    );
+    // A List item that is null is an object that is not there.
+    write(
+        dir.path(),
+        "b.yaml",
+        &format!(
+            "apiVersion: v1\nkind: List\nitems:\n- null\n{}",
+            svc("two", "10.96.3.2")
+                .lines()
+                .enumerate()
+                .map(|(i, l)| format!("{}{l}\n", if i == 0 { "- " } else { "  " }))
+                .collect::<String>()
+        ),
+    );
+    let l = load_dir(dir.path());
+    assert_eq!(names(&l).0, strs(&["default/one", "default/two"]));
+    let p = only(&l, ProblemKind::Parse);
+    assert!(p.message.contains("not a Kubernetes object"), "{p:?}");
+    assert_eq!(p.location, loc(dir.path(), "b.yaml", 1));
+    assert_eq!(l.problems.len(), 1, "{:#?}", l.problems);
+}

@@ -264,14 +264,20 @@ enum Decoded {
 }
 
 impl Decoded {
-    /// One parsed document, or one item of a List (`source.text` is `None` then).
+    /// One parsed document: empty (null), or an object.
+    fn document(source: &Source<'_>, value: Value) -> Self {
+        if value.is_null() {
+            Self::Empty
+        } else {
+            Self::of(source, value)
+        }
+    }
+
+    /// One object: a document, or an item of a List (`source.text` is `None`
+    /// then).
     fn of(source: &Source<'_>, value: Value) -> Self {
         let Some(map) = value.as_object() else {
-            return if value.is_null() {
-                Self::Empty
-            } else {
-                Self::NotAnObject
-            };
+            return Self::NotAnObject;
         };
         let key = key_of(&value);
         let kind = map.get("kind").and_then(Value::as_str).unwrap_or_default();
@@ -368,7 +374,7 @@ fn parse_file(path: &Path) -> ParsedFile {
                     range: 0..text.len(),
                     first_line: 1,
                     line,
-                    doc: value.map(|v| Decoded::of(&source, v)),
+                    doc: value.map(|v| Decoded::document(&source, v)),
                 });
             }
         } else {
@@ -394,7 +400,7 @@ fn parse_file(path: &Path) -> ParsedFile {
                     range: start..start + chunk.text.len(),
                     first_line: chunk.first_line,
                     line: chunk.line,
-                    doc: value.map(|v| Decoded::of(&source, v)),
+                    doc: value.map(|v| Decoded::document(&source, v)),
                 });
             }
         }
