@@ -215,7 +215,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     // carry them into the next rounds and modes, where a SYN meeting one is taken
     // for an old duplicate and stalls for a 1 s retransmission: the figure would
     // measure the order of the rounds, not the balancer.
-    netns::sysctl(&topo.be, &["net.ipv4.tcp_max_tw_buckets=0"])?;
+    lb_testbed::sysctl_in(&topo.be, &["net.ipv4.tcp_max_tw_buckets=0"])?;
     let dir: PathBuf = std::env::temp_dir().join(netns::ns_name("cr-manifests"));
     Topology::write_manifests(&dir)?;
     let _c0 = xdp::attach(&topo.cli, "xdp_pass", &["c0".to_string()])?;

@@ -135,7 +135,7 @@ impl Topology {
                 mac(B1_MAC)
             ),
         )?;
-        netns::sysctl(
+        lb_testbed::sysctl_in(
             &lb,
             &[
                 "net.ipv4.ip_forward=1",
@@ -145,7 +145,7 @@ impl Topology {
                 "net.ipv4.conf.b1.rp_filter=0",
             ],
         )?;
-        netns::sysctl(
+        lb_testbed::sysctl_in(
             &cli,
             &[
                 "net.ipv4.ip_local_port_range=1024 65000",

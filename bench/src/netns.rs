@@ -6,13 +6,14 @@ use std::{
     fs,
     path::PathBuf,
     process::{Child, Command},
-    sync::{Mutex, Once, atomic::AtomicI32, atomic::Ordering},
+    sync::Mutex,
     thread,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_testbed::{NETNS_DIR, command_in, output_with_timeout};
+use lb_testbed::{NETNS_DIR, command_in, delete_netns, kill, output_with_timeout, pid_alive};
+pub use lb_testbed::{ip, run};
 
 pub const NS_PREFIX: &str = "lbb-";
 pub const PIN_PREFIX: &str = "/sys/fs/bpf/lbb-";
@@ -30,31 +31,9 @@ static REGISTRY: Mutex<Registry> = Mutex::new(Registry {
     pins: Vec::new(),
     children: Vec::new(),
 });
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-static SIGNALS: Once = Once::new();
 
 fn registry() -> std::sync::MutexGuard<'static, Registry> {
     REGISTRY.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-/// Runs a command (10 s at most) and fails with its stderr unless it exits 0.
-pub fn run(cmd: &mut Command) -> Result<String> {
-    let what = format!("{cmd:?}");
-    let out = output_with_timeout(cmd, Duration::from_secs(10))?;
-    if !out.status.success() {
-        bail!("{what} failed: {}", out.stderr.trim());
-    }
-    Ok(out.stdout)
-}
-
-/// `ip -n <ns> <args>` (or `ip <args>` for `ns` None).
-pub fn ip(ns: Option<&str>, args: &str) -> Result<String> {
-    let mut cmd = Command::new("ip");
-    if let Some(ns) = ns {
-        cmd.args(["-n", ns]);
-    }
-    cmd.args(args.split_whitespace());
-    run(&mut cmd)
 }
 
 /// Runs `program args` inside `ns`.
@@ -62,34 +41,9 @@ pub fn exec(ns: &str, program: &str, args: &[&str]) -> Result<String> {
     run(&mut command_in(ns, program, args))
 }
 
-pub fn sysctl(ns: &str, settings: &[&str]) -> Result<()> {
-    let mut args = vec!["-e", "-q", "-w"];
-    args.extend_from_slice(settings);
-    exec(ns, "sysctl", &args).map(drop)
-}
-
-fn kill(pid: u32, sig: libc::c_int) {
-    if let Ok(pid) = libc::pid_t::try_from(pid) {
-        // SAFETY: kill has no memory-safety preconditions.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-fn pid_alive(pid: u32) -> bool {
-    let Ok(p) = libc::pid_t::try_from(pid) else {
-        return false;
-    };
-    // SAFETY: signal 0 only checks that the process exists.
-    unsafe { libc::kill(p, 0) == 0 }
-}
-
-fn delete_netns(name: &str) {
-    if let Ok(pids) = ip(None, &format!("netns pids {name}")) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-            kill(pid, libc::SIGKILL);
-        }
-    }
-    let _ = ip(None, &format!("netns del {name}"));
+/// Removes everything on SIGINT / SIGTERM, then exits 130.
+pub fn install_signal_handler() {
+    lb_testbed::interrupt::on_interrupt("lb-bench", teardown_all);
 }
 
 /// Removes everything registered (idempotent).
@@ -106,65 +60,11 @@ pub fn teardown_all() {
         kill(pid, libc::SIGKILL);
     }
     for ns in namespaces.iter().rev() {
-        delete_netns(ns);
+        let _ = delete_netns(ns);
     }
     for p in pins {
         let _ = fs::remove_dir_all(&p);
     }
-}
-
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let b = 1u8;
-        // SAFETY: write is async-signal-safe; b lives for the call.
-        unsafe { libc::write(fd, (&raw const b).cast(), 1) };
-    }
-}
-
-/// On SIGINT / SIGTERM: remove everything, then exit 130. The handler only
-/// writes to a pipe; a thread does the work.
-pub fn install_signal_handler() {
-    SIGNALS.call_once(|| {
-        let mut fds = [0; 2];
-        // SAFETY: fds has room for two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            return;
-        }
-        SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
-        let read_fd = fds[0];
-        let spawned = thread::Builder::new()
-            .name("lb-bench signals".into())
-            .spawn(move || {
-                let mut b = 0u8;
-                loop {
-                    // SAFETY: reads one byte into b from our own pipe.
-                    let n = unsafe { libc::read(read_fd, (&raw mut b).cast(), 1) };
-                    if n == 1 {
-                        break;
-                    }
-                    if n == 0 {
-                        return;
-                    }
-                }
-                eprintln!("lb-bench: interrupted, removing namespaces");
-                teardown_all();
-                std::process::exit(130);
-            });
-        if spawned.is_err() {
-            return;
-        }
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction with a valid handler and an empty mask.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
-    });
 }
 
 /// Removes namespaces and pin directories of benchmark runs whose process is gone.
@@ -178,7 +78,7 @@ pub fn cleanup_stale() -> Vec<String> {
         if let Some(pid) = pid_of(&name, NS_PREFIX)
             && !pid_alive(pid)
         {
-            delete_netns(&name);
+            let _ = delete_netns(&name);
             removed.push(name);
         }
     }
@@ -208,7 +108,8 @@ pub fn pin_dir(role: &str) -> PathBuf {
 
 /// Creates a namespace (removed with [`teardown_all`] / [`Scope`]).
 pub fn add_netns(name: &str) -> Result<()> {
-    delete_netns(name);
+    // A leftover of the same name (it does not exist, normally).
+    let _ = delete_netns(name);
     ip(None, &format!("netns add {name}"))?;
     registry().namespaces.push(name.to_string());
     ip(Some(name), "link set lo up")?;
@@ -216,7 +117,7 @@ pub fn add_netns(name: &str) -> Result<()> {
 }
 
 pub fn del_netns(name: &str) {
-    delete_netns(name);
+    let _ = delete_netns(name);
     registry().namespaces.retain(|n| n != name);
 }
 

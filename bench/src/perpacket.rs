@@ -136,24 +136,6 @@ fn sock(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
 }
 
-fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
-    lb_agent::reconcile::addr16(ip)
-}
-
-fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    let (s, family) = addr16(src.ip());
-    let (d, _) = addr16(dst.ip());
-    FlowKey {
-        src: s,
-        dst: d,
-        src_port: src.port(),
-        dst_port: dst.port(),
-        proto,
-        family,
-        _pad: [0; 2],
-    }
-}
-
 const CLIENT: &str = "198.51.100.7:40000";
 const CLIENT6: &str = "[2001:db8:100::7]:40000";
 const VIP: &str = "10.96.0.10:80";
@@ -197,7 +179,7 @@ fn build_netns(ns: &str) -> Result<()> {
     ip(n, "route add 198.51.100.0/24 via 192.0.2.254")?;
     ip(n, "-6 route add fd00:244:1::/64 via 2001:db8::2")?;
     ip(n, "-6 route add 2001:db8:100::/64 via 2001:db8::fe")?;
-    netns::sysctl(
+    lb_testbed::sysctl_in(
         ns,
         &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
     )
@@ -358,7 +340,7 @@ impl Lab {
     /// (Re)opens a flow with one SYN after removing both of its entries: the
     /// new-flow runs fill the LRU table and may evict either entry alone.
     fn reopen(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<()> {
-        let key = flow_key(src, dst, proto);
+        let key = FlowKey::new(src, dst, proto);
         if let Ok(e) = self.maps().conntrack.get(&key, 0) {
             let reply = FlowKey {
                 src: e.nat_dst,
@@ -505,10 +487,10 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
     let fwd = lab
         .maps()
         .conntrack
-        .get(&flow_key(client, sock(VIP), TCP), 0)
+        .get(&FlowKey::new(client, sock(VIP), TCP), 0)
         .context("the VIP flow's forward entry")?;
     ensure!(fwd.flags & CT_F_FORWARD != 0, "not a forward entry");
-    let chosen = lb_agent::reconcile::socket_addr(&fwd.nat_dst, FAMILY_V4, fwd.nat_dst_port)
+    let chosen = lb_common::socket_addr(&fwd.nat_dst, FAMILY_V4, fwd.nat_dst_port)
         .context("backend of the VIP flow")?;
 
     let vip = sock(VIP);
@@ -714,7 +696,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                     let e = lab
                         .maps()
                         .conntrack
-                        .get(&flow_key(src, vip, TCP), 0)
+                        .get(&FlowKey::new(src, vip, TCP), 0)
                         .with_context(|| {
                             format!("{}: no conntrack entry for the last flow {src}", c.key)
                         })?;

@@ -17,14 +17,14 @@
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque},
-    net::{IpAddr, SocketAddr},
+    net::SocketAddr,
 };
 
 use anyhow::{Context as _, Result};
 use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, FAMILY_V4, FAMILY_V6,
-    PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE,
-    SVC_F_TERMINATING_FALLBACK, Service, ServiceKey, hash,
+    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, PROTO_TCP, PROTO_UDP,
+    SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK,
+    Service, ServiceKey, hash,
 };
 
 use crate::{
@@ -313,25 +313,7 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
     }
 }
 
-pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
-    let mut a = [0u8; 16];
-    match ip {
-        IpAddr::V4(v4) => {
-            a[..4].copy_from_slice(&v4.octets());
-            (a, FAMILY_V4)
-        }
-        IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
-    }
-}
-
-pub fn socket_addr(addr: &[u8; 16], family: u8, port: u16) -> Option<SocketAddr> {
-    let ip = match family {
-        FAMILY_V4 => IpAddr::from([addr[0], addr[1], addr[2], addr[3]]),
-        FAMILY_V6 => IpAddr::from(*addr),
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, port))
-}
+pub use lb_common::{addr16, socket_addr};
 
 impl Reconciler {
     /// Takes over the maps, remembering what is already in them (see the module docs).
@@ -809,18 +791,8 @@ impl Reconciler {
     }
 
     fn write_backend(&mut self, id: u32, addr: SocketAddr, flags: u8) -> Result<(), String> {
-        let (a, family) = addr16(addr.ip());
         self.maps
-            .set_backend(
-                id,
-                &Backend {
-                    addr: a,
-                    port: addr.port(),
-                    family,
-                    flags,
-                    _pad: [0; 4],
-                },
-            )
+            .set_backend(id, &Backend::new(addr, flags))
             .map_err(|e| format!("{e:#}"))
     }
 

@@ -315,6 +315,72 @@ pub struct Config {
 pub const SNAT_PORT_MIN: u16 = 61_000;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
+/// Conversions between socket addresses and the map fields (userspace only:
+/// the agent, its tests and the benchmark build every key the same way).
+#[cfg(feature = "user")]
+mod sockets {
+    use core::net::{IpAddr, SocketAddr};
+
+    use super::{Backend, FAMILY_V4, FAMILY_V6, FlowKey};
+
+    /// An address as the maps hold it: 16 bytes in network order (IPv4 in the
+    /// first 4), and its `FAMILY_*`.
+    pub fn addr16(ip: IpAddr) -> ([u8; 16], u8) {
+        let mut a = [0u8; 16];
+        match ip {
+            IpAddr::V4(v4) => {
+                a[..4].copy_from_slice(&v4.octets());
+                (a, FAMILY_V4)
+            }
+            IpAddr::V6(v6) => (v6.octets(), FAMILY_V6),
+        }
+    }
+
+    /// The socket address of map fields; `None` for an unknown family.
+    pub fn socket_addr(addr: &[u8; 16], family: u8, port: u16) -> Option<SocketAddr> {
+        let ip = match family {
+            FAMILY_V4 => IpAddr::from([addr[0], addr[1], addr[2], addr[3]]),
+            FAMILY_V6 => IpAddr::from(*addr),
+            _ => return None,
+        };
+        Some(SocketAddr::new(ip, port))
+    }
+
+    impl FlowKey {
+        /// The key of packets from `src` to `dst` (same family) with `proto`.
+        pub fn new(src: SocketAddr, dst: SocketAddr, proto: u8) -> Self {
+            let (s, family) = addr16(src.ip());
+            let (d, _) = addr16(dst.ip());
+            Self {
+                src: s,
+                dst: d,
+                src_port: src.port(),
+                dst_port: dst.port(),
+                proto,
+                family,
+                _pad: [0; 2],
+            }
+        }
+    }
+
+    impl Backend {
+        /// The backend at `addr` with `BACKEND_F_*` `flags`.
+        pub fn new(addr: SocketAddr, flags: u8) -> Self {
+            let (a, family) = addr16(addr.ip());
+            Self {
+                addr: a,
+                port: addr.port(),
+                family,
+                flags,
+                _pad: [0; 4],
+            }
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+pub use sockets::{addr16, socket_addr};
+
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: each type is repr(C), has no padding the compiler may leave

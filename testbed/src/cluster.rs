@@ -31,8 +31,8 @@ use std::{
     path::{Path, PathBuf},
     process::{Child, Stdio},
     sync::{
-        Arc, Mutex, MutexGuard, Once, Weak,
-        atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering},
+        Arc, Mutex, MutexGuard, Weak,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     thread,
     time::{Duration, Instant, SystemTime},
@@ -292,7 +292,7 @@ impl Shared {
         }
         let namespaces = std::mem::take(&mut *lock(&self.namespaces));
         for name in namespaces.iter().rev() {
-            if let Err(e) = delete_netns(name) {
+            if let Err(e) = ns::delete_netns(name) {
                 eprintln!("lb-testbed: {e:#}");
             }
         }
@@ -316,67 +316,13 @@ impl Shared {
 
 /// Clusters to tear down on SIGINT / SIGTERM.
 static REGISTRY: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
-static SIGNAL_PIPE: AtomicI32 = AtomicI32::new(-1);
-static SIGNALS: Once = Once::new();
 
-extern "C" fn on_signal(_: libc::c_int) {
-    let fd = SIGNAL_PIPE.load(Ordering::SeqCst);
-    if fd >= 0 {
-        let b = 1u8;
-        // SAFETY: write is async-signal-safe; b lives for the call.
-        unsafe { libc::write(fd, (&raw const b).cast(), 1) };
+/// The teardown of every live cluster of this process (on SIGINT / SIGTERM).
+fn teardown_registered() {
+    let clusters: Vec<Arc<Shared>> = lock(&REGISTRY).iter().filter_map(Weak::upgrade).collect();
+    for c in clusters {
+        c.teardown();
     }
-}
-
-/// On SIGINT / SIGTERM: tear down every live cluster of this process, then
-/// exit with 130. The handler only writes to a pipe; a thread does the
-/// work. (This replaces earlier handlers of these signals.)
-fn install_signal_handler() {
-    SIGNALS.call_once(|| {
-        let mut fds = [0; 2];
-        // SAFETY: fds has room for the two descriptors.
-        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
-            eprintln!("lb-testbed: no signal pipe; Ctrl-C will not tear down");
-            return;
-        }
-        SIGNAL_PIPE.store(fds[1], Ordering::SeqCst);
-        let read_fd = fds[0];
-        let spawned = thread::Builder::new()
-            .name("lb-testbed signals".into())
-            .spawn(move || {
-                let mut b = 0u8;
-                loop {
-                    // SAFETY: reads one byte into b from our own pipe.
-                    let n = unsafe { libc::read(read_fd, (&raw mut b).cast(), 1) };
-                    if n == 1 {
-                        break;
-                    }
-                    if n == 0 {
-                        return;
-                    }
-                }
-                eprintln!("lb-testbed: interrupted, tearing down");
-                let clusters: Vec<Arc<Shared>> =
-                    lock(&REGISTRY).iter().filter_map(Weak::upgrade).collect();
-                for c in clusters {
-                    c.teardown();
-                }
-                std::process::exit(130);
-            });
-        if spawned.is_err() {
-            return;
-        }
-        for sig in [libc::SIGINT, libc::SIGTERM] {
-            // SAFETY: a zeroed sigaction with a valid handler and an empty mask.
-            unsafe {
-                let mut sa: libc::sigaction = std::mem::zeroed();
-                sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
-                sa.sa_flags = libc::SA_RESTART;
-                libc::sigemptyset(&mut sa.sa_mask);
-                libc::sigaction(sig, &sa, std::ptr::null_mut());
-            }
-        }
-    });
 }
 
 /// A namespace name of ours, split: `lbt-<run>-<pid>-<role>`.
@@ -411,7 +357,7 @@ pub fn cleanup_stale() -> Vec<String> {
             continue;
         }
         dead_runs.insert(run.to_string());
-        match delete_netns(&name) {
+        match ns::delete_netns(&name) {
             Ok(()) => removed.push(name),
             Err(e) => eprintln!("lb-testbed: stale namespace: {e:#}"),
         }
@@ -446,16 +392,6 @@ pub fn cleanup_stale() -> Vec<String> {
         }
     }
     removed
-}
-
-/// Kills what still runs in a namespace of ours, then deletes it.
-fn delete_netns(name: &str) -> Result<()> {
-    if let Ok(pids) = ip(None, &format!("netns pids {name}")) {
-        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
-            ns::kill(pid, libc::SIGKILL);
-        }
-    }
-    ip(None, &format!("netns del {name}")).map(drop)
 }
 
 /// Sends SIGTERM, waits up to `grace`, then SIGKILL; reaps the child.
@@ -561,7 +497,7 @@ impl Cluster {
             unsafe { libc::geteuid() } == 0,
             "building network namespaces needs root"
         );
-        install_signal_handler();
+        crate::interrupt::on_interrupt("lb-testbed", teardown_registered);
         for r in cleanup_stale() {
             eprintln!("lb-testbed: removed leftover {r}");
         }

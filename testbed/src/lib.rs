@@ -24,6 +24,7 @@
 
 mod client;
 mod cluster;
+pub mod interrupt;
 pub mod manifests;
 pub mod net;
 mod ns;
@@ -37,8 +38,8 @@ pub use client::{
 pub use cluster::{AGENT_HEALTHZ, Client, Cluster, Node, Options, Pod, cleanup_stale};
 pub use net::IpNet;
 pub use ns::{
-    NETNS_DIR, Output, command_in, in_netns, netns_path, output_with_input, output_with_timeout,
-    try_in_netns,
+    NETNS_DIR, Output, command_in, delete_netns, in_netns, ip, kill, netns_path, output_with_input,
+    output_with_timeout, pid_alive, run, sysctl_in, try_in_netns,
 };
 pub use servers::{Servers, serve_in};
 

@@ -180,6 +180,16 @@ pub fn ip(ns: Option<&str>, args: &str) -> Result<String> {
 
 /// Sets sysctls (`key=value`) inside `ns`; keys that do not exist on this
 /// kernel are ignored (`sysctl -e`).
+/// Kills what still runs in a namespace, then deletes it.
+pub fn delete_netns(name: &str) -> Result<()> {
+    if let Ok(pids) = ip(None, &format!("netns pids {name}")) {
+        for pid in pids.split_whitespace().filter_map(|p| p.parse().ok()) {
+            kill(pid, libc::SIGKILL);
+        }
+    }
+    ip(None, &format!("netns del {name}")).map(drop)
+}
+
 pub fn sysctl_in(ns: &str, settings: &[&str]) -> Result<()> {
     let mut args = vec!["-e", "-q", "-w"];
     args.extend_from_slice(settings);
@@ -200,14 +210,15 @@ pub(crate) fn describe(cmd: &Command) -> String {
     s
 }
 
-pub(crate) fn kill(pid: u32, sig: libc::c_int) {
+pub fn kill(pid: u32, sig: libc::c_int) {
     if let Ok(pid) = libc::pid_t::try_from(pid) {
         // SAFETY: kill has no memory-safety preconditions.
         unsafe { libc::kill(pid, sig) };
     }
 }
 
-pub(crate) fn pid_alive(pid: u32) -> bool {
+/// Whether a process exists (also one we may not signal).
+pub fn pid_alive(pid: u32) -> bool {
     let Ok(pid) = libc::pid_t::try_from(pid) else {
         return false;
     };

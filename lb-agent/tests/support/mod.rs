@@ -46,17 +46,7 @@ pub fn backend(addr: &str, local: bool) -> (SocketAddr, bool) {
 }
 
 pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
-    let (s, family) = addr16(src.ip());
-    let (d, _) = addr16(dst.ip());
-    FlowKey {
-        src: s,
-        dst: d,
-        src_port: src.port(),
-        dst_port: dst.port(),
-        proto,
-        family,
-        _pad: [0; 2],
-    }
+    FlowKey::new(src, dst, proto)
 }
 
 /// What [`Lab::service`] created.
@@ -190,21 +180,16 @@ impl Lab {
     }
 
     pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
-        let (a, family) = addr16(addr.ip());
-        self.filter(&a, family, addr.port(), 0, lb_common::hash::FILTER_BACKEND);
         let flags = BACKEND_F_ACTIVE | if local { BACKEND_F_LOCAL } else { 0 };
-        self.maps
-            .set_backend(
-                id,
-                &Backend {
-                    addr: a,
-                    port: addr.port(),
-                    family,
-                    flags,
-                    _pad: [0; 4],
-                },
-            )
-            .unwrap();
+        let b = Backend::new(addr, flags);
+        self.filter(
+            &b.addr,
+            b.family,
+            b.port,
+            0,
+            lb_common::hash::FILTER_BACKEND,
+        );
+        self.maps.set_backend(id, &b).unwrap();
     }
 
     pub fn frontend(&mut self, addr: SocketAddr, proto: u8, svc: &Svc, flags: u32) {
