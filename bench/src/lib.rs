@@ -30,8 +30,8 @@ use anyhow::{Context as _, Result, bail};
 
 pub use report::{Figure, Report, Target};
 
-/// The benchmark programs (lb-ebpf/src/bench.rs), built by this crate's build script.
-pub static BENCH_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/bench"));
+/// The benchmark programs (lb-ebpf/src/bench.rs; see the `lb-objects` crate).
+pub static BENCH_OBJECT: &[u8] = lb_objects::BENCH;
 
 /// How much to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -760,4 +760,17 @@ fn dockerfile_image_runs_the_agent() {
     assert!(text.contains("-p lb-agent"));
     assert!(text.contains("COPY --from=builder /src/target/release/lb-agent /usr/local/bin/"));
     assert!(text.contains(r#"ENTRYPOINT ["/usr/local/bin/lb-agent"]"#));
+    // Cargo refuses a workspace whose members are missing: the image copies them all.
+    let root = read(&deploy_dir().join("../Cargo.toml"));
+    let members = root
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("members = "))
+        .expect("workspace members");
+    for member in members.trim_matches(['[', ']']).split(',') {
+        let member = member.trim().trim_matches('"');
+        assert!(
+            text.contains(&format!("COPY {member} {member}\n")),
+            "the Dockerfile does not copy workspace member {member}"
+        );
+    }
 }

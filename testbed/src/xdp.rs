@@ -11,8 +11,8 @@ use aya::{
 
 use crate::ns;
 
-/// The test-kit object, built by this crate's build script.
-pub static TESTKIT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/testkit"));
+/// The test-kit object (see the `lb-objects` crate).
+pub static TESTKIT: &[u8] = lb_objects::TESTKIT;
 
 /// Test-kit programs attached to interfaces of one namespace.
 pub struct Attached {

@@ -15,8 +15,8 @@ use lb_common::{capacity, map_names};
 
 pub use self::maps::Maps;
 
-/// The datapath object built from `lb-ebpf` by this crate's build script.
-pub static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/lb"));
+/// The datapath object built from `lb-ebpf` (see the `lb-objects` crate).
+pub static OBJECT: &[u8] = lb_objects::LB;
 
 /// Program names in the object.
 pub const XDP_PROGRAM: &str = "lb_xdp";

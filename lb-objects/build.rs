@@ -1,5 +1,6 @@
-//! Builds lb-ebpf's BPF objects; the testbed embeds `testkit` (XDP pass and
-//! sink programs for the topology and the benchmarks).
+//! Builds lb-ebpf's BPF objects (the `lb` datapath, the `testkit` and `bench`
+//! programs) for the BPF target, once for the whole workspace, and leaves them
+//! in OUT_DIR, where `include_bytes_aligned!` embeds them.
 use aya_build::{Package, Toolchain};
 
 fn main() -> anyhow::Result<()> {
