@@ -289,7 +289,8 @@ impl Decoded {
             return Self::MissingKind(key);
         }
         if kind.ends_with("List") && map.contains_key("items") {
-            return Self::list(source, &value, kind, api_version);
+            let (kind, api_version) = (kind.to_string(), api_version.to_string());
+            return Self::list(source, value, &kind, &api_version);
         }
         match (api_version, kind) {
             ("v1", "Service") => Self::Service(key, source.decode(value).map(Box::new)),
@@ -309,9 +310,9 @@ impl Decoded {
 
     /// `kind: List` (as `kubectl get -o yaml` writes it) or a typed list such as
     /// `ServiceList` (as the API serves it, whose items carry no kind).
-    fn list(source: &Source<'_>, value: &Value, kind: &str, api_version: &str) -> Self {
-        let items = match &value["items"] {
-            Value::Array(items) => items.clone(),
+    fn list(source: &Source<'_>, mut value: Value, kind: &str, api_version: &str) -> Self {
+        let items = match value["items"].take() {
+            Value::Array(items) => items,
             Value::Null => Vec::new(),
             _ => {
                 return Self::List {
