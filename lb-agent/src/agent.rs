@@ -7,7 +7,7 @@ use std::{
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::{Arc, Mutex},
-    time::{Instant, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
@@ -23,6 +23,7 @@ use crate::{
         attach::{self, Hook},
     },
     cluster::{NodeInfo, Problem, SourceEvent},
+    health::Health,
     metrics::{self, Metrics},
     model::Desired,
     netlink::{self, Link, LinkEvent, glob_match},
@@ -86,14 +87,15 @@ impl Attachments {
     }
 
     /// Runs the XDP program on exactly `want`, which become the only redirect
-    /// targets.
+    /// targets: links and `tx_ports` entries for other interfaces, this run's or
+    /// an earlier one's, go.
     fn set_uplinks(
         &mut self,
         dp: &mut Datapath,
         r: &mut Reconciler,
         want: BTreeSet<u32>,
     ) -> Result<()> {
-        for i in want.difference(&self.uplinks.clone()) {
+        for i in want.difference(&self.uplinks) {
             let name = attach::ifname(*i).unwrap_or_default();
             let how = dp.attach(Hook::Xdp, *i, &self.links_dir)?;
             r.maps_mut().add_tx_port(*i)?;
@@ -101,22 +103,38 @@ impl Attachments {
         }
         for i in self.uplinks.difference(&want) {
             log::info!("ifindex {i} is no longer an uplink");
-            attach::detach(&self.links_dir, Hook::Xdp, *i)?;
-            let _ = r.maps_mut().remove_tx_port(*i);
         }
-        // Redirect targets left over by an earlier run.
+        self.uplinks = want;
         let stale: Vec<u32> = r
             .maps()
             .tx_ports
             .keys()
             .filter_map(Result::ok)
-            .filter(|i| !want.contains(i))
+            .filter(|i| !self.uplinks.contains(i))
             .collect();
         for i in stale {
             r.maps_mut().remove_tx_port(i)?;
         }
-        self.uplinks = want;
+        self.detach_stale(Hook::Xdp);
         Ok(())
+    }
+
+    /// Detaches the `hook` links pinned (by this run or an earlier one) for
+    /// interfaces that are not uplinks, respectively pods, now.
+    fn detach_stale(&self, hook: Hook) {
+        for (h, index, path) in attach::pinned_links(&self.links_dir) {
+            let current = match h {
+                Hook::Xdp => self.uplinks.contains(&index),
+                Hook::Tc => self.pods.contains(&index),
+            };
+            if h != hook || current {
+                continue;
+            }
+            log::info!("detaching stale {hook} link {}", path.display());
+            if let Err(e) = std::fs::remove_file(&path) {
+                log::warn!("removing {}: {e}", path.display());
+            }
+        }
     }
 
     fn forget_pod(&mut self, link: &Link) {
@@ -213,7 +231,12 @@ async fn start_source(settings: &Settings, tx: mpsc::Sender<SourceEvent>) -> Res
     Ok(())
 }
 
-async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+/// A client for the API server: `kubeconfig`, else the in-cluster config (the
+/// DaemonSet's service account), else $KUBECONFIG / ~/.kube/config.
+pub async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Client> {
+    // rustls needs one process-wide crypto provider; with none installed it
+    // panics when the client is built. An error means one is installed already.
+    let _ = rustls::crypto::ring::default_provider().install_default();
     let config = match kubeconfig {
         Some(path) => {
             let kc = kube::config::Kubeconfig::read_from(path)
@@ -231,6 +254,86 @@ async fn kube_client(kubeconfig: Option<&std::path::Path>) -> Result<kube::Clien
     kube::Client::try_from(config).context("building the Kubernetes client")
 }
 
+/// What the agent knows about this node, and so what it may touch: its
+/// addresses (the NodePort frontends, the source-NAT addresses in `config`) and
+/// its uplinks (the XDP links and `tx_ports`).
+///
+/// A restart must change nothing in the datapath: the previous run left links,
+/// `tx_ports`, `config` and frontends right for this node. In Kubernetes mode
+/// without --node-ip the addresses come from the Node object, which arrives
+/// after a while (or, with the API server down, not for a long while); until
+/// then the agent leaves all of that as it is rather than write an
+/// address-less node over it. Pod interfaces do not depend on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct NodeFacts {
+    /// The addresses are the Node object's (Kubernetes mode without
+    /// --node-ip); else the flags fixed them at start.
+    from_node_object: bool,
+    /// Whether the addresses are known: from the flags, or a Node object has
+    /// arrived.
+    addresses_known: bool,
+    /// The uplinks are named with --iface; else they are the interfaces holding
+    /// the addresses.
+    uplinks_named: bool,
+}
+
+impl NodeFacts {
+    fn at_start(source: &SourceConfig, node_ip_flag: bool, uplinks_named: bool) -> Self {
+        let from_node_object = matches!(source, SourceConfig::Kubernetes(_)) && !node_ip_flag;
+        Self {
+            from_node_object,
+            addresses_known: !from_node_object,
+            uplinks_named,
+        }
+    }
+
+    /// Whether Node objects set the addresses (else the flags win).
+    fn follows_node_object(self) -> bool {
+        self.from_node_object
+    }
+
+    fn addresses_known(self) -> bool {
+        self.addresses_known
+    }
+
+    /// Whether the uplinks may be set: XDP attached and detached, `tx_ports`
+    /// written, stale XDP links removed.
+    fn uplinks_known(self) -> bool {
+        self.uplinks_named || self.addresses_known
+    }
+
+    /// Whether the uplinks change with the addresses.
+    fn uplinks_follow_addresses(self) -> bool {
+        !self.uplinks_named
+    }
+
+    /// Whether `config` may be written, `pinned` being what it holds: once the
+    /// addresses are known, or at once into a fresh datapath (nothing uses its
+    /// source-NAT addresses before there are services, and `lb-agent dump`
+    /// reads the Maglev size from it).
+    fn may_write_config(self, pinned: &Config) -> bool {
+        self.addresses_known() || pinned.maglev_size == 0
+    }
+
+    /// Whether the maps may be synced: the first sync removes every frontend
+    /// that is not desired, NodePorts on addresses not known yet included.
+    fn may_sync(self) -> bool {
+        self.addresses_known()
+    }
+
+    /// A Node object's addresses arrived (`changed`: they differ from the
+    /// store's). Returns whether `config` and the uplinks must follow them: on
+    /// the first arrival, and on changes.
+    fn node_arrived(&mut self, changed: bool) -> bool {
+        let first = !self.addresses_known;
+        self.addresses_known = true;
+        first || changed
+    }
+}
+
+/// How often the main loop stamps its heartbeat (what `/livez` checks).
+const HEARTBEAT_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(settings: Settings) -> Result<()> {
     let started = Instant::now();
     let mut dp = Datapath::load(&LoadOptions {
@@ -245,26 +348,36 @@ pub async fn run(settings: Settings) -> Result<()> {
     let links = netlink::links().await?;
     let addrs = netlink::addresses().await?;
     let named = named_uplinks(&settings, &links)?;
-    let mut node_ips = settings.node_ips.clone();
-    if node_ips.is_empty() && !named.is_empty() {
-        node_ips = addrs
+    let mut facts = NodeFacts::at_start(
+        &settings.source,
+        !settings.node_ips.is_empty(),
+        !named.is_empty(),
+    );
+    let node_ips = if facts.follows_node_object() {
+        // The Node object's, when it arrives.
+        Vec::new()
+    } else if settings.node_ips.is_empty() {
+        // Manifest mode: those of the named uplinks.
+        addrs
             .iter()
             .filter(|(i, _)| named.contains(i))
             .map(|(_, a)| *a)
-            .collect();
-    }
+            .collect()
+    } else {
+        settings.node_ips.clone()
+    };
     let uplinks = if named.is_empty() {
         uplinks_holding(&node_ips, &addrs)
     } else {
         named
     };
-    if uplinks.is_empty() {
-        match settings.source {
-            SourceConfig::Manifests(_) => bail!("no uplink: pass --iface or --node-ip"),
-            SourceConfig::Kubernetes(_) => {
-                log::info!("no --iface or --node-ip: uplinks follow the Node object's addresses")
-            }
-        }
+    if !facts.uplinks_known() {
+        log::info!(
+            "no --iface or --node-ip: the uplinks follow the Node object's addresses; until it \
+             arrives, uplinks, tx_ports, config and services stay as the last run left them"
+        );
+    } else if uplinks.is_empty() && matches!(settings.source, SourceConfig::Manifests(_)) {
+        bail!("no uplink: pass --iface or --node-ip");
     }
     let mut att = Attachments {
         links_dir: settings.pin_path.join("links"),
@@ -274,9 +387,14 @@ pub async fn run(settings: Settings) -> Result<()> {
     };
     {
         let mut r = reconciler.lock().expect("reconciler lock");
-        r.maps_mut()
-            .set_config(&node_config(&settings, &node_ips))?;
-        att.set_uplinks(&mut dp, &mut r, uplinks)?;
+        let pinned = r.maps().config.get(&0, 0).context("reading config")?;
+        if facts.may_write_config(&pinned) {
+            r.maps_mut()
+                .set_config(&node_config(&settings, &node_ips))?;
+        }
+        if facts.uplinks_known() {
+            att.set_uplinks(&mut dp, &mut r, uplinks)?;
+        }
     }
     // Subscribe to link events before listing, so no pod veth falls in between.
     let (link_tx, mut link_rx) = mpsc::channel(256);
@@ -288,30 +406,35 @@ pub async fn run(settings: Settings) -> Result<()> {
     for link in netlink::links().await? {
         att.attach_pod(&mut dp, &link);
     }
-    // Links pinned by an earlier run for interfaces that are neither uplinks nor
-    // pods now are detached.
-    for (hook, index, path) in attach::pinned_links(&att.links_dir) {
-        let keep = match hook {
-            Hook::Xdp => att.uplinks.contains(&index),
-            Hook::Tc => att.pods.contains(&index),
-        };
-        if !keep {
-            log::info!("detaching stale {hook} link {}", path.display());
-            let _ = std::fs::remove_file(&path);
-        }
-    }
+    att.detach_stale(Hook::Tc);
+    let awaited = "from the Node object (as pinned until then)";
     log::info!(
-        "datapath ready in {:?}: node {} addresses {:?}, {} uplink(s), {} pod interface(s)",
+        "datapath ready in {:?}: node {} addresses {}, uplinks {}, {} pod interface(s)",
         started.elapsed(),
         settings.node_name,
-        node_ips,
-        att.uplinks.len(),
+        if facts.addresses_known() {
+            format!("{node_ips:?}")
+        } else {
+            awaited.into()
+        },
+        if facts.uplinks_known() {
+            format!("{:?}", att.uplinks)
+        } else {
+            awaited.into()
+        },
         att.pods.len()
     );
 
-    let metrics = Arc::new(Metrics::new(reconciler.clone()));
+    // Kubernetes mode starts without contact with the API server (the source
+    // says when it has some); the manifest source always has it.
+    let source_lost_since =
+        matches!(settings.source, SourceConfig::Kubernetes(_)).then(SystemTime::now);
+    let metrics = Arc::new(Metrics::new(
+        reconciler.clone(),
+        Health::new(Instant::now(), source_lost_since),
+    ));
     count_conntrack(&settings, &metrics);
-    let server = {
+    let mut server = {
         let m = metrics.clone();
         let (ma, ha) = (settings.metrics_addr, settings.healthz_addr);
         tokio::spawn(async move { metrics::serve(m, ma, ha).await })
@@ -328,29 +451,43 @@ pub async fn run(settings: Settings) -> Result<()> {
     let mut dirty = Dirty::default();
     let mut pending_since: Option<Instant> = None;
     let mut known_problems: HashSet<String> = HashSet::new();
-    let node_ips_fixed = !settings.node_ips.is_empty();
+    let mut link_events = true;
+    let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
     loop {
+        let mut node_changed = false;
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { bail!("the source stopped") };
-                pending_since.get_or_insert_with(Instant::now);
-                let mut take = |ev: SourceEvent| {
-                    // Flags win over the Node object for NodePort addresses.
-                    if node_ips_fixed && matches!(ev, SourceEvent::NodeAddresses(_)) {
-                        return;
+                let mut take = |ev: SourceEvent| match ev {
+                    SourceEvent::Disconnected { since } => {
+                        metrics.agent.source_errors.inc();
+                        metrics.health.lock().expect("health lock").source_lost_since = Some(since);
                     }
-                    let listing = matches!(ev, SourceEvent::Resync { .. });
-                    dirty.merge(store.apply(ev));
-                    if listing {
-                        // Reading a listing leaves freed memory (parsed values,
-                        // the API objects slices were converted from) in the
-                        // reader threads' malloc arenas, which this thread does
-                        // not allocate from: hand it back before the sync grows
-                        // the agent again.
-                        release_freed_memory();
+                    SourceEvent::Connected => {
+                        metrics.health.lock().expect("health lock").source_lost_since = None;
+                    }
+                    // Flags win over the Node object for the node's addresses.
+                    SourceEvent::NodeAddresses(_) if !facts.follows_node_object() => {}
+                    ev => {
+                        pending_since.get_or_insert_with(Instant::now);
+                        let node = matches!(ev, SourceEvent::NodeAddresses(_));
+                        let listing = matches!(ev, SourceEvent::Resync { .. });
+                        let d = store.apply(ev);
+                        if node {
+                            node_changed |= facts.node_arrived(d.all);
+                        }
+                        dirty.merge(d);
+                        if listing {
+                            // Reading a listing leaves freed memory (parsed
+                            // values, the API objects slices were converted
+                            // from) in the reader threads' malloc arenas, which
+                            // this thread does not allocate from: hand it back
+                            // before the sync grows the agent again.
+                            release_freed_memory();
+                        }
                     }
                 };
                 take(ev);
@@ -358,13 +495,33 @@ pub async fn run(settings: Settings) -> Result<()> {
                     take(ev);
                 }
             }
-            le = link_rx.recv() => {
+            le = link_rx.recv(), if link_events => {
                 match le {
                     Some(LinkEvent::Added(l)) => att.attach_pod(&mut dp, &l),
                     Some(LinkEvent::Removed(l)) => att.forget_pod(&l),
-                    None => {}
+                    None => {
+                        // The watcher stopped (and said why); a closed channel
+                        // is always ready, so stop polling it.
+                        log::warn!(
+                            "no more link events: pod interfaces created from now on get no tc \
+                             program until the agent restarts"
+                        );
+                        link_events = false;
+                    }
                 }
                 continue;
+            }
+            _ = heartbeat.tick() => {
+                metrics.health.lock().expect("health lock").heartbeat = Instant::now();
+                continue;
+            }
+            done = &mut server => {
+                // Say why (an address in use, or not assignable in this namespace).
+                return match done {
+                    Ok(Err(e)) => Err(e.context("the metrics/healthz server stopped")),
+                    Ok(Ok(())) => bail!("the metrics/healthz server stopped"),
+                    Err(e) => Err(anyhow::Error::new(e).context("the metrics/healthz server failed")),
+                };
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -374,19 +531,19 @@ pub async fn run(settings: Settings) -> Result<()> {
             &mut known_problems,
             std::mem::take(&mut dirty.problems),
         );
-        if dirty.all && !node_ips_fixed {
-            // The Node object's addresses changed: SNAT address, and the uplinks
-            // unless --iface names them.
+        if node_changed {
+            // The Node object's addresses arrived or changed: SNAT addresses,
+            // and the uplinks unless --iface names them.
             let ips = store.node().addresses.clone();
             log::info!("node addresses now {ips:?}");
             let addrs = netlink::addresses().await?;
             let mut r = reconciler.lock().expect("reconciler lock");
             r.maps_mut().set_config(&node_config(&settings, &ips))?;
-            if settings.ifaces.is_empty() {
+            if facts.uplinks_follow_addresses() {
                 att.set_uplinks(&mut dp, &mut r, uplinks_holding(&ips, &addrs))?;
             }
         }
-        if !store.is_synced() || dirty.is_empty() {
+        if !facts.may_sync() || !store.is_synced() || dirty.is_empty() {
             continue;
         }
         {
@@ -460,21 +617,13 @@ pub async fn run(settings: Settings) -> Result<()> {
             changed.len(),
             took - modelled
         );
-        if server.is_finished() {
-            // Say why (an address in use, or not assignable in this namespace).
-            return match server.await {
-                Ok(Err(e)) => Err(e.context("the metrics/healthz server stopped")),
-                Ok(Ok(())) => bail!("the metrics/healthz server stopped"),
-                Err(e) => Err(anyhow::Error::new(e).context("the metrics/healthz server failed")),
-            };
-        }
     }
     log::info!("stopping; the datapath stays attached and serving (`lb-agent cleanup` removes it)");
     Ok(())
 }
 
 /// How often conntrack entries are counted (a walk over the whole map).
-const CONNTRACK_COUNT_EVERY: std::time::Duration = std::time::Duration::from_secs(15);
+const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(15);
 
 /// Publishes the number of conntrack entries, counted now and then on a thread
 /// of its own through a second handle to the pinned map, so the walk never holds
@@ -542,5 +691,76 @@ fn report_problems(metrics: &Metrics, known: &mut HashSet<String>, problems: Vec
             log::warn!("skipped: {text}");
             metrics.agent.error(p.kind.as_str());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn kubernetes() -> SourceConfig {
+        SourceConfig::Kubernetes(None)
+    }
+
+    /// A datapath an earlier run configured.
+    fn pinned() -> Config {
+        Config {
+            maglev_size: 16381,
+            ..Config::default()
+        }
+    }
+
+    #[test]
+    fn flags_and_manifest_mode_know_the_node_at_start() {
+        for facts in [
+            NodeFacts::at_start(&SourceConfig::Manifests("/m".into()), false, true),
+            NodeFacts::at_start(&SourceConfig::Manifests("/m".into()), true, false),
+            NodeFacts::at_start(&kubernetes(), true, false),
+            NodeFacts::at_start(&kubernetes(), true, true),
+        ] {
+            assert!(!facts.follows_node_object(), "{facts:?}");
+            assert!(facts.uplinks_known(), "{facts:?}");
+            assert!(facts.may_write_config(&pinned()), "{facts:?}");
+            assert!(facts.may_sync(), "{facts:?}");
+        }
+    }
+
+    #[test]
+    fn without_flags_nothing_of_the_node_is_touched_until_the_node_arrives() {
+        let mut facts = NodeFacts::at_start(&kubernetes(), false, false);
+        assert!(facts.follows_node_object());
+        assert!(!facts.uplinks_known(), "XDP links and tx_ports stay");
+        assert!(!facts.may_write_config(&pinned()), "config stays");
+        assert!(!facts.may_sync(), "frontends stay");
+        assert!(facts.uplinks_follow_addresses());
+
+        // The first Node object counts even with the addresses the store had.
+        assert!(facts.node_arrived(false));
+        assert!(facts.uplinks_known());
+        assert!(facts.may_write_config(&pinned()));
+        assert!(facts.may_sync());
+        // After that, only changes.
+        assert!(!facts.node_arrived(false));
+        assert!(facts.node_arrived(true));
+    }
+
+    #[test]
+    fn named_uplinks_are_set_at_once_and_the_rest_waits_for_the_node() {
+        let mut facts = NodeFacts::at_start(&kubernetes(), false, true);
+        assert!(facts.follows_node_object());
+        assert!(facts.uplinks_known());
+        assert!(!facts.uplinks_follow_addresses());
+        assert!(!facts.may_write_config(&pinned()));
+        assert!(!facts.may_sync());
+        assert!(facts.node_arrived(false));
+        assert!(facts.may_write_config(&pinned()));
+        assert!(facts.may_sync());
+    }
+
+    #[test]
+    fn a_fresh_datapath_gets_its_config_at_once() {
+        let facts = NodeFacts::at_start(&kubernetes(), false, false);
+        assert!(facts.may_write_config(&Config::default()));
+        assert!(!facts.may_sync());
     }
 }

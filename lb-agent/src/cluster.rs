@@ -1,7 +1,7 @@
 //! The vocabulary shared by the sources, the model and the reconciler: object
 //! keys, node facts, source events and input problems.
 
-use std::{fmt, net::IpAddr};
+use std::{fmt, net::IpAddr, time::SystemTime};
 
 use k8s_openapi::api::core::v1::Service;
 
@@ -69,6 +69,17 @@ pub enum SourceEvent {
     /// Input that was skipped, outside a resync (e.g. a watch event that does not
     /// decode).
     Invalid(Problem),
+    /// The source has no contact with where its state comes from (Kubernetes:
+    /// a list or watch of the API server failed; the source retries). Sent for
+    /// every failure; `since` is when contact was lost (or, if there was none
+    /// yet, when the source started) and stays until [`SourceEvent::Connected`].
+    /// The manifest source never loses contact.
+    Disconnected {
+        since: SystemTime,
+    },
+    /// The source is in contact again (Kubernetes: a listing or watch event
+    /// arrived, or the API server answered).
+    Connected,
 }
 
 /// Why some input was skipped. Logged with its object or file, and counted in

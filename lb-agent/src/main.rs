@@ -88,7 +88,9 @@ struct RunArgs {
     /// Address for /metrics (Prometheus text format).
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: SocketAddr,
-    /// Address for /healthz (answers like kube-proxy's).
+    /// Address for /healthz (answers like kube-proxy's), /livez (the main loop
+    /// is alive; never depends on the API server) and /readyz (synced, and in
+    /// contact with the source).
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
     /// Entries per Maglev table: a prime, at least 100 x the backends of the

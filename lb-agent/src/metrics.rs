@@ -1,13 +1,15 @@
-//! Prometheus metrics (`/metrics`, text format) and kube-proxy-style `/healthz`.
+//! Prometheus metrics (`/metrics`, text format), and the server for them and the
+//! health endpoints ([`crate::health`]).
 //!
 //! The agent's own metrics live in a prometheus-client registry; the datapath's
 //! counters (per service, per backend, per reason) are read from the per-CPU maps
-//! on each scrape by a collector, so they are always current.
+//! on each scrape by a collector, so they are always current, and so is the
+//! source's contact, read from the health state.
 
 use std::{
     net::SocketAddr,
-    sync::{Arc, Mutex},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    sync::{Arc, Mutex, PoisonError},
+    time::{SystemTime, UNIX_EPOCH},
 };
 
 use anyhow::{Context as _, Result};
@@ -24,7 +26,10 @@ use prometheus_client::{
     registry::Registry,
 };
 
-use crate::reconcile::Reconciler;
+use crate::{
+    health::{self, Health},
+    reconcile::Reconciler,
+};
 
 type Labels = Vec<(String, String)>;
 
@@ -38,6 +43,8 @@ pub struct AgentMetrics {
     pub map_entries: Family<Labels, Gauge>,
     pub map_capacity: Family<Labels, Gauge>,
     pub maglev_entries_written: Counter,
+    /// Failed lists and watches of the source.
+    pub source_errors: Counter,
 }
 
 impl AgentMetrics {
@@ -54,19 +61,6 @@ impl AgentMetrics {
     }
 }
 
-/// What `/healthz` reports.
-#[derive(Debug, Default)]
-pub struct Health {
-    /// When the maps last matched the sources (None: not yet).
-    pub last_synced: Option<SystemTime>,
-    /// Changes are waiting since this time (None: nothing pending).
-    pub pending_since: Option<SystemTime>,
-}
-
-/// A pending change older than this makes `/healthz` answer 503 (kube-proxy's
-/// default healthz threshold is twice its sync period; the agent syncs at once).
-const UNHEALTHY_AFTER: Duration = Duration::from_secs(60);
-
 pub struct Metrics {
     registry: Registry,
     pub agent: AgentMetrics,
@@ -74,7 +68,7 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(reconciler: Arc<Mutex<Reconciler>>) -> Self {
+    pub fn new(reconciler: Arc<Mutex<Reconciler>>, health: Health) -> Self {
         let agent = AgentMetrics {
             syncs: Counter::default(),
             sync_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
@@ -83,6 +77,7 @@ impl Metrics {
             map_entries: Family::default(),
             map_capacity: Family::default(),
             maglev_entries_written: Counter::default(),
+            source_errors: Counter::default(),
         };
         let mut registry = Registry::with_prefix("lb");
         registry.register(
@@ -120,11 +115,20 @@ impl Metrics {
             "Maglev table entries that changed and were written",
             agent.maglev_entries_written.clone(),
         );
+        registry.register(
+            "source_errors",
+            "Failed lists and watches of the source (Kubernetes: of the API server; each is retried)",
+            agent.source_errors.clone(),
+        );
         registry.register_collector(Box::new(DatapathCollector { reconciler }));
+        let health = Arc::new(Mutex::new(health));
+        registry.register_collector(Box::new(SourceCollector {
+            health: health.clone(),
+        }));
         Self {
             registry,
             agent,
-            health: Arc::new(Mutex::new(Health::default())),
+            health,
         }
     }
 
@@ -243,24 +247,67 @@ impl Collector for DatapathCollector {
         )?;
 
         let (_, _, ports) = r.occupancy();
-        let mut g = encoder.encode_descriptor(
+        gauge(
+            &mut encoder,
             "service_ports",
             "Service ports programmed",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        ConstGauge::new(ports as i64).encode(g.encode_family(&Vec::<(String, String)>::new())?)?;
-        Ok(())
+            ports as i64,
+        )
     }
 }
 
-#[derive(Clone)]
-struct AppState {
-    metrics: Arc<Metrics>,
+fn gauge<N: prometheus_client::encoding::EncodeGaugeValue>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    value: N,
+) -> std::fmt::Result {
+    let mut g = encoder.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Gauge,
+    )?;
+    ConstGauge::new(value).encode(g.encode_family(&Vec::<(String, String)>::new())?)
 }
 
-async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
-    let m = s.metrics.clone();
+/// The source's contact with the API server, from the health state at scrape
+/// time.
+#[derive(Debug)]
+struct SourceCollector {
+    health: Arc<Mutex<Health>>,
+}
+
+impl Collector for SourceCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
+        let lost_since = self
+            .health
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .source_lost_since;
+        gauge(
+            &mut encoder,
+            "source_connected",
+            "1 while the source is in contact with the API server (manifest mode: always), \
+             0 while its lists and watches fail (the datapath keeps serving its last state)",
+            i64::from(lost_since.is_none()),
+        )?;
+        let contact = lost_since.unwrap_or_else(SystemTime::now);
+        gauge(
+            &mut encoder,
+            "source_last_contact_timestamp_seconds",
+            "Unix time the source was last in contact with the API server: the scrape time \
+             while in contact (its watches are open), else when contact was lost (or the \
+             agent started, if it never had any); now minus this is the outage's length",
+            contact
+                .duration_since(UNIX_EPOCH)
+                .unwrap_or_default()
+                .as_secs_f64(),
+        )
+    }
+}
+
+async fn metrics_handler(State(m): State<Arc<Metrics>>) -> impl IntoResponse {
     match tokio::task::spawn_blocking(move || m.encode()).await {
         Ok(Ok(text)) => (
             StatusCode::OK,
@@ -273,71 +320,24 @@ async fn metrics_handler(State(s): State<AppState>) -> impl IntoResponse {
     }
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs() as i64;
-    let days = secs.div_euclid(86_400);
-    let rem = secs.rem_euclid(86_400);
-    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
-    let z = days + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = doy - (153 * mp + 2) / 5 + 1;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 };
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    format!(
-        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z",
-        rem / 3600,
-        rem % 3600 / 60,
-        rem % 60
-    )
-}
-
-/// kube-proxy's answer: 200 with `lastUpdated`/`currentTime` when the maps are in
-/// sync (or changes are fresh), 503 before the first sync or when changes have
-/// been pending too long.
-async fn healthz_handler(State(s): State<AppState>) -> impl IntoResponse {
-    let now = SystemTime::now();
-    let (last, pending) = {
-        s.metrics
-            .health
-            .lock()
-            .map(|h| (h.last_synced, h.pending_since))
-            .unwrap_or_default()
-    };
-    let healthy = last.is_some()
-        && pending.is_none_or(|p| now.duration_since(p).unwrap_or_default() < UNHEALTHY_AFTER);
-    let body = format!(
-        "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\",\"nodeEligible\": true}}",
-        last.map(rfc3339).unwrap_or_default(),
-        rfc3339(now)
-    );
-    let code = if healthy {
-        StatusCode::OK
-    } else {
-        StatusCode::SERVICE_UNAVAILABLE
-    };
-    (code, [("content-type", "application/json")], body)
-}
-
-/// Serves `/metrics` and `/healthz` (on one address, or two).
+/// Serves `/metrics` on `metrics_addr` and the health endpoints (`/healthz`,
+/// `/livez`, `/readyz`) on `healthz_addr` (which may be the same address).
 pub async fn serve(
     metrics: Arc<Metrics>,
     metrics_addr: SocketAddr,
     healthz_addr: SocketAddr,
 ) -> Result<()> {
-    let state = AppState { metrics };
-    let both = Router::new()
+    let health_routes = health::routes(metrics.health.clone());
+    let metrics_routes = Router::new()
         .route("/metrics", get(metrics_handler))
-        .route("/healthz", get(healthz_handler))
-        .with_state(state.clone());
+        .with_state(metrics);
     if metrics_addr == healthz_addr {
         let l = tokio::net::TcpListener::bind(metrics_addr)
             .await
             .with_context(|| format!("binding {metrics_addr}"))?;
-        return axum::serve(l, both).await.context("http server");
+        return axum::serve(l, metrics_routes.merge(health_routes))
+            .await
+            .context("http server");
     }
     let m = tokio::net::TcpListener::bind(metrics_addr)
         .await
@@ -345,41 +345,17 @@ pub async fn serve(
     let h = tokio::net::TcpListener::bind(healthz_addr)
         .await
         .with_context(|| format!("binding --healthz-addr {healthz_addr}"))?;
-    let metrics_router = Router::new()
-        .route("/metrics", get(metrics_handler))
-        .with_state(state.clone());
-    let health_router = Router::new()
-        .route("/healthz", get(healthz_handler))
-        .with_state(state);
     tokio::try_join!(
         async {
-            axum::serve(m, metrics_router)
+            axum::serve(m, metrics_routes)
                 .await
                 .context("metrics server")
         },
         async {
-            axum::serve(h, health_router)
+            axum::serve(h, health_routes)
                 .await
                 .context("healthz server")
         },
     )?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn rfc3339_dates() {
-        assert_eq!(rfc3339(UNIX_EPOCH), "1970-01-01T00:00:00Z");
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(1_795_391_537)),
-            "2026-11-22T23:52:17Z"
-        );
-        assert_eq!(
-            rfc3339(UNIX_EPOCH + Duration::from_secs(951_782_400)),
-            "2000-02-29T00:00:00Z"
-        );
-    }
 }

@@ -106,6 +106,8 @@ impl Store {
             }
             SourceEvent::NodeAddresses(addrs) => self.set_node_addresses(addrs, &mut dirty),
             SourceEvent::Invalid(p) => dirty.problems.push(p),
+            // Not cluster state: the agent reports them.
+            SourceEvent::Disconnected { .. } | SourceEvent::Connected => {}
         }
         dirty
     }

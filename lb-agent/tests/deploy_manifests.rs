@@ -2,7 +2,8 @@
 //! k8s-openapi type with no field lost on the way (so a misspelled or misplaced
 //! field fails here, not silently on a cluster), and says what the agent needs:
 //! host network, every node, exactly four capabilities, bpffs from the host,
-//! read-only RBAC on exactly three resources, probes on the healthz port. The
+//! read-only RBAC on exactly three resources, probes on the healthz port
+//! (liveness on `/livez`, which no API server outage fails). The
 //! systemd unit runs `lb-agent run` and never cleans the datapath up.
 
 use std::{
@@ -440,12 +441,12 @@ fn bpffs_comes_from_the_host() {
     assert!(mounter.is_some(), "no container mounts bpffs on the host");
 }
 
-fn assert_healthz(what: &str, probe: Option<&Probe>) {
+fn assert_healthz(what: &str, probe: Option<&Probe>, path: &str) {
     let get = probe
         .and_then(|p| p.http_get.as_ref())
         .unwrap_or_else(|| panic!("{what}: no HTTP GET probe"));
     assert_eq!(get.port, IntOrString::Int(HEALTHZ_PORT), "{what}");
-    assert_eq!(get.path.as_deref(), Some("/healthz"), "{what}");
+    assert_eq!(get.path.as_deref(), Some(path), "{what}");
     assert!(
         get.host.is_none(),
         "{what}: the probe goes to the node address"
@@ -460,8 +461,9 @@ fn assert_healthz(what: &str, probe: Option<&Probe>) {
 fn probes_metrics_and_resources() {
     let ds = daemon_set();
     let c = agent(pod_spec(&ds));
-    assert_healthz("readinessProbe", c.readiness_probe.as_ref());
-    assert_healthz("livenessProbe", c.liveness_probe.as_ref());
+    assert_healthz("readinessProbe", c.readiness_probe.as_ref(), "/readyz");
+    // Not /healthz or /readyz: an API server outage must not restart the agent.
+    assert_healthz("livenessProbe", c.liveness_probe.as_ref(), "/livez");
 
     let ports: BTreeSet<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(ports, BTreeSet::from([HEALTHZ_PORT, METRICS_PORT]));

@@ -1,17 +1,20 @@
 //! The Kubernetes source against a fake API server (a `tower_test` mock service
 //! behind a real `kube::Client`): lists, watches, relists after `410 Gone`,
-//! retries after errors, label selectors, Node addresses.
+//! retries after errors, label selectors, Node addresses, contact with the API
+//! server lost and regained.
 //!
 //! The fake keeps objects per resource with a resource version counter. A list
 //! returns the current objects; a watch request is held until the test queues
 //! events for that resource, then answered with them (the response ends, and
-//! the watcher watches again from the last resource version).
+//! the watcher watches again from the last resource version). `/version`
+//! answers as an API server's does. While the fake is down, every request, held
+//! watches included, fails as if the connection were refused.
 
 use std::{
     collections::{BTreeMap, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use http::{Request, Response, StatusCode};
@@ -78,6 +81,8 @@ struct Db {
     fail_lists: HashMap<Res, usize>,
     fail_watches: HashMap<Res, usize>,
     requests: Vec<Seen>,
+    /// Every request fails (the API server is unreachable).
+    down: bool,
 }
 
 #[derive(Clone)]
@@ -180,6 +185,12 @@ impl Fake {
         self.ring();
     }
 
+    /// Takes the API server away (held watches fail at once) or brings it back.
+    fn set_down(&self, down: bool) {
+        self.db.lock().unwrap().down = down;
+        self.ring();
+    }
+
     fn fail_next_lists(&self, res: Res, n: usize) {
         self.db.lock().unwrap().fail_lists.insert(res, n);
     }
@@ -216,6 +227,21 @@ impl Fake {
     async fn serve(self, mut handle: tower_test::mock::Handle<Request<Body>, Response<Body>>) {
         while let Some((request, send)) = handle.next_request().await {
             let uri = request.uri().clone();
+            if self.db.lock().unwrap().down {
+                send.send_error(refused());
+                continue;
+            }
+            if uri.path() == "/version" {
+                let info = json!({
+                    "major": "1", "minor": "34", "gitVersion": "v1.34.0",
+                    "gitCommit": "0000000", "gitTreeState": "clean", "buildDate": "2025-08-27T00:00:00Z",
+                    "goVersion": "go1.24.6", "compiler": "gc", "platform": "linux/amd64",
+                });
+                send.send_response(Response::new(Body::from(
+                    serde_json::to_vec(&info).unwrap(),
+                )));
+                continue;
+            }
             let Some(res) = Res::of_path(uri.path()) else {
                 let body = serde_json::to_vec(&status(404, "NotFound", "no such path")).unwrap();
                 send.send_response(
@@ -276,13 +302,14 @@ impl Fake {
                 let mut bell = fake.bell.subscribe();
                 loop {
                     bell.borrow_and_update();
-                    let events = fake
-                        .db
-                        .lock()
-                        .unwrap()
-                        .queued
-                        .remove(&res)
-                        .unwrap_or_default();
+                    let events = {
+                        let mut db = fake.db.lock().unwrap();
+                        if db.down {
+                            send.send_error(refused());
+                            return;
+                        }
+                        db.queued.remove(&res).unwrap_or_default()
+                    };
                     if !events.is_empty() {
                         let mut body = Vec::new();
                         for e in events {
@@ -299,6 +326,11 @@ impl Fake {
             });
         }
     }
+}
+
+/// What the client sees when the API server is not there.
+fn refused() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "connection refused")
 }
 
 fn percent_decode(s: &str) -> String {
@@ -386,12 +418,23 @@ impl Running {
             .expect("the source is running")
     }
 
-    /// The next event other than `NodeAddresses` (which arrive independently).
+    /// The next event about Services or EndpointSlices (`NodeAddresses` and
+    /// contact with the API server come independently).
     async fn next_cluster_event(&mut self) -> SourceEvent {
         loop {
+            let e = self.next().await;
+            if !is_independent(&e) {
+                return e;
+            }
+        }
+    }
+
+    /// The next `Connected` or `Disconnected`.
+    async fn next_contact_event(&mut self) -> SourceEvent {
+        loop {
             match self.next().await {
-                SourceEvent::NodeAddresses(_) => continue,
-                e => return e,
+                e @ (SourceEvent::Connected | SourceEvent::Disconnected { .. }) => return e,
+                _ => continue,
             }
         }
     }
@@ -422,11 +465,19 @@ impl Running {
         let deadline = tokio::time::Instant::now() + d;
         while let Ok(event) = tokio::time::timeout_at(deadline, self.rx.recv()).await {
             match event {
-                Some(SourceEvent::NodeAddresses(_)) => {}
+                Some(e) if is_independent(&e) => {}
                 e => panic!("unexpected event {e:?}"),
             }
         }
     }
+}
+
+/// Events that come independently of Service and EndpointSlice changes.
+fn is_independent(e: &SourceEvent) -> bool {
+    matches!(
+        e,
+        SourceEvent::NodeAddresses(_) | SourceEvent::Connected | SourceEvent::Disconnected { .. }
+    )
 }
 
 fn strs(v: &[&str]) -> Vec<String> {
@@ -662,4 +713,86 @@ async fn run_returns_when_the_receiver_is_gone() {
         .expect("run returned")
         .expect("run did not panic");
     assert!(result.is_ok(), "{result:?}");
+}
+
+#[tokio::test]
+async fn without_an_api_server_at_start_the_source_waits_and_says_so() {
+    let fake = Fake::new();
+    seed(&fake);
+    fake.set_down(true);
+    let started = SystemTime::now();
+    let mut r = start(&fake);
+    // Every failed list says so, with the same time: no contact since the
+    // source started.
+    let mut since = Vec::new();
+    while since.len() < 3 {
+        match r.next().await {
+            SourceEvent::Disconnected { since: s } => since.push(s),
+            e => panic!("an event without an API server: {e:?}"),
+        }
+    }
+    assert!(since[0] >= started, "{since:?}");
+    assert!(since.iter().all(|s| *s == since[0]), "{since:?}");
+    assert!(!r.agent.is_finished(), "the source gave up");
+
+    fake.set_down(false);
+    assert!(matches!(
+        r.next_contact_event().await,
+        SourceEvent::Connected
+    ));
+    let (services, slices) = r.next_resync().await;
+    assert_eq!(services, strs(&["web/a", "web/b"]));
+    assert_eq!(slices, strs(&["web/a-1", "web/b-1"]));
+}
+
+#[tokio::test]
+async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
+    let fake = Fake::new();
+    seed(&fake);
+    let mut r = start(&fake);
+    // The first contact comes before the first listing.
+    assert!(matches!(r.next().await, SourceEvent::Connected));
+    r.next_resync().await;
+    for res in [Res::Services, Res::Slices, Res::Nodes] {
+        fake.wait_requests(res, true, 1).await;
+    }
+
+    let down = SystemTime::now();
+    fake.set_down(true);
+    let SourceEvent::Disconnected { since } = r.next_contact_event().await else {
+        panic!("expected Disconnected")
+    };
+    assert!(since >= down, "{since:?} is before the outage");
+    // The watchers keep retrying (after their backoff), the time stays.
+    match r.next_contact_event().await {
+        SourceEvent::Disconnected { since: again } => assert_eq!(again, since),
+        e => panic!("expected Disconnected, got {e:?}"),
+    }
+
+    // Back: the watches resume from their resource versions and say nothing
+    // (no object changes); the source finds out by asking.
+    fake.set_down(false);
+    let back = Instant::now();
+    loop {
+        match r.next().await {
+            SourceEvent::Connected => break,
+            SourceEvent::Disconnected { since: again } => assert_eq!(again, since),
+            e => panic!("unexpected event {e:?}"),
+        }
+    }
+    assert!(
+        back.elapsed() < WAIT,
+        "contact seen after {:?}",
+        back.elapsed()
+    );
+    assert_eq!(fake.requests(Res::Services, false).len(), 1, "relisted");
+    assert_eq!(fake.requests(Res::Slices, false).len(), 1, "relisted");
+    r.quiet(Duration::from_millis(300)).await;
+
+    // And events flow again.
+    fake.put(Res::Services, service("web", "c", "10.96.0.12"));
+    match r.next_cluster_event().await {
+        SourceEvent::ServiceApplied(svc) => assert_eq!(svc.metadata.name.as_deref(), Some("c")),
+        e => panic!("expected ServiceApplied, got {e:?}"),
+    }
 }

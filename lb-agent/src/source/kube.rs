@@ -18,11 +18,22 @@
 //! while it was not watching disappear. `NodeAddresses` when this node's
 //! addresses change. Watch errors are logged and retried with backoff; they never
 //! end [`run`].
+//!
+//! Contact with the API server: the source starts without it; every failed list
+//! or watch sends [`SourceEvent::Disconnected`] (with the time contact was lost),
+//! and the first listing or watch event after that [`SourceEvent::Connected`].
+//! A watch that resumes after an outage says nothing until an object changes,
+//! so while out of contact the source also asks the API server for its version
+//! every few seconds; an answer counts as contact.
 
-use std::{collections::BTreeMap, net::IpAddr};
+use std::{
+    collections::BTreeMap,
+    net::IpAddr,
+    time::{Duration, SystemTime},
+};
 
 use anyhow::{Result, bail};
-use futures::StreamExt;
+use futures::{FutureExt as _, StreamExt, future::BoxFuture};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -47,6 +58,13 @@ pub const SERVICE_LABEL_SELECTOR: &str =
 /// The EndpointSlices lb reads.
 pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
 
+/// How often the source asks whether the API server answers while it has no
+/// contact (the watchers retry on their own backoff, up to 30 s apart, and a
+/// watch that resumes says nothing until an object changes).
+const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How long a probe waits for the answer.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// Watches Services, EndpointSlices and the Node `node_name` and sends what
 /// changes to `tx` (see the module documentation), until `tx` is closed.
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
@@ -63,19 +81,32 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     .default_backoff()
     .boxed();
     let mut nodes = watcher(
-        Api::<Node>::all(client),
+        Api::<Node>::all(client.clone()),
         watcher::Config::default().fields(&format!("metadata.name={node_name}")),
     )
     .default_backoff()
     .boxed();
 
     let mut state = State::new(node_name);
+    let mut probe_every = tokio::time::interval(PROBE_EVERY);
+    probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    // The probe in flight, if any (it runs alongside the watchers).
+    let mut probe: Option<BoxFuture<'static, bool>> = None;
     loop {
         let events = tokio::select! {
             () = tx.closed() => return Ok(()),
             Some(update) = services.next() => state.services(update),
             Some(update) = slices.next() => state.slices(update),
             Some(update) = nodes.next() => state.node(update),
+            _ = probe_every.tick(), if probe.is_none() && state.contact.is_lost() => {
+                probe = Some(api_server_answers(client.clone()).boxed());
+                Vec::new()
+            }
+            // (Only polled while a probe is in flight.)
+            answered = async { probe.as_mut().expect("a probe in flight").await }, if probe.is_some() => {
+                probe = None;
+                if answered { state.contact.heard() } else { Vec::new() }
+            }
             // The watchers retry forever; this does not happen.
             else => bail!("the Kubernetes watch streams ended"),
         };
@@ -87,12 +118,68 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     }
 }
 
+/// Whether the API server answers `GET /version` (which every client may read;
+/// whether the agent may list and watch, the watchers find out for themselves).
+async fn api_server_answers(client: Client) -> bool {
+    matches!(
+        tokio::time::timeout(PROBE_TIMEOUT, client.apiserver_version()).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Whether the source is in contact with the API server, as far as it can tell:
+/// a failed list or watch loses contact; a listing, a watch event or an answer
+/// to a probe restores it.
+#[derive(Debug)]
+struct Contact {
+    /// When contact was lost, or when the source started if it had none yet
+    /// (None: in contact).
+    lost_since: Option<SystemTime>,
+}
+
+/// No contact yet, since now (the source's start).
+impl Default for Contact {
+    fn default() -> Self {
+        Self {
+            lost_since: Some(SystemTime::now()),
+        }
+    }
+}
+
+impl Contact {
+    fn is_lost(&self) -> bool {
+        self.lost_since.is_some()
+    }
+
+    /// A list or watch failed at `now`.
+    fn failed(&mut self, now: SystemTime) -> SourceEvent {
+        if self.lost_since.is_none() {
+            log::warn!(
+                "lost contact with the API server; the datapath keeps serving its last state"
+            );
+        }
+        SourceEvent::Disconnected {
+            since: *self.lost_since.get_or_insert(now),
+        }
+    }
+
+    /// Something came from the API server: `Connected` if there was no contact.
+    fn heard(&mut self) -> Vec<SourceEvent> {
+        if self.lost_since.take().is_none() {
+            return Vec::new();
+        }
+        log::info!("in contact with the API server");
+        vec![SourceEvent::Connected]
+    }
+}
+
 /// What the source knows: the current objects of both kinds, the listings in
-/// progress, and the node addresses last sent. Turns watcher output into
-/// [`SourceEvent`]s.
+/// progress, the node addresses last sent and the contact with the API server.
+/// Turns watcher output into [`SourceEvent`]s.
 #[derive(Debug, Default)]
 struct State {
     node_name: String,
+    contact: Contact,
     services: BTreeMap<ObjectKey, Service>,
     /// Slices in the model's compact form (what the relist needs, at a fifth of
     /// the API objects' memory).
@@ -121,33 +208,42 @@ impl State {
 
     /// The events that one update of the Service watcher leads to.
     fn services(&mut self, update: Result<Event<Service>, watcher::Error>) -> Vec<SourceEvent> {
-        match update {
-            Ok(event) => self.service_event(event),
-            Err(e) => {
-                log::warn!("watching Services: {e} (retrying)");
-                Vec::new()
-            }
-        }
+        self.update("Services", update, Self::service_event)
     }
 
     /// The events that one update of the EndpointSlice watcher leads to.
     fn slices(&mut self, update: Result<Event<EndpointSlice>, watcher::Error>) -> Vec<SourceEvent> {
-        match update {
-            Ok(event) => self.slice_event(event),
-            Err(e) => {
-                log::warn!("watching EndpointSlices: {e} (retrying)");
-                Vec::new()
-            }
-        }
+        self.update("EndpointSlices", update, Self::slice_event)
     }
 
     /// The events that one update of the Node watcher leads to.
     fn node(&mut self, update: Result<Event<Node>, watcher::Error>) -> Vec<SourceEvent> {
+        let what = format!("Node {}", self.node_name);
+        self.update(&what, update, Self::node_event)
+    }
+
+    /// An event (contact, and what it changes) or an error (no contact; the
+    /// watcher retries) of the watcher of `what`.
+    fn update<K>(
+        &mut self,
+        what: &str,
+        update: Result<Event<K>, watcher::Error>,
+        changes: fn(&mut Self, Event<K>) -> Vec<SourceEvent>,
+    ) -> Vec<SourceEvent> {
         match update {
-            Ok(event) => self.node_event(event),
+            Ok(event) => {
+                // The watcher sends `Init` before it asks for the listing: no
+                // sign of contact yet.
+                let mut events = match event {
+                    Event::Init => Vec::new(),
+                    _ => self.contact.heard(),
+                };
+                events.extend(changes(self, event));
+                events
+            }
             Err(e) => {
-                log::warn!("watching Node {}: {e} (retrying)", self.node_name);
-                Vec::new()
+                log::warn!("watching {what}: {e} (retrying)");
+                vec![self.contact.failed(SystemTime::now())]
             }
         }
     }
@@ -258,7 +354,7 @@ impl State {
                 Some(node) => node,
                 None => {
                     log::warn!(
-                        "Node {} not found; NodePorts answer on no node address yet",
+                        "Node {} not found; its addresses are taken when it appears",
                         self.node_name
                     );
                     return Vec::new();
@@ -373,9 +469,68 @@ mod tests {
         )
     }
 
+    /// A state that has heard from the API server (so that events carry no
+    /// `Connected`).
+    fn in_contact() -> State {
+        let mut st = State::new("n1".into());
+        st.contact.heard();
+        st
+    }
+
+    fn lost_since(events: &[SourceEvent]) -> SystemTime {
+        match events {
+            [SourceEvent::Disconnected { since }] => *since,
+            _ => panic!("expected one Disconnected: {events:?}"),
+        }
+    }
+
+    #[test]
+    fn contact_is_lost_on_errors_and_restored_by_any_event() {
+        fn failure<K>() -> Result<Event<K>, watcher::Error> {
+            Err(watcher::Error::NoResourceVersion)
+        }
+        let mut st = State::new("n1".into());
+        let started = SystemTime::now();
+        assert!(st.contact.is_lost(), "no contact before anything arrived");
+        // A failure before any contact: no contact since the start.
+        std::thread::sleep(Duration::from_millis(5));
+        let since = lost_since(&st.services(failure()));
+        assert!(since <= started, "{since:?} is not the start");
+        // `Init` comes before the list request.
+        assert!(st.services(Ok(Event::Init)).is_empty());
+        assert!(st.contact.is_lost());
+        let out = st.services(Ok(Event::InitApply(svc("a"))));
+        assert!(matches!(&out[..], [SourceEvent::Connected]), "{out:?}");
+        assert!(!st.contact.is_lost());
+        // Connected once, not with every event.
+        assert!(st.services(Ok(Event::InitDone)).is_empty());
+
+        // Every failure of any watcher says so, with the time contact was lost.
+        std::thread::sleep(Duration::from_millis(5));
+        let before = SystemTime::now();
+        let since = lost_since(&st.slices(failure()));
+        assert!(since >= before, "{since:?} is not this outage's");
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(lost_since(&st.node(failure())), since);
+        assert_eq!(lost_since(&st.services(failure())), since);
+        assert!(st.contact.is_lost());
+
+        // An event of another watcher restores contact, and comes with its own
+        // consequences.
+        let out = st.node(Ok(Event::Apply(node(&[("InternalIP", "10.0.0.1")]))));
+        assert!(
+            matches!(
+                &out[..],
+                [SourceEvent::Connected, SourceEvent::NodeAddresses(_)]
+            ),
+            "{out:?}"
+        );
+        assert!(!st.contact.is_lost());
+    }
+
     #[test]
     fn first_resync_waits_for_both_listings_then_relists_replace() {
-        let mut st = State::new("n1".into());
+        let mut st = in_contact();
         assert!(st.services(Ok(Event::Init)).is_empty());
         assert!(st.services(Ok(Event::InitApply(svc("a")))).is_empty());
         assert!(st.services(Ok(Event::InitApply(svc("b")))).is_empty());
@@ -413,7 +568,7 @@ mod tests {
 
     #[test]
     fn node_addresses_sent_on_change_only() {
-        let mut st = State::new("n1".into());
+        let mut st = in_contact();
         st.node(Ok(Event::Init));
         st.node(Ok(Event::InitApply(node(&[
             ("InternalIP", "10.0.0.1"),
