@@ -473,13 +473,7 @@ impl Reconciler {
         stats: &mut Stats,
     ) -> Result<(), Problem> {
         // Check capacity before touching anything: never a partial table.
-        let wanted: BTreeSet<SocketAddr> = spec
-            .cluster
-            .backends
-            .iter()
-            .chain(spec.local.iter().flat_map(|t| t.backends.iter()))
-            .map(|b| b.addr)
-            .collect();
+        let wanted: BTreeSet<SocketAddr> = spec.all_backends().map(|b| b.addr).collect();
         let new_backends = wanted
             .iter()
             .filter(|a| !self.backends.contains_key(a) && !self.adopted_backends.contains_key(a))
@@ -524,13 +518,9 @@ impl Reconciler {
             }
         };
 
-        // 1. Backends, so that every id a table mentions exists.
-        for b in spec
-            .cluster
-            .backends
-            .iter()
-            .chain(spec.local.iter().flat_map(|t| t.backends.iter()))
-        {
+        // 1. Backends, so that every id a table mentions exists (and the
+        // draining ones, which keep their flows).
+        for b in spec.all_backends() {
             let flags = BACKEND_F_ACTIVE
                 | if b.local { BACKEND_F_LOCAL } else { 0 }
                 | if b.terminating {

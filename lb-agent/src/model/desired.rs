@@ -210,6 +210,7 @@ impl Desired {
                 frontends,
                 cluster: spec.cluster.clone(),
                 local,
+                draining: spec.draining.clone(),
                 affinity_timeout: spec.affinity_timeout,
             }
         });
@@ -283,6 +284,7 @@ mod tests {
                 terminating_fallback: false,
             },
             local: None,
+            draining: BTreeSet::new(),
             affinity_timeout: None,
         }
     }

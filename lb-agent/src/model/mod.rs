@@ -181,8 +181,25 @@ pub struct PortSpec {
     pub cluster: Table,
     /// Backends for `Scope::Local` frontends; `Some` exactly when one has that scope.
     pub local: Option<Table>,
+    /// Serving endpoints that no table chooses (terminating while others are
+    /// ready, as in a rolling update): they stay in the backends map so that
+    /// their established flows keep flowing until they end, and get no new
+    /// flow.
+    pub draining: BTreeSet<BackendSpec>,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout: Option<u32>,
+}
+
+impl PortSpec {
+    /// Every backend the port needs in the backends map: its tables' and the
+    /// draining ones (an address may appear more than once).
+    pub fn all_backends(&self) -> impl Iterator<Item = &BackendSpec> {
+        self.cluster
+            .backends
+            .iter()
+            .chain(self.local.iter().flat_map(|t| t.backends.iter()))
+            .chain(&self.draining)
+    }
 }
 
 /// The model of one Service: its ports, and what was wrong with it (a bad port

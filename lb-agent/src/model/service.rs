@@ -186,6 +186,7 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
                     family,
                 },
                 PortSpec {
+                    draining: draining(&endpoints, &cluster, local.as_ref()),
                     frontends,
                     cluster,
                     local,
@@ -426,6 +427,31 @@ fn merge_endpoints(
         }
     }
     merged
+}
+
+/// The serving endpoints that neither table has: their flows may go on (as
+/// kube-proxy's conntrack lets them), new flows do not go to them.
+fn draining(
+    endpoints: &BTreeMap<SocketAddr, Endpoint>,
+    cluster: &Table,
+    local: Option<&Table>,
+) -> BTreeSet<BackendSpec> {
+    let chosen = |a: &SocketAddr| {
+        cluster
+            .backends
+            .iter()
+            .chain(local.into_iter().flat_map(|t| t.backends.iter()))
+            .any(|b| b.addr == *a)
+    };
+    endpoints
+        .iter()
+        .filter(|(a, e)| e.serving && !chosen(a))
+        .map(|(addr, e)| BackendSpec {
+            addr: *addr,
+            local: e.local,
+            terminating: e.terminating,
+        })
+        .collect()
 }
 
 /// kube-proxy's choice: the ready endpoints; when none is ready, the serving
@@ -1037,6 +1063,15 @@ endpoints: [{addresses: [10.0.3.1], nodeName: node-c}]
         let p = port(&m, &k);
         assert_eq!(backends(&p.cluster), ["10.0.3.1:8080"]);
         assert!(!p.cluster.terminating_fallback);
+        // The serving, terminating ones drain: in the backends map for their
+        // flows, in no table. The one that stopped serving is gone.
+        let draining = Table {
+            backends: p.draining.clone(),
+            terminating_fallback: false,
+        };
+        assert_eq!(backends(&draining), ["10.0.1.1:8080 LT", "10.0.2.1:8080 T"]);
+        let all: BTreeSet<String> = p.all_backends().map(|b| b.addr.to_string()).collect();
+        assert_eq!(all.len(), 3, "{all:?}");
     }
 
     const LOCAL_POLICIES: &str = "
