@@ -209,13 +209,20 @@ impl Node {
         self.pods.iter().map(|p| p.host_veth()).collect()
     }
     /// A glob matching exactly this node's host-side pod veths
-    /// (`lbXXXX-a-p*`): the agent's `--pod-ifaces`.
+    /// (`caliXXXXa*`): the agent's `--pod-ifaces`.
     pub fn pod_iface_pattern(&self) -> String {
         format!("{}*", self.pod_iface_prefix)
     }
-    /// The agent's `--pin-path`: `/sys/fs/bpf/lb-test-<run>/<node>`.
+    /// Where the node's agent pins: `/sys/fs/bpf/lb-test-<run>/<node>/lb`
+    /// (its `--pin-path`, or the default `/sys/fs/bpf/lb` of an agent run as
+    /// the DaemonSet runs it, which sees [`Self::bpffs`] as `/sys/fs/bpf`).
     pub fn pin_path(&self) -> &Path {
         &self.pin_path
+    }
+
+    /// The node's own `/sys/fs/bpf`: `/sys/fs/bpf/lb-test-<run>/<node>`.
+    pub fn bpffs(&self) -> &Path {
+        self.pin_path.parent().expect("a pin path has a parent")
     }
 }
 
@@ -254,8 +261,55 @@ impl Client {
 struct AgentSpec {
     bin: PathBuf,
     args: Vec<OsString>,
+    env: Vec<(String, String)>,
+    /// Bind mounts (source, target) in a mount namespace of the agent's own.
+    mounts: Vec<(PathBuf, PathBuf)>,
     ns: String,
     log: PathBuf,
+    /// What says it is ready.
+    ready: AgentProbe,
+}
+
+/// An HTTP endpoint of the agent on its node's loopback (a probe's).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AgentProbe {
+    pub path: String,
+    pub port: u16,
+}
+
+impl AgentProbe {
+    /// The agent's default healthz: `/healthz` on 10256.
+    pub fn healthz() -> Self {
+        Self {
+            path: "/healthz".into(),
+            port: AGENT_HEALTHZ.port(),
+        }
+    }
+
+    /// Its address inside the node's namespace.
+    pub fn addr(&self) -> SocketAddr {
+        SocketAddr::new(Ipv4Addr::LOCALHOST.into(), self.port)
+    }
+}
+
+/// Where a kubelet mounts a pod's ServiceAccount token, CA and namespace.
+pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
+
+/// How a DaemonSet's pod runs the agent (see
+/// [`Cluster::start_agents_in_cluster`]).
+#[derive(Debug, Clone)]
+pub struct InCluster {
+    /// The container's args; `$(NODE_NAME)` is expanded as the kubelet
+    /// expands dependent environment variables.
+    pub args: Vec<String>,
+    /// A directory with the ServiceAccount's `token`, `ca.crt` and
+    /// `namespace` (see `ControlPlane::service_account_files`).
+    pub service_account: PathBuf,
+    /// The API server, as this process reaches it.
+    pub api: SocketAddr,
+    /// The readiness probe: what [`Cluster::start_agents_in_cluster`] and
+    /// [`Cluster::restart_agent`] wait for.
+    pub ready: AgentProbe,
 }
 
 /// What teardown needs; shared with the Ctrl-C handler's registry.
@@ -267,6 +321,8 @@ struct Shared {
     keep_run_dir: AtomicBool,
     agents: Mutex<BTreeMap<String, Child>>,
     servers: Mutex<Vec<Servers>>,
+    /// The nodes' ways to the API server (in-cluster agents).
+    relays: Mutex<Vec<crate::relay::Relay>>,
     /// Held for the whole teardown, so that a second caller (the signal
     /// thread while a drop is under way) waits for the first to finish.
     torn_down: Mutex<bool>,
@@ -290,6 +346,7 @@ impl Shared {
         for (_, child) in agents {
             let _ = stop_child(child, AGENT_STOP);
         }
+        drop(std::mem::take(&mut *lock(&self.relays)));
         let namespaces = std::mem::take(&mut *lock(&self.namespaces));
         for name in namespaces.iter().rev() {
             if let Err(e) = ns::delete_netns(name) {
@@ -514,6 +571,7 @@ impl Cluster {
             keep_run_dir: AtomicBool::new(opts.keep_logs),
             agents: Mutex::new(BTreeMap::new()),
             servers: Mutex::new(Vec::new()),
+            relays: Mutex::new(Vec::new()),
             torn_down: Mutex::new(false),
         });
         lock(&REGISTRY).push(Arc::downgrade(&shared));
@@ -529,7 +587,9 @@ impl Cluster {
                     Ipv6Addr::new(0xfd00, 0x244, u16::from(n) + 1, 0, 0, 0, 0, 0),
                     64,
                 );
-                let pod_iface_prefix = format!("lb{run}-{letter}-p");
+                // Calico's prefix: the agent's default --pod-ifaces matches
+                // it, so an agent run as the DaemonSet runs it finds the pods.
+                let pod_iface_prefix = format!("cali{run}{letter}");
                 let pods = (0..opts.pods_per_node)
                     .map(|j| {
                         let host = 10 + j as u32;
@@ -567,7 +627,7 @@ impl Cluster {
                     pod_cidr_v4,
                     pod_cidr_v6,
                     pod_iface_prefix,
-                    pin_path: pin_dir.join(&name),
+                    pin_path: pin_dir.join(&name).join("lb"),
                     pods,
                     name,
                 }
@@ -1012,8 +1072,11 @@ impl Cluster {
             let spec = AgentSpec {
                 bin: agent_bin.to_path_buf(),
                 args,
+                env: Vec::new(),
+                mounts: Vec::new(),
                 ns: node.ns.clone(),
-                log: self.shared.run_dir.join(format!("agent-{}.log", node.name)),
+                log: self.agent_log_path(&node.name),
+                ready: AgentProbe::healthz(),
             };
             lock(&self.agent_specs).insert(node.name.clone(), spec);
             self.spawn_agent(&node.name)?;
@@ -1022,6 +1085,74 @@ impl Cluster {
             self.wait_agent_ready(&node.name)?;
         }
         Ok(())
+    }
+
+    /// Starts the lb agent on every node the way the DaemonSet's pod runs it,
+    /// in Kubernetes mode: inside the node's network namespace with
+    /// `how.args` only (`$(NODE_NAME)` expanded), the environment a kubelet
+    /// gives it (`NODE_NAME`, `KUBERNETES_SERVICE_HOST` and `_PORT`), and in
+    /// a mount namespace of its own where the ServiceAccount files are at
+    /// [`SERVICE_ACCOUNT_DIR`] and the node's own bpffs ([`Node::bpffs`]) is
+    /// `/sys/fs/bpf`. The API server is reached through a relay listening on
+    /// the node's loopback. Waits for each agent's healthz, as
+    /// [`Self::start_agents`] does.
+    pub fn start_agents_in_cluster(&self, agent_bin: &Path, how: &InCluster) -> Result<()> {
+        fs::create_dir_all(SERVICE_ACCOUNT_DIR)
+            .with_context(|| format!("creating the mount point {SERVICE_ACCOUNT_DIR}"))?;
+        let api_here = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), how.api.port());
+        for node in &self.nodes {
+            let relay = crate::relay::Relay::start(&node.ns, api_here, how.api)
+                .with_context(|| format!("relaying {} to the API server", node.name))?;
+            lock(&self.shared.relays).push(relay);
+            fs::create_dir_all(node.bpffs())
+                .with_context(|| format!("creating {}", node.bpffs().display()))?;
+            let spec = AgentSpec {
+                bin: agent_bin.to_path_buf(),
+                args: how
+                    .args
+                    .iter()
+                    .map(|a| a.replace("$(NODE_NAME)", &node.name).into())
+                    .collect(),
+                env: vec![
+                    ("NODE_NAME".into(), node.name.clone()),
+                    ("KUBERNETES_SERVICE_HOST".into(), api_here.ip().to_string()),
+                    (
+                        "KUBERNETES_SERVICE_PORT".into(),
+                        api_here.port().to_string(),
+                    ),
+                ],
+                mounts: vec![
+                    (how.service_account.clone(), SERVICE_ACCOUNT_DIR.into()),
+                    (node.bpffs().to_path_buf(), BPFFS.into()),
+                ],
+                ns: node.ns.clone(),
+                log: self.agent_log_path(&node.name),
+                ready: how.ready.clone(),
+            };
+            lock(&self.agent_specs).insert(node.name.clone(), spec);
+            self.spawn_agent(&node.name)?;
+        }
+        for node in &self.nodes {
+            self.wait_agent_ready(&node.name)?;
+        }
+        Ok(())
+    }
+
+    /// Cuts (`true`) or restores the in-cluster agents' way to the API
+    /// server: a partition of the nodes from the control plane while the API
+    /// server itself stays up (see [`crate::relay::Relay::cut`]).
+    pub fn cut_api(&self, cut: bool) {
+        for r in lock(&self.shared.relays).iter() {
+            if cut {
+                r.cut();
+            } else {
+                r.restore();
+            }
+        }
+    }
+
+    fn agent_log_path(&self, node: &str) -> PathBuf {
+        self.shared.run_dir.join(format!("agent-{node}.log"))
     }
 
     fn spawn_agent(&self, node: &str) -> Result<()> {
@@ -1043,7 +1174,12 @@ impl Cluster {
             .append(true)
             .open(&spec.log)
             .with_context(|| format!("opening {}", spec.log.display()))?;
-        let child = command_in(&spec.ns, &spec.bin, &spec.args)
+        let mut cmd = command_in(&spec.ns, &spec.bin, &spec.args);
+        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
+        if !spec.mounts.is_empty() {
+            ns::private_mounts(&mut cmd, &spec.mounts)?;
+        }
+        let child = cmd
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -1057,6 +1193,15 @@ impl Cluster {
     }
 
     fn wait_agent_ready(&self, node: &str) -> Result<()> {
+        let probe = lock(&self.agent_specs)
+            .get(node)
+            .map(|s| s.ready.clone())
+            .unwrap_or_else(AgentProbe::healthz);
+        self.wait_agent_probe(node, &probe)
+    }
+
+    /// Waits until `probe` answers 200, failing early if the agent exits.
+    fn wait_agent_probe(&self, node: &str, probe: &AgentProbe) -> Result<()> {
         let ns = self.node(node).ns.clone();
         let timeout = self.opts.agent_ready_timeout;
         let deadline = Instant::now() + timeout;
@@ -1075,14 +1220,14 @@ impl Cluster {
                 }
             }
             let last =
-                match client::http_get(&ns, AGENT_HEALTHZ, "/healthz", Duration::from_secs(1)) {
+                match client::http_get(&ns, probe.addr(), &probe.path, Duration::from_secs(1)) {
                     Ok((200, _)) => return Ok(()),
-                    Ok((code, body)) => format!("HTTP {code}: {}", body.trim()),
-                    Err(e) => format!("{e:#}"),
+                    Ok((code, body)) => format!("{} HTTP {code}: {}", probe.path, body.trim()),
+                    Err(e) => format!("{} {e:#}", probe.path),
                 };
             if Instant::now() >= deadline {
                 bail!(
-                    "the agent on {node} was not ready after {timeout:?} (healthz: {last}); its log ends:\n{}",
+                    "the agent on {node} was not ready after {timeout:?} ({last}); its log ends:\n{}",
                     ns::tail(&self.agent_log(node), 30)
                 );
             }
@@ -1109,6 +1254,15 @@ impl Cluster {
         self.wait_agent_ready(node)
     }
 
+    /// Like [`Self::restart_agent`], waiting for `probe` instead of the
+    /// readiness probe (e.g. the liveness probe, while the API server is
+    /// away and the agent cannot be ready).
+    pub fn restart_agent_until(&self, node: &str, probe: &AgentProbe) -> Result<()> {
+        self.stop_agent(node)?;
+        self.spawn_agent(node)?;
+        self.wait_agent_probe(node, probe)
+    }
+
     /// The pid of the agent running on `node`, if one is.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         lock(&self.shared.agents).get(node).map(Child::id)
@@ -1116,8 +1270,7 @@ impl Cluster {
 
     /// Everything the agent on `node` has logged (across restarts).
     pub fn agent_log(&self, node: &str) -> String {
-        let log = self.shared.run_dir.join(format!("agent-{node}.log"));
-        ns::read_lossy(&log)
+        ns::read_lossy(&self.agent_log_path(node))
     }
 
     /// Tears everything down now (also what dropping does).

@@ -24,10 +24,13 @@
 
 mod client;
 mod cluster;
+pub mod control_plane;
 pub mod interrupt;
+pub mod kube_cluster;
 pub mod manifests;
 pub mod net;
 mod ns;
+pub mod relay;
 pub mod servers;
 pub mod xdp;
 
@@ -35,7 +38,11 @@ pub use client::{
     Hello, ProbeError, StreamReport, curl_in, http_get, socat_udp_in, tcp_echo, tcp_hello,
     tcp_probe, tcp_request, tcp_stream, udp_probe, udp_request,
 };
-pub use cluster::{AGENT_HEALTHZ, Client, Cluster, Node, Options, Pod, cleanup_stale};
+pub use cluster::{
+    AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, SERVICE_ACCOUNT_DIR,
+    cleanup_stale,
+};
+pub use control_plane::ControlPlane;
 pub use net::IpNet;
 pub use ns::{
     NETNS_DIR, Output, command_in, delete_netns, in_netns, ip, kill, netns_path, output_with_input,

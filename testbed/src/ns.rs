@@ -101,6 +101,55 @@ where
     cmd
 }
 
+/// Makes `cmd`'s child enter a mount namespace of its own (after the
+/// network namespace of [`command_in`], if any) in which each `(source,
+/// target)` of `mounts` is bind-mounted: what a container runtime does for
+/// a pod's volumes. Nothing of it shows outside the child.
+pub fn private_mounts(cmd: &mut Command, mounts: &[(PathBuf, PathBuf)]) -> Result<()> {
+    use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
+    let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
+    let pairs: Vec<(CString, CString)> = mounts
+        .iter()
+        .map(|(s, t)| Ok((c(s)?, c(t)?)))
+        .collect::<Result<_>>()?;
+    // SAFETY: between fork and exec the closure only calls unshare and
+    // mount (async-signal-safe) with C strings made before the fork; it
+    // does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            // Mounts made here must not propagate to the host's namespace.
+            let root = c"/";
+            if libc::mount(
+                std::ptr::null(),
+                root.as_ptr(),
+                std::ptr::null(),
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for (source, target) in &pairs {
+                if libc::mount(
+                    source.as_ptr(),
+                    target.as_ptr(),
+                    std::ptr::null(),
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// What a finished command printed.
 #[derive(Debug)]
 pub struct Output {

@@ -64,7 +64,7 @@ fn pods_nodes_and_client_connect_as_with_a_cni() -> Result<()> {
     ensure!(c.node("node-b").ipv6().to_string() == "fd00:77::11");
     ensure!(c.pod("pod-b1").ipv4().to_string() == "10.244.2.11");
     ensure!(c.pod("pod-b1").ipv6().to_string() == "fd00:244:2::11");
-    ensure!(c.node("node-a").pod_iface_pattern() == format!("lb{run}-a-p*"));
+    ensure!(c.node("node-a").pod_iface_pattern() == format!("cali{run}a*"));
 
     // Offloads: complete checksums on the emulated NICs and out of the
     // bridge, GRO (NAPI) on the bridge side of the node uplinks, pod veths
@@ -275,8 +275,8 @@ exec socat TCP-LISTEN:10256,bind=127.0.0.1,reuseaddr,fork EXEC:"#
             format!("--node-name {}", n.name()),
             format!("--node-ip {}", n.node_ip_arg()),
             format!("--iface {}", n.uplink()),
-            format!("--pod-ifaces lb{run}-{}-p*", &n.name()[5..]),
-            format!("--pin-path /sys/fs/bpf/lb-test-{run}/{}", n.name()),
+            format!("--pod-ifaces cali{run}{}*", &n.name()[5..]),
+            format!("--pin-path /sys/fs/bpf/lb-test-{run}/{}/lb", n.name()),
             "--log-level info".to_string(),
             "pin parent visible".to_string(),
         ] {

@@ -5,7 +5,7 @@
 //! `bench-results/README-section.md`. A full run (no `--quick`, no `--only`)
 //! also replaces the README's results section with it.
 
-use std::{path::Path, process::Command};
+use std::process::Command;
 
 use anyhow::{Context as _, Result, bail};
 
@@ -26,9 +26,7 @@ pub fn run(quick: bool, args: Vec<String>) -> Result<()> {
         ]
         .map(String::from),
     )?;
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("workspace root");
+    let root = setup::workspace();
     let mut cmd = Command::new(root.join("target/release/lb-bench"));
     if quick {
         cmd.arg("--quick");

@@ -1,7 +1,11 @@
 //! `cargo xtask <task>`: everything a developer runs.
+//!
+//! xtask itself builds with the stable toolchain alone: it depends on no crate
+//! whose build needs the BPF toolchain (`lb-objects`, `aya-build`), so that on
+//! a bare machine it can install that toolchain first and then build the rest
+//! through cargo (`tests/closure.rs` holds it to that).
 
 mod bench;
-mod demo;
 mod setup;
 
 use anyhow::Result;
@@ -20,16 +24,27 @@ enum Task {
     /// Debian packages (llvm-22-dev, bpftool, iproute2, ...), rust-src for the
     /// nightly toolchain, bpf-linker built against LLVM 22; mounts bpffs.
     Setup,
-    /// Set up, then run the whole test suite (as root: it loads BPF programs
-    /// and builds network namespaces).
-    /// The main job: build lb, bring up a two-node cluster on network namespaces
-    /// (nodes, pods with real servers, an external client), run lb-agent on both
-    /// nodes with example Services, and show requests and the maps. Keeps the
-    /// cluster up for exploring until Ctrl-C (as root).
+    /// The main job: set up, build lb, bring up a two-node cluster on network
+    /// namespaces (nodes, pods with real servers, an external client), run
+    /// lb-agent on both nodes with example Services, and show requests and the
+    /// maps. Keeps the cluster up for exploring until Ctrl-C (as root).
     Demo {
         /// Tear down and exit after showing the results.
         #[arg(long)]
         once: bool,
+        /// Run the agents in Kubernetes mode, as the DaemonSet runs them,
+        /// against a real API server on loopback (etcd, kube-apiserver,
+        /// kube-controller-manager) that the demo's Pods and Services go
+        /// through, instead of a directory of manifests.
+        #[arg(long)]
+        kube: bool,
+    },
+    /// Set up, then run the whole test suite (as root: it loads BPF programs
+    /// and builds network namespaces).
+    Test {
+        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
     },
     /// Benchmark lb against kube-proxy (iptables, nftables) in one run, as root;
     /// prints ratios, writes bench-results/ (JSON, README section).
@@ -41,31 +56,91 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
-        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
-        args: Vec<String>,
-    },
 }
 
 fn main() -> Result<()> {
     match Cli::parse().task {
         Task::Setup => setup::run(),
-        Task::Demo { once } => demo::run(once),
+        Task::Demo { once, kube } => demo(once, kube),
         Task::Bench { quick, args } => bench::run(quick, args),
-        Task::Test { args } => {
-            setup::require_root("cargo xtask test")?;
-            setup::run()?;
-            // Every crate but the BPF one, which only builds for the BPF target
-            // (the agent's and the testbed's build scripts build and embed it).
-            let mut cargo_args: Vec<String> = ["test", "--workspace", "--exclude", "lb-ebpf"]
-                .map(String::from)
-                .to_vec();
-            if !args.is_empty() {
-                cargo_args.push("--".into());
-                cargo_args.extend(args);
-            }
-            setup::cargo(cargo_args)
+        Task::Test { args } => test(args),
+    }
+}
+
+/// Builds lb-agent and the testbed's `lb-demo` (release) and runs the demo.
+fn demo(once: bool, kube: bool) -> Result<()> {
+    setup::require_root("cargo xtask demo")?;
+    setup::run()?;
+    eprintln!("demo: building lb-agent and lb-demo (release)");
+    setup::cargo(
+        [
+            "build",
+            "--release",
+            "--package",
+            "lb-agent",
+            "--package",
+            "lb-testbed",
+            "--bin",
+            "lb-agent",
+            "--bin",
+            "lb-demo",
+        ]
+        .map(String::from),
+    )?;
+    let target = setup::workspace().join("target/release");
+    let mut cmd = std::process::Command::new(target.join("lb-demo"));
+    cmd.arg("--agent").arg(target.join("lb-agent"));
+    if once {
+        cmd.arg("--once");
+    }
+    if kube {
+        cmd.arg("--kube");
+    }
+    setup::status(&mut cmd)
+}
+
+fn test(args: Vec<String>) -> Result<()> {
+    setup::require_root("cargo xtask test")?;
+    setup::run()?;
+    // Every crate but the BPF one, which only builds for the BPF target
+    // (lb-objects' build script builds and embeds it).
+    let mut cargo_args: Vec<String> = ["test", "--workspace", "--exclude", "lb-ebpf"]
+        .map(String::from)
+        .to_vec();
+    if !args.is_empty() {
+        cargo_args.push("--".into());
+        cargo_args.extend(args);
+    }
+    setup::cargo(cargo_args)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    use super::Cli;
+
+    /// Each task's help describes that task (a doc comment in the wrong place
+    /// once gave `demo` the text of `test`).
+    #[test]
+    fn each_task_has_its_own_help() {
+        let cli = Cli::command();
+        let about = |task: &str| -> String {
+            cli.find_subcommand(task)
+                .and_then(|c| c.get_about())
+                .map(ToString::to_string)
+                .unwrap_or_default()
+        };
+        for (task, says) in [
+            ("setup", "Install what building and testing lb needs"),
+            ("demo", "two-node cluster on network namespaces"),
+            ("test", "run the whole test suite"),
+            ("bench", "Benchmark lb against kube-proxy"),
+        ] {
+            assert!(about(task).contains(says), "{task}: {:?}", about(task));
         }
+        let texts: std::collections::BTreeSet<String> =
+            ["setup", "demo", "test", "bench"].map(about).into();
+        assert_eq!(texts.len(), 4, "two tasks share a help text: {texts:?}");
     }
 }

@@ -8,8 +8,9 @@ use std::{
 
 use anyhow::{Context as _, Result, bail};
 
-/// Debian packages: LLVM 22 for bpf-linker, bpftool, and the tools the test
-/// topologies and clients use.
+/// Debian packages: LLVM 22 for bpf-linker, bpftool, the tools the test
+/// topologies and clients use, and what the Kubernetes control plane of the
+/// tests needs (`shared/tools/kube-control-plane`: etcd, openssl, xz).
 const PACKAGES: &[&str] = &[
     "llvm-22-dev",
     "libpolly-22-dev",
@@ -22,6 +23,10 @@ const PACKAGES: &[&str] = &[
     "curl",
     "iptables",
     "nftables",
+    "tcpdump",
+    "etcd-server",
+    "openssl",
+    "xz-utils",
 ];
 
 const LLVM_PREFIX: &str = "/usr/lib/llvm-22";
@@ -134,6 +139,13 @@ pub fn status(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {s}");
     }
     Ok(())
+}
+
+/// The workspace's top directory.
+pub fn workspace() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lies in the workspace")
 }
 
 pub fn cargo<I: IntoIterator<Item = String>>(args: I) -> Result<()> {

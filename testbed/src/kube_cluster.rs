@@ -1,0 +1,263 @@
+//! The testbed cluster driven through a real Kubernetes API: a
+//! [`ControlPlane`] of its own, the cluster's nodes registered as Node
+//! objects, its pods as Pods (the real EndpointSlice controller turns them
+//! into EndpointSlices), and lb-agent on every node run the way
+//! `deploy/kubernetes/daemonset.yaml` runs it: the DaemonSet's own args, its
+//! ServiceAccount bound by `deploy/kubernetes/rbac.yaml` and nothing wider,
+//! in-cluster configuration, no `--iface` or `--node-ip`.
+
+use std::{
+    collections::BTreeMap,
+    path::{Path, PathBuf},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context as _, Result, bail, ensure};
+use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Service};
+use kube::{
+    Api,
+    api::{DeleteParams, Patch, PatchParams},
+};
+use serde_json::{Value, json};
+
+use crate::{AgentProbe, Cluster, ControlPlane, InCluster, Options};
+
+/// The Kubernetes namespace of the testbed's Pods and Services.
+pub const NAMESPACE: &str = "lb-testbed";
+/// The pods' container port (their servers answer TCP and UDP on it).
+pub const POD_PORT: u16 = 8080;
+/// The name of the pods' container ports: `web-tcp` and `web-udp`.
+pub const POD_PORT_NAME: &str = "web";
+/// A label every testbed Pod has (`"true"`): a selector for all of them.
+pub const ALL_PODS: &str = "lb-testbed/all";
+
+/// The repository's `deploy/` directory.
+pub fn deploy_dir() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The lb-agent container of `deploy/kubernetes/daemonset.yaml`: its args
+/// and the paths and ports of its probes.
+#[derive(Debug, Clone)]
+pub struct ShippedAgent {
+    pub args: Vec<String>,
+    pub liveness: AgentProbe,
+    pub readiness: AgentProbe,
+    /// The ServiceAccount the DaemonSet's pods run as (`kube-system/...`).
+    pub service_account: (String, String),
+}
+
+impl ShippedAgent {
+    /// Reads the DaemonSet from `deploy/kubernetes/daemonset.yaml`.
+    pub fn from_deploy() -> Result<Self> {
+        let path = deploy_dir().join("kubernetes/daemonset.yaml");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let ds: DaemonSet = serde_yaml_ng::from_str(&text)
+            .with_context(|| format!("parsing {}", path.display()))?;
+        let spec = ds
+            .spec
+            .template
+            .spec
+            .context("the DaemonSet has no pod spec")?;
+        let container = spec
+            .containers
+            .iter()
+            .find(|c| c.name == "lb-agent")
+            .context("the DaemonSet has no lb-agent container")?;
+        ensure!(
+            container.command.is_none(),
+            "the lb-agent container overrides the image's entrypoint; the testbed runs `lb-agent ARGS`"
+        );
+        let probe = |p: Option<&k8s_openapi::api::core::v1::Probe>, what: &str| {
+            let get = p
+                .and_then(|p| p.http_get.as_ref())
+                .with_context(|| format!("the DaemonSet's {what} probe is no httpGet"))?;
+            let port = match &get.port {
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(p) => {
+                    u16::try_from(*p)?
+                }
+                k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String(name) => {
+                    let p = container
+                        .ports
+                        .iter()
+                        .flatten()
+                        .find(|p| p.name.as_deref() == Some(name))
+                        .with_context(|| format!("{what} probe port {name:?} is not declared"))?;
+                    u16::try_from(p.container_port)?
+                }
+            };
+            anyhow::Ok(AgentProbe {
+                path: get.path.clone().unwrap_or_else(|| "/".into()),
+                port,
+            })
+        };
+        let namespace = ds.metadata.namespace.unwrap_or_else(|| "default".into());
+        Ok(Self {
+            args: container.args.clone().unwrap_or_default(),
+            liveness: probe(container.liveness_probe.as_ref(), "liveness")?,
+            readiness: probe(container.readiness_probe.as_ref(), "readiness")?,
+            service_account: (
+                namespace,
+                spec.service_account_name
+                    .unwrap_or_else(|| "default".into()),
+            ),
+        })
+    }
+}
+
+/// A testbed cluster whose agents follow a real API server.
+pub struct KubeCluster {
+    /// Dropped first: agents stop before their API server.
+    pub cluster: Cluster,
+    pub cp: ControlPlane,
+    pub shipped: ShippedAgent,
+}
+
+impl KubeCluster {
+    /// Brings up the namespace cluster (pod servers on [`POD_PORT`]) and a
+    /// control plane; creates the RBAC of `deploy/`, the Nodes, and a Pod
+    /// per testbed pod (Running, Ready, both addresses; labelled
+    /// [`ALL_PODS`], and put in sets by [`Self::pod_set`]); then starts `agent` on
+    /// every node as the DaemonSet does and waits for its readiness probe.
+    pub fn up(opts: Options, agent: &Path) -> Result<Self> {
+        let cluster = Cluster::up(opts)?;
+        cluster.start_pod_servers(&[POD_PORT])?;
+        let cp = ControlPlane::up()?;
+        let shipped = ShippedAgent::from_deploy()?;
+        let rbac = deploy_dir().join("kubernetes/rbac.yaml");
+        cp.apply_rbac(&std::fs::read_to_string(&rbac)?)
+            .with_context(|| format!("applying {}", rbac.display()))?;
+        let sa_dir = cluster.run_dir().join("serviceaccount");
+        let (sa_ns, sa) = &shipped.service_account;
+        cp.service_account_files(sa_ns, sa, &sa_dir)?;
+        cp.register_nodes(&cluster)?;
+        cp.namespace(NAMESPACE)?;
+        for pod in cluster.pods() {
+            cp.run_pod(
+                NAMESPACE,
+                pod,
+                &pod_labels(),
+                &[(POD_PORT_NAME, POD_PORT)],
+                true,
+            )?;
+        }
+        let kc = Self {
+            cluster,
+            cp,
+            shipped,
+        };
+        kc.cluster.start_agents_in_cluster(
+            agent,
+            &InCluster {
+                args: kc.shipped.args.clone(),
+                service_account: sa_dir,
+                api: kc.cp.api_addr(),
+                ready: kc.shipped.readiness.clone(),
+            },
+        )?;
+        Ok(kc)
+    }
+
+    /// Creates Service `name` in [`NAMESPACE`] from `spec` (the `spec` of a
+    /// Service), or replaces the spec of the one there, and returns it as
+    /// the API server keeps it (allocated ClusterIPs and NodePorts).
+    pub fn apply_service(&self, name: &str, spec: Value) -> Result<Service> {
+        let svc: Service = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "spec": spec,
+        }))?;
+        let api: Api<Service> = Api::namespaced(self.cp.client(), NAMESPACE);
+        let pp = PatchParams::apply("lb-testbed").force();
+        self.cp
+            .block_on(api.patch(name, &pp, &Patch::Apply(&svc)))
+            .with_context(|| format!("applying Service {name}"))
+    }
+
+    pub fn delete_service(&self, name: &str) -> Result<()> {
+        let api: Api<Service> = Api::namespaced(self.cp.client(), NAMESPACE);
+        self.cp
+            .block_on(api.delete(name, &DeleteParams::default()))
+            .with_context(|| format!("deleting Service {name}"))
+            .map(drop)
+    }
+
+    /// Sets a LoadBalancer Service's `status.loadBalancer.ingress`, as a
+    /// cloud controller would.
+    pub fn set_ingress(&self, name: &str, ips: &[std::net::IpAddr]) -> Result<()> {
+        let ingress: Vec<Value> = ips.iter().map(|ip| json!({"ip": ip.to_string()})).collect();
+        let api: Api<Service> = Api::namespaced(self.cp.client(), NAMESPACE);
+        let patch = json!({"status": {"loadBalancer": {"ingress": ingress}}});
+        self.cp
+            .block_on(api.patch_status(name, &PatchParams::default(), &Patch::Merge(&patch)))
+            .with_context(|| format!("setting the ingress of Service {name}"))
+            .map(drop)
+    }
+
+    /// Makes `pods`, and only them, the members of set `set`: labels them
+    /// `lb-testbed/set-<set>` and takes the label off every other testbed
+    /// Pod. Returns the selector of the set, for a Service's spec.
+    pub fn pod_set(&self, set: &str, pods: &[&str]) -> Result<Value> {
+        let key = format!("lb-testbed/set-{set}");
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.cp.client(), NAMESPACE);
+        for pod in self.cluster.pods() {
+            let value = if pods.contains(&pod.name()) {
+                json!("true")
+            } else {
+                Value::Null
+            };
+            let patch = json!({"metadata": {"labels": {key.as_str(): value}}});
+            match self.cp.block_on(api.patch(
+                pod.name(),
+                &PatchParams::default(),
+                &Patch::Merge(&patch),
+            )) {
+                Ok(_) => {}
+                // A pod deleted by the test is in no set.
+                Err(kube::Error::Api(e)) if e.code == 404 => {}
+                Err(e) => {
+                    return Err(e).with_context(|| format!("labelling Pod {}", pod.name()));
+                }
+            }
+        }
+        Ok(json!({ key: "true" }))
+    }
+
+    /// Creates testbed Pod `pod` again (after a forced deletion), Ready.
+    pub fn recreate_pod(&self, pod: &str) -> Result<()> {
+        let p = self.cluster.pod(pod);
+        let api: Api<k8s_openapi::api::core::v1::Pod> =
+            Api::namespaced(self.cp.client(), NAMESPACE);
+        // A pod deleted with grace period 0 may take a moment to go.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.cp.block_on(api.get_opt(pod))?.is_some() {
+            if Instant::now() > deadline {
+                bail!("Pod {pod} is still there 10 s after its deletion");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        self.cp.run_pod(
+            NAMESPACE,
+            p,
+            &pod_labels(),
+            &[(POD_PORT_NAME, POD_PORT)],
+            true,
+        )
+    }
+
+    /// The Service as the API server has it now.
+    pub fn service(&self, name: &str) -> Result<Service> {
+        let api: Api<Service> = Api::namespaced(self.cp.client(), NAMESPACE);
+        self.cp
+            .block_on(api.get(name))
+            .with_context(|| format!("reading Service {name}"))
+    }
+}
+
+/// A testbed Pod's own labels: [`ALL_PODS`].
+fn pod_labels() -> BTreeMap<String, String> {
+    BTreeMap::from([(ALL_PODS.to_string(), "true".to_string())])
+}

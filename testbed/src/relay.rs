@@ -1,0 +1,177 @@
+//! A TCP relay from a namespace to this process's own: how an agent inside a
+//! node namespace reaches the control plane listening on the host's loopback
+//! (as a node's agent reaches its API server over the node's network). The
+//! listening socket is made inside the namespace; the upstream connections in
+//! the namespace of the thread that started the relay.
+
+use std::{
+    io,
+    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::Duration,
+};
+
+use anyhow::{Context as _, Result};
+
+use crate::ns::try_in_netns;
+
+/// How often the accept loop looks at its stop flag.
+const POLL: Duration = Duration::from_millis(50);
+/// How long connecting upstream may take (loopback: at once, or refused).
+const CONNECT: Duration = Duration::from_secs(2);
+
+/// A running relay; dropping it closes the listener and every connection.
+pub struct Relay {
+    listen: SocketAddr,
+    stop: Arc<AtomicBool>,
+    /// Cut: every connection is closed and new ones are closed at once.
+    cut: Arc<AtomicBool>,
+    /// Both ends of every open connection, to shut down on drop.
+    open: Arc<Mutex<Vec<TcpStream>>>,
+    accept: Option<thread::JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for Relay {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Relay")
+            .field("listen", &self.listen)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Relay {
+    /// Listens on `listen` inside the network namespace `ns` and relays each
+    /// connection to `upstream`, reached from the caller's namespace. When
+    /// either side closes, so does the other: an upstream that goes away (an
+    /// API server stopped) shows as closed connections inside `ns`, and
+    /// connections made meanwhile are accepted and closed at once.
+    pub fn start(ns: &str, listen: SocketAddr, upstream: SocketAddr) -> Result<Self> {
+        let listener = try_in_netns(ns, || TcpListener::bind(listen))?
+            .with_context(|| format!("listening on {listen} in {ns}"))?;
+        listener.set_nonblocking(true)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let cut = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(Mutex::new(Vec::new()));
+        let accept = {
+            let (stop, cut, open) = (stop.clone(), cut.clone(), open.clone());
+            thread::Builder::new()
+                .name(format!("relay {listen}"))
+                .spawn(move || accept_loop(&listener, upstream, &stop, &cut, &open))?
+        };
+        Ok(Self {
+            listen,
+            stop,
+            cut,
+            open,
+            accept: Some(accept),
+        })
+    }
+
+    /// Cuts the way through (a network partition between the namespace and
+    /// the upstream): open connections are closed, new ones are closed as
+    /// soon as they are accepted, until [`Self::restore`].
+    pub fn cut(&self) {
+        self.cut.store(true, Ordering::SeqCst);
+        self.close_all();
+    }
+
+    /// Lets connections through again.
+    pub fn restore(&self) {
+        self.cut.store(false, Ordering::SeqCst);
+    }
+
+    fn close_all(&self) {
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// The address it listens on (inside its namespace).
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        for s in self
+            .open
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .drain(..)
+        {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+fn accept_loop(
+    listener: &TcpListener,
+    upstream: SocketAddr,
+    stop: &AtomicBool,
+    cut: &AtomicBool,
+    open: &Mutex<Vec<TcpStream>>,
+) {
+    while !stop.load(Ordering::SeqCst) {
+        let client = match listener.accept() {
+            Ok((s, _)) => s,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                thread::sleep(POLL);
+                continue;
+            }
+            Err(_) => {
+                thread::sleep(POLL);
+                continue;
+            }
+        };
+        if cut.load(Ordering::SeqCst) {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        }
+        let _ = client.set_nonblocking(false);
+        // Refused upstream: the client sees its connection closed, as it
+        // would see a refused one.
+        let Ok(server) = TcpStream::connect_timeout(&upstream, CONNECT) else {
+            let _ = client.shutdown(Shutdown::Both);
+            continue;
+        };
+        let _ = (client.set_nodelay(true), server.set_nodelay(true));
+        let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+            continue;
+        };
+        {
+            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
+            // Forget connections that have ended (both directions shut down).
+            open.retain(|s| s.peer_addr().is_ok() && s.take_error().is_ok());
+            if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone()) {
+                open.push(a);
+                open.push(b);
+            }
+        }
+        pipe(client, s2);
+        pipe(server, c2);
+    }
+}
+
+/// Copies `from` to `to` on a thread of its own; at the end shuts both down,
+/// so that the other direction ends too.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    thread::spawn(move || {
+        let _ = io::copy(&mut from, &mut to);
+        let _ = to.shutdown(Shutdown::Both);
+        let _ = from.shutdown(Shutdown::Both);
+    });
+}
