@@ -262,13 +262,14 @@ fn gauge<N: prometheus_client::encoding::EncodeGaugeValue>(
     help: &str,
     value: N,
 ) -> std::fmt::Result {
-    let mut g = encoder.encode_descriptor(
+    let g = encoder.encode_descriptor(
         name,
         help,
         None,
         prometheus_client::metrics::MetricType::Gauge,
     )?;
-    ConstGauge::new(value).encode(g.encode_family(&Vec::<(String, String)>::new())?)
+    // Without labels: `name value`, not `name{} value`.
+    ConstGauge::new(value).encode(g)
 }
 
 /// The source's contact with the API server, from the health state at scrape

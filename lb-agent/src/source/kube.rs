@@ -24,7 +24,8 @@
 //! and the first listing or watch event after that [`SourceEvent::Connected`].
 //! A watch that resumes after an outage says nothing until an object changes,
 //! so while out of contact the source also asks the API server for its version
-//! every few seconds; an answer counts as contact.
+//! every few seconds; an answer counts as contact, and the watchers start
+//! afresh (each lists at once) instead of waiting out their backoff.
 
 use std::{
     collections::BTreeMap,
@@ -33,7 +34,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use futures::{FutureExt as _, StreamExt, future::BoxFuture};
+use futures::{FutureExt as _, StreamExt, future::BoxFuture, stream::BoxStream};
 use k8s_openapi::api::{
     core::v1::{Node, Service},
     discovery::v1::EndpointSlice,
@@ -68,25 +69,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 /// Watches Services, EndpointSlices and the Node `node_name` and sends what
 /// changes to `tx` (see the module documentation), until `tx` is closed.
 pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
-    let mut services = watcher(
-        Api::<Service>::all(client.clone()),
-        watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
-    )
-    .default_backoff()
-    .boxed();
-    let mut slices = watcher(
-        Api::<EndpointSlice>::all(client.clone()),
-        watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
-    )
-    .default_backoff()
-    .boxed();
-    let mut nodes = watcher(
-        Api::<Node>::all(client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-    )
-    .default_backoff()
-    .boxed();
-
+    let mut w = Watchers::new(&client, &node_name);
     let mut state = State::new(node_name);
     let mut probe_every = tokio::time::interval(PROBE_EVERY);
     probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -95,9 +78,9 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     loop {
         let events = tokio::select! {
             () = tx.closed() => return Ok(()),
-            Some(update) = services.next() => state.services(update),
-            Some(update) = slices.next() => state.slices(update),
-            Some(update) = nodes.next() => state.node(update),
+            Some(update) = w.services.next() => state.services(update),
+            Some(update) = w.slices.next() => state.slices(update),
+            Some(update) = w.nodes.next() => state.node(update),
             _ = probe_every.tick(), if probe.is_none() && state.contact.is_lost() => {
                 probe = Some(api_server_answers(client.clone()).boxed());
                 Vec::new()
@@ -105,7 +88,19 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             // (Only polled while a probe is in flight.)
             answered = async { probe.as_mut().expect("a probe in flight").await }, if probe.is_some() => {
                 probe = None;
-                if answered { state.contact.heard() } else { Vec::new() }
+                if answered {
+                    // The API server is back, but the watchers may sleep in
+                    // their backoff for up to 30 s more, and a watch resumed
+                    // from before an API server restart only earns a 410 and
+                    // another backoff. Start them afresh: each lists at once
+                    // (a Resync follows), so changes made during the outage
+                    // are in force within seconds.
+                    log::info!("the API server answers again: listing afresh");
+                    w = Watchers::new(&client, &state.node_name);
+                    state.contact.heard()
+                } else {
+                    Vec::new()
+                }
             }
             // The watchers retry forever; this does not happen.
             else => bail!("the Kubernetes watch streams ended"),
@@ -114,6 +109,39 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             if tx.send(event).await.is_err() {
                 return Ok(());
             }
+        }
+    }
+}
+
+/// The three watch streams.
+struct Watchers {
+    services: BoxStream<'static, Result<Event<Service>, watcher::Error>>,
+    slices: BoxStream<'static, Result<Event<EndpointSlice>, watcher::Error>>,
+    nodes: BoxStream<'static, Result<Event<Node>, watcher::Error>>,
+}
+
+impl Watchers {
+    /// New watchers: each starts with a listing.
+    fn new(client: &Client, node_name: &str) -> Self {
+        Self {
+            services: watcher(
+                Api::<Service>::all(client.clone()),
+                watcher::Config::default().labels(SERVICE_LABEL_SELECTOR),
+            )
+            .default_backoff()
+            .boxed(),
+            slices: watcher(
+                Api::<EndpointSlice>::all(client.clone()),
+                watcher::Config::default().labels(SLICE_LABEL_SELECTOR),
+            )
+            .default_backoff()
+            .boxed(),
+            nodes: watcher(
+                Api::<Node>::all(client.clone()),
+                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
+            )
+            .default_backoff()
+            .boxed(),
         }
     }
 }
