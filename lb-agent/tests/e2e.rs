@@ -20,6 +20,8 @@ macro_rules! check {
     }};
 }
 
+// The harness also serves the Kubernetes suite (e2e_kube.rs).
+#[allow(dead_code)]
 #[path = "e2e/harness.rs"]
 mod harness;
 
@@ -81,7 +83,7 @@ fn spec(
     port: u16,
     np: Option<u16>,
 ) -> ServiceSpec {
-    ServiceSpec::new(svc.1, kind, env.c.cluster_ips(svc.0)).tcp_udp("p", port, np)
+    ServiceSpec::new(svc.1, kind, env.c().cluster_ips(svc.0)).tcp_udp("p", port, np)
 }
 
 fn edit_spec(env: &Env, (port, np): (u16, u16)) -> ServiceSpec {
@@ -90,8 +92,8 @@ fn edit_spec(env: &Env, (port, np): (u16, u16)) -> ServiceSpec {
 
 fn lb_spec(env: &Env) -> ServiceSpec {
     let mut s = spec(env, LB, "LoadBalancer", 80, Some(NODEPORT_LB));
-    s.load_balancer_ips = env.c.lb_ips(20);
-    s.external_ips = env.c.external_ips(20);
+    s.load_balancer_ips = env.c().lb_ips(20);
+    s.external_ips = env.c().external_ips(20);
     s
 }
 
@@ -125,7 +127,7 @@ fn initial_services(env: &Env) -> Vec<(ServiceSpec, Vec<&'static str>)> {
 }
 
 fn vip(env: &Env, svc: (u128, &str), v6: bool, port: u16) -> SocketAddr {
-    SocketAddr::new(env.c.cluster_ips(svc.0)[usize::from(v6)], port)
+    SocketAddr::new(env.c().cluster_ips(svc.0)[usize::from(v6)], port)
 }
 
 fn both<T>(f: impl Fn(bool) -> T) -> [T; 2] {
@@ -137,7 +139,7 @@ fn both<T>(f: impl Fn(bool) -> T) -> [T; 2] {
 fn clusterip(env: &Env) -> Result<String> {
     let mut n = 0;
     for client in ["pod-a0", "pod-b1"] {
-        let cp = env.c.pod(client);
+        let cp = env.c().pod(client);
         for (svc, backend) in [(LOCAL, "pod-a1"), (REMOTE, "pod-b0")] {
             for v6 in [false, true] {
                 let to = vip(env, svc, v6, 80);
@@ -166,13 +168,13 @@ fn clusterip(env: &Env) -> Result<String> {
 /// other node: answered through the dialed node, which the backend sees as
 /// the peer (source NAT from its address, a port of its SNAT range).
 fn nodeport(env: &Env) -> Result<String> {
-    let client = env.c.client();
+    let client = env.c().client();
     let mut lines = Vec::new();
     for (dialed, nodeport, backend) in [
         ("node-a", NODEPORT_TO_B, "pod-b1"),
         ("node-b", NODEPORT_TO_A, "pod-a1"),
     ] {
-        let node = env.c.node(dialed);
+        let node = env.c().node(dialed);
         let (lo, hi) = env.snat_ports(dialed)?;
         for v6 in [false, true] {
             let to = node.sock(v6, nodeport);
@@ -203,13 +205,13 @@ fn nodeport(env: &Env) -> Result<String> {
 /// via node-a): answered by the Service's pods; a backend on node-a sees the
 /// client, one on node-b sees node-a (source NAT for remote backends only).
 fn loadbalancer(env: &Env) -> Result<String> {
-    let client = env.c.client();
-    let na = env.c.node("node-a");
+    let client = env.c().client();
+    let na = env.c().node("node-a");
     let mut tally: BTreeMap<String, usize> = BTreeMap::new();
     let mut n = 0;
     for (what, ips) in [
-        ("LB ingress", env.c.lb_ips(20)),
-        ("externalIP", env.c.external_ips(20)),
+        ("LB ingress", env.c().lb_ips(20)),
+        ("externalIP", env.c().external_ips(20)),
     ] {
         for v6 in [false, true] {
             let to = SocketAddr::new(ips[usize::from(v6)], 80);
@@ -221,7 +223,7 @@ fn loadbalancer(env: &Env) -> Result<String> {
                         let Some(p) = PODS.iter().find(|p| **p == a.server) else {
                             bail!("{what} {proto} {to}: answered by {a}, not a pod of the Service");
                         };
-                        let want = if env.c.pod(p).node() == "node-a" {
+                        let want = if env.c().pod(p).node() == "node-a" {
                             client_ip
                         } else {
                             node_ip
@@ -247,8 +249,8 @@ fn loadbalancer(env: &Env) -> Result<String> {
     );
     Ok(format!(
         "{n}/{n} requests from the client to {} and {} (and IPv6), TCP (curl) and UDP (socat), answered by the pods ({}), node-a's backends seeing the client, node-b's seeing node-a",
-        env.c.lb_ips(20)[0],
-        env.c.external_ips(20)[0],
+        env.c().lb_ips(20)[0],
+        env.c().external_ips(20)[0],
         tally_line(&tally)
     ))
 }
@@ -258,8 +260,8 @@ fn loadbalancer(env: &Env) -> Result<String> {
 fn spread_case(env: &Env) -> Result<String> {
     const N: usize = 200;
     let fair = N / PODS.len();
-    let a0 = env.c.pod("pod-a0");
-    let client = env.c.client();
+    let a0 = env.c().pod("pod-a0");
+    let client = env.c().client();
     let mut lines = Vec::new();
     let mut targets = Vec::new();
     for v6 in [false, true] {
@@ -267,7 +269,7 @@ fn spread_case(env: &Env) -> Result<String> {
         targets.push((
             "client -> LB IP",
             client.ns(),
-            SocketAddr::new(env.c.lb_ips(20)[usize::from(v6)], 80),
+            SocketAddr::new(env.c().lb_ips(20)[usize::from(v6)], 80),
             v6,
         ));
     }
@@ -390,7 +392,7 @@ fn stream_ok(env: &Env, what: &str, r: &StreamReport) -> Result<String> {
 fn endpoint_removal(env: &Env) -> Result<String> {
     const BYTES: u64 = 6_000_000;
     const DURATION: Duration = Duration::from_secs(6);
-    let a0 = env.c.pod("pod-a0");
+    let a0 = env.c().pod("pod-a0");
     let vips = both(|v6| vip(env, CHURN, v6, 80));
     thread::scope(|s| -> Result<String> {
         let streams: Vec<_> = vips
@@ -467,9 +469,9 @@ fn endpoint_removal(env: &Env) -> Result<String> {
 fn agent_restart(env: &Env) -> Result<String> {
     const BYTES: u64 = 8_000_000;
     const DURATION: Duration = Duration::from_secs(12);
-    let a0 = env.c.pod("pod-a0");
-    let client = env.c.client();
-    let na = env.c.node("node-a");
+    let a0 = env.c().pod("pod-a0");
+    let client = env.c().client();
+    let na = env.c().node("node-a");
     let nodes = ["node-a", "node-b"];
     let before: Vec<Shape> = nodes.iter().map(|n| env.shape(n)).collect::<Result<_>>()?;
     let mut targets: Vec<(String, &str, SocketAddr)> = Vec::new();
@@ -529,7 +531,7 @@ fn agent_restart(env: &Env) -> Result<String> {
             thread::sleep(Duration::from_millis(1000));
             let mut took = Vec::new();
             for n in nodes {
-                let (r, t) = timed(|| env.c.restart_agent(n));
+                let (r, t) = timed(|| env.c().restart_agent(n));
                 r.with_context(|| format!("restarting the agent on {n}"))?;
                 took.push(format!("{n} {}", ms(t)));
             }
@@ -603,8 +605,8 @@ fn agent_restart(env: &Env) -> Result<String> {
 /// (connection refused), UDP with ICMP port unreachable, from a pod to the
 /// ClusterIP and from the client to the NodePort of both nodes.
 fn no_endpoints(env: &Env) -> Result<String> {
-    let a0 = env.c.pod("pod-a0");
-    let client = env.c.client();
+    let a0 = env.c().pod("pod-a0");
+    let client = env.c().client();
     let mut targets: Vec<(&str, &str, SocketAddr)> = Vec::new();
     for v6 in [false, true] {
         targets.push(("pod-a0", a0.ns(), vip(env, EMPTY, v6, 80)));
@@ -612,7 +614,7 @@ fn no_endpoints(env: &Env) -> Result<String> {
             targets.push((
                 "client",
                 client.ns(),
-                env.c.node(n).sock(v6, NODEPORT_EMPTY),
+                env.c().node(n).sock(v6, NODEPORT_EMPTY),
             ));
         }
     }
@@ -663,8 +665,8 @@ fn no_endpoints(env: &Env) -> Result<String> {
 /// The e2e-edit frontends of one port pair: (what, ns, address, is a
 /// ClusterIP).
 fn edit_targets(env: &Env, (port, np): (u16, u16)) -> Vec<(String, String, SocketAddr, bool)> {
-    let a0 = env.c.pod("pod-a0");
-    let client = env.c.client();
+    let a0 = env.c().pod("pod-a0");
+    let client = env.c().client();
     let mut t = Vec::new();
     for v6 in [false, true] {
         t.push((
@@ -677,7 +679,7 @@ fn edit_targets(env: &Env, (port, np): (u16, u16)) -> Vec<(String, String, Socke
             t.push((
                 format!("client -> {n} NodePort"),
                 client.ns().to_string(),
-                env.c.node(n).sock(v6, np),
+                env.c().node(n).sock(v6, np),
                 false,
             ));
         }
@@ -769,7 +771,7 @@ fn refused(env: &Env, targets: &Targets) -> Vec<String> {
             );
             if !captured {
                 captured = true;
-                let nodes: Vec<&str> = env.c.nodes().iter().map(|n| n.ns()).collect();
+                let nodes: Vec<&str> = env.c().nodes().iter().map(|n| n.ns()).collect();
                 let mut spaces = vec![ns.as_str()];
                 spaces.extend(nodes);
                 let mut again = String::new();
@@ -867,7 +869,7 @@ fn update_delete(env: &Env) -> Result<String> {
 /// Hairpin: a pod reaching a Service whose only backend is itself is answered
 /// by itself, which sees the Service's address.
 fn hairpin(env: &Env) -> Result<String> {
-    let a0 = env.c.pod("pod-a0");
+    let a0 = env.c().pod("pod-a0");
     let mut seen = Vec::new();
     for v6 in [false, true] {
         let to = vip(env, HAIRPIN, v6, 80);
@@ -921,7 +923,7 @@ fn e2e() {
     }
     println!(
         "e2e: cluster {} up with lb-agent on both nodes in {:.1}s",
-        env.c.run_id(),
+        env.c().run_id(),
         t0.elapsed().as_secs_f64()
     );
 

@@ -16,6 +16,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener},
     path::{Path, PathBuf},
     process::Command,
+    sync::{Arc, Mutex},
     time::{Duration, Instant},
 };
 
@@ -88,6 +89,162 @@ impl Ports {
     }
 }
 
+/// State directories: `<temp>/lb-kube-<owner pid>-<API port>`.
+const STATE_PREFIX: &str = "lb-kube-";
+
+/// Stops the control planes of runs that died without stopping theirs, and
+/// removes their state (a failed run's, kept for its logs, stays until then).
+fn remove_stale(tools: &Path) {
+    let dirs = std::fs::read_dir(std::env::temp_dir())
+        .into_iter()
+        .flatten()
+        .flatten();
+    for dir in dirs {
+        let name = dir.file_name().to_string_lossy().into_owned();
+        let Some(pid) = name
+            .strip_prefix(STATE_PREFIX)
+            .and_then(|r| r.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if ns::pid_alive(pid) {
+            continue;
+        }
+        let procs = Processes {
+            tools: tools.to_path_buf(),
+            state: dir.path(),
+            ports: Ports {
+                etcd: 0,
+                api: 0,
+                kcm: 0,
+            },
+        };
+        // Dropping runs down.sh and removes the directory.
+        drop(procs);
+    }
+}
+
+/// Pods by (namespace, name): the testbed pod and whether it should be Ready.
+type PodRegistry = BTreeMap<(String, String), (Pod, bool)>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What stands in for the nodes' kubelets, every [`HEARTBEAT`]: renews the
+/// nodes' Leases, posts their Ready condition again, and puts back the Ready
+/// condition of every Pod whose status says otherwise than the test set (the
+/// node lifecycle controller marks pods NotReady when it has not heard from
+/// a node for a while, after an API outage for example; a kubelet sets them
+/// right again, and so does this).
+struct Kubelet {
+    client: Client,
+    nodes: Vec<crate::Node>,
+    pods: Arc<Mutex<PodRegistry>>,
+}
+
+impl Kubelet {
+    async fn run(self) {
+        let leases: Api<Lease> = Api::namespaced(self.client.clone(), "kube-node-lease");
+        let nodes: Api<KubeNode> = Api::all(self.client.clone());
+        loop {
+            // Errors (an API outage a test makes) are retried at the next beat.
+            for node in &self.nodes {
+                let name = node.name().to_string();
+                let lease = Lease {
+                    metadata: ObjectMeta {
+                        name: Some(name.clone()),
+                        ..ObjectMeta::default()
+                    },
+                    spec: Some(LeaseSpec {
+                        holder_identity: Some(name.clone()),
+                        lease_duration_seconds: Some(40),
+                        renew_time: Some(MicroTime(jiff_now())),
+                        ..LeaseSpec::default()
+                    }),
+                };
+                let _ = leases
+                    .patch(
+                        &name,
+                        &PatchParams::apply(MANAGER).force(),
+                        &Patch::Apply(&lease_object(&lease)),
+                    )
+                    .await;
+                let _ = nodes
+                    .patch_status(
+                        &name,
+                        &PatchParams::default(),
+                        &Patch::Merge(&node_status(node)),
+                    )
+                    .await;
+            }
+            let pods: Vec<_> = lock(&self.pods)
+                .iter()
+                .map(|((ns, _), (pod, ready))| (ns.clone(), pod.clone(), *ready))
+                .collect();
+            for (ns, pod, ready) in pods {
+                let api: Api<KubePod> = Api::namespaced(self.client.clone(), &ns);
+                let Ok(Some(now)) = api.get_opt(pod.name()).await else {
+                    continue;
+                };
+                let is_ready = now
+                    .status
+                    .and_then(|s| s.conditions)
+                    .into_iter()
+                    .flatten()
+                    .any(|c| c.type_ == "Ready" && c.status == "True");
+                if is_ready != ready {
+                    let _ = api
+                        .patch_status(
+                            pod.name(),
+                            &PatchParams::default(),
+                            &Patch::Merge(&pod_status(&pod, ready)),
+                        )
+                        .await;
+                }
+            }
+            tokio::time::sleep(HEARTBEAT).await;
+        }
+    }
+}
+
+/// A Node's status as its kubelet posts it: its addresses (InternalIP, both
+/// families) and Ready.
+fn node_status(node: &crate::Node) -> serde_json::Value {
+    json!({
+        "status": {
+            "addresses": [
+                {"type": "InternalIP", "address": node.ipv4().to_string()},
+                {"type": "InternalIP", "address": node.ipv6().to_string()},
+                {"type": "Hostname", "address": node.name()},
+            ],
+            "conditions": [{
+                "type": "Ready", "status": "True", "reason": "KubeletReady",
+                "message": "lb-testbed stands in for the kubelet",
+                "lastHeartbeatTime": now_rfc3339(), "lastTransitionTime": now_rfc3339(),
+            }],
+        },
+    })
+}
+
+/// A Pod's status as its kubelet posts it: Running, its addresses, Ready or
+/// not.
+fn pod_status(pod: &Pod, ready: bool) -> serde_json::Value {
+    let ready = if ready { "True" } else { "False" };
+    json!({
+        "status": {
+            "phase": "Running",
+            "podIP": pod.ipv4().to_string(),
+            "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}],
+            "conditions": [
+                {"type": "Ready", "status": ready, "lastTransitionTime": now_rfc3339()},
+                {"type": "ContainersReady", "status": ready, "lastTransitionTime": now_rfc3339()},
+            ],
+        },
+    })
+}
+
 /// The processes of a control plane (stopped, and their state removed, when
 /// dropped).
 struct Processes {
@@ -148,6 +305,8 @@ pub struct ControlPlane {
     /// Dropped first: the heartbeats stop before the processes do.
     rt: tokio::runtime::Runtime,
     client: Client,
+    /// The Pods made by [`Self::run_pod`] and whether they should be Ready.
+    pods: Arc<Mutex<PodRegistry>>,
     kubeconfig: PathBuf,
     procs: Processes,
 }
@@ -171,9 +330,13 @@ impl ControlPlane {
             "no control-plane scripts at {} (set LB_KUBE_CONTROL_PLANE to the kube-control-plane directory)",
             tools.display()
         );
+        remove_stale(&tools);
         let ports = Ports::find()?;
-        let state =
-            std::env::temp_dir().join(format!("lb-kube-{}-{}", std::process::id(), ports.api));
+        let state = std::env::temp_dir().join(format!(
+            "{STATE_PREFIX}{}-{}",
+            std::process::id(),
+            ports.api
+        ));
         // From here on, dropping `procs` stops what was started.
         let procs = Processes {
             tools,
@@ -202,6 +365,7 @@ impl ControlPlane {
             kubeconfig,
             rt,
             client,
+            pods: Arc::default(),
         })
     }
 
@@ -361,8 +525,9 @@ impl ControlPlane {
 
     /// Registers the cluster's nodes as a kubelet would: Node objects with
     /// the nodes' addresses (InternalIP, both families), pod CIDRs, zone
-    /// labels (`zone-a`, `zone-b`, ...) and a Ready condition, and Leases
-    /// renewed every few seconds for as long as the control plane lives.
+    /// labels (`zone-a`, `zone-b`, ...) and a Ready condition; then, for as
+    /// long as the control plane lives, a kubelet stand-in renews their
+    /// Leases and keeps their and their Pods' status as the test set it.
     pub fn register_nodes(&self, cluster: &Cluster) -> Result<()> {
         for node in cluster.nodes() {
             let name = node.name().to_string();
@@ -383,60 +548,25 @@ impl ControlPlane {
                     "podCIDRs": [node.pod_cidr_v4().to_string(), node.pod_cidr_v6().to_string()],
                 },
             }))?;
-            let status = json!({
-                "status": {
-                    "addresses": [
-                        {"type": "InternalIP", "address": node.ipv4().to_string()},
-                        {"type": "InternalIP", "address": node.ipv6().to_string()},
-                        {"type": "Hostname", "address": name},
-                    ],
-                    "conditions": [{
-                        "type": "Ready", "status": "True", "reason": "KubeletReady",
-                        "message": "lb-testbed stands in for the kubelet",
-                        "lastHeartbeatTime": now_rfc3339(), "lastTransitionTime": now_rfc3339(),
-                    }],
-                },
-            });
             let api: Api<KubeNode> = Api::all(self.client());
             self.block_on(async {
                 api.create(&PostParams::default(), &obj).await?;
-                api.patch_status(&name, &PatchParams::default(), &Patch::Merge(&status))
-                    .await?;
+                api.patch_status(
+                    &name,
+                    &PatchParams::default(),
+                    &Patch::Merge(&node_status(node)),
+                )
+                .await?;
                 anyhow::Ok(())
             })
             .with_context(|| format!("registering Node {name}"))?;
         }
-        let names: Vec<String> = cluster.nodes().iter().map(|n| n.name().into()).collect();
-        let client = self.client();
-        self.rt.spawn(async move {
-            let api: Api<Lease> = Api::namespaced(client, "kube-node-lease");
-            loop {
-                for name in &names {
-                    let lease = Lease {
-                        metadata: ObjectMeta {
-                            name: Some(name.clone()),
-                            ..ObjectMeta::default()
-                        },
-                        spec: Some(LeaseSpec {
-                            holder_identity: Some(name.clone()),
-                            lease_duration_seconds: Some(40),
-                            renew_time: Some(MicroTime(jiff_now())),
-                            ..LeaseSpec::default()
-                        }),
-                    };
-                    // Errors (an API outage a test makes) are retried at
-                    // the next beat.
-                    let _ = api
-                        .patch(
-                            name,
-                            &PatchParams::apply(MANAGER).force(),
-                            &Patch::Apply(&lease_object(&lease)),
-                        )
-                        .await;
-                }
-                tokio::time::sleep(HEARTBEAT).await;
-            }
-        });
+        let kubelet = Kubelet {
+            client: self.client(),
+            nodes: cluster.nodes().to_vec(),
+            pods: self.pods.clone(),
+        };
+        self.rt.spawn(kubelet.run());
         Ok(())
     }
 
@@ -520,24 +650,20 @@ impl ControlPlane {
 
     /// Sets a Pod's status as a kubelet would: Running, its addresses, and
     /// its Ready condition.
+    /// The kubelet stand-in (see [`Self::register_nodes`]) keeps it so.
     pub fn set_pod_ready(&self, namespace: &str, pod: &Pod, ready: bool) -> Result<()> {
-        let ready = if ready { "True" } else { "False" };
-        let status = json!({
-            "status": {
-                "phase": "Running",
-                "podIP": pod.ipv4().to_string(),
-                "podIPs": [{"ip": pod.ipv4().to_string()}, {"ip": pod.ipv6().to_string()}],
-                "hostIP": "",
-                "conditions": [
-                    {"type": "Ready", "status": ready, "lastTransitionTime": now_rfc3339()},
-                    {"type": "ContainersReady", "status": ready, "lastTransitionTime": now_rfc3339()},
-                ],
-            },
-        });
+        lock(&self.pods).insert(
+            (namespace.to_string(), pod.name().to_string()),
+            (pod.clone(), ready),
+        );
         let api: Api<KubePod> = Api::namespaced(self.client(), namespace);
-        self.block_on(api.patch_status(pod.name(), &PatchParams::default(), &Patch::Merge(&status)))
-            .with_context(|| format!("setting the status of Pod {}", pod.name()))
-            .map(drop)
+        self.block_on(api.patch_status(
+            pod.name(),
+            &PatchParams::default(),
+            &Patch::Merge(&pod_status(pod, ready)),
+        ))
+        .with_context(|| format!("setting the status of Pod {}", pod.name()))
+        .map(drop)
     }
 
     /// Deletes a Pod gracefully: with no kubelet to finish it, it stays
@@ -553,6 +679,7 @@ impl ControlPlane {
     /// Removes a Pod at once (what the kubelet does when its containers
     /// have stopped).
     pub fn force_delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
+        lock(&self.pods).remove(&(namespace.to_string(), name.to_string()));
         let api: Api<KubePod> = Api::namespaced(self.client(), namespace);
         match self.block_on(api.delete(name, &DeleteParams::default().grace_period(0))) {
             Ok(_) => Ok(()),

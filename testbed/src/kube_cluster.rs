@@ -9,6 +9,7 @@
 use std::{
     collections::BTreeMap,
     path::{Path, PathBuf},
+    sync::atomic::{AtomicUsize, Ordering},
     time::{Duration, Instant},
 };
 
@@ -246,6 +247,123 @@ impl KubeCluster {
             &[(POD_PORT_NAME, POD_PORT)],
             true,
         )
+    }
+
+    /// The ready endpoint addresses of Service `name` in its EndpointSlices,
+    /// as the API server has them now (what the EndpointSlice controller made
+    /// of the Pods).
+    pub fn ready_endpoints(&self, name: &str) -> Result<Vec<String>> {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let api: Api<EndpointSlice> = Api::namespaced(self.cp.client(), NAMESPACE);
+        let lp =
+            kube::api::ListParams::default().labels(&format!("kubernetes.io/service-name={name}"));
+        let slices = self
+            .cp
+            .block_on(api.list(&lp))
+            .with_context(|| format!("listing the EndpointSlices of {name}"))?;
+        let mut out: Vec<String> = slices
+            .items
+            .iter()
+            .flat_map(|s| s.endpoints.iter().flatten())
+            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
+            .flat_map(|e| e.addresses.iter().cloned())
+            .collect();
+        out.sort();
+        Ok(out)
+    }
+
+    /// Waits until the controller manager acts on changes again (after an
+    /// API server restart its informers come back on their own backoff, up
+    /// to 30 s, and until its EndpointSlice informer has caught up the
+    /// controller creates new slices but does not update existing ones): a
+    /// throwaway Service over one Pod gets its EndpointSlice, and when it is
+    /// moved to another Pod, the slice follows. Returns how long that took.
+    pub fn wait_controllers(&self, limit: Duration) -> Result<Duration> {
+        let t = Instant::now();
+        let pods: Vec<&crate::Pod> = self.cluster.pods().take(2).collect();
+        ensure!(pods.len() == 2, "the sentinel needs two pods");
+        // A new name each time: the slice of an earlier sentinel may not be
+        // collected yet.
+        static SENTINELS: AtomicUsize = AtomicUsize::new(0);
+        let name = format!("sentinel-{}", SENTINELS.fetch_add(1, Ordering::SeqCst));
+        for (i, pod) in pods.iter().enumerate() {
+            let selector = self.pod_set(&name, &[pod.name()])?;
+            if i == 0 {
+                self.apply_service(
+                    &name,
+                    json!({
+                        "selector": selector,
+                        "ports": [{"port": 1, "targetPort": POD_PORT}],
+                        "ipFamilyPolicy": "RequireDualStack",
+                    }),
+                )?;
+            }
+            let want: Vec<String> = {
+                let mut v: Vec<String> = pod.addrs().iter().map(ToString::to_string).collect();
+                v.sort();
+                v
+            };
+            while self.ready_endpoints(&name)? != want {
+                ensure!(
+                    t.elapsed() < limit,
+                    "the EndpointSlice controller did not follow Service {name} to {} in {limit:?}",
+                    pod.name()
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        self.delete_service(&name)?;
+        self.pod_set(&name, &[])?;
+        Ok(t.elapsed())
+    }
+
+    /// Writes the EndpointSlices of a Service without a selector, as their
+    /// owner (not the EndpointSlice controller) does: one per family, named
+    /// `<service>-v4` / `-v6`, the ports `tcp` and `udp` on [`POD_PORT`], the
+    /// `pods` ready on their nodes.
+    pub fn apply_own_slices(&self, service: &str, pods: &[&str]) -> Result<()> {
+        use k8s_openapi::api::discovery::v1::EndpointSlice;
+        let api: Api<EndpointSlice> = Api::namespaced(self.cp.client(), NAMESPACE);
+        for (family, v6) in [("IPv4", false), ("IPv6", true)] {
+            let name = format!("{service}-{}", if v6 { "v6" } else { "v4" });
+            let endpoints: Vec<Value> = pods
+                .iter()
+                .map(|p| {
+                    let pod = self.cluster.pod(p);
+                    json!({
+                        "addresses": [pod.addrs()[usize::from(v6)].to_string()],
+                        "conditions": {"ready": true, "serving": true, "terminating": false},
+                        "nodeName": pod.node(),
+                    })
+                })
+                .collect();
+            let slice = json!({
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": name,
+                    "namespace": NAMESPACE,
+                    "labels": {
+                        "kubernetes.io/service-name": service,
+                        "endpointslice.kubernetes.io/managed-by": "lb-testbed",
+                    },
+                },
+                "addressType": family,
+                "endpoints": endpoints,
+                "ports": [
+                    {"name": "tcp", "port": POD_PORT, "protocol": "TCP"},
+                    {"name": "udp", "port": POD_PORT, "protocol": "UDP"},
+                ],
+            });
+            self.cp
+                .block_on(api.patch(
+                    &name,
+                    &PatchParams::apply("lb-testbed").force(),
+                    &Patch::Apply(&slice),
+                ))
+                .with_context(|| format!("applying EndpointSlice {name}"))?;
+        }
+        Ok(())
     }
 
     /// The Service as the API server has it now.

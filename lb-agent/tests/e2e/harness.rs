@@ -20,6 +20,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{
     Cluster, Options, Pod, ProbeError, command_in, curl_in,
+    kube_cluster::KubeCluster,
     manifests::{ServiceSpec, service_yaml},
     output_with_timeout, socat_udp_in, tcp_probe, udp_probe,
 };
@@ -193,9 +194,17 @@ impl Shape {
     }
 }
 
-/// The suite's cluster, manifest directory and tally of passed checks.
+/// Where the agents of a suite take the cluster's state from.
+pub enum Source {
+    /// A manifest directory (`lb-agent run --manifests`), written by the suite.
+    Manifests(Box<Cluster>),
+    /// A real API server, the agents run as the DaemonSet runs them.
+    Kube(Box<KubeCluster>),
+}
+
+/// The suite's cluster, its agents' source and the tally of passed checks.
 pub struct Env {
-    pub c: Cluster,
+    source: Source,
     pub dir: PathBuf,
     checks: AtomicUsize,
 }
@@ -209,14 +218,42 @@ impl Env {
         let dir = c.run_dir().join("manifests");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         Ok(Env {
-            c,
+            source: Source::Manifests(Box::new(c)),
             dir,
             checks: AtomicUsize::new(0),
         })
     }
 
+    /// A cluster driven through a real API server, with `agent` running on
+    /// every node as the DaemonSet runs it (see `lb_testbed::kube_cluster`).
+    pub fn up_kube(agent: &std::path::Path) -> Result<Self> {
+        let k = KubeCluster::up(Options::default(), agent)?;
+        let dir = k.cluster.run_dir().to_path_buf();
+        Ok(Env {
+            source: Source::Kube(Box::new(k)),
+            dir,
+            checks: AtomicUsize::new(0),
+        })
+    }
+
+    /// The namespace cluster.
+    pub fn c(&self) -> &Cluster {
+        match &self.source {
+            Source::Manifests(c) => c,
+            Source::Kube(k) => &k.cluster,
+        }
+    }
+
+    /// The cluster and its API server (Kubernetes suites).
+    pub fn kube(&self) -> &KubeCluster {
+        match &self.source {
+            Source::Kube(k) => k,
+            Source::Manifests(_) => panic!("a manifest-mode suite has no API server"),
+        }
+    }
+
     pub fn start_agents(&self) -> Result<()> {
-        self.c.start_agents(AGENT.as_ref(), &self.dir)
+        self.c().start_agents(AGENT.as_ref(), &self.dir)
     }
 
     /// Counts one passed check.
@@ -229,12 +266,12 @@ impl Env {
     }
 
     pub fn pods(&self, names: &[&str]) -> Vec<&Pod> {
-        names.iter().map(|n| self.c.pod(n)).collect()
+        names.iter().map(|n| self.c().pod(n)).collect()
     }
 
     /// The pod that has `ip`.
     pub fn pod_of(&self, ip: IpAddr) -> Option<&Pod> {
-        self.c.pods().find(|p| p.addrs().contains(&ip))
+        self.c().pods().find(|p| p.addrs().contains(&ip))
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -257,7 +294,7 @@ impl Env {
     }
 
     fn dump_cmd(&self, node: &str, extra: &[&str]) -> Result<String> {
-        let n = self.c.node(node);
+        let n = self.c().node(node);
         let pins = n.pin_path().display().to_string();
         let mut args = vec!["dump", "--pin-path", pins.as_str()];
         args.extend_from_slice(extra);
@@ -312,9 +349,9 @@ impl Env {
     /// agent's log and `lb-agent dump` (text).
     pub fn evidence(&self) -> String {
         let mut out = String::new();
-        for node in self.c.nodes() {
+        for node in self.c().nodes() {
             let name = node.name();
-            let log = self.c.agent_log(name);
+            let log = self.c().agent_log(name);
             let lines: Vec<&str> = log.lines().collect();
             let tail = lines[lines.len().saturating_sub(40)..].join("\n");
             out += &format!("---- agent log of {name} (last 40 lines) ----\n{tail}\n");
@@ -322,6 +359,12 @@ impl Env {
                 .dump_cmd(name, &["--conntrack-limit", "40"])
                 .unwrap_or_else(|e| format!("{e:#}"));
             out += &format!("---- lb-agent dump on {name} ----\n{dump}\n");
+        }
+        if let Source::Kube(k) = &self.source {
+            for component in ["kube-apiserver", "kube-controller-manager"] {
+                let tail = k.cp.log_tail(component, 15);
+                out += &format!("---- {component} log (last 15 lines) ----\n{tail}\n");
+            }
         }
         out
     }
@@ -363,7 +406,7 @@ impl Env {
             }
             Err(e) => {
                 let mut again = String::new();
-                let nodes: Vec<&str> = self.c.nodes().iter().map(|n| n.ns()).collect();
+                let nodes: Vec<&str> = self.c().nodes().iter().map(|n| n.ns()).collect();
                 let mut spaces = vec![ns];
                 spaces.extend(nodes);
                 let filter = format!(
