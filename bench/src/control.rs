@@ -61,6 +61,8 @@ pub fn keys_for(quick: bool) -> Vec<String> {
     }
     k.push("control.change.p50_ms".into());
     k.push("control.change.p99_ms".into());
+    k.push("control.pod_patch.p50_ms".into());
+    k.push("control.pod_patch.p99_ms".into());
     k
 }
 
@@ -399,6 +401,24 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
         )
         .target(Target::AtMost(10.0)),
     );
+    let flips = if quick { 10 } else { 40 };
+    let pod_lat = pod_patch_to_map(bin, flips).context("Pod status patch to map write")?;
+    for (key, label, pct) in [("p50_ms", "p50", 50.0), ("p99_ms", "p99", 99.0)] {
+        figs.push(Figure::new(
+            SECTION,
+            &format!("control.pod_patch.{key}"),
+            &format!("Pod status patch to map write (real API server), {label}"),
+            "ms",
+            vec![percentile(&pod_lat, pct).unwrap_or(f64::NAN)],
+        ));
+    }
+    notes.push(format!(
+        "Pod status patch to map write: {} readiness flips of one of a Service's two Pods through \
+         a real kube-apiserver v1.32 (TLS) and its EndpointSlice controller, lb-agent (release) \
+         run as the DaemonSet runs it; timed from the patch request until node-a's `services` map \
+         shows the new backend count.",
+        pod_lat.len()
+    ));
     notes.push(format!(
         "Control plane: Services are ClusterIP, one TCP port, 10 ready endpoints on another node. \
          Agent sync = from its `datapath ready` to its `first sync done` log line (reading and \
@@ -413,6 +433,67 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
         cap.as_secs()
     ));
     Ok((figs, notes))
+}
+
+/// Pod readiness flips through a real API server: the agent (release, run as
+/// the DaemonSet runs it, on the testbed's two nodes) follows a Service over
+/// two Pods; each flip patches one Pod's Ready condition and times until
+/// node-a's `services` map shows the new backend count (polled every 0.2 ms
+/// through the pinned map). The EndpointSlice controller's work is included,
+/// as in a cluster.
+fn pod_patch_to_map(bin: &Path, flips: usize) -> Result<Vec<f64>> {
+    use lb_agent::{
+        model::{Frontend, Proto},
+        reconcile::service_key,
+    };
+    use lb_testbed::{
+        Options,
+        kube_cluster::{KubeCluster, NAMESPACE},
+    };
+    let k = KubeCluster::up(Options::default(), bin)?;
+    let selector = k.pod_set("bench", &["pod-a1", "pod-b1"])?;
+    let svc = k.apply_service(
+        "bench",
+        serde_json::json!({
+            "type": "ClusterIP",
+            "selector": selector,
+            "ports": [{"name": "http", "port": 80, "protocol": "TCP", "targetPort": 8080}],
+        }),
+    )?;
+    let vip: std::net::IpAddr = svc
+        .spec
+        .and_then(|s| s.cluster_ip)
+        .context("no ClusterIP allocated")?
+        .parse()?;
+    let key = service_key(&Frontend {
+        addr: vip,
+        port: 80,
+        proto: Proto::Tcp,
+    });
+    let maps = lb_agent::bpf::Maps::open_pinned(k.cluster.node("node-a").pin_path())?;
+    let count = || maps.services.get(&key, 0).map_or(0, |v| v.backend_count);
+    let wait_for = |want: u32| -> Result<f64> {
+        let t = Instant::now();
+        while count() != want {
+            ensure!(
+                t.elapsed() < Duration::from_secs(10),
+                "node-a's map did not reach {want} backends in 10 s"
+            );
+            std::thread::sleep(Duration::from_micros(200));
+        }
+        Ok(t.elapsed().as_secs_f64() * 1000.0)
+    };
+    wait_for(2)?;
+    let pod = k.cluster.pod("pod-b1");
+    let mut lat = Vec::new();
+    for i in 0..flips {
+        let ready = i % 2 == 1;
+        let t = Instant::now();
+        k.cp.set_pod_ready(NAMESPACE, pod, ready)?;
+        let patched = t.elapsed().as_secs_f64() * 1000.0;
+        lat.push(patched + wait_for(if ready { 2 } else { 1 })?);
+    }
+    Ok(lat)
 }
 
 fn iptables_backend() -> String {
