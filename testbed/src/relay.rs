@@ -30,8 +30,8 @@ pub struct Relay {
     stop: Arc<AtomicBool>,
     /// Cut: every connection is closed and new ones are closed at once.
     cut: Arc<AtomicBool>,
-    /// Both ends of every open connection, to shut down on drop.
-    open: Arc<Mutex<Vec<TcpStream>>>,
+    /// Both ends of every open connection, to shut down on a cut or drop.
+    open: Arc<Mutex<Open>>,
     accept: Option<thread::JoinHandle<()>>,
 }
 
@@ -55,7 +55,7 @@ impl Relay {
         listener.set_nonblocking(true)?;
         let stop = Arc::new(AtomicBool::new(false));
         let cut = Arc::new(AtomicBool::new(false));
-        let open = Arc::new(Mutex::new(Vec::new()));
+        let open = Arc::new(Mutex::new(Open::default()));
         let accept = {
             let (stop, cut, open) = (stop.clone(), cut.clone(), open.clone());
             thread::Builder::new()
@@ -85,13 +85,8 @@ impl Relay {
     }
 
     fn close_all(&self) {
-        for s in self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(Shutdown::Both);
+        for (_, (a, b)) in lock(&self.open).conns.drain() {
+            let _ = (a.shutdown(Shutdown::Both), b.shutdown(Shutdown::Both));
         }
     }
 
@@ -107,14 +102,7 @@ impl Drop for Relay {
         if let Some(t) = self.accept.take() {
             let _ = t.join();
         }
-        for s in self
-            .open
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .drain(..)
-        {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        self.close_all();
     }
 }
 
@@ -123,19 +111,13 @@ fn accept_loop(
     upstream: SocketAddr,
     stop: &AtomicBool,
     cut: &AtomicBool,
-    open: &Mutex<Vec<TcpStream>>,
+    open: &Arc<Mutex<Open>>,
 ) {
     while !stop.load(Ordering::SeqCst) {
-        let client = match listener.accept() {
-            Ok((s, _)) => s,
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                thread::sleep(POLL);
-                continue;
-            }
-            Err(_) => {
-                thread::sleep(POLL);
-                continue;
-            }
+        // Non-blocking: WouldBlock (nothing to accept) or a passing error.
+        let Ok((client, _)) = listener.accept() else {
+            thread::sleep(POLL);
+            continue;
         };
         if cut.load(Ordering::SeqCst) {
             let _ = client.shutdown(Shutdown::Both);
@@ -149,29 +131,44 @@ fn accept_loop(
             continue;
         };
         let _ = (client.set_nodelay(true), server.set_nodelay(true));
-        let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else {
+        let (Ok(c2), Ok(s2), Ok(c3), Ok(s3)) = (
+            client.try_clone(),
+            server.try_clone(),
+            client.try_clone(),
+            server.try_clone(),
+        ) else {
             continue;
         };
-        {
-            let mut open = open.lock().unwrap_or_else(|p| p.into_inner());
-            // Forget connections that have ended (both directions shut down).
-            open.retain(|s| s.peer_addr().is_ok() && s.take_error().is_ok());
-            if let (Ok(a), Ok(b)) = (client.try_clone(), server.try_clone()) {
-                open.push(a);
-                open.push(b);
-            }
-        }
-        pipe(client, s2);
-        pipe(server, c2);
+        let id = {
+            let mut o = lock(open);
+            o.next += 1;
+            let id = o.next;
+            o.conns.insert(id, (c3, s3));
+            id
+        };
+        pipe(client, s2, open.clone(), id);
+        pipe(server, c2, open.clone(), id);
     }
 }
 
+/// The open connections by id: their client and upstream sockets.
+#[derive(Default)]
+struct Open {
+    next: u64,
+    conns: std::collections::HashMap<u64, (TcpStream, TcpStream)>,
+}
+
+fn lock(m: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
 /// Copies `from` to `to` on a thread of its own; at the end shuts both down,
-/// so that the other direction ends too.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
+/// so that the other direction ends too, and forgets connection `id`.
+fn pipe(mut from: TcpStream, mut to: TcpStream, open: Arc<Mutex<Open>>, id: u64) {
     thread::spawn(move || {
         let _ = io::copy(&mut from, &mut to);
         let _ = to.shutdown(Shutdown::Both);
         let _ = from.shutdown(Shutdown::Both);
+        lock(&open).conns.remove(&id);
     });
 }
