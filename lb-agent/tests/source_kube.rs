@@ -796,3 +796,52 @@ async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
         e => panic!("expected ServiceApplied, got {e:?}"),
     }
 }
+
+#[tokio::test]
+async fn after_a_long_outage_the_source_lists_afresh_at_once() {
+    let fake = Fake::new();
+    seed(&fake);
+    let mut r = start(&fake);
+    assert!(matches!(r.next().await, SourceEvent::Connected));
+    r.next_resync().await;
+    for res in [Res::Services, Res::Slices, Res::Nodes] {
+        fake.wait_requests(res, true, 1).await;
+    }
+    fake.set_down(true);
+    assert!(matches!(
+        r.next_contact_event().await,
+        SourceEvent::Disconnected { .. }
+    ));
+    // Longer than a blip: the watchers' backoff has grown meanwhile.
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    // A change made during the outage (the API server kept it).
+    fake.put(Res::Services, service("web", "c", "10.96.0.12"));
+    fake.set_down(false);
+    let back = Instant::now();
+    let (services, _) = loop {
+        match r.next().await {
+            SourceEvent::Resync {
+                services, slices, ..
+            } => {
+                break (
+                    services
+                        .iter()
+                        .map(|s| s.metadata.name.clone().unwrap_or_default())
+                        .collect::<Vec<_>>(),
+                    slices,
+                );
+            }
+            SourceEvent::Connected | SourceEvent::Disconnected { .. } => {}
+            // The resumed watch may carry the change first.
+            SourceEvent::ServiceApplied(_) => {}
+            e => panic!("unexpected event {e:?}"),
+        }
+    };
+    assert!(services.contains(&"c".to_string()), "{services:?}");
+    assert!(
+        back.elapsed() < Duration::from_secs(4),
+        "listed afresh only {:?} after the API server was back",
+        back.elapsed()
+    );
+    assert_eq!(fake.requests(Res::Services, false).len(), 2, "one relist");
+}

@@ -24,8 +24,9 @@
 //! and the first listing or watch event after that [`SourceEvent::Connected`].
 //! A watch that resumes after an outage says nothing until an object changes,
 //! so while out of contact the source also asks the API server for its version
-//! every few seconds; an answer counts as contact, and the watchers start
-//! afresh (each lists at once) instead of waiting out their backoff.
+//! every few seconds; an answer counts as contact, and after an outage of a
+//! few seconds or more the watchers start afresh (each lists at once) instead
+//! of waiting out their backoff.
 
 use std::{
     collections::BTreeMap,
@@ -63,6 +64,9 @@ pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
 /// contact (the watchers retry on their own backoff, up to 30 s apart, and a
 /// watch that resumes says nothing until an object changes).
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// An outage at least this long ends with fresh watchers (a relist) rather
+/// than the watchers' own retries.
+const RELIST_AFTER: Duration = Duration::from_secs(3);
 /// How long a probe waits for the answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -89,14 +93,18 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             answered = async { probe.as_mut().expect("a probe in flight").await }, if probe.is_some() => {
                 probe = None;
                 if answered {
-                    // The API server is back, but the watchers may sleep in
-                    // their backoff for up to 30 s more, and a watch resumed
-                    // from before an API server restart only earns a 410 and
-                    // another backoff. Start them afresh: each lists at once
-                    // (a Resync follows), so changes made during the outage
-                    // are in force within seconds.
-                    log::info!("the API server answers again: listing afresh");
-                    w = Watchers::new(&client, &state.node_name);
+                    // The API server is back. After a real outage the
+                    // watchers may sleep in their backoff for up to 30 s
+                    // more, and a watch resumed from before an API server
+                    // restart only earns a 410 and another backoff: start
+                    // them afresh, each lists at once (a Resync follows), so
+                    // changes made meanwhile are in force within seconds. A
+                    // blip is left to the watchers, which resume without a
+                    // listing.
+                    if state.contact.lost_for() >= RELIST_AFTER {
+                        log::info!("the API server answers again: listing afresh");
+                        w = Watchers::new(&client, &state.node_name);
+                    }
                     state.contact.heard()
                 } else {
                     Vec::new()
@@ -177,6 +185,13 @@ impl Default for Contact {
 impl Contact {
     fn is_lost(&self) -> bool {
         self.lost_since.is_some()
+    }
+
+    /// How long contact has been lost (zero while in contact).
+    fn lost_for(&self) -> Duration {
+        self.lost_since
+            .and_then(|t| t.elapsed().ok())
+            .unwrap_or_default()
     }
 
     /// A list or watch failed at `now`.
