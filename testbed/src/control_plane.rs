@@ -415,9 +415,16 @@ impl ControlPlane {
     /// Stops the API server (SIGTERM, then SIGKILL after 10 s), leaving etcd
     /// and the controller manager running: an API outage.
     pub fn stop_api_server(&self) -> Result<()> {
+        self.stop("kube-apiserver")
+    }
+
+    /// Stops one component (SIGTERM, then SIGKILL after 10 s) and forgets its
+    /// pid file: up.sh's `alive` check reads it, so a stopped component is
+    /// one it starts again.
+    fn stop(&self, component: &str) -> Result<()> {
         let pid = self
-            .pid_of("kube-apiserver")
-            .context("no kube-apiserver pid file")?;
+            .pid_of(component)
+            .with_context(|| format!("no {component} pid file"))?;
         ns::kill(pid, libc::SIGTERM);
         let deadline = Instant::now() + Duration::from_secs(10);
         while ns::pid_alive(pid) && Instant::now() < deadline {
@@ -426,15 +433,17 @@ impl ControlPlane {
         if ns::pid_alive(pid) {
             ns::kill(pid, libc::SIGKILL);
         }
-        // up.sh's `alive` check reads the pid file: a stopped server is one
-        // it starts again.
-        let _ = std::fs::remove_file(self.procs.state.join("run/kube-apiserver.pid"));
+        let _ = std::fs::remove_file(self.procs.state.join(format!("run/{component}.pid")));
         Ok(())
     }
 
     /// Starts the API server again (after [`Self::stop_api_server`]) and waits
-    /// until it serves.
+    /// until it serves. The controller manager is restarted with it: its
+    /// informers would otherwise come back on their own backoff, a minute or
+    /// more after the API server, and the tests need its EndpointSlice
+    /// controller (lb's own recovery is what they measure).
     pub fn start_api_server(&self) -> Result<()> {
+        self.stop("kube-controller-manager")?;
         self.procs.up().map(drop)
     }
 
