@@ -893,8 +893,6 @@ fn hairpin(env: &Env) -> Result<String> {
     ))
 }
 
-type Case = (&'static str, fn(&Env) -> Result<String>);
-
 #[test]
 fn e2e() {
     let t0 = Instant::now();
@@ -927,7 +925,7 @@ fn e2e() {
         t0.elapsed().as_secs_f64()
     );
 
-    let cases: [Case; 9] = [
+    let cases: [harness::Case; 9] = [
         ("clusterip", clusterip),
         ("nodeport", nodeport),
         ("loadbalancer", loadbalancer),
@@ -938,41 +936,5 @@ fn e2e() {
         ("update-delete", update_delete),
         ("hairpin", hairpin),
     ];
-    let mut failed = Vec::new();
-    for (i, (name, case)) in cases.iter().enumerate() {
-        let t = Instant::now();
-        match case(&env) {
-            Ok(line) => println!(
-                "e2e [{}] {name} ok ({:.1}s): {line}",
-                i + 1,
-                t.elapsed().as_secs_f64()
-            ),
-            Err(e) => {
-                println!(
-                    "e2e [{}] {name} FAILED ({:.1}s): {e:#}\n{}",
-                    i + 1,
-                    t.elapsed().as_secs_f64(),
-                    env.evidence()
-                );
-                failed.push(*name);
-            }
-        }
-    }
-    let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
-    if failed.is_empty() {
-        println!(
-            "e2e: {} checks passed ({}) in {:.1}s",
-            env.checks(),
-            names.join(", "),
-            t0.elapsed().as_secs_f64()
-        );
-    } else {
-        panic!(
-            "e2e: {} checks passed, {} of {} cases failed: {}",
-            env.checks(),
-            failed.len(),
-            cases.len(),
-            failed.join(", ")
-        );
-    }
+    harness::run_cases(&env, "e2e", &cases, t0);
 }

@@ -831,9 +831,7 @@ fn partition(env: &Env) -> Result<String> {
     ))
 }
 
-type Case = (&'static str, fn(&Env) -> Result<String>);
-
-fn main_cases() -> Vec<Case> {
+fn main_cases() -> Vec<harness::Case> {
     vec![
         ("clusterip", clusterip),
         ("nodeport", nodeport),
@@ -862,42 +860,5 @@ fn agents_run_as_the_daemonset_serve_what_the_api_server_says() {
         env.kube().shipped.args,
         t0.elapsed().as_secs_f64()
     );
-    let cases = main_cases();
-    let mut failed = Vec::new();
-    for (i, (name, case)) in cases.iter().enumerate() {
-        let t = Instant::now();
-        match case(&env) {
-            Ok(line) => println!(
-                "e2e-kube [{}] {name} ok ({:.1}s): {line}",
-                i + 1,
-                t.elapsed().as_secs_f64()
-            ),
-            Err(e) => {
-                println!(
-                    "e2e-kube [{}] {name} FAILED ({:.1}s): {e:#}\n{}",
-                    i + 1,
-                    t.elapsed().as_secs_f64(),
-                    env.evidence()
-                );
-                failed.push(*name);
-            }
-        }
-    }
-    let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
-    if failed.is_empty() {
-        println!(
-            "e2e-kube: {} checks passed ({}) in {:.1}s",
-            env.checks(),
-            names.join(", "),
-            t0.elapsed().as_secs_f64()
-        );
-    } else {
-        panic!(
-            "e2e-kube: {} checks passed, {} of {} cases failed: {}",
-            env.checks(),
-            failed.len(),
-            cases.len(),
-            failed.join(", ")
-        );
-    }
+    harness::run_cases(&env, "e2e-kube", &main_cases(), t0);
 }

@@ -745,8 +745,9 @@ async fn without_an_api_server_at_start_the_source_waits_and_says_so() {
     assert_eq!(slices, strs(&["web/a-1", "web/b-1"]));
 }
 
-#[tokio::test]
-async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
+/// A seeded API server and a source that has made contact, listed, and holds
+/// a watch of every kind.
+async fn listed_and_watching() -> (Fake, Running) {
     let fake = Fake::new();
     seed(&fake);
     let mut r = start(&fake);
@@ -756,6 +757,12 @@ async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
     for res in [Res::Services, Res::Slices, Res::Nodes] {
         fake.wait_requests(res, true, 1).await;
     }
+    (fake, r)
+}
+
+#[tokio::test]
+async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
+    let (fake, mut r) = listed_and_watching().await;
 
     let down = SystemTime::now();
     fake.set_down(true);
@@ -799,14 +806,7 @@ async fn an_outage_is_reported_and_its_end_seen_without_any_event() {
 
 #[tokio::test]
 async fn after_a_long_outage_the_source_lists_afresh_at_once() {
-    let fake = Fake::new();
-    seed(&fake);
-    let mut r = start(&fake);
-    assert!(matches!(r.next().await, SourceEvent::Connected));
-    r.next_resync().await;
-    for res in [Res::Services, Res::Slices, Res::Nodes] {
-        fake.wait_requests(res, true, 1).await;
-    }
+    let (fake, mut r) = listed_and_watching().await;
     fake.set_down(true);
     assert!(matches!(
         r.next_contact_event().await,

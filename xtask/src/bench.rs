@@ -12,28 +12,15 @@ use anyhow::{Context as _, Result, bail};
 use crate::setup;
 
 pub fn run(quick: bool, args: Vec<String>) -> Result<()> {
-    setup::require_root("cargo xtask bench")?;
-    setup::run()?;
-    eprintln!("bench: building lb-agent and lb-bench (release)");
-    setup::cargo(
-        [
-            "build",
-            "--release",
-            "--package",
-            "lb-agent",
-            "--package",
-            "lb-bench",
-        ]
-        .map(String::from),
-    )?;
+    let target = setup::release("bench", &["lb-agent", "lb-bench"])?;
     let root = setup::workspace();
-    let mut cmd = Command::new(root.join("target/release/lb-bench"));
+    let mut cmd = Command::new(target.join("lb-bench"));
     if quick {
         cmd.arg("--quick");
     }
     let complete = !quick && args.is_empty();
     cmd.arg("--agent")
-        .arg(root.join("target/release/lb-agent"))
+        .arg(target.join("lb-agent"))
         .arg("--out")
         .arg(root.join("bench-results"))
         .args(args);

@@ -69,25 +69,7 @@ fn main() -> Result<()> {
 
 /// Builds lb-agent and the testbed's `lb-demo` (release) and runs the demo.
 fn demo(once: bool, kube: bool) -> Result<()> {
-    setup::require_root("cargo xtask demo")?;
-    setup::run()?;
-    eprintln!("demo: building lb-agent and lb-demo (release)");
-    setup::cargo(
-        [
-            "build",
-            "--release",
-            "--package",
-            "lb-agent",
-            "--package",
-            "lb-testbed",
-            "--bin",
-            "lb-agent",
-            "--bin",
-            "lb-demo",
-        ]
-        .map(String::from),
-    )?;
-    let target = setup::workspace().join("target/release");
+    let target = setup::release("demo", &["lb-agent", "lb-testbed"])?;
     let mut cmd = std::process::Command::new(target.join("lb-demo"));
     cmd.arg("--agent").arg(target.join("lb-agent"));
     if once {

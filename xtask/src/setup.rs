@@ -2,7 +2,7 @@
 //! and saying what it installs.
 
 use std::{
-    path::Path,
+    path::{Path, PathBuf},
     process::{Command, Stdio},
 };
 
@@ -139,6 +139,20 @@ pub fn status(cmd: &mut Command) -> Result<()> {
         bail!("{cmd:?} failed: {s}");
     }
     Ok(())
+}
+
+/// What a task that runs lb's binaries does first (as root): the set-up, then
+/// a release build of `packages`. Returns the directory of the binaries.
+pub fn release(task: &str, packages: &[&str]) -> Result<PathBuf> {
+    require_root(&format!("cargo xtask {task}"))?;
+    run()?;
+    eprintln!("{task}: building {} (release)", packages.join(", "));
+    let mut args = vec!["build".to_string(), "--release".to_string()];
+    for p in packages {
+        args.extend(["--package".to_string(), p.to_string()]);
+    }
+    cargo(args)?;
+    Ok(workspace().join("target/release"))
 }
 
 /// The workspace's top directory.

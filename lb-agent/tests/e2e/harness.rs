@@ -533,3 +533,50 @@ pub fn spread(
     }
     Ok(t)
 }
+
+/// A case of a suite: its name, and what checks it (a line saying what it
+/// saw, or why it failed).
+pub type Case = (&'static str, fn(&Env) -> Result<String>);
+
+/// Runs `cases` in order on `env`, printing a line per case (`<suite> [i]
+/// name ok: ...`, or FAILED with the evidence), then the tally; panics at the
+/// end if any failed (the others still ran). `t0`: when the suite started.
+pub fn run_cases(env: &Env, suite: &str, cases: &[Case], t0: Instant) {
+    let mut failed = Vec::new();
+    for (i, (name, case)) in cases.iter().enumerate() {
+        let t = Instant::now();
+        match case(env) {
+            Ok(line) => println!(
+                "{suite} [{}] {name} ok ({:.1}s): {line}",
+                i + 1,
+                t.elapsed().as_secs_f64()
+            ),
+            Err(e) => {
+                println!(
+                    "{suite} [{}] {name} FAILED ({:.1}s): {e:#}\n{}",
+                    i + 1,
+                    t.elapsed().as_secs_f64(),
+                    env.evidence()
+                );
+                failed.push(*name);
+            }
+        }
+    }
+    let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
+    if failed.is_empty() {
+        println!(
+            "{suite}: {} checks passed ({}) in {:.1}s",
+            env.checks(),
+            names.join(", "),
+            t0.elapsed().as_secs_f64()
+        );
+    } else {
+        panic!(
+            "{suite}: {} checks passed, {} of {} cases failed: {}",
+            env.checks(),
+            failed.len(),
+            cases.len(),
+            failed.join(", ")
+        );
+    }
+}
