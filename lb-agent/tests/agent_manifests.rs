@@ -632,28 +632,122 @@ fn cleanup_detaches_and_removes_the_pins() {
 
 #[test]
 fn help_explains_every_flag_with_its_default() {
+    use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, capacity};
+
     let out = Command::new(AGENT)
         .args(["run", "--help"])
         .output()
         .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let help = String::from_utf8_lossy(&out.stdout);
-    for (flag, default) in [
-        ("--kubeconfig", "in-cluster"),
-        ("--manifests", ""),
-        ("--node-name", "hostname"),
-        ("--node-ip", ""),
-        ("--iface", ""),
-        ("--pod-ifaces", "veth*"),
-        ("--pin-path", "/sys/fs/bpf/lb"),
-        ("--metrics-addr", "127.0.0.1:10249"),
-        ("--healthz-addr", "0.0.0.0:10256"),
-        ("--log-level", "info"),
-    ] {
+    // Every flag `run` accepts (its own, the global --log-level and --help), with
+    // the default its help must show: clap's `[default: ...]` for a default value
+    // (taken from the constants the agent uses where they are shared), the doc
+    // comment's for a default worked out at run time, none for a flag without one.
+    let d = |s: &str| Some(s.to_string());
+    let expected: [(&str, Option<String>); 18] = [
+        (
+            "--kubeconfig",
+            d("in-cluster config, then $KUBECONFIG or ~/.kube/config"),
+        ),
+        ("--log-level", d("info")),
+        ("--manifests", None),
+        ("--node-name", d("hostname")),
+        (
+            "--node-ip",
+            d("Kubernetes: the Node's addresses; manifests: the uplinks' addresses"),
+        ),
+        ("--iface", d("the interfaces holding the node addresses")),
+        ("--pod-ifaces", d("veth*,lxc*,cali*,gke*,eni*")),
+        ("--pin-path", d("/sys/fs/bpf/lb")),
+        ("--metrics-addr", d("127.0.0.1:10249")),
+        ("--healthz-addr", d("0.0.0.0:10256")),
+        (
+            "--maglev-table-size",
+            Some(capacity::MAGLEV_TABLE_SIZE.to_string()),
+        ),
+        ("--max-services", Some(capacity::SERVICE_IDS.to_string())),
+        ("--max-frontends", Some(capacity::SERVICES.to_string())),
+        ("--max-backends", Some(capacity::BACKENDS.to_string())),
+        ("--conntrack-size", Some(capacity::CONNTRACK.to_string())),
+        ("--datapath-log", d("warn")),
+        (
+            "--snat-ports",
+            Some(format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}")),
+        ),
+        ("--help", None),
+    ];
+    // The options section: a line per flag ("  -h, --help", "      --flag <VALUE>"),
+    // then its explanation on the lines indented further.
+    let mut entries: Vec<(String, String)> = Vec::new();
+    for line in help.lines().skip_while(|l| l.trim() != "Options:").skip(1) {
+        let text = line.trim_start();
+        let indent = line.len() - text.len();
+        if text.starts_with('-') && indent <= 6 {
+            let flag = text
+                .split_whitespace()
+                .find(|w| w.starts_with("--"))
+                .unwrap_or_else(|| panic!("no long flag in {line:?}"))
+                .trim_end_matches(',');
+            entries.push((flag.to_string(), String::new()));
+        } else if let Some((_, explanation)) = entries.last_mut() {
+            explanation.push(' ');
+            explanation.push_str(text);
+        }
+    }
+    let mut listed: Vec<&str> = entries.iter().map(|(f, _)| f.as_str()).collect();
+    let mut wanted: Vec<&str> = expected.iter().map(|(f, _)| *f).collect();
+    listed.sort_unstable();
+    wanted.sort_unstable();
+    assert_eq!(listed, wanted, "the flags of --help:\n{help}");
+    for (flag, default) in &expected {
         assert!(help.contains(flag), "--help lacks {flag}:\n{help}");
-        assert!(
-            help.contains(default),
-            "--help lacks the default of {flag} ({default}):\n{help}"
-        );
+        let (_, explanation) = entries.iter().find(|(f, _)| f == flag).unwrap();
+        // An explanation of a few words at least, not counting the bracketed
+        // `[default: ...]` and `[env: ...]`.
+        let mut depth = 0;
+        let words: String = explanation
+            .chars()
+            .filter(|c| {
+                match c {
+                    '[' => depth += 1,
+                    ']' => depth -= 1,
+                    _ => return depth == 0,
+                }
+                false
+            })
+            .collect();
+        let words = words
+            .split_whitespace()
+            .filter(|w| w.chars().any(char::is_alphabetic))
+            .count();
+        assert!(words >= 2, "{flag} is not explained: {explanation:?}");
+        let shown: Vec<&str> = explanation
+            .split("[default: ")
+            .skip(1)
+            .map(|rest| &rest[..rest.find(']').unwrap_or(rest.len())])
+            .collect();
+        match default {
+            Some(default) => {
+                assert!(
+                    help.contains(default.as_str()),
+                    "--help lacks the default of {flag} ({default}):\n{help}"
+                );
+                assert_eq!(
+                    shown,
+                    [default.as_str()],
+                    "{flag} must show [default: {default}]: {explanation:?}"
+                );
+            }
+            None => assert!(
+                shown.is_empty(),
+                "{flag} has no default but shows one: {explanation:?}"
+            ),
+        }
     }
 }
 

@@ -151,11 +151,109 @@ mod tests {
             }
         }
         assert_eq!(failed, 0, "claims that found no free port");
-        // The sequence is the flow's own: the same flow, the same ports.
-        assert_eq!(snat_probe(7, 3, SPAN), snat_probe(7, 3, SPAN));
-        assert_ne!(snat_probe(7, 3, SPAN), snat_probe(8, 3, SPAN));
         assert_eq!(snat_probe(7, 3, 1), 0);
         assert_eq!(snat_probe(7, 3, 0), 0);
+    }
+
+    /// A flow's probe sequence is its own and fixed: the same flow gets the same
+    /// ports in the same order (so a flow whose entries were evicted gets its old
+    /// port back, also after an agent upgrade reloads the datapath), and a
+    /// neighbouring flow (hash one apart) gets a different sequence. The
+    /// literals were computed once from the current `snat_probe`; a change of it
+    /// must be deliberate and come with updated literals.
+    #[test]
+    fn snat_probe_sequence_of_a_flow_is_fixed() {
+        const SPAN: u32 = 4_536;
+        let seq = |flow: u32| -> std::vec::Vec<u32> {
+            (0..6).map(|a| snat_probe(flow, a, SPAN)).collect()
+        };
+        assert_eq!(seq(0xdead_beef), [2937, 3195, 3627, 314, 1103, 946]);
+        assert_eq!(seq(0xdead_bef0), [251, 2762, 4324, 4154, 2305, 91]);
+        // Not one port in common among the first attempts, let alone the order.
+        let (a, b) = (seq(0xdead_beef), seq(0xdead_bef0));
+        assert!(a.iter().all(|p| !b.contains(p)), "{a:?} and {b:?} overlap");
+    }
+
+    /// Golden values of [`hash_bytes`]: the Maglev permutations of every node are
+    /// built from it, so these are a wire contract between nodes (and between
+    /// agent versions during a rolling upgrade): all nodes must choose the same
+    /// backend for a flow. A change must be deliberate, come with a note
+    /// (mixed-version clusters move flows), and these literals be updated
+    /// knowingly, never to make the test pass.
+    #[test]
+    fn hash_bytes_golden_values() {
+        // The seeds lb-agent's maglev.rs uses for offsets ("magl") and skips ("ev!!").
+        const OFFSET_SEED: u32 = 0x6d61_676c;
+        const SKIP_SEED: u32 = 0x6576_2121;
+        // An IPv4 and an IPv6 backend as maglev.rs's `identity` feeds them:
+        // address octets, then the port big-endian (10.244.0.2:8080, [fd00::2]:8080).
+        const V4: &[u8] = &[10, 244, 0, 2, 0x1f, 0x90];
+        const V6: &[u8] = &[
+            0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2, 0x1f, 0x90,
+        ];
+        let cases: [(&[u8], u32, u32); 8] = [
+            // (input, with OFFSET_SEED, with SKIP_SEED)
+            (&[], 0x9910_7609, 0x21f8_c566),
+            (&[1], 0xf91e_71dc, 0xc32f_a592),
+            (&[1, 2], 0x5524_fa5d, 0x2bc3_4677),
+            (&[1, 2, 3], 0x8c9e_f873, 0xe11c_cbf9),
+            (&[1, 2, 3, 4], 0x96e1_8264, 0xea93_98dd),
+            (&[1, 2, 3, 4, 5, 6, 7], 0xae9d_b571, 0x696f_3404),
+            (V4, 0x8667_c1a4, 0xd01c_4a35),
+            (V6, 0x5bcd_d2d9, 0xdee4_7c2a),
+        ];
+        for (input, offset, skip) in cases {
+            assert_eq!(
+                hash_bytes(OFFSET_SEED, input),
+                offset,
+                "hash_bytes(OFFSET_SEED, {input:?})"
+            );
+            assert_eq!(
+                hash_bytes(SKIP_SEED, input),
+                skip,
+                "hash_bytes(SKIP_SEED, {input:?})"
+            );
+        }
+    }
+
+    /// Golden values of [`flow_hash`]: the datapath of every node picks the Maglev
+    /// entry `flow_hash % M`, so these are a wire contract between nodes (and
+    /// between agent versions during a rolling upgrade): all nodes must choose
+    /// the same backend for a flow. A change must be deliberate, come with a note
+    /// (mixed-version clusters move flows), and these literals be updated
+    /// knowingly, never to make the test pass.
+    #[test]
+    fn flow_hash_golden_values() {
+        use crate::{FAMILY_V6, PROTO_UDP};
+        // 192.0.2.7:40000 -> 10.96.0.10:80, TCP.
+        let mut v4_tcp = FlowKey {
+            src_port: 40_000,
+            dst_port: 80,
+            proto: PROTO_TCP,
+            family: FAMILY_V4,
+            ..FlowKey::default()
+        };
+        v4_tcp.src[..4].copy_from_slice(&[192, 0, 2, 7]);
+        v4_tcp.dst[..4].copy_from_slice(&[10, 96, 0, 10]);
+        // 192.0.2.7:40000 -> 10.96.0.10:53, UDP.
+        let v4_udp = FlowKey {
+            dst_port: 53,
+            proto: PROTO_UDP,
+            ..v4_tcp
+        };
+        // [2001:db8::7]:40000 -> [fd00::a]:443, TCP.
+        let v6_tcp = FlowKey {
+            src: [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 7],
+            dst: [0xfd, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0x0a],
+            src_port: 40_000,
+            dst_port: 443,
+            proto: PROTO_TCP,
+            family: FAMILY_V6,
+            ..FlowKey::default()
+        };
+        assert_eq!(flow_hash(&v4_tcp), 0x3d22_c888, "IPv4 TCP");
+        assert_eq!(flow_hash(&v4_udp), 0x127b_69c8, "IPv4 UDP");
+        assert_eq!(flow_hash(&v6_tcp), 0xee37_aaab, "IPv6 TCP");
     }
 
     #[test]
