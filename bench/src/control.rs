@@ -19,10 +19,10 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Sizes},
-    cluster::{NodeInfo, ObjectKey, SourceEvent},
+    cluster::{NodeInfo, ObjectKey},
     model::{Address, Desired},
     reconcile::{Reconciler, Stats},
-    source::manifests,
+    source::{SourceEvent, manifests},
     store::Store,
 };
 use lb_testbed::{command_in, output_with_input};

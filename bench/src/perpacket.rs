@@ -26,10 +26,10 @@ use aya::{
 };
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, Sizes},
-    cluster::{NodeInfo, SourceEvent},
+    cluster::NodeInfo,
     model::Desired,
     reconcile::{Reconciler, Stats},
-    source::manifests,
+    source::{SourceEvent, manifests},
     store::Store,
 };
 use lb_common::{

@@ -22,13 +22,13 @@ use crate::{
         Datapath, LoadOptions, Sizes,
         attach::{self, Hook},
     },
-    cluster::{NodeInfo, Problem, SourceEvent},
+    cluster::{NodeInfo, Problem},
     health::Health,
     metrics::{self, Metrics},
     model::Desired,
     netlink::{self, Link, LinkEvent, glob_match},
     reconcile::{Reconciler, Stats},
-    source,
+    source::{self, SourceEvent},
     store::{Dirty, Store},
 };
 

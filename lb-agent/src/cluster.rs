@@ -1,11 +1,8 @@
 //! The vocabulary shared by the sources, the model and the reconciler: object
-//! keys, node facts, source events and input problems.
+//! keys, node facts and input problems (what the sources send is
+//! [`crate::source::SourceEvent`]).
 
-use std::{fmt, net::IpAddr, time::SystemTime};
-
-use k8s_openapi::api::core::v1::Service;
-
-use crate::model::Slice;
+use std::{fmt, net::IpAddr};
 
 /// `namespace/name` of a Kubernetes object.
 #[derive(Clone, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
@@ -44,42 +41,6 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses NodePorts answer on (IPv4 and IPv6).
     pub addresses: Vec<IpAddr>,
-}
-
-/// What a source reports.
-#[derive(Clone, Debug)]
-pub enum SourceEvent {
-    /// A Service was created or changed.
-    ServiceApplied(Box<Service>),
-    ServiceDeleted(ObjectKey),
-    /// An EndpointSlice was created or changed (in the model's compact form:
-    /// sources convert as objects arrive, so no API object is kept).
-    SliceApplied(Box<Slice>),
-    SliceDeleted(ObjectKey),
-    /// A full (re)list: exactly these objects exist; anything not in it is gone.
-    /// `problems` are the inputs that were skipped in this listing (the
-    /// manifest source reports unparsable files here).
-    Resync {
-        services: Vec<Service>,
-        slices: Vec<Slice>,
-        problems: Vec<Problem>,
-    },
-    /// This node's addresses changed (Kubernetes mode: the Node object).
-    NodeAddresses(Vec<IpAddr>),
-    /// Input that was skipped, outside a resync (e.g. a watch event that does not
-    /// decode).
-    Invalid(Problem),
-    /// The source has no contact with where its state comes from (Kubernetes:
-    /// a list or watch of the API server failed; the source retries). Sent for
-    /// every failure; `since` is when contact was lost (or, if there was none
-    /// yet, when the source started) and stays until [`SourceEvent::Connected`].
-    /// The manifest source never loses contact.
-    Disconnected {
-        since: SystemTime,
-    },
-    /// The source is in contact again (Kubernetes: a listing or watch event
-    /// arrived, or the API server answered).
-    Connected,
 }
 
 /// Why some input was skipped. Logged with its object or file, and counted in

@@ -9,8 +9,9 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 
 use crate::{
-    cluster::{NodeInfo, ObjectKey, Problem, SourceEvent},
+    cluster::{NodeInfo, ObjectKey, Problem},
     model::{ServiceModel, Slice, service_model},
+    source::SourceEvent,
 };
 
 /// Services whose model may have changed.

@@ -50,10 +50,11 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
     use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
     use lb_agent::{
         bpf::{Datapath, LoadOptions, Sizes},
-        cluster::{NodeInfo, SourceEvent},
+        cluster::NodeInfo,
         maglev,
         model::{Desired, Slice},
         reconcile::{Reconciler, Stats},
+        source::SourceEvent,
         store::Store,
     };
     use lb_common::{FAMILY_V4, PROTO_TCP, ServiceKey};

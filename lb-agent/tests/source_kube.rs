@@ -20,8 +20,11 @@ use std::{
 use http::{Request, Response, StatusCode};
 use kube::{Client, client::Body};
 use lb_agent::{
-    cluster::{ObjectKey, SourceEvent},
-    source::kube::{SERVICE_LABEL_SELECTOR, SLICE_LABEL_SELECTOR, run},
+    cluster::ObjectKey,
+    source::{
+        SourceEvent,
+        kube::{SERVICE_LABEL_SELECTOR, SLICE_LABEL_SELECTOR, run},
+    },
 };
 use serde_json::{Value, json};
 use tokio::{sync::mpsc, task::JoinHandle, time::timeout};

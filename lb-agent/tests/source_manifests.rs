@@ -9,8 +9,11 @@ use std::{
 
 use k8s_openapi::api::core::v1::Service;
 use lb_agent::{
-    cluster::{ObjectKey, Problem, ProblemKind, SourceEvent},
-    source::manifests::{Loaded, load_dir, watch},
+    cluster::{ObjectKey, Problem, ProblemKind},
+    source::{
+        SourceEvent,
+        manifests::{Loaded, load_dir, watch},
+    },
 };
 use tokio::{sync::mpsc, time::timeout};
 

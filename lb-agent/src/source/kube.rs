@@ -49,10 +49,7 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{
-    cluster::{ObjectKey, SourceEvent},
-    model::Slice,
-};
+use crate::{cluster::ObjectKey, model::Slice, source::SourceEvent};
 
 /// The Services lb implements (the same selection as kube-proxy's).
 pub const SERVICE_LABEL_SELECTOR: &str =

@@ -42,8 +42,9 @@ use tokio::{
 };
 
 use crate::{
-    cluster::{ObjectKey, Problem, ProblemKind, SourceEvent},
+    cluster::{ObjectKey, Problem, ProblemKind},
     model::{SERVICE_NAME_LABEL, Slice},
+    source::SourceEvent,
 };
 
 /// After a change, wait until the directory has been quiet this long...
