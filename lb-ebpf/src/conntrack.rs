@@ -17,10 +17,9 @@ use lb_common::{
 };
 
 use crate::{
-    datapath::Scratch,
     maps::CONNTRACK,
     mem,
-    parse::{Headers, TCP_FIN, TCP_RST},
+    scratch::{Headers, Scratch, TCP_FIN, TCP_RST},
 };
 
 /// Ports tried for a new source-NAT flow before giving up. Each try is an

@@ -7,39 +7,19 @@
 //! 512 bytes of stack for the deepest call chain), and each stage returns one
 //! register (the BPF calling convention has no aggregate returns).
 
-use aya_ebpf::bindings::bpf_fib_lookup;
 use aya_log_ebpf::{debug, warn};
-use lb_common::{
-    BACKEND_F_LOCAL, CT_F_FORWARD, CtEntry, FlowKey, Reason, SVC_F_SNAT_REMOTE, Service,
-    hash::flow_hash,
-};
+use lb_common::{BACKEND_F_LOCAL, CT_F_FORWARD, Reason, SVC_F_SNAT_REMOTE, hash::flow_hash};
 
 use crate::{
     conntrack, forward, icmp,
     maps::{SCRATCH, count_flow, count_reason},
     nat,
     packet::{Action, Outcome, Packet, pack, unpack},
-    parse::{self, Headers, Parsed},
-    reject, service,
+    parse::{self, Parsed},
+    reject,
+    scratch::Scratch,
+    service,
 };
-
-/// Per-packet working state (a per-CPU map value, not stack: see `maps::SCRATCH`).
-#[repr(C)]
-pub struct Scratch {
-    /// The packet's headers; after translation, as translated.
-    pub h: Headers,
-    /// The conntrack entry in use (found, or being created: forward direction).
-    pub entry: CtEntry,
-    /// A reply entry being created.
-    pub reply: CtEntry,
-    /// A second flow key: the reply key of a new flow, the reverse of a quoted flow.
-    pub key: FlowKey,
-    /// ICMP errors: the quoted packet.
-    pub quoted: Headers,
-    /// The service a new flow is for.
-    pub svc: Service,
-    pub fib: bpf_fib_lookup,
-}
 
 #[inline(always)]
 pub fn process<P: Packet>(pkt: P) -> Action {

@@ -10,7 +10,8 @@ use lb_common::Reason;
 use crate::{
     csum, mem,
     packet::{Action, Outcome, Packet, load, store},
-    parse::{ETH_HLEN, Headers},
+    parse::ETH_HLEN,
+    scratch::Headers,
 };
 
 const AF_INET: u8 = 2;

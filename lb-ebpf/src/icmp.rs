@@ -16,11 +16,11 @@ use lb_common::{PROTO_TCP, PROTO_UDP};
 use crate::{
     conntrack,
     csum::{self, Diff},
-    datapath::Scratch,
     mem,
     nat::{addr_offsets, write_addr},
     packet::{Packet, at, load, store},
     parse,
+    scratch::Scratch,
 };
 
 /// The error was translated; `s.h` describes its new outer header.

@@ -21,6 +21,7 @@ mod nat;
 mod packet;
 mod parse;
 mod reject;
+mod scratch;
 mod service;
 
 use aya_ebpf::{

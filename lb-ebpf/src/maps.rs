@@ -12,7 +12,7 @@ use lb_common::{
     ServiceName, capacity, hash, maglev_row_elements,
 };
 
-use crate::datapath::Scratch;
+use crate::scratch::Scratch;
 
 /// Frontends: (address, port, protocol) of every ClusterIP, LoadBalancer ingress IP,
 /// externalIP, and NodePort on every node address.

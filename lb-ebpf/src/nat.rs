@@ -10,7 +10,7 @@ use crate::{
     csum::{self, Diff},
     mem,
     packet::{Packet, at, load, store},
-    parse::Headers,
+    scratch::Headers,
 };
 
 /// Updates `key` to the 5-tuple a packet has after [`rewrite`] with `to`.

@@ -4,15 +4,14 @@
 //! Every outcome other than a translatable flow is a [`Reason`] to pass the packet
 //! to the kernel untouched; nothing here drops.
 
-use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason,
-};
+use lb_common::{FAMILY_V4, FAMILY_V6, PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, PROTO_UDP, Reason};
 
 use core::ptr;
 
 use crate::{
     mem,
     packet::{Packet, at, load},
+    scratch::Headers,
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -22,44 +21,6 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
 const MAX_IPV6_EXT_HEADERS: usize = 4;
-
-pub const TCP_FIN: u8 = 0x01;
-pub const TCP_SYN: u8 = 0x02;
-pub const TCP_RST: u8 = 0x04;
-pub const TCP_ACK: u8 = 0x10;
-
-/// Where the headers are and what the 5-tuple is.
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct Headers {
-    /// 5-tuple as on the wire (ports in host order).
-    pub key: FlowKey,
-    /// Offset of the IP header.
-    pub l3: usize,
-    /// Offset of the L4 header.
-    pub l4: usize,
-    /// IP total length (IPv4 `tot_len`, IPv6 payload length + 40), host order.
-    pub ip_len: u16,
-    /// TCP flags, ICMP type for ICMP, 0 for UDP.
-    pub flags: u8,
-}
-
-impl Headers {
-    #[inline(always)]
-    pub fn is_v4(&self) -> bool {
-        self.key.family == FAMILY_V4
-    }
-
-    /// Offset of the L4 checksum field.
-    #[inline(always)]
-    pub fn l4_csum(&self) -> usize {
-        match self.key.proto {
-            PROTO_TCP => self.l4 + 16,
-            PROTO_UDP => self.l4 + 6,
-            _ => self.l4 + 2,
-        }
-    }
-}
 
 /// What the packet in [`Headers`] turned out to be.
 #[repr(u32)]

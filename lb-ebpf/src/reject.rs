@@ -8,7 +8,7 @@ use lb_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, Reason};
 use crate::{
     csum,
     packet::{Action, Packet, load, store},
-    parse::{Headers, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    scratch::{Headers, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
 };
 
 const TTL: u8 = 64;
