@@ -10,18 +10,9 @@
 //!
 //! Needs root (namespaces, BPF). `cargo test -p lb-agent --test e2e -- --nocapture`.
 
-/// Fails the case with the message unless `cond` holds; counts a passed check.
-macro_rules! check {
-    ($env:expr, $cond:expr, $($arg:tt)+) => {{
-        if !$cond {
-            anyhow::bail!($($arg)+);
-        }
-        $env.passed();
-    }};
-}
-
 // The harness also serves the Kubernetes suite (e2e_kube.rs).
 #[allow(dead_code)]
+#[macro_use]
 #[path = "e2e/harness.rs"]
 mod harness;
 

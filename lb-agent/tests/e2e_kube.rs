@@ -20,18 +20,9 @@
 //!
 //! Needs root. `cargo test -p lb-agent --test e2e_kube -- --nocapture`.
 
-/// Fails the case with the message unless `cond` holds; counts a passed check.
-macro_rules! check {
-    ($env:expr, $cond:expr, $($arg:tt)+) => {{
-        if !$cond {
-            anyhow::bail!($($arg)+);
-        }
-        $env.passed();
-    }};
-}
-
 // The harness also serves the manifest-mode suite (e2e.rs).
 #[allow(dead_code)]
+#[macro_use]
 #[path = "e2e/harness.rs"]
 mod harness;
 

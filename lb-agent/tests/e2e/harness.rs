@@ -1,6 +1,17 @@
-//! The end-to-end suite's harness: one cluster (lb-testbed) with lb-agent on
-//! both nodes following a manifest directory, real clients (curl, socat) and the
-//! testbed's probes, `lb-agent dump` decoded, packet captures for evidence.
+//! The end-to-end suites' harness: one cluster (lb-testbed) with lb-agent on
+//! both nodes following a manifest directory (e2e.rs) or a real API server
+//! (e2e_kube.rs), real clients (curl, socat) and the testbed's probes,
+//! `lb-agent dump` decoded, packet captures for evidence, the case runner.
+
+/// Fails the case with the message unless `cond` holds; counts a passed check.
+macro_rules! check {
+    ($env:expr, $cond:expr, $($arg:tt)+) => {{
+        if !$cond {
+            anyhow::bail!($($arg)+);
+        }
+        $env.passed();
+    }};
+}
 
 use std::{
     collections::{BTreeMap, BTreeSet},
