@@ -83,19 +83,16 @@ fn release_agent() -> Result<PathBuf> {
 /// named container port).
 fn ports(port: u16, target: Value) -> Value {
     json!([
-        {"name": "tcp", "port": port, "protocol": "TCP", "targetPort": tcp_target(&target)},
-        {"name": "udp", "port": port, "protocol": "UDP", "targetPort": udp_target(&target)},
+        {"name": "tcp", "port": port, "protocol": "TCP", "targetPort": named(&target, "tcp")},
+        {"name": "udp", "port": port, "protocol": "UDP", "targetPort": named(&target, "udp")},
     ])
 }
 
-fn tcp_target(t: &Value) -> Value {
+/// A target port: a number as it is, a container port name with the
+/// protocol's suffix (`web` -> `web-tcp`, as the testbed's Pods name them).
+fn named(t: &Value, proto: &str) -> Value {
     t.as_str()
-        .map_or_else(|| t.clone(), |name| json!(format!("{name}-tcp")))
-}
-
-fn udp_target(t: &Value) -> Value {
-    t.as_str()
-        .map_or_else(|| t.clone(), |name| json!(format!("{name}-udp")))
+        .map_or_else(|| t.clone(), |name| json!(format!("{name}-{proto}")))
 }
 
 /// A dual-stack Service spec.
@@ -383,26 +380,24 @@ fn readiness(env: &Env) -> Result<String> {
     let vip = SocketAddr::new(cluster_ips(&svc)?[0], 80);
     wait_backends(env, "ready", 2, NEW_SERVICE_WITHIN)?;
     let b1 = env.c().pod("pod-b1");
-    let t0 = Instant::now();
-    k.cp.set_pod_ready(NAMESPACE, b1, false)?;
-    let gone = wait_backends(env, "ready", 1, Duration::from_secs(5))?.max(t0.elapsed());
-    check!(
-        env,
-        gone <= FOLLOW_WITHIN,
-        "an unready pod left the maps only {} after its status patch",
-        ms(gone)
-    );
+    // pod-b1's readiness set to `ready`: the backends the maps must reach
+    // within a second of the status patch.
+    let flip = |ready: bool, want: u64| -> Result<Duration> {
+        let t0 = Instant::now();
+        k.cp.set_pod_ready(NAMESPACE, b1, ready)?;
+        let took = wait_backends(env, "ready", want, Duration::from_secs(5))?.max(t0.elapsed());
+        check!(
+            env,
+            took <= FOLLOW_WITHIN,
+            "pod-b1 ready={ready} reached the maps only {} after its status patch",
+            ms(took)
+        );
+        Ok(took)
+    };
+    let gone = flip(false, 1)?;
     let a0 = env.c().pod("pod-a0");
     let t = answered_by(env, a0.ns(), vip, Tcp, 10, &["pod-a1"])?;
-    let t0 = Instant::now();
-    k.cp.set_pod_ready(NAMESPACE, b1, true)?;
-    let back = wait_backends(env, "ready", 2, Duration::from_secs(5))?.max(t0.elapsed());
-    check!(
-        env,
-        back <= FOLLOW_WITHIN,
-        "a ready pod came back only {} after its status patch",
-        ms(back)
-    );
+    let back = flip(true, 2)?;
     Ok(format!(
         "Pod status patch to map write: not ready {} (then {}), ready again {}",
         ms(gone),
