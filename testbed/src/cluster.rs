@@ -328,7 +328,8 @@ struct Shared {
     torn_down: Mutex<bool>,
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+/// Locks `m`, also after a panic elsewhere (teardown must still run).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -1055,7 +1056,7 @@ impl Cluster {
     /// `<run dir>/agent-<node>.log`; then waits for each to answer 200 on
     /// `http://127.0.0.1:10256/healthz` in its namespace.
     pub fn start_agents(&self, agent_bin: &Path, manifests_dir: &Path) -> Result<()> {
-        for node in &self.nodes {
+        self.start_each(|node| {
             let mut args: Vec<OsString> = ["run", "--manifests"].map(OsString::from).to_vec();
             args.push(manifests_dir.into());
             for (k, v) in [
@@ -1069,7 +1070,7 @@ impl Cluster {
                 args.push(k.into());
                 args.push(v.into());
             }
-            let spec = AgentSpec {
+            Ok(AgentSpec {
                 bin: agent_bin.to_path_buf(),
                 args,
                 env: Vec::new(),
@@ -1077,7 +1078,15 @@ impl Cluster {
                 ns: node.ns.clone(),
                 log: self.agent_log_path(&node.name),
                 ready: AgentProbe::healthz(),
-            };
+            })
+        })
+    }
+
+    /// Starts on every node the agent `spec_for` describes (kept for
+    /// restarts), then waits until each is ready.
+    fn start_each(&self, mut spec_for: impl FnMut(&Node) -> Result<AgentSpec>) -> Result<()> {
+        for node in &self.nodes {
+            let spec = spec_for(node)?;
             lock(&self.agent_specs).insert(node.name.clone(), spec);
             self.spawn_agent(&node.name)?;
         }
@@ -1100,13 +1109,13 @@ impl Cluster {
         fs::create_dir_all(SERVICE_ACCOUNT_DIR)
             .with_context(|| format!("creating the mount point {SERVICE_ACCOUNT_DIR}"))?;
         let api_here = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), how.api.port());
-        for node in &self.nodes {
+        self.start_each(|node| {
             let relay = crate::relay::Relay::start(&node.ns, api_here, how.api)
                 .with_context(|| format!("relaying {} to the API server", node.name))?;
             lock(&self.shared.relays).push(relay);
             fs::create_dir_all(node.bpffs())
                 .with_context(|| format!("creating {}", node.bpffs().display()))?;
-            let spec = AgentSpec {
+            Ok(AgentSpec {
                 bin: agent_bin.to_path_buf(),
                 args: how
                     .args
@@ -1128,14 +1137,8 @@ impl Cluster {
                 ns: node.ns.clone(),
                 log: self.agent_log_path(&node.name),
                 ready: how.ready.clone(),
-            };
-            lock(&self.agent_specs).insert(node.name.clone(), spec);
-            self.spawn_agent(&node.name)?;
-        }
-        for node in &self.nodes {
-            self.wait_agent_ready(&node.name)?;
-        }
-        Ok(())
+            })
+        })
     }
 
     /// Cuts (`true`) or restores the in-cluster agents' way to the API

@@ -39,7 +39,7 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::{Cluster, Pod, ns};
+use crate::{Cluster, Pod, cluster::lock, ns};
 
 /// The workplace's control-plane scripts, beside the repository (override
 /// with `LB_KUBE_CONTROL_PLANE`).
@@ -111,26 +111,12 @@ fn remove_stale(tools: &Path) {
         if ns::pid_alive(pid) {
             continue;
         }
-        let procs = Processes {
-            tools: tools.to_path_buf(),
-            state: dir.path(),
-            ports: Ports {
-                etcd: 0,
-                api: 0,
-                kcm: 0,
-            },
-        };
-        // Dropping runs down.sh and removes the directory.
-        drop(procs);
+        down(tools, &dir.path());
     }
 }
 
 /// Pods by (namespace, name): the testbed pod and whether it should be Ready.
 type PodRegistry = BTreeMap<(String, String), (Pod, bool)>;
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
 
 /// What stands in for the nodes' kubelets, every [`HEARTBEAT`]: renews the
 /// nodes' Leases, posts their Ready condition again, and puts back the Ready
@@ -283,20 +269,24 @@ impl Processes {
 
 impl Drop for Processes {
     fn drop(&mut self) {
-        let _ = ns::output_with_timeout(
-            Command::new("bash")
-                .arg(self.tools.join("down.sh"))
-                .arg(&self.state),
-            Duration::from_secs(60),
+        down(&self.tools, &self.state);
+    }
+}
+
+/// Stops the control plane of state directory `state` (down.sh) and removes
+/// the directory, unless a test is failing: its logs are kept for the reader.
+fn down(tools: &Path, state: &Path) {
+    let _ = ns::output_with_timeout(
+        Command::new("bash").arg(tools.join("down.sh")).arg(state),
+        Duration::from_secs(60),
+    );
+    if std::thread::panicking() {
+        eprintln!(
+            "lb-testbed: the control plane's logs are kept in {}",
+            state.join("logs").display()
         );
-        if std::thread::panicking() {
-            eprintln!(
-                "lb-testbed: the control plane's logs are kept in {}",
-                self.state.join("logs").display()
-            );
-        } else {
-            let _ = std::fs::remove_dir_all(&self.state);
-        }
+    } else {
+        let _ = std::fs::remove_dir_all(state);
     }
 }
 

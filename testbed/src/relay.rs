@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::ns::try_in_netns;
+use crate::{cluster::lock, ns::try_in_netns};
 
 /// How often the accept loop looks at its stop flag.
 const POLL: Duration = Duration::from_millis(50);
@@ -89,11 +89,6 @@ impl Relay {
             let _ = (a.shutdown(Shutdown::Both), b.shutdown(Shutdown::Both));
         }
     }
-
-    /// The address it listens on (inside its namespace).
-    pub fn listen(&self) -> SocketAddr {
-        self.listen
-    }
 }
 
 impl Drop for Relay {
@@ -156,10 +151,6 @@ fn accept_loop(
 struct Open {
     next: u64,
     conns: std::collections::HashMap<u64, (TcpStream, TcpStream)>,
-}
-
-fn lock(m: &Mutex<Open>) -> std::sync::MutexGuard<'_, Open> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 /// Copies `from` to `to` on a thread of its own; at the end shuts both down,
