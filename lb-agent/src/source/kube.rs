@@ -77,6 +77,14 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
     // The probe in flight, if any (it runs alongside the watchers).
     let mut probe: Option<BoxFuture<'static, bool>> = None;
     loop {
+        // After a real outage the watchers may sleep in their backoff for up
+        // to 30 s more, and a watch resumed from before an API server restart
+        // only earns a 410 and another backoff: once in contact again (the
+        // probe answered, or one watcher got through first), start them
+        // afresh, each lists at once (a Resync follows), so changes made
+        // meanwhile are in force within seconds. A blip is left to the
+        // watchers, which resume without a listing.
+        let long_outage = state.contact.is_lost() && state.contact.lost_for() >= RELIST_AFTER;
         let events = tokio::select! {
             () = tx.closed() => return Ok(()),
             Some(update) = w.services.next() => state.services(update),
@@ -90,18 +98,6 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             answered = async { probe.as_mut().expect("a probe in flight").await }, if probe.is_some() => {
                 probe = None;
                 if answered {
-                    // The API server is back. After a real outage the
-                    // watchers may sleep in their backoff for up to 30 s
-                    // more, and a watch resumed from before an API server
-                    // restart only earns a 410 and another backoff: start
-                    // them afresh, each lists at once (a Resync follows), so
-                    // changes made meanwhile are in force within seconds. A
-                    // blip is left to the watchers, which resume without a
-                    // listing.
-                    if state.contact.lost_for() >= RELIST_AFTER {
-                        log::info!("the API server answers again: listing afresh");
-                        w = Watchers::new(&client, &state.node_name);
-                    }
                     state.contact.heard()
                 } else {
                     Vec::new()
@@ -110,6 +106,10 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
             // The watchers retry forever; this does not happen.
             else => bail!("the Kubernetes watch streams ended"),
         };
+        if long_outage && !state.contact.is_lost() {
+            log::info!("the API server answers again: listing afresh");
+            w = Watchers::new(&client, &state.node_name);
+        }
         for event in events {
             if tx.send(event).await.is_err() {
                 return Ok(());
