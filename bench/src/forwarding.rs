@@ -195,6 +195,9 @@ impl Topology {
             "node-a",
             "--iface",
             "b0,b1",
+            // The peers run XDP (generator, sink): the uplinks act as NICs.
+            "--uplink-hook",
+            "xdp",
             "--node-ip",
             "192.0.2.1",
             "--pin-path",

@@ -18,15 +18,13 @@ use tokio::{
 };
 
 use crate::{
-    bpf::{
-        Datapath, LoadOptions, Sizes,
-        attach::{self, Hook},
-    },
+    bpf::{Datapath, LoadOptions, Sizes},
     cluster::{NodeInfo, Problem},
     health::Health,
+    interfaces::{Interfaces, UplinkHook},
     metrics::{self, Metrics},
     model::Desired,
-    netlink::{self, Link, LinkEvent, glob_match},
+    netlink::{self, Link, LinkEvent},
     reconcile::{Reconciler, Stats},
     source::{self, SourceEvent},
     store::{Dirty, Store},
@@ -48,7 +46,10 @@ pub struct Settings {
     pub node_ips: Vec<IpAddr>,
     /// Empty: the interfaces holding the node addresses.
     pub ifaces: Vec<String>,
+    pub uplink_hook: UplinkHook,
     pub pod_iface_patterns: Vec<String>,
+    /// Interfaces neither uplinks nor pods that get the tc program (see `interfaces`).
+    pub other_iface_patterns: Vec<String>,
     pub pin_path: PathBuf,
     pub sizes: Sizes,
     pub snat_ports: (u16, u16),
@@ -56,95 +57,6 @@ pub struct Settings {
     pub healthz_addr: SocketAddr,
     /// Datapath log level (per-flow messages are debug).
     pub datapath_log: log::Level,
-}
-
-/// Interfaces the programs run on, and what to do when links come and go.
-struct Attachments {
-    links_dir: PathBuf,
-    uplinks: BTreeSet<u32>,
-    patterns: Vec<String>,
-    pods: HashSet<u32>,
-}
-
-impl Attachments {
-    fn is_pod(&self, link: &Link) -> bool {
-        link.name != "lo"
-            && !self.uplinks.contains(&link.index)
-            && self.patterns.iter().any(|p| glob_match(p, &link.name))
-    }
-
-    fn attach_pod(&mut self, dp: &mut Datapath, link: &Link) {
-        if !self.is_pod(link) || self.pods.contains(&link.index) {
-            return;
-        }
-        match dp.attach(Hook::Tc, link.index, &self.links_dir) {
-            Ok(how) => {
-                log::info!("tc program on pod interface {} ({how:?})", link.name);
-                self.pods.insert(link.index);
-            }
-            Err(e) => log::warn!("cannot attach to pod interface {}: {e:#}", link.name),
-        }
-    }
-
-    /// Runs the XDP program on exactly `want`, which become the only redirect
-    /// targets: links and `tx_ports` entries for other interfaces, this run's or
-    /// an earlier one's, go.
-    fn set_uplinks(
-        &mut self,
-        dp: &mut Datapath,
-        r: &mut Reconciler,
-        want: BTreeSet<u32>,
-    ) -> Result<()> {
-        for i in want.difference(&self.uplinks) {
-            let name = attach::ifname(*i).unwrap_or_default();
-            let how = dp.attach(Hook::Xdp, *i, &self.links_dir)?;
-            r.maps_mut().add_tx_port(*i)?;
-            log::info!("XDP program on uplink {name} ({how:?})");
-        }
-        for i in self.uplinks.difference(&want) {
-            log::info!("ifindex {i} is no longer an uplink");
-        }
-        self.uplinks = want;
-        let stale: Vec<u32> = r
-            .maps()
-            .tx_ports
-            .keys()
-            .filter_map(Result::ok)
-            .filter(|i| !self.uplinks.contains(i))
-            .collect();
-        for i in stale {
-            r.maps_mut().remove_tx_port(i)?;
-        }
-        self.detach_stale(Hook::Xdp);
-        Ok(())
-    }
-
-    /// Detaches the `hook` links pinned (by this run or an earlier one) for
-    /// interfaces that are not uplinks, respectively pods, now.
-    fn detach_stale(&self, hook: Hook) {
-        for (h, index, path) in attach::pinned_links(&self.links_dir) {
-            let current = match h {
-                Hook::Xdp => self.uplinks.contains(&index),
-                Hook::Tc => self.pods.contains(&index),
-            };
-            if h != hook || current {
-                continue;
-            }
-            log::info!("detaching stale {hook} link {}", path.display());
-            if let Err(e) = std::fs::remove_file(&path) {
-                log::warn!("removing {}: {e}", path.display());
-            }
-        }
-    }
-
-    fn forget_pod(&mut self, link: &Link) {
-        if self.pods.remove(&link.index) {
-            log::info!("pod interface {} is gone", link.name);
-            if let Err(e) = attach::detach(&self.links_dir, Hook::Tc, link.index) {
-                log::warn!("{e:#}");
-            }
-        }
-    }
 }
 
 /// The uplinks named with --iface.
@@ -379,12 +291,20 @@ pub async fn run(settings: Settings) -> Result<()> {
     } else if uplinks.is_empty() && matches!(settings.source, SourceConfig::Manifests(_)) {
         bail!("no uplink: pass --iface or --node-ip");
     }
-    let mut att = Attachments {
-        links_dir: settings.pin_path.join("links"),
-        uplinks: BTreeSet::new(),
-        patterns: settings.pod_iface_patterns.clone(),
-        pods: HashSet::new(),
-    };
+    let mut att = Interfaces::new(
+        settings.pin_path.join("links"),
+        settings.uplink_hook,
+        settings.pod_iface_patterns.clone(),
+        settings.other_iface_patterns.clone(),
+    );
+    // Subscribe to link events before listing, so no link falls in between.
+    let (link_tx, mut link_rx) = mpsc::channel(256);
+    tokio::spawn(async move {
+        if let Err(e) = netlink::watch_links(link_tx).await {
+            log::error!("link events stopped: {e:#}");
+        }
+    });
+    let links_now = netlink::links().await?;
     {
         let mut r = reconciler.lock().expect("reconciler lock");
         let pinned = r.maps().config.get(&0, 0).context("reading config")?;
@@ -392,24 +312,16 @@ pub async fn run(settings: Settings) -> Result<()> {
             r.maps_mut()
                 .set_config(&node_config(&settings, &node_ips))?;
         }
+        for link in links_now {
+            att.link_added(&mut dp, r.maps_mut(), link);
+        }
         if facts.uplinks_known() {
-            att.set_uplinks(&mut dp, &mut r, uplinks)?;
+            att.set_uplinks(&mut dp, r.maps_mut(), uplinks)?;
         }
     }
-    // Subscribe to link events before listing, so no pod veth falls in between.
-    let (link_tx, mut link_rx) = mpsc::channel(256);
-    tokio::spawn(async move {
-        if let Err(e) = netlink::watch_links(link_tx).await {
-            log::error!("link events stopped: {e:#}");
-        }
-    });
-    for link in netlink::links().await? {
-        att.attach_pod(&mut dp, &link);
-    }
-    att.detach_stale(Hook::Tc);
     let awaited = "from the Node object (as pinned until then)";
     log::info!(
-        "datapath ready in {:?}: node {} addresses {}, uplinks {}, {} pod interface(s)",
+        "datapath ready in {:?}: node {} addresses {}, uplinks {}, {} pod and {} other interface(s)",
         started.elapsed(),
         settings.node_name,
         if facts.addresses_known() {
@@ -417,12 +329,12 @@ pub async fn run(settings: Settings) -> Result<()> {
         } else {
             awaited.into()
         },
-        if facts.uplinks_known() {
-            format!("{:?}", att.uplinks)
-        } else {
-            awaited.into()
+        match att.uplinks() {
+            Some(u) => format!("{u:?}"),
+            None => awaited.into(),
         },
-        att.pods.len()
+        att.count(lb_common::iface::ROLE_POD),
+        att.count(lb_common::iface::ROLE_OTHER),
     );
 
     // Kubernetes mode starts without contact with the API server (the source
@@ -496,15 +408,16 @@ pub async fn run(settings: Settings) -> Result<()> {
                 }
             }
             le = link_rx.recv(), if link_events => {
+                let mut r = reconciler.lock().expect("reconciler lock");
                 match le {
-                    Some(LinkEvent::Added(l)) => att.attach_pod(&mut dp, &l),
-                    Some(LinkEvent::Removed(l)) => att.forget_pod(&l),
+                    Some(LinkEvent::Added(l)) => att.link_added(&mut dp, r.maps_mut(), l),
+                    Some(LinkEvent::Removed(l)) => att.link_removed(r.maps_mut(), &l),
                     None => {
                         // The watcher stopped (and said why); a closed channel
                         // is always ready, so stop polling it.
                         log::warn!(
-                            "no more link events: pod interfaces created from now on get no tc \
-                             program until the agent restarts"
+                            "no more link events: interfaces created from now on get no program \
+                             until the agent restarts"
                         );
                         link_events = false;
                     }
@@ -540,7 +453,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             let mut r = reconciler.lock().expect("reconciler lock");
             r.maps_mut().set_config(&node_config(&settings, &ips))?;
             if facts.uplinks_follow_addresses() {
-                att.set_uplinks(&mut dp, &mut r, uplinks_holding(&ips, &addrs))?;
+                att.set_uplinks(&mut dp, r.maps_mut(), uplinks_holding(&ips, &addrs))?;
             }
         }
         if !facts.may_sync() || !store.is_synced() || dirty.is_empty() {

@@ -7,7 +7,7 @@ use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
     CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL,
-    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK,
+    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK, iface,
 };
 use serde::Serialize;
 
@@ -16,6 +16,7 @@ use crate::{bpf::Maps, reconcile::socket_addr};
 #[derive(Serialize)]
 pub struct Dump {
     pub config: ConfigDump,
+    pub interfaces: Vec<InterfaceDump>,
     pub services: Vec<ServiceDump>,
     /// ClusterIP addresses: other ports of them are refused.
     pub cluster_ips: Vec<String>,
@@ -31,6 +32,17 @@ pub struct ConfigDump {
     pub snat_v4: Option<String>,
     pub snat_v6: Option<String>,
     pub snat_ports: String,
+}
+
+/// An interface the programs run on.
+#[derive(Serialize)]
+pub struct InterfaceDump {
+    pub ifindex: u32,
+    pub name: String,
+    pub role: &'static str,
+    pub hooks: Vec<&'static str>,
+    /// For an uplink: why these hooks.
+    pub why: &'static str,
 }
 
 #[derive(Serialize, Default, Clone, Copy)]
@@ -121,6 +133,25 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
             .then(|| std::net::Ipv6Addr::from(cfg.snat_addr_v6).to_string()),
         snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
     };
+
+    let mut interfaces = Vec::new();
+    for entry in maps.interfaces.iter() {
+        let (ifindex, i) = entry.context("reading interfaces")?;
+        let mut hooks = Vec::new();
+        for (bit, name) in [(iface::HOOK_XDP, "xdp"), (iface::HOOK_TC, "tc")] {
+            if i.hooks & bit != 0 {
+                hooks.push(name);
+            }
+        }
+        interfaces.push(InterfaceDump {
+            ifindex,
+            name: i.name().to_string(),
+            role: iface::role_name(i.role),
+            hooks,
+            why: iface::why_text(i.why),
+        });
+    }
+    interfaces.sort_by_key(|i| (i.role, i.ifindex));
 
     let mut by_id: BTreeMap<u32, Vec<FrontendDump>> = BTreeMap::new();
     let mut rows = BTreeMap::new();
@@ -245,6 +276,7 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
     cluster_ips.sort();
     Ok(Dump {
         config,
+        interfaces,
         services,
         cluster_ips,
         backends,
@@ -266,6 +298,19 @@ pub fn render(d: &Dump) -> String {
         c.snat_v6.as_deref().unwrap_or("-"),
         c.snat_ports
     );
+    let _ = writeln!(o, "\ninterfaces ({}):", d.interfaces.len());
+    for i in &d.interfaces {
+        let _ = writeln!(
+            o,
+            "  {} (ifindex {}) {} {}{}{}",
+            i.name,
+            i.ifindex,
+            i.role,
+            i.hooks.join("+"),
+            if i.why.is_empty() { "" } else { ": " },
+            i.why
+        );
+    }
     let _ = writeln!(o, "\nservices ({} service ports):", d.services.len());
     for s in &d.services {
         let _ = writeln!(

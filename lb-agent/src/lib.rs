@@ -9,6 +9,7 @@ pub mod bpf;
 pub mod cluster;
 pub mod dump;
 pub mod health;
+pub mod interfaces;
 pub mod maglev;
 pub mod metrics;
 pub mod model;

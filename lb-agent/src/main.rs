@@ -11,6 +11,7 @@ use lb_agent::{
     agent::{self, Settings, SourceConfig},
     bpf::{Sizes, pins},
     dump,
+    interfaces::UplinkHook,
 };
 use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, capacity};
 
@@ -71,9 +72,19 @@ struct RunArgs {
     /// [default: Kubernetes: the Node's addresses; manifests: the uplinks' addresses].
     #[arg(long, value_delimiter = ',')]
     node_ip: Vec<IpAddr>,
-    /// Uplinks to attach XDP to [default: the interfaces holding the node addresses].
+    /// Uplinks, where Service traffic from outside arrives [default: the
+    /// interfaces holding the node addresses].
     #[arg(long, value_delimiter = ',')]
     iface: Vec<String>,
+    /// How uplinks are hooked: `auto` runs XDP in native mode where the driver
+    /// has it and tc (tcx ingress) on virtual links such as veths (kind, docker,
+    /// VMs on veth), whose peer may hand over partial checksums and drops XDP
+    /// transmits; `xdp` asks for XDP; `tc` for tc only. Where native XDP will
+    /// not attach (no driver support, an MTU the driver cannot run XDP at), the
+    /// uplink is served through tc and the log says why; `lb-agent dump` shows
+    /// the choice. With XDP, tc runs behind it for what XDP cannot send itself.
+    #[arg(long, value_enum, default_value_t = UplinkHook::Auto)]
+    uplink_hook: UplinkHook,
     /// Glob patterns of the host side of pod veths, which get the tc program;
     /// interfaces appearing later are attached automatically.
     #[arg(
@@ -82,6 +93,12 @@ struct RunArgs {
         default_value = "veth*,lxc*,cali*,gke*,eni*"
     )]
     pod_ifaces: Vec<String>,
+    /// Glob patterns of the other interfaces that get the tc program, where
+    /// replies and forwarded traffic may arrive: overlay tunnels (flannel.1,
+    /// vxlan.calico, tunl0, wg0), second NICs. Default: every interface but lo,
+    /// the uplinks and the pod interfaces. An empty value turns it off.
+    #[arg(long, value_delimiter = ',', default_value = "*")]
+    other_ifaces: Vec<String>,
     /// bpffs directory for the pinned maps and links (bpffs is mounted if needed).
     #[arg(long, default_value = "/sys/fs/bpf/lb")]
     pin_path: PathBuf,
@@ -151,7 +168,13 @@ fn settings(a: RunArgs) -> Result<Settings> {
         },
         node_ips: a.node_ip,
         ifaces: a.iface,
+        uplink_hook: a.uplink_hook,
         pod_iface_patterns: a.pod_ifaces,
+        other_iface_patterns: a
+            .other_ifaces
+            .into_iter()
+            .filter(|p| !p.is_empty())
+            .collect(),
         pin_path: a.pin_path,
         sizes: Sizes {
             services: a.max_frontends,

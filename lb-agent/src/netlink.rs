@@ -9,17 +9,19 @@ use netlink_packet_core::NetlinkPayload;
 use netlink_packet_route::{
     RouteNetlinkMessage,
     address::{AddressAttribute, AddressScope},
-    link::{LinkAttribute, LinkMessage},
+    link::{LinkAttribute, LinkInfo, LinkMessage},
 };
 use netlink_sys::AsyncSocket as _;
 use rtnetlink::constants::RTMGRP_LINK;
 use tokio::sync::mpsc;
 
-/// An interface: kernel index and name.
+/// An interface: kernel index, name, and the kind of a virtual one (`veth`,
+/// `vxlan`, `bridge`, ...; None for a NIC's own driver).
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct Link {
     pub index: u32,
     pub name: String,
+    pub kind: Option<String>,
 }
 
 /// A link appearing or going away.
@@ -34,9 +36,17 @@ fn link_of(msg: &LinkMessage) -> Option<Link> {
         LinkAttribute::IfName(n) => Some(n.clone()),
         _ => None,
     })?;
+    let kind = msg.attributes.iter().find_map(|a| match a {
+        LinkAttribute::LinkInfo(infos) => infos.iter().find_map(|i| match i {
+            LinkInfo::Kind(k) => Some(k.to_string()),
+            _ => None,
+        }),
+        _ => None,
+    });
     Some(Link {
         index: msg.header.index,
         name,
+        kind,
     })
 }
 

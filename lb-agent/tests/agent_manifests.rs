@@ -16,6 +16,7 @@ use lb_agent::bpf::Maps;
 use lb_common::{
     CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, ServiceKey,
     hash::{FILTER_BACKEND, FILTER_CLUSTER_IP, FILTER_FRONTEND},
+    iface,
 };
 use lb_testbed::{command_in, http_get};
 
@@ -466,7 +467,7 @@ fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
 
 #[test]
 fn a_restart_adopts_the_pins_and_flushes_nothing() {
-    let mut node = Node::new(&[]);
+    let mut node = Node::new(&["--uplink-hook", "xdp"]);
     node.write(
         "web.yaml",
         &service(
@@ -513,8 +514,8 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
         "XDP detached on stop"
     );
     assert!(
-        node.pins.join("links").read_dir().unwrap().count() >= 2,
-        "link pins gone on stop"
+        node.pins.join("links").read_dir().unwrap().count() >= 3,
+        "link pins gone on stop (XDP and tc on the uplink, tc on the pod)"
     );
 
     node.start();
@@ -649,7 +650,7 @@ fn help_explains_every_flag_with_its_default() {
     // (taken from the constants the agent uses where they are shared), the doc
     // comment's for a default worked out at run time, none for a flag without one.
     let d = |s: &str| Some(s.to_string());
-    let expected: [(&str, Option<String>); 18] = [
+    let expected: [(&str, Option<String>); 20] = [
         (
             "--kubeconfig",
             d("in-cluster config, then $KUBECONFIG or ~/.kube/config"),
@@ -662,7 +663,9 @@ fn help_explains_every_flag_with_its_default() {
             d("Kubernetes: the Node's addresses; manifests: the uplinks' addresses"),
         ),
         ("--iface", d("the interfaces holding the node addresses")),
+        ("--uplink-hook", d("auto")),
         ("--pod-ifaces", d("veth*,lxc*,cali*,gke*,eni*")),
+        ("--other-ifaces", d("*")),
         ("--pin-path", d("/sys/fs/bpf/lb")),
         ("--metrics-addr", d("127.0.0.1:10249")),
         ("--healthz-addr", d("0.0.0.0:10256")),
@@ -834,6 +837,100 @@ fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
     }
 }
 
+/// `lb-agent dump --json` of the node.
+fn dump(node: &Node) -> serde_json::Value {
+    let out = Command::new(AGENT)
+        .args(["dump", "--json", "--pin-path"])
+        .arg(&node.pins)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+/// The dump's line for interface `name`: (role, hooks, why).
+fn interface(node: &Node, name: &str) -> (String, Vec<String>, String) {
+    let d = dump(node);
+    let i = d["interfaces"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == name)
+        .unwrap_or_else(|| panic!("no {name} in {:#}", d["interfaces"]));
+    (
+        i["role"].as_str().unwrap().to_string(),
+        i["hooks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h.as_str().unwrap().to_string())
+            .collect(),
+        i["why"].as_str().unwrap().to_string(),
+    )
+}
+
+fn has_xdp(ns: &str, dev: &str) -> bool {
+    let out = Command::new("ip")
+        .args(["-n", ns, "link", "show", dev])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains("xdp")
+}
+
+/// `--uplink-hook auto` (the default) serves a veth uplink through tc, as on
+/// kind's nodes; `xdp` runs XDP with tc behind it, also on a jumbo-frame
+/// uplink (the program is frags-aware); an uplink that refuses native XDP (a
+/// VXLAN device has no driver support) is served through tc, and the agent
+/// runs on. Each choice and its reason are in the dump.
+#[test]
+fn uplinks_run_xdp_where_it_fits_and_tc_where_it_does_not_and_say_why() {
+    let mut node = Node::new(&[]);
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+    );
+    node.start();
+    let (role, hooks, why) = interface(&node, "up0");
+    assert_eq!((role.as_str(), hooks), ("uplink", vec!["tc".to_string()]));
+    assert!(why.contains("virtual link"), "{why}");
+    assert!(!has_xdp(&node.ns, "up0"), "no XDP on a veth uplink in auto");
+    assert_eq!(tcx_programs(&node.ns, "up0"), ["lb_tc"]);
+    node.stop();
+
+    // A VXLAN device has no native XDP.
+    let mut node = Node::new(&["--uplink-hook", "xdp", "--iface", "vx0"]);
+    sh(&format!(
+        "ip -n {0} link set up0 mtu 9000 && ip -n {0} link set up1 mtu 9000 && \
+         ip -n {0} link add vx0 type vxlan id 5 dstport 4789 dev up0 && \
+         ip -n {0} link set vx0 up && ip -n {0} addr add 198.51.100.1/24 dev vx0",
+        node.ns
+    ));
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+    );
+    node.start();
+    let (_, hooks, why) = interface(&node, "up0");
+    assert_eq!(hooks, ["xdp", "tc"], "MTU 9000: {why}\n{}", node.log());
+    assert!(has_xdp(&node.ns, "up0"));
+    assert_eq!(tcx_programs(&node.ns, "up0"), ["lb_tc"], "tc behind XDP");
+    let (role, hooks, why) = interface(&node, "vx0");
+    assert_eq!((role.as_str(), hooks), ("uplink", vec!["tc".to_string()]));
+    assert!(why.contains("would not attach"), "{why}");
+    assert!(
+        node.log().contains("uplink vx0:"),
+        "the log says why:\n{}",
+        node.log()
+    );
+    // Only XDP uplinks are redirect targets.
+    let ports: Vec<u32> = node.maps().tx_ports.keys().map(Result::unwrap).collect();
+    assert_eq!(ports.len(), 1, "{ports:?}");
+}
+
 #[test]
 fn pod_interfaces_that_come_and_go_are_attached_and_forgotten() {
     let mut node = Node::new(&[]);
@@ -877,23 +974,74 @@ fn pod_interfaces_that_come_and_go_are_attached_and_forgotten() {
         ["lb_tc"],
         "tcx program not on veth-new"
     );
-    // An interface not matching the patterns is left alone.
+    // Any other interface (a tunnel, a second NIC) gets tc too, as "other":
+    // replies may arrive there.
     sh(&format!(
         "ip -n {0} link add other0 type veth peer name other1",
         node.ns
     ));
-    std::thread::sleep(Duration::from_millis(300));
-    assert!(!pinned("other0"));
-    // The pod goes away: its link pin is removed.
-    let before = links.read_dir().unwrap().count();
-    sh(&format!("ip -n {} link del veth-new", node.ns));
     let deadline = Instant::now() + Duration::from_secs(1);
-    while links.read_dir().unwrap().count() != before - 1 {
+    while !pinned("other0") {
         assert!(
             Instant::now() < deadline,
-            "pin of the removed interface kept:\n{}",
+            "other interface not attached in 1 s:\n{}",
             node.log()
         );
         std::thread::sleep(Duration::from_millis(20));
     }
+    let roles: Vec<(String, u32)> = node
+        .maps()
+        .interfaces
+        .iter()
+        .map(|e| {
+            let (_, i) = e.unwrap();
+            (i.name().to_string(), i.role)
+        })
+        .collect();
+    for (name, role) in [
+        ("up0", iface::ROLE_UPLINK),
+        ("veth-new", iface::ROLE_POD),
+        ("other0", iface::ROLE_OTHER),
+    ] {
+        assert!(
+            roles.contains(&(name.to_string(), role)),
+            "{name} is no {}: {roles:?}",
+            iface::role_name(role)
+        );
+    }
+    // The pod goes away: its link pin and its interfaces entry are removed
+    // (and those of its peer p2, which was an "other" interface here).
+    let index = |name: &str| -> u32 {
+        let (&i, _) = node_interfaces(&node)
+            .iter()
+            .find(|(_, n)| n.as_str() == name)
+            .unwrap_or_else(|| panic!("no {name}"));
+        i
+    };
+    let gone = [index("veth-new"), index("p2")];
+    sh(&format!("ip -n {} link del veth-new", node.ns));
+    let deadline = Instant::now() + Duration::from_secs(1);
+    while gone
+        .iter()
+        .any(|i| links.join(format!("tc-{i}")).exists() || node_interfaces(&node).contains_key(i))
+    {
+        assert!(
+            Instant::now() < deadline,
+            "pin or entry of the removed interfaces kept:\n{}",
+            node.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The `interfaces` map: ifindex -> name.
+fn node_interfaces(node: &Node) -> std::collections::BTreeMap<u32, String> {
+    node.maps()
+        .interfaces
+        .iter()
+        .map(|e| {
+            let (i, v) = e.unwrap();
+            (i, v.name().to_string())
+        })
+        .collect()
 }

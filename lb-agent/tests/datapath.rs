@@ -313,7 +313,7 @@ fn ipv6_nodeport_with_snat() {
 }
 
 #[test]
-fn nodeport_to_a_local_backend_keeps_the_client_address_and_goes_through_the_kernel() {
+fn nodeport_to_a_local_backend_keeps_the_client_address_and_goes_through_tc() {
     let mut lab = Lab::new();
     let nodeport = sa("192.0.2.1:30081");
     lab.service(
@@ -323,15 +323,153 @@ fn nodeport_to_a_local_backend_keeps_the_client_address_and_goes_through_the_ker
         SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
     );
     let client = sa("198.51.100.42:45000");
-    let (action, output) = lab.xdp(&syn(client, nodeport));
-    assert_eq!(action, XDP_PASS, "local pods are reached through the stack");
+    let input = syn(client, nodeport);
+    let (action, output) = lab.xdp(&input);
+    assert_eq!(
+        (action, &output),
+        (XDP_PASS, &input),
+        "XDP cannot send into a pod veth: handed to tc untouched"
+    );
+    assert_eq!(lab.reason(Reason::PassToTc), 1);
+    // tc on the same uplink finishes it: the flow is in conntrack already.
+    let (action, output) = lab.tc_on(lab.uplink, &output);
+    assert_eq!(action, support::TC_REDIRECT, "into the pod veth");
     let out = decode(&output);
     assert_eq!(
         (out.src_addr(), out.dst_addr()),
         (client, sa("10.244.0.5:8080"))
     );
-    assert_eq!(out.ttl, 64, "the kernel decrements it when it forwards");
-    assert_eq!(lab.reason(Reason::PassToKernel), 1);
+    assert_eq!((out.eth_src, out.eth_dst), (POD_GW_MAC, LOCAL_POD_MAC));
+    assert_eq!(out.ttl, 63);
+    assert_eq!(lab.reason(Reason::Redirect), 1);
+    assert_eq!(
+        lab.maps.conntrack.keys().count(),
+        2,
+        "one flow: tc used the entries XDP made"
+    );
+}
+
+/// A remote backend whose node was never resolved (no neighbour entry): XDP
+/// must not hand the kernel the source-NATed packet (its source is the node's
+/// own address: the input path drops it as a martian, and nothing then ever
+/// resolves the neighbour). It hands it to tc untouched, and tc sends it with
+/// `bpf_redirect_neigh`, which resolves the neighbour.
+#[test]
+fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour_resolution() {
+    for (nodeport, pod, client) in [
+        ("192.0.2.1:30082", "10.244.2.7:8080", "198.51.100.43:45001"),
+        (
+            "[2001:db8::1]:30082",
+            "[fd00:244:2::7]:8080",
+            "[2001:db8:100::43]:45001",
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let nodeport = sa(nodeport);
+        lab.service(
+            &[nodeport],
+            UDP,
+            &[backend(pod, false)],
+            SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        );
+        let input = udp(FROM_ROUTER, sa(client), nodeport, b"cold");
+        let (action, output) = lab.xdp(&input);
+        assert_eq!((action, &output), (XDP_PASS, &input), "{nodeport}");
+        assert_eq!(lab.reason(Reason::PassToTc), 1);
+        assert_eq!(lab.reason(Reason::PassToKernel), 0);
+        let (action, output) = lab.tc_on(lab.uplink, &output);
+        assert_eq!(action, support::TC_REDIRECT, "{nodeport}");
+        let out = decode(&output);
+        let snat = if nodeport.is_ipv4() {
+            std::net::Ipv4Addr::from(support::SNAT_V4).to_string()
+        } else {
+            support::SNAT_V6.to_string()
+        };
+        assert_eq!(out.src.to_string(), snat, "source-NATed");
+        assert_eq!(out.dst_addr(), sa(pod));
+        assert_eq!(lab.reason(Reason::RedirectNeigh), 1);
+        assert_eq!(
+            lab.reason(Reason::Redirect) + lab.reason(Reason::Tx),
+            0,
+            "counted once, by where it went"
+        );
+    }
+}
+
+/// Pods of a node behind an overlay (Flannel's VXLAN device): XDP cannot send
+/// on `flannel.1`, tc redirects to it; the backend's reply comes back
+/// decapsulated on `flannel.1`, where tc translates it back.
+#[test]
+fn a_backend_behind_a_vxlan_overlay_is_reached_through_tc_and_its_reply_translated_on_the_tunnel() {
+    let mut lab = Lab::new();
+    let flannel = lab.ns.ifindex("flannel.1");
+    let nodeport = sa("192.0.2.1:30083");
+    let pod = sa("10.244.3.9:8080");
+    lab.service(
+        &[nodeport],
+        TCP,
+        &[backend("10.244.3.9:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let client = sa("198.51.100.44:45002");
+    let input = syn(client, nodeport);
+    let (action, output) = lab.xdp(&input);
+    assert_eq!((action, &output), (XDP_PASS, &input));
+    let (action, output) = lab.tc_on(lab.uplink, &output);
+    assert_eq!(action, support::TC_REDIRECT);
+    let out = decode(&output);
+    assert_eq!(out.dst_addr(), pod);
+    assert_eq!(
+        out.eth_dst,
+        [2, 0, 0, 0, 3, 0],
+        "flannel's neighbour entry for node D's VTEP"
+    );
+    let snat = out.src_addr();
+    // The reply, as the kernel hands it up from the VXLAN device.
+    let reply = tcp(
+        ([2, 0, 0, 0, 3, 0], [2, 0, 0, 0, 0, 0x33]),
+        pod,
+        snat,
+        SYN | ACK,
+        70,
+        2,
+        &[],
+    );
+    let (action, output) = lab.tc_on(flannel, &reply);
+    assert_eq!(action, support::TC_REDIRECT);
+    let out = decode(&output);
+    assert_eq!((out.src_addr(), out.dst_addr()), (nodeport, client));
+    assert_eq!(out.eth_dst, ROUTER_MAC, "to the client's router");
+}
+
+/// A jumbo frame (MTU 9000 uplinks): the XDP program is frags-aware, so a
+/// datagram spanning several buffers is translated in its first, with a
+/// checksum that still covers all of it.
+#[test]
+fn a_jumbo_datagram_spanning_several_buffers_is_translated() {
+    let mut lab = Lab::new();
+    let nodeport = sa("192.0.2.1:30084");
+    lab.service(
+        &[nodeport],
+        UDP,
+        &[backend("10.244.1.84:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let client = sa("198.51.100.45:45003");
+    let payload: Vec<u8> = (0..8000u32).map(|i| (i * 7 + 3) as u8).collect();
+    let input = udp(FROM_ROUTER, client, nodeport, &payload);
+    assert!(input.len() > 4096, "more than a page: several buffers");
+    let (action, output) = lab.xdp(&input);
+    let counted: Vec<_> = Reason::ALL
+        .iter()
+        .filter(|r| lab.reason(**r) > 0)
+        .map(|r| r.name())
+        .collect();
+    assert_eq!(action, XDP_TX, "counted as {counted:?}");
+    assert_eq!(output.len(), input.len(), "nothing lost");
+    let out = decode(&output);
+    assert_eq!(out.dst_addr(), sa("10.244.1.84:8080"));
+    assert_eq!(out.payload, payload);
 }
 
 #[test]

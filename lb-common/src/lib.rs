@@ -41,8 +41,9 @@ pub mod map_names {
     pub const REASONS: &str = "reasons";
     pub const SERVICE_NAMES: &str = "service_names";
     pub const ADDR_FILTER: &str = "addr_filter";
+    pub const INTERFACES: &str = "interfaces";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -54,6 +55,7 @@ pub mod map_names {
         REASONS,
         SERVICE_NAMES,
         ADDR_FILTER,
+        INTERFACES,
     ];
 }
 
@@ -73,6 +75,9 @@ pub mod capacity {
     pub const CONNTRACK: u32 = 524_288;
     /// Interfaces the XDP program may redirect to.
     pub const TX_PORTS: u32 = 256;
+    /// Interfaces the programs run on (`interfaces` entries): uplinks, pod
+    /// veths, tunnels and other NICs.
+    pub const INTERFACES: u32 = 16_384;
 }
 
 /// Key of `services`: one frontend of a Service port.
@@ -280,6 +285,83 @@ impl ServiceName {
     }
 }
 
+/// Value of `interfaces` (keyed by ifindex): an interface the programs run on,
+/// which ones, and for an uplink why. Written by the agent for `bpftool` and
+/// `lb-agent dump`; the datapath never reads it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Interface {
+    /// The interface's name, NUL-padded.
+    pub name: [u8; 16],
+    /// [`iface::ROLE_UPLINK`], [`iface::ROLE_POD`] or [`iface::ROLE_OTHER`].
+    pub role: u32,
+    /// [`iface::HOOK_XDP`] and/or [`iface::HOOK_TC`]: the programs attached.
+    pub hooks: u32,
+    /// An uplink's `iface::WHY_*`: why it runs the hooks it runs.
+    pub why: u32,
+    pub _pad: u32,
+}
+
+impl Interface {
+    pub fn name(&self) -> &str {
+        let len = self.name.iter().position(|b| *b == 0).unwrap_or(16);
+        core::str::from_utf8(&self.name[..len]).unwrap_or("")
+    }
+}
+
+/// Codes of [`Interface`]'s fields.
+pub mod iface {
+    /// Holds a node address: Service traffic from outside arrives here.
+    pub const ROLE_UPLINK: u32 = 1;
+    /// The host side of a pod veth: traffic from local pods.
+    pub const ROLE_POD: u32 = 2;
+    /// Any other interface (overlay tunnels, other NICs): replies and
+    /// forwarded traffic may arrive here.
+    pub const ROLE_OTHER: u32 = 3;
+
+    pub const HOOK_XDP: u32 = 1;
+    pub const HOOK_TC: u32 = 2;
+
+    /// Not an uplink.
+    pub const WHY_NONE: u32 = 0;
+    /// `--uplink-hook xdp`.
+    pub const WHY_XDP_ASKED: u32 = 1;
+    /// `auto`: a device with native XDP (a NIC's driver).
+    pub const WHY_XDP_NATIVE: u32 = 2;
+    /// `--uplink-hook tc`.
+    pub const WHY_TC_ASKED: u32 = 3;
+    /// `auto`: a virtual device (veth and the like): its peer may hand over
+    /// partial checksums, and drops XDP transmits unless it runs XDP itself.
+    pub const WHY_TC_VIRTUAL: u32 = 4;
+    /// XDP would not attach in native mode (no driver support, an MTU too
+    /// large for it, ...): served through tc instead.
+    pub const WHY_TC_XDP_REFUSED: u32 = 5;
+
+    pub const fn role_name(role: u32) -> &'static str {
+        match role {
+            ROLE_UPLINK => "uplink",
+            ROLE_POD => "pod",
+            ROLE_OTHER => "other",
+            _ => "unknown",
+        }
+    }
+
+    pub const fn why_text(why: u32) -> &'static str {
+        match why {
+            WHY_NONE => "",
+            WHY_XDP_ASKED => "xdp: asked for (--uplink-hook xdp)",
+            WHY_XDP_NATIVE => "xdp: the driver runs XDP natively",
+            WHY_TC_ASKED => "tc: asked for (--uplink-hook tc)",
+            WHY_TC_VIRTUAL => {
+                "tc: a virtual link (its peer may hand over partial checksums and drops XDP \
+                 transmits unless it runs XDP itself)"
+            }
+            WHY_TC_XDP_REFUSED => "tc: native XDP would not attach (see the agent's log)",
+            _ => "unknown",
+        }
+    }
+}
+
 /// Per-service, per-backend and per-reason counters (per-CPU maps: sum over CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -394,6 +476,7 @@ mod pod {
     unsafe impl aya::Pod for super::Config {}
     unsafe impl aya::Pod for super::MaglevPair {}
     unsafe impl aya::Pod for super::ServiceName {}
+    unsafe impl aya::Pod for super::Interface {}
 }
 
 #[cfg(test)]
@@ -411,6 +494,7 @@ mod tests {
         assert_eq!(size_of::<CtEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8);
         assert_eq!(size_of::<Counters>(), 16);
         assert_eq!(size_of::<Config>(), 4 + 4 + 4 + 2 + 2 + 16);
+        assert_eq!(size_of::<Interface>(), 16 + 4 * 4);
     }
 
     #[test]

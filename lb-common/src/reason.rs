@@ -1,6 +1,7 @@
 //! Why the datapath did what it did with a packet: the index of the per-CPU
-//! `reasons` counters. Every packet the programs see is counted under exactly one
-//! reason, so the counters add up to the packets seen.
+//! `reasons` counters. Every packet a program sees is counted under exactly one
+//! reason, so the counters add up to the packets seen; a packet XDP hands to tc
+//! (`pass_to_tc`) is seen, and counted, by both.
 
 /// A reason index (`reasons` map key).
 #[repr(u32)]
@@ -17,8 +18,8 @@ pub enum Reason {
     PassFragment,
     /// An L4 protocol lb does not balance (SCTP, GRE, ICMP echo, ...).
     PassOtherProtocol,
-    /// Translated, but the next hop is for the kernel to reach (neighbour not
-    /// resolved, interface not in `tx_ports`, local delivery, TTL about to expire).
+    /// Translated, but the kernel routes it on: local delivery (a backend on
+    /// the node's own address), no route, a TTL about to expire, VLAN-tagged.
     PassToKernel,
     /// Translated and sent back out of the interface it came in on (XDP_TX).
     Tx,
@@ -38,11 +39,19 @@ pub enum Reason {
     DropRewriteFailed,
     /// A map update failed (e.g. conntrack insert): dropped.
     DropMapError,
+    /// XDP handed the packet, untranslated, to the tc program on the same
+    /// interface, because its next hop is for the kernel to resolve (neighbour
+    /// unknown) or leaves by an interface XDP cannot send on (a tunnel, a pod
+    /// veth, another NIC). Counted again by tc under where it went.
+    PassToTc,
+    /// Translated and redirected by tc to an interface whose next hop the
+    /// kernel resolves first (`bpf_redirect_neigh`).
+    RedirectNeigh,
 }
 
 impl Reason {
     /// Number of reasons (size of the `reasons` map).
-    pub const COUNT: u32 = Self::DropMapError as u32 + 1;
+    pub const COUNT: u32 = Self::RedirectNeigh as u32 + 1;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIp,
@@ -59,6 +68,8 @@ impl Reason {
         Self::DropSnatExhausted,
         Self::DropRewriteFailed,
         Self::DropMapError,
+        Self::PassToTc,
+        Self::RedirectNeigh,
     ];
 
     /// The reason with index `i`.
@@ -88,6 +99,8 @@ impl Reason {
             Self::DropSnatExhausted => "drop_snat_exhausted",
             Self::DropRewriteFailed => "drop_rewrite_failed",
             Self::DropMapError => "drop_map_error",
+            Self::PassToTc => "pass_to_tc",
+            Self::RedirectNeigh => "redirect_neigh",
         }
     }
 

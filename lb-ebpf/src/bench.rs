@@ -92,12 +92,13 @@ pub fn bench_floor(ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-#[xdp]
+// Frags-aware like `lb_xdp`: programs sharing a tail-call array must agree.
+#[xdp(frags)]
 pub fn bench_nop(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_TX
 }
 
-#[xdp]
+#[xdp(frags)]
 pub fn bench_wrap(ctx: XdpContext) -> u32 {
     if prepare(&ctx).is_none() {
         return xdp_action::XDP_ABORTED;

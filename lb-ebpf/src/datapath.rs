@@ -1,5 +1,7 @@
 //! The pipeline every packet goes through, whichever hook it arrived on:
-//! parse -> conntrack or service lookup -> backend choice -> translate -> forward.
+//! parse -> conntrack or service lookup -> backend choice -> forward (route to
+//! the translated tuple) -> translate. Routing comes before the rewrite so that
+//! XDP can still hand a packet it cannot send to tc untouched (see `forward`).
 //!
 //! Each stage is its own BPF function, called one after the other from
 //! [`process`], with the packet's state in a per-CPU [`Scratch`] value: the
@@ -75,15 +77,25 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
                     }
                 }
             }
+            // Route first: XDP may still hand the packet to tc untouched.
+            s.out = s.h.key;
+            nat::translated(&mut s.out, &s.entry);
+            let routed = unpack(forward_stage(pkt, s));
+            if routed.1 == Reason::PassToTc {
+                // tc finds the flow in conntrack and counts it there.
+                return routed;
+            }
             count_flow(s.entry.service, s.entry.backend, bytes);
             if !translate_stage(pkt, s) {
                 return (Action::Drop, Reason::DropRewriteFailed);
             }
-            unpack(forward_stage(pkt, s))
+            routed
         }
         Parsed::IcmpError => match icmp_stage(pkt, s) {
             icmp::TRANSLATED => {
                 count_flow(s.entry.service, s.entry.backend, bytes);
+                // Already rewritten: what XDP cannot send, the kernel routes.
+                s.out = s.h.key;
                 let (action, _) = unpack(forward_stage(pkt, s));
                 (action, Reason::IcmpErrorTranslated)
             }
@@ -166,7 +178,8 @@ fn icmp_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u32 {
     icmp::translate_error(&mut pkt, s)
 }
 
+/// Routes the packet to `s.out` (TTL and MACs; see `forward`).
 #[inline(never)]
 fn forward_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u64 {
-    pack(forward::forward(&mut pkt, &s.h, &mut s.fib))
+    pack(forward::forward(&mut pkt, &s.h, &s.out, &mut s.fib))
 }

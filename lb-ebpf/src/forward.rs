@@ -1,11 +1,25 @@
-//! Forwarding a translated packet: `bpf_fib_lookup` for the next hop, then TTL
-//! decrement, MAC rewrite and a redirect. Whatever the FIB cannot settle here
-//! (unresolved neighbour, local delivery, an interface XDP cannot send on, a TTL
-//! about to expire, an MTU problem) goes to the kernel, already translated, which
-//! routes it like any other packet.
+//! Forwarding a packet to the tuple it leaves with: `bpf_fib_lookup` for the
+//! next hop, then TTL decrement, MAC rewrite and a redirect. It runs before the
+//! NAT rewrite (both are incremental, so the order does not matter for the
+//! checksums), so that XDP can still hand the packet on untouched:
+//!
+//! - XDP sends only where it can: back out of the uplink (XDP_TX) or to
+//!   another uplink (`tx_ports`). A next hop the kernel has yet to resolve, or
+//!   an egress XDP cannot send on (a tunnel device, a pod veth, a second NIC),
+//!   is left to the tc program on the same interface: the packet goes up
+//!   untranslated (`pass_to_tc`), tc finds its conntrack entry and finishes it.
+//!   Handing the kernel a translated packet instead loses it whenever its
+//!   source is the node's own address (source NAT): the input path drops it
+//!   as a martian before the neighbour is ever resolved.
+//! - tc redirects to any interface, with `bpf_redirect_neigh` when the
+//!   neighbour is unresolved (the kernel resolves it and sends the packet).
+//!
+//! What neither can settle (local delivery, no route, a TTL about to expire, a
+//! VLAN-tagged frame) goes to the kernel translated, to be routed like any
+//! other packet.
 
 use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
-use lb_common::Reason;
+use lb_common::{FlowKey, Reason};
 
 use crate::{
     csum, mem,
@@ -17,23 +31,31 @@ use crate::{
 const AF_INET: u8 = 2;
 const AF_INET6: u8 = 10;
 
-/// Forwards the packet whose (already translated) headers are `h`; `fib` is
-/// room for the lookup.
+/// Forwards the packet whose headers are at `h`'s offsets to the tuple `k` (what
+/// it has after translation); `fib` is room for the lookup. A `pass_to_tc`
+/// outcome has left the packet untouched.
 #[inline(always)]
-pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) -> Outcome {
+pub fn forward<P: Packet>(
+    pkt: &mut P,
+    h: &Headers,
+    k: &FlowKey,
+    fib: &mut bpf_fib_lookup,
+) -> Outcome {
     // VLAN-tagged: the FIB of the physical port is not the VLAN's; the kernel,
     // which knows the VLAN device, routes it.
     if h.l3 != ETH_HLEN {
         return (Action::Pass, Reason::PassToKernel);
     }
     mem::zero(fib);
-    let k = &h.key;
     fib.l4_protocol = k.proto;
     fib.sport = k.src_port.to_be();
     fib.dport = k.dst_port.to_be();
-    fib.__bindgen_anon_1.tot_len = h.ip_len;
+    // 0 asks the kernel to check the skb against the egress MTU: a GSO
+    // packet (tens of kilobytes from a veth with offloads on) passes when its
+    // segments fit, where its IP length would fail as "fragmentation needed".
+    fib.__bindgen_anon_1.tot_len = if P::FIB_CHECKS_SKB { 0 } else { h.ip_len };
     fib.ifindex = pkt.ingress_ifindex();
-    if h.is_v4() {
+    if k.family == lb_common::FAMILY_V4 {
         fib.family = AF_INET;
         fib.__bindgen_anon_3.ipv4_src = words(&k.src)[0];
         fib.__bindgen_anon_4.ipv4_dst = words(&k.dst)[0];
@@ -43,8 +65,12 @@ pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) ->
         fib.__bindgen_anon_4.ipv6_dst = words(&k.dst);
     }
     let rc = pkt.fib_lookup(fib, 0);
-    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) && P::RESOLVES_NEIGHBOURS {
-        return (Action::RedirectNeigh(fib.ifindex), Reason::Redirect);
+    if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        return if P::RESOLVES_NEIGHBOURS {
+            (Action::RedirectNeigh(fib.ifindex), Reason::RedirectNeigh)
+        } else {
+            (Action::Pass, Reason::PassToTc)
+        };
     }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return (Action::Pass, Reason::PassToKernel);
@@ -52,7 +78,7 @@ pub fn forward<P: Packet>(pkt: &mut P, h: &Headers, fib: &mut bpf_fib_lookup) ->
     let out = fib.ifindex;
     let bounce = out == pkt.ingress_ifindex();
     if !bounce && !pkt.can_redirect(out) {
-        return (Action::Pass, Reason::PassToKernel);
+        return (Action::Pass, Reason::PassToTc);
     }
     if decrement_ttl(pkt, h).is_err() {
         return (Action::Pass, Reason::PassToKernel);

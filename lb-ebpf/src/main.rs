@@ -3,8 +3,12 @@
 //! Two entry points run the same pipeline ([`datapath::process`]):
 //! - `lb_xdp`, attached (XDP) to the node's uplinks: Service traffic from outside
 //!   the node and replies from backends on other nodes;
-//! - `lb_tc`, attached (tcx ingress) to the host side of pod veths: traffic from
-//!   local pods, whose checksums may be left for offload (see `packet`).
+//! - `lb_tc`, attached (tcx ingress) to the host side of pod veths (traffic from
+//!   local pods, whose checksums may be left for offload, see `packet`), to every
+//!   other interface replies may arrive on (tunnels of overlay networks, other
+//!   NICs), and to the uplinks: as the uplink hook where XDP does not fit (a veth
+//!   uplink, a NIC without native XDP), and behind XDP for what XDP hands on
+//!   (see `forward`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Inline assembly for context loads the verifier must see verbatim (see `packet`).
@@ -40,10 +44,13 @@ use crate::{
 /// extension headers, TCP with options.
 const TC_HEADER_BYTES: u32 = 160;
 
-#[xdp]
+/// Frags-aware (`xdp.frags`): uplinks with a jumbo MTU accept it, and a packet
+/// spanning several buffers is translated in its first, which holds the headers.
+#[xdp(frags)]
 pub fn lb_xdp(ctx: XdpContext) -> u32 {
     let pkt = Xdp(ctx.ctx);
     match datapath::process(pkt) {
+        // (RedirectNeigh is tc's: XDP hands such packets to tc instead.)
         Action::Pass | Action::RedirectNeigh(_) => xdp_action::XDP_PASS,
         Action::Drop => xdp_action::XDP_DROP,
         Action::Bounce => xdp_action::XDP_TX,

@@ -8,8 +8,8 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, MaglevPair, Reason, Service, ServiceKey,
-    ServiceName, capacity, hash, maglev_row_elements,
+    Backend, Config, Counters, CtEntry, FlowKey, Interface, MaglevPair, Reason, Service,
+    ServiceKey, ServiceName, capacity, hash, maglev_row_elements,
 };
 
 use crate::scratch::Scratch;
@@ -68,6 +68,11 @@ pub static REASONS: PerCpuArray<Counters, { Reason::COUNT as usize }> = PerCpuAr
 /// reads it; it lives here so that it is created, pinned and typed like the rest.
 #[btf_map(name = "service_names")]
 pub static SERVICE_NAMES: Array<ServiceName, { capacity::SERVICE_IDS as usize }> = Array::new();
+
+/// The interfaces the programs run on, by ifindex, and why (see
+/// `lb_common::Interface`). For `bpftool` and dumps; the datapath never reads it.
+#[btf_map(name = "interfaces")]
+pub static INTERFACES: HashMap<u32, Interface, { capacity::INTERFACES as usize }> = HashMap::new();
 
 /// Bits standing for frontend and backend addresses (see
 /// `lb_common::hash::addr_filter_bit`): a packet whose destination is no frontend

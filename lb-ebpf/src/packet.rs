@@ -23,6 +23,7 @@ use aya_ebpf::{
     helpers::generated::{
         bpf_fib_lookup as fib_lookup_helper, bpf_l4_csum_replace, bpf_skb_adjust_room,
         bpf_skb_change_tail, bpf_skb_pull_data, bpf_xdp_adjust_head, bpf_xdp_adjust_tail,
+        bpf_xdp_get_buff_len,
     },
 };
 
@@ -111,6 +112,10 @@ pub trait Packet: Copy {
     const PARTIAL_CSUM: bool;
     /// Whether the hook can redirect to a next hop the kernel still has to resolve.
     const RESOLVES_NEIGHBOURS: bool;
+    /// Whether `bpf_fib_lookup` is to check the MTU against the packet itself
+    /// (tc: a GSO packet is as long as the segments it stands for, which the
+    /// kernel knows) rather than against the IP length given.
+    const FIB_CHECKS_SKB: bool;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -203,6 +208,7 @@ pub struct Xdp(pub *mut xdp_md);
 impl Packet for Xdp {
     const PARTIAL_CSUM: bool = false;
     const RESOLVES_NEIGHBOURS: bool = false;
+    const FIB_CHECKS_SKB: bool = false;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -221,9 +227,12 @@ impl Packet for Xdp {
         unsafe { (*self.0).ingress_ifindex }
     }
 
+    /// With jumbo frames a packet may span several buffers (the program is
+    /// frags-aware); headers are always in the first, the one `data` points to.
     #[inline(always)]
     fn total_len(&self) -> u32 {
-        self.len()
+        // SAFETY: plain helper call on our context.
+        unsafe { bpf_xdp_get_buff_len(self.0) as u32 }
     }
 
     #[inline(always)]
@@ -265,7 +274,8 @@ impl Packet for Xdp {
 
     #[inline(always)]
     fn truncate(&mut self, len: u32) -> Result<(), ()> {
-        let delta = len as i32 - self.len() as i32;
+        // Shrinks fragments first, then the first buffer.
+        let delta = len as i32 - self.total_len() as i32;
         // SAFETY: plain helper call on our context.
         if delta > 0 || unsafe { bpf_xdp_adjust_tail(self.0, delta) } != 0 {
             return Err(());
@@ -294,6 +304,7 @@ impl Tc {
 impl Packet for Tc {
     const PARTIAL_CSUM: bool = true;
     const RESOLVES_NEIGHBOURS: bool = true;
+    const FIB_CHECKS_SKB: bool = true;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -56,6 +56,8 @@ pub struct Scratch {
     pub reply: CtEntry,
     /// A second flow key: the reply key of a new flow, the reverse of a quoted flow.
     pub key: FlowKey,
+    /// The tuple a packet leaves with once translated (what it is forwarded to).
+    pub out: FlowKey,
     /// ICMP errors: the quoted packet.
     pub quoted: Headers,
     /// The service a new flow is for.

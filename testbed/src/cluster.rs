@@ -70,6 +70,8 @@ pub struct Options {
     /// Keep the per-run directory (agent logs) after teardown. It is also
     /// kept when the cluster is dropped during a panic (a failing test).
     pub keep_logs: bool,
+    /// What the nodes' uplinks are like.
+    pub uplinks: Uplinks,
 }
 
 impl Default for Options {
@@ -78,8 +80,25 @@ impl Default for Options {
             pods_per_node: 2,
             agent_ready_timeout: Duration::from_secs(20),
             keep_logs: false,
+            uplinks: Uplinks::Nic,
         }
     }
+}
+
+/// The two kinds of uplink lb meets: each node's uplink is a veth to the
+/// switch (a bridge) either way; what differs is what its peer does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Uplinks {
+    /// Switch ports that act as physical NICs: complete checksums on the
+    /// wire (no tx checksum offload), and XDP transmit works (the switch side
+    /// runs an XDP program). Agents started with [`Cluster::start_agents`]
+    /// ask for XDP (`--uplink-hook xdp`).
+    Nic,
+    /// Plain veths, the way kind and docker wire their nodes: offloads at
+    /// their defaults (partial checksums), no XDP on the switch side, so XDP
+    /// transmits there are dropped. Agents keep the default `--uplink-hook
+    /// auto`, which picks tc on a veth.
+    Veth,
 }
 
 /// A pod: a namespace with `eth0`, the peer of a host-side veth on its node.
@@ -770,8 +789,10 @@ impl Cluster {
         // (veth_xdp_flush checks the receiver's program; GRO's NAPI is not
         // enough). Physical switch ports have no such quirk; give the switch
         // side of each node uplink a pass program so lb's XDP_TX works.
-        let ports: Vec<String> = self.nodes.iter().map(|n| n.bridge_port.clone()).collect();
-        *lock(&self.switch_xdp) = Some(crate::xdp::attach(&self.lan_ns, "xdp_pass", &ports)?);
+        if self.opts.uplinks == Uplinks::Nic {
+            let ports: Vec<String> = self.nodes.iter().map(|n| n.bridge_port.clone()).collect();
+            *lock(&self.switch_xdp) = Some(crate::xdp::attach(&self.lan_ns, "xdp_pass", &ports)?);
+        }
 
         // Routes, now that every link is up.
         for node in &self.nodes {
@@ -873,6 +894,10 @@ impl Cluster {
                 net::LAN_V6.prefix_len()
             ),
         )?;
+        if self.opts.uplinks == Uplinks::Veth {
+            // As kind and docker leave them.
+            return ip(Some(ns), &format!("link set {dev} up")).map(drop);
+        }
         // Uplinks stand for physical NICs, which put complete checksums on
         // the wire. A veth by default hands its peer packets with partial
         // (offloaded) checksums, which an XDP program on the receiving side
@@ -1063,6 +1088,14 @@ impl Cluster {
                 ("--node-name", node.name.clone()),
                 ("--node-ip", node.node_ip_arg()),
                 ("--iface", node.uplink.clone()),
+                (
+                    "--uplink-hook",
+                    match self.opts.uplinks {
+                        Uplinks::Nic => "xdp",
+                        Uplinks::Veth => "auto",
+                    }
+                    .to_string(),
+                ),
                 ("--pod-ifaces", node.pod_iface_pattern()),
                 ("--pin-path", node.pin_path.display().to_string()),
                 ("--log-level", "info".to_string()),

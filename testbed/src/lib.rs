@@ -40,7 +40,7 @@ pub use client::{
 };
 pub use cluster::{
     AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, SERVICE_ACCOUNT_DIR,
-    cleanup_stale,
+    Uplinks, cleanup_stale,
 };
 pub use control_plane::ControlPlane;
 pub use net::IpNet;

@@ -20,9 +20,10 @@ use super::Datapath;
 /// Where a program runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Hook {
-    /// `lb_xdp` on an uplink.
+    /// `lb_xdp` on an uplink (native mode only: generic XDP would cost more
+    /// than tc, which serves where native XDP does not).
     Xdp,
-    /// `lb_tc` on tcx ingress of a pod veth's host side.
+    /// `lb_tc` on tcx ingress (any interface; see `crate::interfaces`).
     Tc,
 }
 
@@ -111,8 +112,8 @@ impl Datapath {
             Hook::Xdp => {
                 let xdp = self.xdp()?;
                 let id = xdp
-                    .attach_to_if_index(ifindex, XdpMode::default())
-                    .with_context(|| format!("attaching XDP to ifindex {ifindex}"))?;
+                    .attach_to_if_index(ifindex, XdpMode::Driver)
+                    .with_context(|| format!("attaching XDP (native mode) to ifindex {ifindex}"))?;
                 xdp.take_link(id)?.try_into().map_err(|e: LinkError| {
                     anyhow::anyhow!("XDP on ifindex {ifindex} is not a BPF link ({e}): the kernel is too old to pin it")
                 })?

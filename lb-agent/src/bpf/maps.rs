@@ -11,8 +11,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, Reason, Service, ServiceKey, ServiceName,
-    map_names,
+    Backend, Config, Counters, CtEntry, FlowKey, Interface, Reason, Service, ServiceKey,
+    ServiceName, map_names,
 };
 
 pub struct Maps {
@@ -27,6 +27,7 @@ pub struct Maps {
     pub reasons: PerCpuArray<MapData, Counters>,
     pub service_names: Array<MapData, ServiceName>,
     pub addr_filter: Array<MapData, u64>,
+    pub interfaces: HashMap<MapData, u32, Interface>,
 }
 
 fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
@@ -67,6 +68,7 @@ impl Maps {
             reasons: typed!(ebpf, map_names::REASONS),
             service_names: typed!(ebpf, map_names::SERVICE_NAMES),
             addr_filter: typed!(ebpf, map_names::ADDR_FILTER),
+            interfaces: typed!(ebpf, map_names::INTERFACES),
         })
     }
 
@@ -97,6 +99,7 @@ impl Maps {
             reasons: pinned!(map_names::REASONS),
             service_names: pinned!(map_names::SERVICE_NAMES),
             addr_filter: pinned!(map_names::ADDR_FILTER),
+            interfaces: pinned!(map_names::INTERFACES),
         })
     }
 
@@ -125,6 +128,20 @@ impl Maps {
     /// Frees a backend slot (the datapath treats it as gone at once).
     pub fn clear_backend(&mut self, id: u32) -> Result<()> {
         self.set_backend(id, &Backend::default())
+    }
+
+    pub fn set_interface(&mut self, ifindex: u32, iface: &Interface) -> Result<()> {
+        self.interfaces
+            .insert(ifindex, iface, 0)
+            .with_context(|| format!("writing interfaces entry {ifindex}"))
+    }
+
+    /// Forgets an interface (absent already is fine: it may never have been written).
+    pub fn remove_interface(&mut self, ifindex: u32) -> Result<()> {
+        match self.interfaces.remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("removing interfaces entry {ifindex}")),
+        }
     }
 
     pub fn set_service_name(&mut self, id: u32, name: &str) -> Result<()> {

@@ -283,7 +283,7 @@ impl Lab {
         let mut ctx = [0u8; 24];
         ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
         ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; 4096];
+        let mut out = vec![0u8; frame.len().max(4096) + 512];
         let r = self
             .dp
             .xdp()
@@ -301,10 +301,16 @@ impl Lab {
 
     /// Runs the tc program on `frame` arriving from a pod on `pod0`.
     pub fn tc(&mut self, frame: &[u8]) -> (i32, Vec<u8>) {
+        self.tc_on(self.pod, frame)
+    }
+
+    /// Runs the tc program on `frame` arriving on `ifindex` (the uplink: what
+    /// XDP handed on; a tunnel device: a reply from another node).
+    pub fn tc_on(&mut self, ifindex: u32, frame: &[u8]) -> (i32, Vec<u8>) {
         // struct __sk_buff: ifindex at offset 40; everything else zero.
         let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&self.pod.to_ne_bytes());
-        let mut out = vec![0u8; 4096];
+        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
+        let mut out = vec![0u8; frame.len().max(4096) + 512];
         let r = self
             .dp
             .tc()

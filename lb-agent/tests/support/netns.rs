@@ -2,11 +2,15 @@
 //! `bpf_fib_lookup` gives known answers:
 //!
 //! ```text
-//!  up0 (uplink) 02:00:00:00:00:01  192.0.2.1/24  2001:db8::1/64
+//!  up0 (uplink, MTU 9000) 02:00:00:00:00:01  192.0.2.1/24  2001:db8::1/64
 //!    192.0.2.2 / 2001:db8::2     02:00:00:00:00:02  node B (routes 10.244.1.0/24, fd00:244:1::/64)
 //!    192.0.2.254 / 2001:db8::fe  02:00:00:00:00:fe  router to clients (198.51.100.0/24, 2001:db8:100::/64)
+//!    192.0.2.3 / 2001:db8::3                        node C (routes 10.244.2.0/24, fd00:244:2::/64),
+//!                                                    its neighbour never resolved (a cold neighbour)
 //!  pod0 (host side of a pod veth) 02:00:00:00:01:01, pods 10.244.0.0/24, fd00:244::/64
 //!    10.244.0.5 / fd00:244::5    02:00:00:00:01:05  a local pod
+//!  flannel.1 (VXLAN, as Flannel sets it up)          node D's pods 10.244.3.0/24, fd00:244:3::/64
+//!    via 10.244.3.0 / fd00:244:3:: onlink             02:00:00:00:03:00 (permanent, as flannel writes it)
 //! ```
 
 use std::{
@@ -82,7 +86,23 @@ impl Netns {
             "name",
             "pod1",
         ]);
-        for dev in ["up0", "up1", "pod0", "pod1"] {
+        ip(&[
+            "link",
+            "add",
+            "flannel.1",
+            "type",
+            "vxlan",
+            "id",
+            "1",
+            "dstport",
+            "8472",
+            "nolearning",
+        ]);
+        // A jumbo-frame uplink (AWS's MTU is 9001).
+        for dev in ["up0", "up1"] {
+            ip(&["link", "set", dev, "mtu", "9000"]);
+        }
+        for dev in ["up0", "up1", "pod0", "pod1", "flannel.1"] {
             ip(&["link", "set", dev, "up"]);
         }
         ip(&["addr", "add", "192.0.2.1/24", "dev", "up0"]);
@@ -104,6 +124,8 @@ impl Netns {
             ("2001:db8::fe", "02:00:00:00:00:fe", "up0"),
             ("10.244.0.5", "02:00:00:00:01:05", "pod0"),
             ("fd00:244::5", "02:00:00:00:01:05", "pod0"),
+            ("10.244.3.0", "02:00:00:00:03:00", "flannel.1"),
+            ("fd00:244:3::", "02:00:00:00:03:00", "flannel.1"),
         ] {
             ip(&[
                 "neigh",
@@ -119,6 +141,27 @@ impl Netns {
         }
         ip(&["route", "add", "10.244.1.0/24", "via", "192.0.2.2"]);
         ip(&["route", "add", "198.51.100.0/24", "via", "192.0.2.254"]);
+        ip(&["route", "add", "10.244.2.0/24", "via", "192.0.2.3"]);
+        ip(&[
+            "route",
+            "add",
+            "10.244.3.0/24",
+            "via",
+            "10.244.3.0",
+            "dev",
+            "flannel.1",
+            "onlink",
+        ]);
+        for (prefix, via) in [
+            ("fd00:244:2::/64", "2001:db8::3"),
+            ("fd00:244:3::/64", "fd00:244:3::"),
+        ] {
+            let mut args = vec!["-6", "route", "add", prefix, "via", via];
+            if prefix.starts_with("fd00:244:3") {
+                args.extend(["dev", "flannel.1", "onlink"]);
+            }
+            ip(&args);
+        }
         ip(&[
             "-6",
             "route",
