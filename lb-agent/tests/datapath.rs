@@ -442,6 +442,115 @@ fn a_backend_behind_a_vxlan_overlay_is_reached_through_tc_and_its_reply_translat
     assert_eq!(out.eth_dst, ROUTER_MAC, "to the client's router");
 }
 
+/// A segment too big for the overlay its backend is reached by (MTU 1450
+/// behind a 1500 or jumbo uplink) is answered with ICMP fragmentation needed /
+/// packet too big from the address the client sent to, quoting its own
+/// packet, so its path-MTU discovery works; the kernel's error would quote the
+/// translated packet. An IPv4 datagram that may be fragmented goes to the
+/// kernel, which fragments it.
+#[test]
+fn a_packet_too_big_for_the_overlay_gets_an_icmp_error_the_client_can_match() {
+    for (nodeport, pod, client) in [
+        ("192.0.2.1:30085", "10.244.3.85:8080", "198.51.100.46:45004"),
+        (
+            "[2001:db8::1]:30085",
+            "[fd00:244:3::85]:8080",
+            "[2001:db8:100::46]:45004",
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let (nodeport, client) = (sa(nodeport), sa(client));
+        lab.service(
+            &[nodeport],
+            TCP,
+            &[backend(pod, false)],
+            SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        );
+        let header = if nodeport.is_ipv4() { 20 + 20 } else { 40 + 20 };
+        let mut input = tcp(
+            FROM_ROUTER,
+            client,
+            nodeport,
+            ACK,
+            1,
+            1,
+            &vec![7u8; 1500 - header],
+        );
+        if nodeport.is_ipv4() {
+            set_dont_fragment(&mut input, true);
+        }
+        let (action, output) = lab.xdp(&input);
+        assert_eq!(action, XDP_TX, "{nodeport}: answered");
+        let out = decode(&output);
+        assert_eq!((out.src, out.dst), (nodeport.ip(), client.ip()));
+        let support::packet::L4::IcmpError {
+            kind,
+            code,
+            rest,
+            quoted,
+        } = out.l4
+        else {
+            panic!("not an ICMP error: {out:?}");
+        };
+        let mtu = if nodeport.is_ipv4() {
+            assert_eq!((kind, code), (3, 4), "fragmentation needed");
+            u32::from(u16::from_be_bytes([rest[2], rest[3]]))
+        } else {
+            assert_eq!((kind, code), (2, 0), "packet too big");
+            u32::from_be_bytes(rest)
+        };
+        assert_eq!(mtu, 1450, "flannel.1's MTU");
+        assert_eq!(
+            (quoted.src, quoted.dst),
+            (client, nodeport),
+            "its own packet"
+        );
+        assert_eq!(lab.reason(Reason::IcmpTooBig), 1);
+    }
+    // IPv4 without Don't Fragment: the kernel fragments it.
+    let mut lab = Lab::new();
+    let nodeport = sa("192.0.2.1:30086");
+    lab.service(
+        &[nodeport],
+        UDP,
+        &[backend("10.244.3.86:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let mut input = udp(
+        FROM_ROUTER,
+        sa("198.51.100.47:45005"),
+        nodeport,
+        &[1u8; 1472],
+    );
+    set_dont_fragment(&mut input, false);
+    let (action, output) = lab.xdp(&input);
+    assert_eq!(action, XDP_PASS);
+    assert_eq!(
+        decode(&output).dst_addr(),
+        sa("10.244.3.86:8080"),
+        "translated"
+    );
+    assert_eq!(lab.reason(Reason::PassToKernel), 1);
+}
+
+/// Sets or clears an IPv4 frame's Don't Fragment bit, fixing its header checksum.
+fn set_dont_fragment(frame: &mut [u8], df: bool) {
+    let ip = &mut frame[14..34];
+    if df {
+        ip[6] |= 0x40;
+    } else {
+        ip[6] &= !0x40;
+    }
+    ip[10..12].copy_from_slice(&[0, 0]);
+    let sum: u32 = ip
+        .chunks(2)
+        .map(|w| u32::from(u16::from_be_bytes([w[0], w[1]])))
+        .sum();
+    let folded = (sum & 0xffff) + (sum >> 16);
+    let check = !(((folded & 0xffff) + (folded >> 16)) as u16);
+    ip[10..12].copy_from_slice(&check.to_be_bytes());
+}
+
 /// A jumbo frame (MTU 9000 uplinks): the XDP program is frags-aware, so a
 /// datagram spanning several buffers is translated in its first, with a
 /// checksum that still covers all of it.
@@ -516,7 +625,10 @@ fn a_service_without_backends_refuses_udp_with_port_unreachable() {
         assert_eq!(action, XDP_TX);
         let out = decode(&output);
         assert_eq!((out.src, out.dst), (vip.ip(), client.ip()));
-        let support::packet::L4::IcmpError { kind, code, quoted } = out.l4 else {
+        let support::packet::L4::IcmpError {
+            kind, code, quoted, ..
+        } = out.l4
+        else {
             panic!("{out:?}")
         };
         if vip.is_ipv4() {
@@ -586,7 +698,10 @@ fn icmp_fragmentation_needed_from_the_backend_side_reaches_the_client() {
         "192.0.2.2",
         "a router's error keeps the router's address"
     );
-    let support::packet::L4::IcmpError { kind, code, quoted } = out.l4 else {
+    let support::packet::L4::IcmpError {
+        kind, code, quoted, ..
+    } = out.l4
+    else {
         panic!("{out:?}")
     };
     assert_eq!((kind, code), (3, 4));

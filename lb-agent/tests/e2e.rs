@@ -32,7 +32,8 @@ use harness::{
     ANSWER, Answer, Env, Shape, Tcp, Udp, fam, ms, probe, spread, tally_line, timed, wait_until,
 };
 use lb_testbed::{
-    ProbeError, StreamReport, Uplinks, curl_in, manifests::ServiceSpec, socat_udp_in,
+    Options, PodNetwork, ProbeError, StreamReport, Uplinks, curl_in, manifests::ServiceSpec,
+    socat_udp_in,
 };
 
 const PODS: [&str; 4] = ["pod-a0", "pod-a1", "pod-b0", "pod-b1"];
@@ -939,6 +940,47 @@ fn cold_neighbours(env: &Env) -> Result<String> {
     ))
 }
 
+/// The overlay suite's last case: the tunnel devices carried the traffic to
+/// the other node's pods both ways (so the suite went through them), and run
+/// the tc program as "other" interfaces.
+fn overlay_carried_the_traffic(env: &Env) -> Result<String> {
+    let mut lines = Vec::new();
+    for node in env.c().nodes() {
+        let dump = env.dump(node.name())?;
+        for dev in ["flannel.1", "flannel-v6.1"] {
+            let out = lb_testbed::ip(Some(node.ns()), &format!("-j -s link show dev {dev}"))?;
+            let link: serde_json::Value = serde_json::from_str(&out)?;
+            let stats = &link[0]["stats64"];
+            let (tx, rx) = (
+                stats["tx"]["packets"].as_u64().unwrap_or(0),
+                stats["rx"]["packets"].as_u64().unwrap_or(0),
+            );
+            check!(
+                env,
+                tx > 100 && rx > 100,
+                "{} {dev}: {tx} packets sent, {rx} received: the suite did not go through the overlay",
+                node.name()
+            );
+            let entry = dump["interfaces"]
+                .as_array()
+                .and_then(|a| a.iter().find(|i| i["name"] == dev))
+                .cloned()
+                .unwrap_or_default();
+            check!(
+                env,
+                entry["role"] == "other" && entry["hooks"] == serde_json::json!(["tc"]),
+                "{} {dev} is not lb's: {entry}",
+                node.name()
+            );
+            lines.push(format!("{} {dev} {tx}/{rx}", node.name()));
+        }
+    }
+    Ok(format!(
+        "packets sent/received through the tunnels (each with tc as an \"other\" interface): {}",
+        lines.join(", ")
+    ))
+}
+
 /// `redirect_neigh` packets counted on `node`.
 fn redirect_neigh(env: &Env, node: &str) -> Result<u64> {
     let dump = env.dump(node)?;
@@ -950,24 +992,37 @@ fn redirect_neigh(env: &Env, node: &str) -> Result<u64> {
 /// The suites share the machine's two cores: one cluster at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
-/// The suite on switch ports that act as NICs (XDP on the uplinks).
+/// The suite on switch ports that act as NICs (XDP on the uplinks), pod
+/// networks routed.
 #[test]
 fn e2e() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    suite("e2e", Uplinks::Nic);
+    suite("e2e", Uplinks::Nic, PodNetwork::Routed);
 }
 
 /// The suite on plain veth uplinks, as kind wires its nodes (partial
 /// checksums, no XDP on the peer: the agent's default picks tc).
 #[test]
 fn e2e_veth_uplinks() {
-    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
-    suite("e2e-veth", Uplinks::Veth);
+    suite("e2e-veth", Uplinks::Veth, PodNetwork::Routed);
 }
 
-fn suite(name: &str, uplinks: Uplinks) {
+/// The suite over a VXLAN overlay as Flannel sets one up (XDP uplinks): XDP
+/// hands packets for the tunnel to tc, replies come back decapsulated on
+/// `flannel.1` / `flannel-v6.1`.
+#[test]
+fn e2e_vxlan_overlay() {
+    suite("e2e-vxlan", Uplinks::Nic, PodNetwork::Vxlan);
+}
+
+fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
+    let _one = ONE_AT_A_TIME.lock().unwrap_or_else(|e| e.into_inner());
     let t0 = Instant::now();
-    let env = Env::up(uplinks).unwrap_or_else(|e| panic!("bringing the cluster up: {e:#}"));
+    let env = Env::up(Options {
+        uplinks,
+        pod_network,
+        ..Options::default()
+    })
+    .unwrap_or_else(|e| panic!("bringing the cluster up: {e:#}"));
     let setup = (|| -> Result<()> {
         for (s, pods) in initial_services(&env) {
             env.write(&s, &pods)?;
@@ -991,12 +1046,12 @@ fn suite(name: &str, uplinks: Uplinks) {
         panic!("setting up: {e:#}\n{}", env.evidence());
     }
     println!(
-        "{name}: cluster {} ({uplinks:?} uplinks) up with lb-agent on both nodes in {:.1}s",
+        "{name}: cluster {} ({uplinks:?} uplinks, {pod_network:?} pod network) up with lb-agent on both nodes in {:.1}s",
         env.c().run_id(),
         t0.elapsed().as_secs_f64()
     );
 
-    let cases: [harness::Case; 10] = [
+    let mut cases: Vec<harness::Case> = vec![
         ("clusterip", clusterip),
         ("nodeport", nodeport),
         ("loadbalancer", loadbalancer),
@@ -1008,5 +1063,8 @@ fn suite(name: &str, uplinks: Uplinks) {
         ("hairpin", hairpin),
         ("cold-neighbours", cold_neighbours),
     ];
+    if pod_network == PodNetwork::Vxlan {
+        cases.push(("overlay", overlay_carried_the_traffic));
+    }
     harness::run_cases(&env, name, &cases, t0);
 }

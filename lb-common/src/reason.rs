@@ -47,11 +47,15 @@ pub enum Reason {
     /// Translated and redirected by tc to an interface whose next hop the
     /// kernel resolves first (`bpf_redirect_neigh`).
     RedirectNeigh,
+    /// Too big for the interface its backend is reached by (an overlay's lower
+    /// MTU), and not to be fragmented: answered with ICMP fragmentation needed /
+    /// ICMPv6 packet too big from the address the client sent to.
+    IcmpTooBig,
 }
 
 impl Reason {
     /// Number of reasons (size of the `reasons` map).
-    pub const COUNT: u32 = Self::RedirectNeigh as u32 + 1;
+    pub const COUNT: u32 = Self::IcmpTooBig as u32 + 1;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIp,
@@ -70,6 +74,7 @@ impl Reason {
         Self::DropMapError,
         Self::PassToTc,
         Self::RedirectNeigh,
+        Self::IcmpTooBig,
     ];
 
     /// The reason with index `i`.
@@ -101,6 +106,7 @@ impl Reason {
             Self::DropMapError => "drop_map_error",
             Self::PassToTc => "pass_to_tc",
             Self::RedirectNeigh => "redirect_neigh",
+            Self::IcmpTooBig => "icmp_too_big",
         }
     }
 

@@ -81,9 +81,11 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
             s.out = s.h.key;
             nat::translated(&mut s.out, &s.entry);
             let routed = unpack(forward_stage(pkt, s));
-            if routed.1 == Reason::PassToTc {
+            match routed.1 {
                 // tc finds the flow in conntrack and counts it there.
-                return routed;
+                Reason::PassToTc => return routed,
+                Reason::IcmpTooBig => return unpack(too_big_stage(pkt, s)),
+                _ => {}
             }
             count_flow(s.entry.service, s.entry.backend, bytes);
             if !translate_stage(pkt, s) {
@@ -161,6 +163,15 @@ fn open_stage(s: &mut Scratch) -> u32 {
 #[inline(never)]
 fn refuse_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u64 {
     pack(reject::refuse(&mut pkt, &s.h))
+}
+
+/// Answers the (untranslated) packet with an ICMP error carrying the MTU the
+/// route lookup reported.
+#[inline(never)]
+fn too_big_stage<P: Packet>(mut pkt: P, s: &mut Scratch) -> u64 {
+    // SAFETY: a union of two u16 fields; the lookup wrote `mtu_result`.
+    let mtu = unsafe { s.fib.__bindgen_anon_1.mtu_result };
+    pack(reject::too_big(&mut pkt, &s.h, mtu))
 }
 
 /// Rewrites the packet to `s.entry`'s tuple; `s.h` then describes it as translated.

@@ -14,11 +14,17 @@
 //! - tc redirects to any interface, with `bpf_redirect_neigh` when the
 //!   neighbour is unresolved (the kernel resolves it and sends the packet).
 //!
-//! What neither can settle (local delivery, no route, a TTL about to expire, a
-//! VLAN-tagged frame) goes to the kernel translated, to be routed like any
-//! other packet.
+//! A packet too big for the egress (an overlay tunnel's lower MTU) that must
+//! not be fragmented is answered with an ICMP error by the caller
+//! (`icmp_too_big`, see `reject::too_big`); what else neither hook can settle
+//! (local delivery, no route, a TTL about to expire, a VLAN-tagged frame, an
+//! IPv4 packet the kernel may fragment) goes to the kernel translated, to be
+//! routed like any other packet.
 
-use aya_ebpf::bindings::{BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup};
+use aya_ebpf::bindings::{
+    BPF_FIB_LKUP_RET_FRAG_NEEDED, BPF_FIB_LKUP_RET_NO_NEIGH, BPF_FIB_LKUP_RET_SUCCESS,
+    bpf_fib_lookup,
+};
 use lb_common::{FlowKey, Reason};
 
 use crate::{
@@ -33,7 +39,8 @@ const AF_INET6: u8 = 10;
 
 /// Forwards the packet whose headers are at `h`'s offsets to the tuple `k` (what
 /// it has after translation); `fib` is room for the lookup. A `pass_to_tc`
-/// outcome has left the packet untouched.
+/// outcome has left the packet untouched; so has `icmp_too_big`, which the
+/// caller answers (the next hop's MTU is in `fib.mtu_result`).
 #[inline(always)]
 pub fn forward<P: Packet>(
     pkt: &mut P,
@@ -72,6 +79,9 @@ pub fn forward<P: Packet>(
             (Action::Pass, Reason::PassToTc)
         };
     }
+    if rc == i64::from(BPF_FIB_LKUP_RET_FRAG_NEEDED) && !may_fragment(pkt, h) {
+        return (Action::Drop, Reason::IcmpTooBig);
+    }
     if rc != i64::from(BPF_FIB_LKUP_RET_SUCCESS) {
         return (Action::Pass, Reason::PassToKernel);
     }
@@ -94,6 +104,12 @@ pub fn forward<P: Packet>(
     } else {
         (Action::Redirect(out), Reason::Redirect)
     }
+}
+
+/// Whether a router may fragment the packet: IPv4 without Don't Fragment.
+#[inline(always)]
+fn may_fragment<P: Packet>(pkt: &P, h: &Headers) -> bool {
+    h.is_v4() && load::<P, [u8; 2]>(pkt, h.l3 + 6).is_some_and(|frag| frag[0] & 0x40 == 0)
 }
 
 #[inline(always)]

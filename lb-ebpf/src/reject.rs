@@ -1,7 +1,16 @@
-//! Refusing connections to a service that exists but has no usable backend, the
-//! way a host without a listener would: TCP RST, or ICMP / ICMPv6 port unreachable
-//! for UDP. The packet is rewritten in place into the answer and sent back out of
-//! the interface it came in on, so the client learns at once instead of timing out.
+//! Answering a client instead of forwarding its packet, from the address it sent
+//! to:
+//! - a connection to a service that exists but has no usable backend is
+//!   refused the way a host without a listener would: TCP RST, or ICMP / ICMPv6
+//!   port unreachable for UDP;
+//! - a packet too big for the interface its backend is reached by (an overlay
+//!   tunnel's lower MTU) gets ICMP fragmentation needed / ICMPv6 packet too big,
+//!   so the client's path-MTU discovery lowers its segment size, as a router's
+//!   error would make it (the kernel's own error would quote the translated
+//!   packet, which the client cannot match to its socket).
+//!
+//! The packet is rewritten in place into the answer and sent back out of the
+//! interface it came in on, so the client learns at once instead of timing out.
 
 use lb_common::{PROTO_ICMP, PROTO_ICMPV6, PROTO_TCP, Reason};
 
@@ -25,8 +34,33 @@ pub fn refuse<P: Packet>(pkt: &mut P, h: &Headers) -> (Action, Reason) {
         }
         (tcp_reset(pkt, h), Reason::RejectTcpReset)
     } else {
-        (port_unreachable(pkt, h), Reason::RejectIcmpUnreachable)
+        let message = if h.is_v4() {
+            [3u8, 3, 0, 0, 0, 0, 0, 0]
+        } else {
+            [1u8, 4, 0, 0, 0, 0, 0, 0]
+        };
+        (icmp_error(pkt, h, message), Reason::RejectIcmpUnreachable)
     };
+    bounce(built, reason)
+}
+
+/// Answers a packet too big for the next hop's `mtu` with ICMP fragmentation
+/// needed (IPv4) / ICMPv6 packet too big, quoting it.
+#[inline(always)]
+pub fn too_big<P: Packet>(pkt: &mut P, h: &Headers, mtu: u16) -> (Action, Reason) {
+    let message = if h.is_v4() {
+        let m = mtu.to_be_bytes();
+        [3u8, 4, 0, 0, 0, 0, m[0], m[1]]
+    } else {
+        // RFC 8200: every IPv6 link carries 1280 bytes.
+        let m = u32::from(if mtu < 1280 { 1280 } else { mtu }).to_be_bytes();
+        [2u8, 0, 0, 0, m[0], m[1], m[2], m[3]]
+    };
+    bounce(icmp_error(pkt, h, message), Reason::IcmpTooBig)
+}
+
+#[inline(always)]
+fn bounce(built: Result<(), ()>, reason: Reason) -> (Action, Reason) {
     match built {
         Ok(()) => (Action::Bounce, reason),
         Err(()) => (Action::Drop, Reason::DropRewriteFailed),
@@ -145,24 +179,28 @@ fn tcp_reset<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
     pkt.truncate((h.l3 + ip_len + 20) as u32)
 }
 
+/// Rewrites the packet into the ICMP / ICMPv6 error `message` (type, code,
+/// checksum placeholder, the 4 type-specific bytes) quoting its IP header and
+/// the first 8 bytes of L4.
 #[inline(always)]
-fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
+fn icmp_error<P: Packet>(pkt: &mut P, h: &Headers, message: [u8; 8]) -> Result<(), ()> {
     let v4 = h.is_v4();
     let quote = h.l4 - h.l3 + 8;
     if quote > MAX_QUOTE {
         return Err(());
     }
-    let (ip_len, proto, message) = if v4 {
-        (20, PROTO_ICMP, [3u8, 3, 0, 0, 0, 0, 0, 0])
+    let (ip_len, proto) = if v4 {
+        (20, PROTO_ICMP)
     } else {
-        (40, PROTO_ICMPV6, [1u8, 4, 0, 0, 0, 0, 0, 0])
+        (40, PROTO_ICMPV6)
     };
     let icmp = h.l3 + ip_len;
     let icmp_len = (8 + quote) as u16;
-    // Room for the new IP and ICMP headers in front of the refused datagram, which
-    // becomes the quote; then cut it after the quote.
+    // Cut the packet after what becomes the quote (first: for a GSO packet the
+    // kernel then drops its offload state), then make room for the new IP and
+    // ICMP headers in front of it.
+    pkt.truncate((h.l3 + quote) as u32)?;
     pkt.grow_after_l2(h.l3, (ip_len + 8) as u32)?;
-    pkt.truncate((icmp + 8 + quote) as u32)?;
     write_ip_header(pkt, h, proto, icmp_len)?;
     let mut sum = csum::sum(&message);
     if !v4 {
@@ -179,7 +217,10 @@ fn port_unreachable<P: Packet>(pkt: &mut P, h: &Headers) -> Result<(), ()> {
     store(
         pkt,
         icmp,
-        [message[0], message[1], check[0], check[1], 0u8, 0, 0, 0],
+        [
+            message[0], message[1], check[0], check[1], message[4], message[5], message[6],
+            message[7],
+        ],
     )?;
     swap_macs(pkt)
 }

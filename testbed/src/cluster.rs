@@ -72,6 +72,8 @@ pub struct Options {
     pub keep_logs: bool,
     /// What the nodes' uplinks are like.
     pub uplinks: Uplinks,
+    /// How pods reach pods on the other node.
+    pub pod_network: PodNetwork,
 }
 
 impl Default for Options {
@@ -81,9 +83,35 @@ impl Default for Options {
             agent_ready_timeout: Duration::from_secs(20),
             keep_logs: false,
             uplinks: Uplinks::Nic,
+            pod_network: PodNetwork::Routed,
         }
     }
 }
+
+/// How the nodes' pod networks are joined.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PodNetwork {
+    /// Each node routes the other's pod CIDRs via the other node's address,
+    /// as a routed CNI (Calico with BGP, kubenet's cloud routes) does.
+    Routed,
+    /// A VXLAN overlay as Flannel sets it up: `flannel.1` (VXLAN over IPv4,
+    /// port 8472, MTU 1450: the uplinks' 1500 less VXLAN's 50) and
+    /// `flannel-v6.1` (over IPv6, MTU 1430: less 70), routes to the other
+    /// node's pod CIDRs through them via its VTEP with permanent neighbour and
+    /// FDB entries, and pod interfaces at the smaller of the two MTUs. Replies to pods on the other node come back
+    /// decapsulated on the tunnel device.
+    Vxlan,
+}
+
+/// A node's VTEP MAC on its VXLAN devices (Flannel derives its own; any fixed
+/// one serves).
+fn vtep_mac(node_index: usize, v6: bool) -> String {
+    format!("02:fa:00:00:{:02x}:{:02x}", node_index + 1, u8::from(v6))
+}
+
+/// VXLAN's overhead over an IPv4 and an IPv6 underlay (Flannel's MTUs are
+/// the uplink's less these).
+const VXLAN_OVERHEAD: [u32; 2] = [50, 70];
 
 /// The two kinds of uplink lb meets: each node's uplink is a veth to the
 /// switch (a bridge) either way; what differs is what its peer does.
@@ -764,6 +792,12 @@ impl Cluster {
                     Some(&node.ns),
                     &format!("link add {h} type veth peer name eth0 netns {p}"),
                 )?;
+                if self.opts.pod_network == PodNetwork::Vxlan {
+                    // Pods at the overlay's MTU, as Flannel's CNI plugin sets it.
+                    let mtu = 1500 - VXLAN_OVERHEAD[1];
+                    ip(Some(&node.ns), &format!("link set {h} mtu {mtu}"))?;
+                    ip(Some(p), &format!("link set eth0 mtu {mtu}"))?;
+                }
                 // Pod veth offloads stay at their defaults (partial
                 // checksums and all), as on a real node.
                 ip(
@@ -824,21 +858,26 @@ impl Cluster {
                 )?;
             }
             // The other nodes' pod CIDRs via their node, as a CNI's routes
-            // (or BGP) would. No route for the ClusterIP, LoadBalancer or
-            // externalIP ranges: lb translates those packets on the uplink
-            // (XDP) and on the host side of the pod veths (tc) before the
-            // kernel routes them; without lb they are unreachable, as on a
-            // node whose proxy is down. A route to the other node or a
-            // blackhole would hide exactly that.
-            for other in self.nodes.iter().filter(|o| o.name != node.name) {
-                ip(
-                    Some(&node.ns),
-                    &format!("route add {} via {}", other.pod_cidr_v4, other.ipv4),
-                )?;
-                ip(
-                    Some(&node.ns),
-                    &format!("-6 route add {} via {}", other.pod_cidr_v6, other.ipv6),
-                )?;
+            // (or BGP) would, or through the overlay. No route for the
+            // ClusterIP, LoadBalancer or externalIP ranges: lb translates
+            // those packets on the uplink (XDP) and on the host side of the
+            // pod veths (tc) before the kernel routes them; without lb they
+            // are unreachable, as on a node whose proxy is down. A route to
+            // the other node or a blackhole would hide exactly that.
+            match self.opts.pod_network {
+                PodNetwork::Routed => {
+                    for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                        ip(
+                            Some(&node.ns),
+                            &format!("route add {} via {}", other.pod_cidr_v4, other.ipv4),
+                        )?;
+                        ip(
+                            Some(&node.ns),
+                            &format!("-6 route add {} via {}", other.pod_cidr_v6, other.ipv6),
+                        )?;
+                    }
+                }
+                PodNetwork::Vxlan => self.overlay(node)?,
             }
         }
         // The client reaches LoadBalancer IPs and externalIPs via node-a.
@@ -856,6 +895,78 @@ impl Cluster {
             )?;
         }
         self.wait_addresses()
+    }
+
+    /// `node`'s side of the VXLAN overlay (see [`PodNetwork::Vxlan`]).
+    fn overlay(&self, node: &Node) -> Result<()> {
+        let ns = Some(node.ns.as_str());
+        let index = |n: &Node| {
+            self.nodes
+                .iter()
+                .position(|o| o.name == n.name)
+                .unwrap_or(0)
+        };
+        for (v6, dev) in [(false, "flannel.1"), (true, "flannel-v6.1")] {
+            let (local, family) = if v6 {
+                (IpAddr::from(node.ipv6), "-6 ")
+            } else {
+                (IpAddr::from(node.ipv4), "")
+            };
+            ip(
+                ns,
+                &format!(
+                    "link add {dev} address {} mtu {} type vxlan id 1 local {local} dev {} \
+                     dstport 8472 nolearning",
+                    vtep_mac(index(node), v6),
+                    1500 - VXLAN_OVERHEAD[usize::from(v6)],
+                    node.uplink
+                ),
+            )?;
+            // The VTEP address: the pod CIDR's network address.
+            let own = if v6 {
+                format!("{}/128", node.pod_cidr_v6.addr())
+            } else {
+                format!("{}/32", node.pod_cidr_v4.addr())
+            };
+            ip(ns, &format!("{family}addr add {own} dev {dev}"))?;
+            ip(ns, &format!("link set {dev} up"))?;
+            for other in self.nodes.iter().filter(|o| o.name != node.name) {
+                let (cidr, vtep, underlay) = if v6 {
+                    (
+                        other.pod_cidr_v6,
+                        other.pod_cidr_v6.addr(),
+                        IpAddr::from(other.ipv6),
+                    )
+                } else {
+                    (
+                        other.pod_cidr_v4,
+                        other.pod_cidr_v4.addr(),
+                        IpAddr::from(other.ipv4),
+                    )
+                };
+                let mac = vtep_mac(index(other), v6);
+                ip(
+                    ns,
+                    &format!("{family}neigh add {vtep} lladdr {mac} dev {dev} nud permanent"),
+                )?;
+                crate::ns::run(std::process::Command::new("bridge").args([
+                    "-n",
+                    &node.ns,
+                    "fdb",
+                    "append",
+                    &mac,
+                    "dev",
+                    dev,
+                    "dst",
+                    &underlay.to_string(),
+                ]))?;
+                ip(
+                    ns,
+                    &format!("{family}route add {cidr} via {vtep} dev {dev} onlink"),
+                )?;
+            }
+        }
+        Ok(())
     }
 
     /// A veth from `ns` (`dev`) to the bridge (`port`), with `addrs` on the

@@ -39,8 +39,8 @@ pub use client::{
     tcp_probe, tcp_request, tcp_stream, udp_probe, udp_request,
 };
 pub use cluster::{
-    AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, SERVICE_ACCOUNT_DIR,
-    Uplinks, cleanup_stale,
+    AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, PodNetwork,
+    SERVICE_ACCOUNT_DIR, Uplinks, cleanup_stale,
 };
 pub use control_plane::ControlPlane;
 pub use net::IpNet;

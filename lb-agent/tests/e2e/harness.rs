@@ -30,7 +30,7 @@ use std::{
 
 use anyhow::{Context as _, Result, bail, ensure};
 use lb_testbed::{
-    Cluster, Options, Pod, ProbeError, Uplinks, command_in, curl_in,
+    Cluster, Options, Pod, ProbeError, command_in, curl_in,
     kube_cluster::KubeCluster,
     manifests::{ServiceSpec, service_yaml},
     output_with_timeout, socat_udp_in, tcp_probe, udp_probe,
@@ -221,13 +221,10 @@ pub struct Env {
 }
 
 impl Env {
-    /// A cluster with `uplinks`, pod servers on port 8080 and an empty
-    /// manifest directory (agents not started yet).
-    pub fn up(uplinks: Uplinks) -> Result<Self> {
-        let c = Cluster::up(Options {
-            uplinks,
-            ..Options::default()
-        })?;
+    /// A cluster built as `opts` say, with pod servers on port 8080 and an
+    /// empty manifest directory (agents not started yet).
+    pub fn up(opts: Options) -> Result<Self> {
+        let c = Cluster::up(opts)?;
         c.start_pod_servers(&[8080])?;
         let dir = c.run_dir().join("manifests");
         fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;

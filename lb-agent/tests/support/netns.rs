@@ -9,7 +9,7 @@
 //!                                                    its neighbour never resolved (a cold neighbour)
 //!  pod0 (host side of a pod veth) 02:00:00:00:01:01, pods 10.244.0.0/24, fd00:244::/64
 //!    10.244.0.5 / fd00:244::5    02:00:00:00:01:05  a local pod
-//!  flannel.1 (VXLAN, as Flannel sets it up)          node D's pods 10.244.3.0/24, fd00:244:3::/64
+//!  flannel.1 (VXLAN as Flannel sets it up, MTU 1450) node D's pods 10.244.3.0/24, fd00:244:3::/64
 //!    via 10.244.3.0 / fd00:244:3:: onlink             02:00:00:00:03:00 (permanent, as flannel writes it)
 //! ```
 
@@ -98,10 +98,12 @@ impl Netns {
             "8472",
             "nolearning",
         ]);
-        // A jumbo-frame uplink (AWS's MTU is 9001).
+        // A jumbo-frame uplink (AWS's MTU is 9001); Flannel's VXLAN device
+        // 50 bytes below a 1500-byte underlay.
         for dev in ["up0", "up1"] {
             ip(&["link", "set", dev, "mtu", "9000"]);
         }
+        ip(&["link", "set", "flannel.1", "mtu", "1450"]);
         for dev in ["up0", "up1", "pod0", "pod1", "flannel.1"] {
             ip(&["link", "set", dev, "up"]);
         }

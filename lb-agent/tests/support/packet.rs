@@ -102,6 +102,8 @@ pub enum L4 {
     IcmpError {
         kind: u8,
         code: u8,
+        /// The 4 type-specific bytes (the next-hop MTU of "too big" errors).
+        rest: [u8; 4],
         quoted: Quoted,
     },
     Other(u8),
@@ -231,6 +233,7 @@ pub fn decode(frame: &[u8]) -> Decoded {
             L4::IcmpError {
                 kind: b[0],
                 code: b[1],
+                rest: [b[4], b[5], b[6], b[7]],
                 quoted: quoted(&payload, true),
             }
         }
@@ -248,6 +251,7 @@ pub fn decode(frame: &[u8]) -> Decoded {
             L4::IcmpError {
                 kind: b[0],
                 code: b[1],
+                rest: [b[4], b[5], b[6], b[7]],
                 quoted: quoted(&payload, false),
             }
         }
