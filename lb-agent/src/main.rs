@@ -132,8 +132,10 @@ struct RunArgs {
     /// they cost nothing per packet.
     #[arg(long, default_value = "warn")]
     datapath_log: log::Level,
-    /// Source ports for source-NATed flows, FIRST-LAST (keep it outside the node's
-    /// ip_local_port_range).
+    /// Source ports for source-NATed flows, FIRST-LAST. Unique per backend
+    /// address and port; a flow keeps its client's port where it is free, as
+    /// with Linux's masquerade. Ports a local socket holds for that backend (or
+    /// listens on) are skipped.
     #[arg(long, default_value_t = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"))]
     snat_ports: String,
 }
@@ -141,7 +143,7 @@ struct RunArgs {
 fn parse_range(s: &str) -> Result<(u16, u16)> {
     let (a, b) = s
         .split_once('-')
-        .context("--snat-ports wants FIRST-LAST, e.g. 61000-65535")?;
+        .context("--snat-ports wants FIRST-LAST, e.g. 1024-65535")?;
     let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
     if a == 0 || b < a {
         bail!("--snat-ports {s}: the range must be non-empty and start above 0");

@@ -237,6 +237,49 @@ fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
     let _ = svc;
 }
 
+/// With the default range (every port from 1024), a source-NATed flow keeps
+/// its client's port where that is free toward its backend, as Linux's
+/// masquerade does; a second client with the same port gets another one, and a
+/// port a local socket listens on is never taken (its replies would go to the
+/// socket's owner, or the flow's to the socket).
+#[test]
+fn snat_keeps_the_clients_port_where_free_and_never_takes_a_local_sockets() {
+    let mut lab = Lab::new();
+    let mut cfg = lab.maps.config.get(&0, 0).unwrap();
+    cfg.snat_port_min = lb_common::SNAT_PORT_MIN;
+    cfg.snat_port_max = lb_common::SNAT_PORT_MAX;
+    lab.maps.set_config(&cfg).unwrap();
+    let nodeport = sa("192.0.2.1:30087");
+    lab.service(
+        &[nodeport],
+        TCP,
+        &[backend("10.244.1.87:8080", false)],
+        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+    );
+    let snat_port = |lab: &mut Lab, client: &str| -> u16 {
+        let (action, out) = lab.xdp(&syn(sa(client), nodeport));
+        assert_eq!(action, XDP_TX, "{client}");
+        decode(&out).src_addr().port()
+    };
+    assert_eq!(snat_port(&mut lab, "198.51.100.60:45000"), 45000, "kept");
+    assert_ne!(
+        snat_port(&mut lab, "198.51.100.61:45000"),
+        45000,
+        "taken by the first client's flow"
+    );
+    // This node listens on 46000 (a hostNetwork server, say).
+    let listener = std::net::TcpListener::bind("0.0.0.0:46000").expect("listen in the lab");
+    let p = snat_port(&mut lab, "198.51.100.62:46000");
+    assert_ne!(p, 46000, "a local listener's port");
+    assert!(p >= lb_common::SNAT_PORT_MIN);
+    drop(listener);
+    assert_eq!(
+        snat_port(&mut lab, "198.51.100.63:46000"),
+        46000,
+        "free again"
+    );
+}
+
 #[test]
 fn snat_ports_run_out_with_a_counted_drop_and_come_back_once_idle() {
     let mut lab = Lab::new();

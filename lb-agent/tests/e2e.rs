@@ -981,12 +981,104 @@ fn overlay_carried_the_traffic(env: &Env) -> Result<String> {
     ))
 }
 
-/// `redirect_neigh` packets counted on `node`.
-fn redirect_neigh(env: &Env, node: &str) -> Result<u64> {
+/// Packets counted under `reason` on `node`.
+fn reason_packets(env: &Env, node: &str, reason: &str) -> Result<u64> {
     let dump = env.dump(node)?;
-    dump["reasons"]["redirect_neigh"]["packets"]
+    dump["reasons"][reason]["packets"]
         .as_u64()
-        .context("no redirect_neigh counter in the dump")
+        .with_context(|| format!("no {reason} counter in the dump"))
+}
+
+fn redirect_neigh(env: &Env, node: &str) -> Result<u64> {
+    reason_packets(env, node, "redirect_neigh")
+}
+
+/// Case 11: 50,000 concurrent UDP flows from one client (one address, 50,000
+/// source ports) to node-a's NodePort of a Service whose two backends are on
+/// node-b: every flow is source-NATed and answered, none is dropped for want
+/// of a port (`drop_snat_exhausted` stays as it was), and the flows keep their
+/// client's port where it is free, as Linux's masquerade does. All of them are
+/// in conntrack at once (UDP entries live a minute).
+fn snat_capacity(env: &Env) -> Result<String> {
+    const FLOWS: usize = 50_000;
+    const FIRST_PORT: usize = 10_000;
+    const BATCH: usize = 500;
+    const BATCH_WAIT: Duration = Duration::from_secs(3);
+    let client = env.c().client();
+    let node_a = env.c().node("node-a");
+    let to = node_a.sock(false, NODEPORT_RESTART);
+    let snat = node_a.ipv4();
+    let drops_before = reason_packets(env, "node-a", "drop_snat_exhausted")?;
+    let t0 = Instant::now();
+    // A batch of sockets at a time (the process may hold only so many); the
+    // flows stay in lb's conntrack after their socket closes, so all of them
+    // are there at once.
+    let (answered, by_pod, kept) = lb_testbed::in_netns(client.ns(), move || -> Result<_> {
+        let mut answered = 0usize;
+        let mut kept = 0usize;
+        let mut by_pod: BTreeMap<String, usize> = BTreeMap::new();
+        let mut buf = [0u8; 512];
+        for start in (FIRST_PORT..FIRST_PORT + FLOWS).step_by(BATCH) {
+            let mut pending = Vec::with_capacity(BATCH);
+            for port in start..(start + BATCH).min(FIRST_PORT + FLOWS) {
+                let s = std::net::UdpSocket::bind(("0.0.0.0", port as u16))
+                    .with_context(|| format!("binding port {port}"))?;
+                s.connect(to)?;
+                s.set_nonblocking(true)?;
+                s.send(b"snat")?;
+                pending.push((port, s));
+            }
+            let deadline = Instant::now() + BATCH_WAIT;
+            while !pending.is_empty() && Instant::now() < deadline {
+                pending.retain(|(port, s)| {
+                    let Ok(n) = s.recv(&mut buf) else {
+                        return true;
+                    };
+                    let text = String::from_utf8_lossy(&buf[..n]);
+                    let first = text.lines().next().unwrap_or_default();
+                    let (pod, peer) = first.split_once(' ').unwrap_or_default();
+                    *by_pod.entry(pod.to_string()).or_default() += 1;
+                    if peer == format!("{snat}:{port}") {
+                        kept += 1;
+                    }
+                    answered += 1;
+                    false
+                });
+                thread::sleep(Duration::from_millis(1));
+            }
+        }
+        Ok((answered, by_pod, kept))
+    })?;
+    let took = t0.elapsed();
+    let drops = reason_packets(env, "node-a", "drop_snat_exhausted")? - drops_before;
+    let entries = env.dump("node-a")?["conntrack"]["entries"]
+        .as_u64()
+        .unwrap_or(0);
+    check!(
+        env,
+        answered == FLOWS && drops == 0,
+        "{answered} of {FLOWS} flows answered, {drops} dropped for want of a source-NAT port"
+    );
+    check!(
+        env,
+        by_pod.len() == 2 && by_pod.values().all(|n| *n > FLOWS / 4),
+        "the flows went to {by_pod:?}, expected both of the Service's pods"
+    );
+    check!(
+        env,
+        entries >= 2 * FLOWS as u64,
+        "node-a's conntrack holds {entries} entries, expected both directions of {FLOWS} flows at once"
+    );
+    check!(
+        env,
+        kept * 10 >= FLOWS * 9,
+        "only {kept} of {FLOWS} flows kept their client's port"
+    );
+    Ok(format!(
+        "{FLOWS} concurrent UDP flows from one client address to {to} (backends pod-b0, pod-b1 on node-b) all answered in {} ({}), 0 dropped, {kept} kept their client's port, node-a's conntrack at {entries} entries",
+        ms(took),
+        tally_line(&by_pod)
+    ))
 }
 
 /// The suites share the machine's two cores: one cluster at a time.
@@ -1062,6 +1154,7 @@ fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
         ("update-delete", update_delete),
         ("hairpin", hairpin),
         ("cold-neighbours", cold_neighbours),
+        ("snat-capacity", snat_capacity),
     ];
     if pod_network == PodNetwork::Vxlan {
         cases.push(("overlay", overlay_carried_the_traffic));

@@ -392,9 +392,11 @@ pub struct Config {
     pub snat_addr_v6: [u8; 16],
 }
 
-/// Default source-NAT port range: above Linux's default ephemeral range
-/// (32768-60999), so it does not collide with the node's own sockets.
-pub const SNAT_PORT_MIN: u16 = 61_000;
+/// Default source-NAT port range: the one Linux's masquerade picks from (every
+/// port from 1024), so a destination (backend address and port) takes as many
+/// flows as with kube-proxy. Shared with the node's own sockets: a port a
+/// local socket holds for that backend, or listens on, is never claimed.
+pub const SNAT_PORT_MIN: u16 = 1_024;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 
 /// Conversions between socket addresses and the map fields (userspace only:

@@ -6,9 +6,13 @@
 //!
 //! Both live in one LRU map, so a packet of either direction costs one lookup.
 
+use core::mem::size_of_val;
+
 use aya_ebpf::{
-    bindings::{BPF_ANY, BPF_NOEXIST},
-    helpers::generated::bpf_ktime_get_coarse_ns,
+    bindings::{BPF_ANY, BPF_F_CURRENT_NETNS, BPF_NOEXIST, bpf_sock_tuple},
+    helpers::generated::{
+        bpf_ktime_get_coarse_ns, bpf_sk_lookup_udp, bpf_sk_release, bpf_skc_lookup_tcp,
+    },
 };
 use lb_common::{
     Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS,
@@ -19,14 +23,16 @@ use lb_common::{
 use crate::{
     maps::CONNTRACK,
     mem,
+    packet::Packet,
     scratch::{Headers, Scratch, TCP_FIN, TCP_RST},
 };
 
-/// Ports tried for a new source-NAT flow before giving up. Each try is an
-/// independent hash of the flow (`hash::snat_probe`), so a claim fails only if
-/// all of them are held: with 70% of a backend's ports in use, 1 new flow in
-/// 90,000 (16 tries: 1 in 300). Tries past the first are rare while the range
-/// has room, so the bound costs nothing on the common path.
+/// Ports tried for a new source-NAT flow before giving up. The first is the
+/// client's own port, as Linux's masquerade keeps it when it can; each other
+/// try is an independent hash of the flow (`hash::snat_probe`), so a claim
+/// fails only if all of them are held: with 70% of a backend's ports in use, 1
+/// new flow in 90,000 (16 tries: 1 in 300). Tries past the first are rare while
+/// the range has room, so the bound costs nothing on the common path.
 const SNAT_TRIES: u32 = 32;
 
 #[inline(always)]
@@ -67,7 +73,8 @@ pub fn touch(e: *mut CtEntry, h: &Headers) {
 /// inserts both entries and leaves the forward one in `s.entry`. With `snat`, the
 /// flow leaves with this node's address and a port chosen from `hash`.
 #[inline(always)]
-pub fn open(
+pub fn open<P: Packet>(
+    pkt: &P,
     s: &mut Scratch,
     service: u32,
     backend_id: u32,
@@ -140,7 +147,7 @@ pub fn open(
             }
             mem::copy_addr(&mut s.key.dst, &s.entry.nat_src);
             // Inserts the reply entry under the port it finds.
-            s.entry.nat_src_port = claim_snat_port(s, cfg, hash, t)?;
+            s.entry.nat_src_port = claim_snat_port(pkt, s, cfg, hash, t)?;
         }
     }
     if CONNTRACK
@@ -175,13 +182,20 @@ fn set_entry(
 }
 
 /// Finds a port in the SNAT range for which the reply key `s.key` (with that port
-/// as its destination port) is free, idle, or already this flow's, and inserts
-/// `s.reply` there. Probes ports in an order derived from the flow hash, so a
-/// flow whose forward entry was evicted gets its old port back, and flows that
-/// collide at their first port go separate ways instead of queueing up behind
-/// each other as consecutive probes would make them.
+/// as its destination port) is free, idle, or already this flow's, and no local
+/// socket's, and inserts `s.reply` there. Tries the client's own port first,
+/// then ports in an order derived from the flow hash, so a flow whose forward
+/// entry was evicted gets its old port back, and flows that collide at their
+/// first port go separate ways instead of queueing up behind each other as
+/// consecutive probes would make them.
 #[inline(always)]
-fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u16, Reason> {
+fn claim_snat_port<P: Packet>(
+    pkt: &P,
+    s: &mut Scratch,
+    cfg: &Config,
+    hash: u32,
+    t: u64,
+) -> Result<u16, Reason> {
     let min = u32::from(cfg.snat_port_min);
     let max = u32::from(cfg.snat_port_max);
     if min == 0 || max < min {
@@ -191,9 +205,17 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
     if span == 0 {
         return Err(Reason::DropSnatExhausted);
     }
+    let own = u32::from(s.h.key.src_port);
     for attempt in 0..SNAT_TRIES {
-        let port = (min + hash::snat_probe(hash, attempt, span)) as u16;
+        let port = if attempt == 0 && own >= min && own <= max {
+            own as u16
+        } else {
+            (min + hash::snat_probe(hash, attempt, span)) as u16
+        };
         s.key.dst_port = port;
+        if local_socket_holds(pkt, s) {
+            continue;
+        }
         if CONNTRACK
             .insert(&s.key, &s.reply, u64::from(BPF_NOEXIST))
             .is_ok()
@@ -215,6 +237,52 @@ fn claim_snat_port(s: &mut Scratch, cfg: &Config, hash: u32, t: u64) -> Result<u
         }
     }
     Err(Reason::DropSnatExhausted)
+}
+
+/// Whether a socket of this node would take the replies `s.key` stands for
+/// (backend -> source-NAT address and port): a connection the node itself
+/// holds with the backend from that port (TCP: also in TIME_WAIT), or a
+/// listener on that port. The port range is shared with the kernel's own
+/// ephemeral ports; such a port is left to the socket.
+#[inline(always)]
+fn local_socket_holds<P: Packet>(pkt: &P, s: &mut Scratch) -> bool {
+    let k = &s.key;
+    let size = if k.family == lb_common::FAMILY_V4 {
+        // SAFETY: plain integers in a union of plain integers.
+        let t = unsafe { &mut s.sock.__bindgen_anon_1.ipv4 };
+        t.saddr = u32::from_ne_bytes([k.src[0], k.src[1], k.src[2], k.src[3]]);
+        t.daddr = u32::from_ne_bytes([k.dst[0], k.dst[1], k.dst[2], k.dst[3]]);
+        t.sport = k.src_port.to_be();
+        t.dport = k.dst_port.to_be();
+        size_of_val(t)
+    } else {
+        // SAFETY: as above.
+        let t = unsafe { &mut s.sock.__bindgen_anon_1.ipv6 };
+        for i in 0..4 {
+            let j = 4 * i;
+            t.saddr[i] = u32::from_ne_bytes([k.src[j], k.src[j + 1], k.src[j + 2], k.src[j + 3]]);
+            t.daddr[i] = u32::from_ne_bytes([k.dst[j], k.dst[j + 1], k.dst[j + 2], k.dst[j + 3]]);
+        }
+        t.sport = k.src_port.to_be();
+        t.dport = k.dst_port.to_be();
+        size_of_val(t)
+    };
+    let tuple: *mut bpf_sock_tuple = &mut s.sock;
+    let netns = BPF_F_CURRENT_NETNS as u64;
+    // SAFETY: helper calls on our context with a tuple of the size given; a
+    // socket found is released at once.
+    unsafe {
+        let sk = if k.proto == PROTO_TCP {
+            bpf_skc_lookup_tcp(pkt.ctx(), tuple, size as u32, netns, 0)
+        } else {
+            bpf_sk_lookup_udp(pkt.ctx(), tuple, size as u32, netns, 0)
+        };
+        if sk.is_null() {
+            return false;
+        }
+        bpf_sk_release(sk.cast());
+        true
+    }
 }
 
 #[inline(always)]

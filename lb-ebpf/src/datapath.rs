@@ -53,7 +53,7 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
                     }
                     return (Action::Pass, Reason::PassNotService);
                 }
-                match open_stage(s) {
+                match open_stage(pkt, s) {
                     OPENED => {
                         // Per-flow logs: compiled in, pruned by the verifier unless the
                         // agent loads with debug-level datapath logging.
@@ -141,7 +141,7 @@ fn reason_of(raw: u32) -> Reason {
 /// conntrack, leaving the forward entry in `s.entry`. Returns [`OPENED`],
 /// [`NO_BACKEND`] or the drop [`Reason`].
 #[inline(never)]
-fn open_stage(s: &mut Scratch) -> u32 {
+fn open_stage<P: Packet>(pkt: P, s: &mut Scratch) -> u32 {
     let svc = s.svc;
     if svc.backend_count == 0 {
         return NO_BACKEND;
@@ -154,7 +154,7 @@ fn open_stage(s: &mut Scratch) -> u32 {
         return NO_BACKEND;
     };
     let snat = svc.flags & SVC_F_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0;
-    match conntrack::open(s, svc.id, id, &backend, snat.then_some(cfg), hash) {
+    match conntrack::open(&pkt, s, svc.id, id, &backend, snat.then_some(cfg), hash) {
         Ok(()) => OPENED,
         Err(reason) => reason as u32,
     }

@@ -4,7 +4,7 @@
 //! BPF stack. Plain data: it imports nothing of the datapath, so every stage
 //! and the maps can use it without an import circle.
 
-use aya_ebpf::bindings::bpf_fib_lookup;
+use aya_ebpf::bindings::{bpf_fib_lookup, bpf_sock_tuple};
 use lb_common::{CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Service};
 
 pub const TCP_FIN: u8 = 0x01;
@@ -63,4 +63,6 @@ pub struct Scratch {
     /// The service a new flow is for.
     pub svc: Service,
     pub fib: bpf_fib_lookup,
+    /// A socket lookup's tuple (is a source-NAT port a local socket's?).
+    pub sock: bpf_sock_tuple,
 }
