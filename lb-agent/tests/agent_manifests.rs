@@ -792,14 +792,63 @@ fn inject(ns: &str, dev: &str, frame: &[u8]) {
 }
 
 fn syn_to(dst: [u8; 4], port: u16) -> Vec<u8> {
+    syn_from(40_001, dst, port)
+}
+
+fn syn_from(src_port: u16, dst: [u8; 4], port: u16) -> Vec<u8> {
     let mut f = Vec::new();
     etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 2], [0xff; 6])
         .ipv4([198, 51, 100, 7], dst, 64)
-        .tcp(40_001, port, 1, 1000)
+        .tcp(src_port, port, 1, 1000)
         .syn()
         .write(&mut f, &[])
         .unwrap();
     f
+}
+
+/// A flood of flows that cannot get a source-NAT port (a range of one port
+/// here) is counted in full, but logged once a second per CPU at most, each
+/// line saying how many drops went unlogged.
+#[test]
+fn dropped_flows_are_counted_and_logged_at_most_once_a_second_per_cpu() {
+    let mut node = Node::new(&["--snat-ports", "40000-40000"]);
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", Some(30080), &["10.244.1.10"]),
+    );
+    node.start();
+    const FLOWS: u16 = 300;
+    let t0 = Instant::now();
+    for i in 0..FLOWS {
+        inject(&node.ns, "up1", &syn_from(41_000 + i, [192, 0, 2, 1], 30080));
+    }
+    let took = t0.elapsed();
+    let drops = || {
+        node.maps()
+            .reason_counters()
+            .unwrap()
+            .into_iter()
+            .find(|(r, _)| *r == lb_common::Reason::DropSnatExhausted)
+            .unwrap()
+            .1
+            .packets
+    };
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while drops() < u64::from(FLOWS - 1) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(drops(), u64::from(FLOWS - 1), "one flow got the port");
+    std::thread::sleep(Duration::from_millis(300));
+    let log = node.log();
+    let lines = log.lines().filter(|l| l.contains("dropped: reason")).count();
+    let cpus = std::thread::available_parallelism().map_or(1, usize::from);
+    let seconds = took.as_secs() as usize + 1;
+    assert!(
+        (1..=cpus * (seconds + 1)).contains(&lines),
+        "{lines} log lines for {} drops in {took:?} on {cpus} CPUs:\n{log}",
+        FLOWS - 1
+    );
+    assert!(log.contains("more drops on this CPU"), "{log}");
 }
 
 #[test]
@@ -812,7 +861,7 @@ fn datapath_logs_reach_the_agent_log_only_when_asked_for() {
             &service("web", "10.96.0.10", None, &["10.244.1.10"]),
         );
         node.start();
-        // Through up1 into up0, where the XDP program runs.
+        // Through up1 into up0, where the datapath runs (tc: a veth uplink).
         inject(&node.ns, "up1", &syn_to([10, 96, 0, 10], 80));
         let deadline = Instant::now() + Duration::from_secs(2);
         let logged = loop {

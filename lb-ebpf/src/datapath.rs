@@ -9,12 +9,13 @@
 //! 512 bytes of stack for the deepest call chain), and each stage returns one
 //! register (the BPF calling convention has no aggregate returns).
 
+use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use aya_log_ebpf::{debug, warn};
 use lb_common::{BACKEND_F_LOCAL, CT_F_FORWARD, Reason, SVC_F_SNAT_REMOTE, hash::flow_hash};
 
 use crate::{
     conntrack, forward, icmp,
-    maps::{SCRATCH, count_flow, count_reason},
+    maps::{SCRATCH, count_flow, count_reason, log_drop_now},
     nat,
     packet::{Action, Outcome, Packet, pack, unpack},
     parse::{self, Parsed},
@@ -69,10 +70,17 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
                     }
                     NO_BACKEND => return unpack(refuse_stage(pkt, s)),
                     reason => {
-                        warn!(
-                            &pkt,
-                            "new flow to port {} dropped: reason {}", s.h.key.dst_port, reason
-                        );
+                        // SAFETY: helper without arguments.
+                        let now = unsafe { bpf_ktime_get_coarse_ns() };
+                        if let Some(unlogged) = log_drop_now(now) {
+                            warn!(
+                                &pkt,
+                                "new flow to port {} dropped: reason {} ({} more drops on this CPU since the last line)",
+                                s.h.key.dst_port,
+                                reason,
+                                unlogged
+                            );
+                        }
                         return (Action::Drop, reason_of(reason));
                     }
                 }

@@ -80,6 +80,12 @@ pub static INTERFACES: HashMap<u32, Interface, { capacity::INTERFACES as usize }
 #[btf_map(name = "addr_filter")]
 pub static ADDR_FILTER: Array<u64, { hash::ADDR_FILTER_WORDS as usize }> = Array::new();
 
+/// When this CPU last logged a dropped flow, and how many it did not log
+/// since: drops are logged once a second per CPU at most (a flood of them
+/// would otherwise flood the agent's log), with the count of the rest.
+#[btf_map(name = "log_limit")]
+pub static LOG_LIMIT: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
 /// Per-packet working state, kept off the 512-byte BPF stack. Not pinned: it
 /// holds nothing between packets.
 #[btf_map(name = "scratch")]
@@ -93,6 +99,23 @@ fn add(counters: Option<*mut Counters>, bytes: u32) {
             (*c).packets += 1;
             (*c).bytes += u64::from(bytes);
         }
+    }
+}
+
+/// Whether to log a dropped flow now: `Some(n)` with the drops not logged
+/// since the last one, or None (counted as not logged).
+#[inline(always)]
+pub fn log_drop_now(now_ns: u64) -> Option<u64> {
+    let slot = LOG_LIMIT.get_ptr_mut(0)?;
+    // SAFETY: this CPU's slot.
+    unsafe {
+        let [last, skipped] = *slot;
+        if last != 0 && now_ns.wrapping_sub(last) < 1_000_000_000 {
+            *slot = [last, skipped + 1];
+            return None;
+        }
+        *slot = [now_ns, 0];
+        Some(skipped)
     }
 }
 
