@@ -145,10 +145,52 @@ fn bind_all(addrs: &[SocketAddr]) -> Result<(Vec<TcpListener>, Vec<UdpSocket>)> 
             .with_context(|| format!("TCP listener on {addr}"))?;
         tcp.push(TcpListener::from(t));
         let u = socket(addr, Type::DGRAM, Protocol::UDP)
+            .and_then(|s| {
+                force_buffers(&s, UDP_BUFFER_BYTES)?;
+                Ok(s)
+            })
             .with_context(|| format!("UDP socket on {addr}"))?;
         udp.push(UdpSocket::from(u));
     }
     Ok((tcp, udp))
+}
+
+/// Receive and send buffer of each UDP server socket. Tests send bursts of
+/// hundreds of datagrams at once (one per flow, each answered once); the
+/// default 208 KB holds about 200 small datagrams, and a datagram the server
+/// loses looks like one lb lost.
+const UDP_BUFFER_BYTES: i32 = 8 << 20;
+
+/// Sets both buffers of `s` to `bytes`, past `net.core.[rw]mem_max` (the
+/// `*FORCE` options; the testbed runs as root).
+fn force_buffers(s: &Socket, bytes: i32) -> io::Result<()> {
+    for opt in [libc::SO_RCVBUFFORCE, libc::SO_SNDBUFFORCE] {
+        // SAFETY: setsockopt on an open socket with an int option value.
+        let rc = unsafe {
+            libc::setsockopt(
+                s.as_raw_fd(),
+                libc::SOL_SOCKET,
+                opt,
+                (&raw const bytes).cast(),
+                size_of::<i32>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// Sends a UDP answer, waiting (up to 100 ms) while the send buffer is full
+/// rather than losing it: the socket is non-blocking for the poll loop.
+fn send_answer(u: &UdpSocket, reply: &[u8], peer: SocketAddr) {
+    for _ in 0..100 {
+        match u.send_to(reply, peer) {
+            Err(e) if e.kind() == ErrorKind::WouldBlock => thread::sleep(Duration::from_millis(1)),
+            _ => return,
+        }
+    }
 }
 
 fn socket(addr: &SocketAddr, ty: Type, proto: Protocol) -> io::Result<Socket> {
@@ -214,7 +256,7 @@ fn serve(name: &str, tcp: &[TcpListener], udp: &[UdpSocket], stop: &Arc<AtomicBo
                 let mut reply = Vec::with_capacity(name.len() + 1 + len);
                 reply.extend_from_slice(format!("{name} {peer}\n").as_bytes());
                 reply.extend_from_slice(&buf[..len]);
-                let _ = u.send_to(&reply, peer);
+                send_answer(u, &reply, peer);
             }
         }
     }

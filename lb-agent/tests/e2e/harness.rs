@@ -552,9 +552,26 @@ pub type Case = (&'static str, fn(&Env) -> Result<String>);
 /// Runs `cases` in order on `env`, printing a line per case (`<suite> [i]
 /// name ok: ...`, or FAILED with the evidence), then the tally; panics at the
 /// end if any failed (the others still ran). `t0`: when the suite started.
+///
+/// `LB_E2E_CASES` (comma-separated case names), when set, runs only those
+/// cases, for working on one; the tally says how many were left out.
 pub fn run_cases(env: &Env, suite: &str, cases: &[Case], t0: Instant) {
+    let only: Option<Vec<String>> = std::env::var("LB_E2E_CASES")
+        .ok()
+        .map(|v| v.split(',').map(|s| s.trim().to_string()).collect());
+    let chosen = |name: &str| only.as_ref().is_none_or(|o| o.iter().any(|n| n == name));
+    let left_out = cases.iter().filter(|(n, _)| !chosen(n)).count();
+    if left_out > 0 {
+        println!(
+            "{suite}: LB_E2E_CASES leaves out {left_out} of {} cases",
+            cases.len()
+        );
+    }
     let mut failed = Vec::new();
     for (i, (name, case)) in cases.iter().enumerate() {
+        if !chosen(name) {
+            continue;
+        }
         let t = Instant::now();
         match case(env) {
             Ok(line) => println!(
@@ -573,7 +590,11 @@ pub fn run_cases(env: &Env, suite: &str, cases: &[Case], t0: Instant) {
             }
         }
     }
-    let names: Vec<&str> = cases.iter().map(|(n, _)| *n).collect();
+    let names: Vec<&str> = cases
+        .iter()
+        .map(|(n, _)| *n)
+        .filter(|n| chosen(n))
+        .collect();
     if failed.is_empty() {
         println!(
             "{suite}: {} checks passed ({}) in {:.1}s",
@@ -586,7 +607,7 @@ pub fn run_cases(env: &Env, suite: &str, cases: &[Case], t0: Instant) {
             "{suite}: {} checks passed, {} of {} cases failed: {}",
             env.checks(),
             failed.len(),
-            cases.len(),
+            names.len(),
             failed.join(", ")
         );
     }
