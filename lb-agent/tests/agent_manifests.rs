@@ -820,7 +820,11 @@ fn dropped_flows_are_counted_and_logged_at_most_once_a_second_per_cpu() {
     const FLOWS: u16 = 300;
     let t0 = Instant::now();
     for i in 0..FLOWS {
-        inject(&node.ns, "up1", &syn_from(41_000 + i, [192, 0, 2, 1], 30080));
+        inject(
+            &node.ns,
+            "up1",
+            &syn_from(41_000 + i, [192, 0, 2, 1], 30080),
+        );
     }
     let took = t0.elapsed();
     let drops = || {
@@ -840,7 +844,10 @@ fn dropped_flows_are_counted_and_logged_at_most_once_a_second_per_cpu() {
     assert_eq!(drops(), u64::from(FLOWS - 1), "one flow got the port");
     std::thread::sleep(Duration::from_millis(300));
     let log = node.log();
-    let lines = log.lines().filter(|l| l.contains("dropped: reason")).count();
+    let lines = log
+        .lines()
+        .filter(|l| l.contains("dropped: reason"))
+        .count();
     let cpus = std::thread::available_parallelism().map_or(1, usize::from);
     let seconds = took.as_secs() as usize + 1;
     assert!(

@@ -981,6 +981,80 @@ fn overlay_carried_the_traffic(env: &Env) -> Result<String> {
     ))
 }
 
+/// Case 12 (routed pod networks): jumbo frames. The segment, both nodes'
+/// uplinks, the client and pod-b1 go to MTU 9000 (AWS's is 9001); a TCP
+/// stream from the client through node-a's NodePort to pod-b1 then carries
+/// segments of more than 8,000 bytes (the XDP program is frags-aware: such a
+/// frame spans several buffers), lossless, and an 8,000-byte UDP datagram is
+/// echoed; then everything goes back to 1500. The frames are counted where
+/// they arrive, in pod-b1: what XDP sends on (XDP_TX, redirects) passes no
+/// packet tap on the nodes.
+fn jumbo_frames(env: &Env) -> Result<String> {
+    const MTU: u32 = 9000;
+    let c = env.c();
+    let client = c.client();
+    let b1 = c.pod("pod-b1");
+    // (namespace, device) pairs, in the order to raise them.
+    let mut links: Vec<(String, String)> = vec![(client.ns().into(), client.iface().into())];
+    for n in c.nodes() {
+        links.push((n.ns().into(), n.uplink().into()));
+        links.push((c.lan_ns().into(), n.bridge_port().into()));
+    }
+    links.push((c.lan_ns().into(), client.bridge_port().into()));
+    let node_b = c.node("node-b");
+    links.push((node_b.ns().into(), b1.host_veth().into()));
+    links.push((b1.ns().into(), b1.iface().into()));
+    let set = |mtu: u32| -> Result<()> {
+        for (ns, dev) in &links {
+            lb_testbed::ip(Some(ns), &format!("link set {dev} mtu {mtu}"))?;
+        }
+        Ok(())
+    };
+    let result = (|| -> Result<String> {
+        set(MTU)?;
+        let to = c.node("node-a").sock(false, NODEPORT_TO_B);
+        let mut report = None;
+        let cap = env.capture(&[b1.ns()], "tcp and greater 8000", || {
+            report = Some(lb_testbed::tcp_stream(
+                client.ns(),
+                to,
+                4_000_000,
+                Duration::from_secs(3),
+            ));
+        });
+        let r = report.context("no stream ran")??;
+        let line = stream_ok(env, "client -> node-a NodePort -> pod-b1 (MTU 9000)", &r)?;
+        let big = cap.lines().filter(|l| l.contains(" length ")).count();
+        check!(
+            env,
+            big > 0,
+            "no TCP frame above 8,000 bytes reached pod-b1:\n{cap}"
+        );
+        let payload = vec![b'j'; 8000];
+        let out = lb_testbed::socat_udp_in(client.ns(), to, &payload, ANSWER)?;
+        let (_, echoed) = out.split_once('\n').unwrap_or_default();
+        check!(
+            env,
+            echoed.len() == payload.len(),
+            "an 8000-byte datagram came back as {} bytes",
+            echoed.len()
+        );
+        Ok(format!(
+            "{line}; {big} TCP frames above 8,000 bytes reached pod-b1; an 8000-byte UDP datagram echoed"
+        ))
+    })();
+    // Back to 1500, lowest first.
+    let mut restore = Ok(());
+    for (ns, dev) in links.iter().rev() {
+        if let Err(e) = lb_testbed::ip(Some(ns), &format!("link set {dev} mtu 1500")) {
+            restore = Err(e);
+        }
+    }
+    let line = result?;
+    restore.context("restoring MTU 1500")?;
+    Ok(line)
+}
+
 /// Packets counted under `reason` on `node`.
 fn reason_packets(env: &Env, node: &str, reason: &str) -> Result<u64> {
     let dump = env.dump(node)?;
@@ -1156,8 +1230,9 @@ fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
         ("cold-neighbours", cold_neighbours),
         ("snat-capacity", snat_capacity),
     ];
-    if pod_network == PodNetwork::Vxlan {
-        cases.push(("overlay", overlay_carried_the_traffic));
+    match pod_network {
+        PodNetwork::Vxlan => cases.push(("overlay", overlay_carried_the_traffic)),
+        PodNetwork::Routed => cases.push(("jumbo-frames", jumbo_frames)),
     }
     harness::run_cases(&env, name, &cases, t0);
 }

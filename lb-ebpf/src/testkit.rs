@@ -20,7 +20,8 @@ use lb_common::Counters;
 #[btf_map(name = "sink_stats")]
 static SINK_STATS: PerCpuArray<Counters, 1> = PerCpuArray::new();
 
-#[xdp]
+/// Frags-aware, so its veth's peer may take a jumbo MTU.
+#[xdp(frags)]
 pub fn xdp_pass(_ctx: XdpContext) -> u32 {
     xdp_action::XDP_PASS
 }
