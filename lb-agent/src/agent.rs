@@ -18,7 +18,7 @@ use tokio::{
 };
 
 use crate::{
-    bpf::{Datapath, LoadOptions, Sizes},
+    bpf::{Datapath, LoadOptions, Sizes, sock},
     cluster::{NodeInfo, Problem},
     health::Health,
     interfaces::{Interfaces, UplinkHook},
@@ -57,6 +57,10 @@ pub struct Settings {
     pub healthz_addr: SocketAddr,
     /// Datapath log level (per-flow messages are debug).
     pub datapath_log: log::Level,
+    /// Socket-level balancing for the node's own clients (see `bpf::sock`).
+    pub socket_lb: bool,
+    /// Where the cgroup v2 hierarchy is mounted (or its hybrid-layout parent).
+    pub cgroup_path: PathBuf,
 }
 
 /// The uplinks named with --iface.
@@ -319,6 +323,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             att.set_uplinks(&mut dp, r.maps_mut(), uplinks)?;
         }
     }
+    let socket_lb = socket_lb(&settings, &mut dp);
     let awaited = "from the Node object (as pinned until then)";
     log::info!(
         "datapath ready in {:?}: node {} addresses {}, uplinks {}, {} pod and {} other interface(s)",
@@ -345,6 +350,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         reconciler.clone(),
         Health::new(Instant::now(), source_lost_since),
     ));
+    metrics.agent.socket_lb.set(i64::from(socket_lb));
     count_conntrack(&settings, &metrics);
     let mut server = {
         let m = metrics.clone();
@@ -533,6 +539,42 @@ pub async fn run(settings: Settings) -> Result<()> {
     }
     log::info!("stopping; the datapath stays attached and serving (`lb-agent cleanup` removes it)");
     Ok(())
+}
+
+/// Attaches (or, with `--socket-lb=false`, detaches) the socket programs that
+/// serve the node's own clients. A node without a cgroup v2 hierarchy still
+/// serves every other client: that is said loudly, not fatal. Returns whether
+/// they run.
+fn socket_lb(settings: &Settings, dp: &mut Datapath) -> bool {
+    let links = settings.pin_path.join("links");
+    if !settings.socket_lb {
+        match sock::detach(&links) {
+            Ok(n) => log::info!(
+                "--socket-lb=false: the node's own clients (its processes, hostNetwork pods)                  do not reach Services through lb ({n} socket program(s) detached)"
+            ),
+            Err(e) => log::error!("detaching the socket programs: {e:#}"),
+        }
+        return false;
+    }
+    let attached = sock::cgroup2_root(&settings.cgroup_path).and_then(|root| {
+        dp.attach_sockets(&root, &links)?;
+        Ok(root)
+    });
+    match attached {
+        Ok(root) => {
+            log::info!(
+                "socket-level balancing on cgroup {}: the node's own clients (its processes,                  hostNetwork pods) reach Services",
+                root.display()
+            );
+            true
+        }
+        Err(e) => {
+            log::warn!(
+                "the node's own clients (its processes, hostNetwork pods) will not reach                  Services: {e:#}"
+            );
+            false
+        }
+    }
 }
 
 /// How often conntrack entries are counted (a walk over the whole map).

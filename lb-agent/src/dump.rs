@@ -11,7 +11,10 @@ use lb_common::{
 };
 use serde::Serialize;
 
-use crate::{bpf::Maps, reconcile::socket_addr};
+use crate::{
+    bpf::{Maps, sock},
+    reconcile::socket_addr,
+};
 
 #[derive(Serialize)]
 pub struct Dump {
@@ -24,6 +27,17 @@ pub struct Dump {
     pub maglev: Vec<TableDump>,
     pub conntrack: ConntrackDump,
     pub reasons: BTreeMap<String, CountersDump>,
+    pub socket_lb: SocketLbDump,
+}
+
+/// Socket-level balancing for the node's own clients.
+#[derive(Serialize)]
+pub struct SocketLbDump {
+    /// Socket programs with a pinned link (all of them, or none).
+    pub programs_attached: usize,
+    pub programs: usize,
+    /// System calls changed or refused, per event.
+    pub calls: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize)]
@@ -43,6 +57,9 @@ pub struct InterfaceDump {
     pub hooks: Vec<&'static str>,
     /// For an uplink: why these hooks.
     pub why: &'static str,
+    /// With XDP: what the driver counted as XDP frames it failed to send
+    /// (counted by the datapath as `tx` / `redirect` all the same).
+    pub xdp_transmit_errors: BTreeMap<String, u64>,
 }
 
 #[derive(Serialize, Default, Clone, Copy)]
@@ -143,12 +160,21 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
                 hooks.push(name);
             }
         }
+        let xdp_transmit_errors = if i.hooks & iface::HOOK_XDP != 0 {
+            crate::ethtool::xdp_transmit_errors(i.name())
+                .unwrap_or_default()
+                .into_iter()
+                .collect()
+        } else {
+            BTreeMap::new()
+        };
         interfaces.push(InterfaceDump {
             ifindex,
             name: i.name().to_string(),
             role: iface::role_name(i.role),
             hooks,
             why: iface::why_text(i.why),
+            xdp_transmit_errors,
         });
     }
     interfaces.sort_by_key(|i| (i.role, i.ifindex));
@@ -274,6 +300,15 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         .map(|(r, c)| (r.name().to_string(), counters(c)))
         .collect();
     cluster_ips.sort();
+    let socket_lb = SocketLbDump {
+        programs_attached: sock::pinned(&dir.join("links")),
+        programs: sock::PROGRAMS.len(),
+        calls: maps
+            .sock_counters()?
+            .into_iter()
+            .map(|(e, n)| (e.as_str().to_string(), n))
+            .collect(),
+    };
     Ok(Dump {
         config,
         interfaces,
@@ -283,6 +318,7 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         maglev,
         conntrack: ConntrackDump { entries, shown },
         reasons,
+        socket_lb,
     })
 }
 
@@ -310,6 +346,20 @@ pub fn render(d: &Dump) -> String {
             if i.why.is_empty() { "" } else { ": " },
             i.why
         );
+        let failed: u64 = i.xdp_transmit_errors.values().sum();
+        if failed > 0 {
+            let counters: Vec<String> = i
+                .xdp_transmit_errors
+                .iter()
+                .filter(|(_, n)| **n > 0)
+                .map(|(name, n)| format!("{name} {n}"))
+                .collect();
+            let _ = writeln!(
+                o,
+                "      XDP transmit errors: {failed} frames counted as tx/redirect were dropped by the driver ({})",
+                counters.join(", ")
+            );
+        }
     }
     let _ = writeln!(o, "\nservices ({} service ports):", d.services.len());
     for s in &d.services {
@@ -389,6 +439,27 @@ pub fn render(d: &Dump) -> String {
             f.flags.join(",")
         );
     }
+    let sl = &d.socket_lb;
+    let calls: Vec<String> = sl
+        .calls
+        .iter()
+        .map(|(event, n)| format!("{event} {n}"))
+        .collect();
+    let _ = writeln!(
+        o,
+        "\nsocket LB (the node's own clients): {}; calls: {}",
+        if sl.programs_attached == sl.programs {
+            format!("on ({} programs)", sl.programs)
+        } else if sl.programs_attached == 0 {
+            "off".to_string()
+        } else {
+            format!(
+                "partly on ({} of {} programs)",
+                sl.programs_attached, sl.programs
+            )
+        },
+        calls.join(", ")
+    );
     let _ = writeln!(o, "\ndatapath reasons:");
     for (name, c) in &d.reasons {
         if c.packets > 0 {

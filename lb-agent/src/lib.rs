@@ -8,6 +8,7 @@ pub mod agent;
 pub mod bpf;
 pub mod cluster;
 pub mod dump;
+pub mod ethtool;
 pub mod health;
 pub mod interfaces;
 pub mod maglev;

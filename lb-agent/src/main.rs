@@ -138,6 +138,17 @@ struct RunArgs {
     /// listens on) are skipped.
     #[arg(long, default_value_t = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"))]
     snat_ports: String,
+    /// Serve the node's own clients (its processes, the kubelet, hostNetwork
+    /// pods) at the socket: cgroup programs on the root of the cgroup v2
+    /// hierarchy send their connects and datagrams to a ClusterIP, a NodePort
+    /// on a node address, a LoadBalancer IP or an externalIP straight to a
+    /// backend, and show the frontend as the peer. Pods keep going through tc.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    socket_lb: bool,
+    /// Where the cgroup v2 hierarchy is mounted (on a hybrid-layout host, its
+    /// `unified` directory below this path is used).
+    #[arg(long, default_value = "/sys/fs/cgroup")]
+    cgroup_path: PathBuf,
 }
 
 fn parse_range(s: &str) -> Result<(u16, u16)> {
@@ -189,6 +200,8 @@ fn settings(a: RunArgs) -> Result<Settings> {
         metrics_addr: a.metrics_addr,
         healthz_addr: a.healthz_addr,
         datapath_log: a.datapath_log,
+        socket_lb: a.socket_lb,
+        cgroup_path: a.cgroup_path,
     })
 }
 

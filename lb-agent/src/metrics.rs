@@ -45,6 +45,8 @@ pub struct AgentMetrics {
     pub maglev_entries_written: Counter,
     /// Failed lists and watches of the source.
     pub source_errors: Counter,
+    /// 1 while the socket programs serve the node's own clients.
+    pub socket_lb: Gauge,
 }
 
 impl AgentMetrics {
@@ -78,6 +80,7 @@ impl Metrics {
             map_capacity: Family::default(),
             maglev_entries_written: Counter::default(),
             source_errors: Counter::default(),
+            socket_lb: Gauge::default(),
         };
         let mut registry = Registry::with_prefix("lb");
         registry.register(
@@ -119,6 +122,12 @@ impl Metrics {
             "source_errors",
             "Failed lists and watches of the source (Kubernetes: of the API server; each is retried)",
             agent.source_errors.clone(),
+        );
+        registry.register(
+            "socket_lb_attached",
+            "1 while socket-level balancing serves the node's own clients (its processes, \
+             hostNetwork pods); 0: it is off (--socket-lb=false) or could not attach (see the log)",
+            agent.socket_lb.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { reconciler }));
         let health = Arc::new(Mutex::new(health));
@@ -244,6 +253,44 @@ impl Collector for DatapathCollector {
             "backend_bytes",
             "Bytes translated per backend",
             &bb,
+        )?;
+
+        let sock: Vec<(Labels, u64)> = maps
+            .sock_counters()
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(e, n)| (vec![("event".into(), e.as_str().into())], n))
+            .collect();
+        counter(
+            &mut encoder,
+            "socket_lb_calls",
+            "System calls of the node's own clients the socket programs changed: connected \
+             and sent (to a backend), refused (no backend), restored (the frontend shown as \
+             the peer), origin_lost (not remembered)",
+            &sock,
+        )?;
+
+        let mut xdp_errors = Vec::new();
+        for (_, i) in maps.interfaces.iter().flatten() {
+            if i.hooks & lb_common::iface::HOOK_XDP == 0 {
+                continue;
+            }
+            for (name, n) in crate::ethtool::xdp_transmit_errors(i.name()).unwrap_or_default() {
+                xdp_errors.push((
+                    vec![
+                        ("interface".into(), i.name().to_string()),
+                        ("counter".into(), name),
+                    ],
+                    n,
+                ));
+            }
+        }
+        counter(
+            &mut encoder,
+            "xdp_transmit_errors",
+            "XDP frames the driver of an XDP interface failed to send (its ethtool statistics): \
+             counted by the datapath as tx or redirect, lost all the same",
+            &xdp_errors,
         )?;
 
         let (_, _, ports) = r.occupancy();

@@ -650,7 +650,7 @@ fn help_explains_every_flag_with_its_default() {
     // (taken from the constants the agent uses where they are shared), the doc
     // comment's for a default worked out at run time, none for a flag without one.
     let d = |s: &str| Some(s.to_string());
-    let expected: [(&str, Option<String>); 20] = [
+    let expected: [(&str, Option<String>); 22] = [
         (
             "--kubeconfig",
             d("in-cluster config, then $KUBECONFIG or ~/.kube/config"),
@@ -682,6 +682,8 @@ fn help_explains_every_flag_with_its_default() {
             "--snat-ports",
             Some(format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}")),
         ),
+        ("--socket-lb", d("true")),
+        ("--cgroup-path", d("/sys/fs/cgroup")),
         ("--help", None),
     ];
     // The options section: a line per flag ("  -h, --help", "      --flag <VALUE>"),
@@ -1100,4 +1102,87 @@ fn node_interfaces(node: &Node) -> std::collections::BTreeMap<u32, String> {
             (i, v.name().to_string())
         })
         .collect()
+}
+
+/// An uplink forced to XDP (`--uplink-hook xdp`) on a veth whose peer runs no
+/// XDP: every frame lb sends back out (XDP_TX) is dropped by the veth after
+/// the datapath counted it as `tx`. `lb-agent dump` and the metrics say so,
+/// from the device's own statistics.
+#[test]
+fn frames_the_driver_fails_to_send_are_shown_in_the_dump_and_the_metrics() {
+    let mut node = Node::new(&["--uplink-hook", "xdp"]);
+    // The backend's next hop is behind the uplink itself: XDP_TX (the node
+    // forwards, as a Kubernetes node does).
+    sh(&format!(
+        "ip netns exec {ns} sysctl -qw net.ipv4.ip_forward=1 && ip -n {ns} route add 10.244.1.0/24 via 192.0.2.2 && \
+         ip -n {ns} neigh add 192.0.2.2 lladdr 02:00:00:00:00:02 dev up0 nud permanent",
+        ns = node.ns
+    ));
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", Some(30080), &["10.244.1.10"]),
+    );
+    node.start();
+    const FRAMES: u16 = 20;
+    for i in 0..FRAMES {
+        inject(
+            &node.ns,
+            "up1",
+            &syn_from(42_000 + i, [192, 0, 2, 1], 30080),
+        );
+    }
+    let dump = || -> serde_json::Value {
+        let out = command_in(
+            &node.ns,
+            AGENT,
+            ["dump", "--json", "--pin-path", node.pins.to_str().unwrap()],
+        )
+        .output()
+        .expect("lb-agent dump");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("dump JSON")
+    };
+    let failed = |d: &serde_json::Value| -> u64 {
+        d["interfaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|i| i["name"] == "up0")
+            .flat_map(|i| i["xdp_transmit_errors"].as_object().cloned())
+            .flat_map(|m| m.into_iter().map(|(_, v)| v.as_u64().unwrap_or(0)))
+            .sum()
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let mut d = dump();
+    while failed(&d) < u64::from(FRAMES) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+        d = dump();
+    }
+    assert_eq!(
+        failed(&d),
+        u64::from(FRAMES),
+        "up0's XDP transmit errors in the dump: {}; reasons {}",
+        d["interfaces"],
+        d["reasons"]
+    );
+    assert_eq!(
+        d["reasons"]["tx"]["packets"].as_u64(),
+        Some(u64::from(FRAMES)),
+        "the datapath counted them as sent: {}",
+        d["reasons"]
+    );
+    let metrics = node.metrics();
+    let line = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("lb_xdp_transmit_errors")
+                && l.contains("interface=\"up0\"")
+                && l.contains("xdp_tx_errors")
+        })
+        .unwrap_or_else(|| panic!("no XDP transmit errors of up0 in the metrics:\n{metrics}"));
+    assert!(line.ends_with(&format!(" {FRAMES}")), "{line}");
 }

@@ -308,8 +308,28 @@ fn agent_container_runs_the_agent_with_the_node_name() {
         [
             "run",
             "--node-name=$(NODE_NAME)",
-            "--metrics-addr=0.0.0.0:10249"
+            "--metrics-addr=0.0.0.0:10249",
+            "--cgroup-path=/run/lb/host-cgroup"
         ]
+    );
+    // The socket programs go on the host's cgroup hierarchy: --cgroup-path
+    // is where the host's /sys/fs/cgroup is mounted (the container's own
+    // /sys/fs/cgroup is its private cgroup namespace's).
+    let mount = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == "/run/lb/host-cgroup")
+        .expect("a volume at --cgroup-path");
+    let volume = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.name == mount.name)
+        .expect("the volume of --cgroup-path");
+    assert_eq!(
+        volume.host_path.as_ref().map(|h| h.path.as_str()),
+        Some("/sys/fs/cgroup")
     );
     let env = c.env.as_deref().unwrap_or_default();
     let node_name = env

@@ -1055,6 +1055,108 @@ fn jumbo_frames(env: &Env) -> Result<String> {
     Ok(line)
 }
 
+/// Case 13: the nodes' own clients (processes in a node's namespace, as
+/// hostNetwork pods and the kubelet are) reach Services through the socket
+/// programs: ClusterIPs with a backend on either node, a NodePort on the
+/// node's own address and on the other node's, the LoadBalancer IP and the
+/// externalIP, TCP (curl) and UDP (socat), v4+v6. A kernel socket sees the
+/// frontend as its peer (getpeername) and as the source of the answers to an
+/// unconnected UDP socket (recvmsg); a Service without endpoints is refused
+/// at connect.
+fn node_clients(env: &Env) -> Result<String> {
+    let c = env.c();
+    let mut n = 0;
+    for node in ["node-a", "node-b"] {
+        let ns = c.node(node).ns().to_string();
+        for v6 in [false, true] {
+            let i = usize::from(v6);
+            let mut targets: Vec<(String, SocketAddr, Vec<&str>)> = vec![
+                ("ClusterIP".into(), vip(env, LOCAL, v6, 80), vec!["pod-a1"]),
+                ("ClusterIP".into(), vip(env, REMOTE, v6, 80), vec!["pod-b0"]),
+                (
+                    "LoadBalancer IP".into(),
+                    SocketAddr::new(c.lb_ips(20)[i], 80),
+                    PODS.to_vec(),
+                ),
+                (
+                    "externalIP".into(),
+                    SocketAddr::new(c.external_ips(20)[i], 80),
+                    PODS.to_vec(),
+                ),
+            ];
+            for np_node in ["node-a", "node-b"] {
+                let what = if np_node == node {
+                    "own NodePort"
+                } else {
+                    "other node's NodePort"
+                };
+                targets.push((
+                    what.into(),
+                    c.node(np_node).sock(v6, NODEPORT_TO_B),
+                    vec!["pod-b1"],
+                ));
+            }
+            for (what, to, backends) in &targets {
+                for proto in [Tcp, Udp] {
+                    env.ask_expect(&ns, *to, proto, |a| {
+                        if !backends.contains(&a.server.as_str()) {
+                            bail!("{proto} {node} -> {what} {to}: answered by {a}, expected {backends:?}");
+                        }
+                        Ok(())
+                    })?;
+                    n += 1;
+                }
+            }
+            // What the application sees of its peer.
+            let to = vip(env, LOCAL, v6, 80);
+            let seen = lb_testbed::in_netns(&ns, move || -> Result<(SocketAddr, SocketAddr)> {
+                let tcp = std::net::TcpStream::connect_timeout(&to, ANSWER)?;
+                let tcp_peer = tcp.peer_addr()?;
+                let udp = std::net::UdpSocket::bind(if v6 { "[::]:0" } else { "0.0.0.0:0" })?;
+                udp.set_read_timeout(Some(ANSWER))?;
+                udp.send_to(b"peer", to)?;
+                let mut buf = [0u8; 512];
+                let (_, from) = udp.recv_from(&mut buf)?;
+                Ok((tcp_peer, from))
+            })
+            .with_context(|| format!("{node}: kernel sockets to {to}"))?;
+            check!(
+                env,
+                seen == (to, to),
+                "{node} -> {to}: getpeername {} and the answer's source {}, expected the ClusterIP for both",
+                seen.0,
+                seen.1
+            );
+            // No endpoints: refused at connect.
+            for to in [
+                vip(env, EMPTY, v6, 80),
+                c.node(node).sock(v6, NODEPORT_EMPTY),
+            ] {
+                for proto in [Tcp, Udp] {
+                    let (r, t) = timed(|| probe(&ns, to, proto, Duration::from_secs(3)));
+                    check!(
+                        env,
+                        r == Err(ProbeError::Refused) && t < REFUSE_WITHIN,
+                        "{proto} {node} -> {to} (no endpoints): {r:?} after {}, expected refused",
+                        ms(t)
+                    );
+                }
+            }
+        }
+        let dump = env.dump(node)?;
+        let sl = &dump["socket_lb"];
+        check!(
+            env,
+            sl["programs_attached"] == sl["programs"]
+                && sl["calls"]["connected"].as_u64() > Some(0),
+            "{node}'s dump says of the socket programs: {sl}"
+        );
+    }
+    Ok(format!(
+        "{n}/{n} requests (curl, socat, v4+v6) from node-a's and node-b's own namespaces to ClusterIPs (backend on either node), the own and the other node's NodePort, the LoadBalancer IP and the externalIP answered by their backends; kernel sockets see the ClusterIP as their peer and as the answers' source; no-endpoint ClusterIP and NodePort refused at connect"
+    ))
+}
+
 /// Packets counted under `reason` on `node`.
 fn reason_packets(env: &Env, node: &str, reason: &str) -> Result<u64> {
     let dump = env.dump(node)?;
@@ -1229,6 +1331,7 @@ fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
         ("hairpin", hairpin),
         ("cold-neighbours", cold_neighbours),
         ("snat-capacity", snat_capacity),
+        ("node-clients", node_clients),
     ];
     match pod_network {
         PodNetwork::Vxlan => cases.push(("overlay", overlay_carried_the_traffic)),

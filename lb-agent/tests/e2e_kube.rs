@@ -4,7 +4,7 @@
 //! `shared/tools/kube-control-plane`, on loopback, with TLS, client
 //! certificates and RBAC). The release build of lb-agent runs on both nodes
 //! the way `deploy/kubernetes/daemonset.yaml` runs it: the DaemonSet's own
-//! args (only `--node-name` and `--metrics-addr`: addresses and uplinks come
+//! args (only `--node-name`, `--metrics-addr` and `--cgroup-path`: addresses and uplinks come
 //! from the Node object), in-cluster configuration with a token of the
 //! ServiceAccount that `deploy/kubernetes/rbac.yaml` binds (so the RBAC is
 //! shown to be enough), the node's bpffs at `/sys/fs/bpf`.
@@ -237,8 +237,15 @@ fn clusterip(env: &Env) -> Result<String> {
     )?;
     let first = t0.elapsed().max(first);
     let mut lines = Vec::new();
-    for client in ["pod-a0", "pod-b1"] {
-        let ns = env.c().pod(client).ns();
+    // Pods, and the nodes' own namespaces (hostNetwork pods, the kubelet),
+    // served by the socket programs.
+    let clients = [
+        ("pod-a0", env.c().pod("pod-a0").ns()),
+        ("pod-b1", env.c().pod("pod-b1").ns()),
+        ("node-a", env.c().node("node-a").ns()),
+        ("node-b", env.c().node("node-b").ns()),
+    ];
+    for (client, ns) in clients {
         for v6 in [false, true] {
             for proto in [Tcp, Udp] {
                 let t = answered_by(
@@ -260,13 +267,48 @@ fn clusterip(env: &Env) -> Result<String> {
         "24 connections to the ClusterIP reached only {}",
         tally(&spread)
     );
+    let kubernetes = kubernetes_service_from_the_node(env)?;
     Ok(format!(
-        "ClusterIPs {} and {} allocated by the API server; first answer {} after the create; {}; 24 TCP connections spread over {}",
+        "ClusterIPs {} and {} allocated by the API server; first answer {} after the create; {}; 24 TCP connections spread over {}; {kubernetes}",
         vips[0],
         vips[1],
         ms(first),
         lines.join("; "),
         tally(&spread)
+    ))
+}
+
+/// The `kubernetes` Service from both nodes' own namespaces. This control
+/// plane's API server advertises 127.0.0.1, which Endpoints refuse, so the
+/// Service has no endpoints (see shared/tools/kube-control-plane): the node's
+/// connect is refused at once, as a client of any Service without endpoints
+/// is, rather than left to time out.
+fn kubernetes_service_from_the_node(env: &Env) -> Result<String> {
+    let api: kube::Api<Service> = kube::Api::namespaced(env.kube().cp.client(), "default");
+    let svc = env
+        .kube()
+        .cp
+        .block_on(api.get("kubernetes"))
+        .context("reading the kubernetes Service")?;
+    let ip: IpAddr = svc
+        .spec
+        .as_ref()
+        .and_then(|s| s.cluster_ip.as_ref())
+        .context("the kubernetes Service has no ClusterIP")?
+        .parse()?;
+    let to = SocketAddr::new(ip, 443);
+    for node in ["node-a", "node-b"] {
+        let ns = env.c().node(node).ns();
+        let (r, t) = harness::timed(|| probe(ns, to, Tcp, Duration::from_secs(3)));
+        check!(
+            env,
+            r == Err(lb_testbed::ProbeError::Refused) && t < Duration::from_millis(500),
+            "{node} -> the kubernetes Service {to} (no endpoints): {r:?} after {}, expected refused at once",
+            ms(t)
+        );
+    }
+    Ok(format!(
+        "the kubernetes Service {to} (no endpoints here) refused at connect from both nodes' own namespaces"
     ))
 }
 

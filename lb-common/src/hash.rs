@@ -57,6 +57,14 @@ pub const fn flow_hash(key: &FlowKey) -> u32 {
     finish(h)
 }
 
+/// Hash of a socket's cookie: which Maglev entry a node-local client's
+/// socket takes (socket-level balancing has no 5-tuple yet when it chooses:
+/// the source port may be unbound). The same socket keeps its choice.
+#[inline(always)]
+pub const fn socket_hash(cookie: u64) -> u32 {
+    finish(mix(mix(SEED, cookie as u32), (cookie >> 32) as u32))
+}
+
 /// Words (u64) of the `addr_filter` bitmap (a power of two).
 pub const ADDR_FILTER_WORDS: u32 = 4096;
 /// The roles an entry of `addr_filter` stands for:

@@ -13,8 +13,10 @@
 
 pub mod hash;
 pub mod reason;
+pub mod sock;
 
 pub use reason::Reason;
+pub use sock::{SockEvent, SockOrigin};
 
 /// `family` value of an IPv4 entry.
 pub const FAMILY_V4: u8 = 4;
@@ -42,8 +44,10 @@ pub mod map_names {
     pub const SERVICE_NAMES: &str = "service_names";
     pub const ADDR_FILTER: &str = "addr_filter";
     pub const INTERFACES: &str = "interfaces";
+    pub const SOCK_ORIGINS: &str = "sock_origins";
+    pub const SOCK_STATS: &str = "sock_stats";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -56,6 +60,8 @@ pub mod map_names {
         SERVICE_NAMES,
         ADDR_FILTER,
         INTERFACES,
+        SOCK_ORIGINS,
+        SOCK_STATS,
     ];
 }
 
@@ -78,6 +84,10 @@ pub mod capacity {
     /// Interfaces the programs run on (`interfaces` entries): uplinks, pod
     /// veths, tunnels and other NICs.
     pub const INTERFACES: u32 = 16_384;
+    /// Sockets of the node's own clients and the backends they were sent to
+    /// (`sock_origins`, an LRU: one entry per connected socket or per
+    /// unconnected UDP socket and backend, about 100 bytes each).
+    pub const SOCK_ORIGINS: u32 = 65_536;
 }
 
 /// Key of `services`: one frontend of a Service port.
@@ -479,6 +489,7 @@ mod pod {
     unsafe impl aya::Pod for super::MaglevPair {}
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::Interface {}
+    unsafe impl aya::Pod for super::SockOrigin {}
 }
 
 #[cfg(test)]
@@ -497,6 +508,7 @@ mod tests {
         assert_eq!(size_of::<Counters>(), 16);
         assert_eq!(size_of::<Config>(), 4 + 4 + 4 + 2 + 2 + 16);
         assert_eq!(size_of::<Interface>(), 16 + 4 * 4);
+        assert_eq!(size_of::<SockOrigin>(), 8 + 16 + 2 + 1 + 5);
     }
 
     #[test]

@@ -8,7 +8,10 @@
 //!   other interface replies may arrive on (tunnels of overlay networks, other
 //!   NICs), and to the uplinks: as the uplink hook where XDP does not fit (a veth
 //!   uplink, a NIC without native XDP), and behind XDP for what XDP hands on
-//!   (see `forward`).
+//!   (see `forward`);
+//! - `lb_connect4/6`, `lb_sendmsg4/6`, `lb_recvmsg4/6` and `lb_getpeername4/6`,
+//!   cgroup socket programs on the root cgroup: Services for the node's own
+//!   clients (its processes, hostNetwork pods), at the socket (see `sock`).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 // Inline assembly for context loads the verifier must see verbatim (see `packet`).
@@ -27,13 +30,15 @@ mod parse;
 mod reject;
 mod scratch;
 mod service;
+mod sock;
 
 use aya_ebpf::{
     bindings::{TC_ACT_SHOT, TC_ACT_UNSPEC, xdp_action},
     helpers::generated::{bpf_redirect, bpf_redirect_neigh},
-    macros::{classifier, xdp},
-    programs::{TcContext, XdpContext},
+    macros::{cgroup_sock_addr, classifier, xdp},
+    programs::{SockAddrContext, TcContext, XdpContext},
 };
+use lb_common::SockEvent;
 
 use crate::{
     maps::TX_PORTS,
@@ -77,6 +82,46 @@ pub fn lb_tc(ctx: TcContext) -> i32 {
             }
         }
     }
+}
+
+#[cgroup_sock_addr(connect4)]
+pub fn lb_connect4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false, SockEvent::Connected)
+}
+
+#[cgroup_sock_addr(connect6)]
+pub fn lb_connect6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true, SockEvent::Connected)
+}
+
+#[cgroup_sock_addr(sendmsg4)]
+pub fn lb_sendmsg4(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, false, SockEvent::Sent)
+}
+
+#[cgroup_sock_addr(sendmsg6)]
+pub fn lb_sendmsg6(ctx: SockAddrContext) -> i32 {
+    sock::translate(&ctx, true, SockEvent::Sent)
+}
+
+#[cgroup_sock_addr(recvmsg4)]
+pub fn lb_recvmsg4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(recvmsg6)]
+pub fn lb_recvmsg6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
+}
+
+#[cgroup_sock_addr(getpeername4)]
+pub fn lb_getpeername4(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, false)
+}
+
+#[cgroup_sock_addr(getpeername6)]
+pub fn lb_getpeername6(ctx: SockAddrContext) -> i32 {
+    sock::restore(&ctx, true)
 }
 
 lb_ebpf::object_items!();

@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Backend, Config, Counters, CtEntry, FlowKey, Interface, MaglevPair, Reason, Service,
-    ServiceKey, ServiceName, capacity, hash, maglev_row_elements,
+    ServiceKey, ServiceName, SockEvent, SockOrigin, capacity, hash, maglev_row_elements,
 };
 
 use crate::scratch::Scratch;
@@ -80,6 +80,21 @@ pub static INTERFACES: HashMap<u32, Interface, { capacity::INTERFACES as usize }
 #[btf_map(name = "addr_filter")]
 pub static ADDR_FILTER: Array<u64, { hash::ADDR_FILTER_WORDS as usize }> = Array::new();
 
+/// The frontend each node-local socket asked for, by socket and backend (see
+/// `sock`): what `getpeername` and received datagrams show in place of the
+/// backend. An LRU: sockets are not told of when they close.
+#[btf_map(name = "sock_origins")]
+pub static SOCK_ORIGINS: LruHashMap<
+    SockOrigin,
+    ServiceKey,
+    { capacity::SOCK_ORIGINS as usize },
+    0,
+> = LruHashMap::new();
+
+/// System calls the socket programs changed or refused, per [`SockEvent`].
+#[btf_map(name = "sock_stats")]
+pub static SOCK_STATS: PerCpuArray<u64, { SockEvent::COUNT as usize }> = PerCpuArray::new();
+
 /// When this CPU last logged a dropped flow, and how many it did not log
 /// since: drops are logged once a second per CPU at most (a flood of them
 /// would otherwise flood the agent's log), with the count of the rest.
@@ -116,6 +131,14 @@ pub fn log_drop_now(now_ns: u64) -> Option<u64> {
         }
         *slot = [now_ns, 0];
         Some(skipped)
+    }
+}
+
+#[inline(always)]
+pub fn count_sock(event: SockEvent) {
+    if let Some(c) = SOCK_STATS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU array slot, written only by this CPU.
+        unsafe { *c += 1 };
     }
 }
 

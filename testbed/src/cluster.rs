@@ -51,7 +51,7 @@ use crate::{
 /// `lbt-<run>-<owner pid>-<role>`.
 const NS_PREFIX: &str = "lbt-";
 /// Where agents pin their maps: `/sys/fs/bpf/lb-test-<run>/<node>`.
-const BPFFS: &str = "/sys/fs/bpf";
+pub(crate) const BPFFS: &str = "/sys/fs/bpf";
 const PIN_PREFIX: &str = "lb-test-";
 /// The agent's default healthz address (inside its node's namespace).
 pub const AGENT_HEALTHZ: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
@@ -357,6 +357,9 @@ pub struct InCluster {
     /// The readiness probe: what [`Cluster::start_agents_in_cluster`] and
     /// [`Cluster::restart_agent`] wait for.
     pub ready: AgentProbe,
+    /// The pod's other hostPath volumes: (host path, mount path), bound as
+    /// a kubelet binds them (the host's cgroup hierarchy, for instance).
+    pub host_mounts: Vec<(PathBuf, PathBuf)>,
 }
 
 /// What teardown needs; shared with the Ctrl-C handler's registry.
@@ -1259,6 +1262,12 @@ impl Cluster {
             lock(&self.shared.relays).push(relay);
             fs::create_dir_all(node.bpffs())
                 .with_context(|| format!("creating {}", node.bpffs().display()))?;
+            // Bind targets must exist; in the host's tree they are empty
+            // directories nothing else uses.
+            for (_, target) in &how.host_mounts {
+                fs::create_dir_all(target)
+                    .with_context(|| format!("creating the mount point {}", target.display()))?;
+            }
             Ok(AgentSpec {
                 bin: agent_bin.to_path_buf(),
                 args: how
@@ -1274,10 +1283,13 @@ impl Cluster {
                         api_here.port().to_string(),
                     ),
                 ],
-                mounts: vec![
+                mounts: [
                     (how.service_account.clone(), SERVICE_ACCOUNT_DIR.into()),
                     (node.bpffs().to_path_buf(), BPFFS.into()),
-                ],
+                ]
+                .into_iter()
+                .chain(how.host_mounts.iter().cloned())
+                .collect(),
                 ns: node.ns.clone(),
                 log: self.agent_log_path(&node.name),
                 ready: how.ready.clone(),

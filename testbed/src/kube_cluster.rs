@@ -46,6 +46,9 @@ pub struct ShippedAgent {
     pub readiness: AgentProbe,
     /// The ServiceAccount the DaemonSet's pods run as (`kube-system/...`).
     pub service_account: (String, String),
+    /// The container's hostPath volumes other than bpffs (whose host side
+    /// is each node's own, see `Node::bpffs`): (host path, mount path).
+    pub host_mounts: Vec<(PathBuf, PathBuf)>,
 }
 
 impl ShippedAgent {
@@ -93,8 +96,24 @@ impl ShippedAgent {
                 port,
             })
         };
+        let mut host_mounts = Vec::new();
+        for m in container.volume_mounts.iter().flatten() {
+            let host = spec
+                .volumes
+                .iter()
+                .flatten()
+                .find(|v| v.name == m.name)
+                .and_then(|v| v.host_path.as_ref())
+                .map(|h| PathBuf::from(&h.path));
+            if let Some(host) = host
+                && m.mount_path != crate::cluster::BPFFS
+            {
+                host_mounts.push((host, PathBuf::from(&m.mount_path)));
+            }
+        }
         let namespace = ds.metadata.namespace.unwrap_or_else(|| "default".into());
         Ok(Self {
+            host_mounts,
             args: container.args.clone().unwrap_or_default(),
             liveness: probe(container.liveness_probe.as_ref(), "liveness")?,
             readiness: probe(container.readiness_probe.as_ref(), "readiness")?,
@@ -155,6 +174,7 @@ impl KubeCluster {
                 service_account: sa_dir,
                 api: kc.cp.api_addr(),
                 ready: kc.shipped.readiness.clone(),
+                host_mounts: kc.shipped.host_mounts.clone(),
             },
         )?;
         Ok(kc)

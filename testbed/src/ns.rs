@@ -132,12 +132,14 @@ pub fn private_mounts(cmd: &mut Command, mounts: &[(PathBuf, PathBuf)]) -> Resul
             {
                 return Err(io::Error::last_os_error());
             }
+            // Recursive, as a kubelet's hostPath volumes are (the host's
+            // /sys/fs/cgroup carries the hierarchies mounted below it).
             for (source, target) in &pairs {
                 if libc::mount(
                     source.as_ptr(),
                     target.as_ptr(),
                     std::ptr::null(),
-                    libc::MS_BIND,
+                    libc::MS_BIND | libc::MS_REC,
                     std::ptr::null(),
                 ) != 0
                 {

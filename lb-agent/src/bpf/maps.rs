@@ -12,7 +12,7 @@ use aya::{
 };
 use lb_common::{
     Backend, Config, Counters, CtEntry, FlowKey, Interface, Reason, Service, ServiceKey,
-    ServiceName, map_names,
+    ServiceName, SockEvent, map_names,
 };
 
 pub struct Maps {
@@ -28,6 +28,7 @@ pub struct Maps {
     pub service_names: Array<MapData, ServiceName>,
     pub addr_filter: Array<MapData, u64>,
     pub interfaces: HashMap<MapData, u32, Interface>,
+    pub sock_stats: PerCpuArray<MapData, u64>,
 }
 
 fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
@@ -69,6 +70,7 @@ impl Maps {
             service_names: typed!(ebpf, map_names::SERVICE_NAMES),
             addr_filter: typed!(ebpf, map_names::ADDR_FILTER),
             interfaces: typed!(ebpf, map_names::INTERFACES),
+            sock_stats: typed!(ebpf, map_names::SOCK_STATS),
         })
     }
 
@@ -100,6 +102,7 @@ impl Maps {
             service_names: pinned!(map_names::SERVICE_NAMES),
             addr_filter: pinned!(map_names::ADDR_FILTER),
             interfaces: pinned!(map_names::INTERFACES),
+            sock_stats: pinned!(map_names::SOCK_STATS),
         })
     }
 
@@ -175,6 +178,20 @@ impl Maps {
         Reason::ALL
             .iter()
             .map(|r| Ok((*r, sum_per_cpu(&self.reasons, *r as u32)?)))
+            .collect()
+    }
+
+    /// What the socket programs did, summed over CPUs, per event.
+    pub fn sock_counters(&self) -> Result<Vec<(SockEvent, u64)>> {
+        SockEvent::ALL
+            .iter()
+            .map(|e| {
+                let values = self
+                    .sock_stats
+                    .get(&(*e as u32), 0)
+                    .with_context(|| format!("reading sock_stats {}", e.as_str()))?;
+                Ok((*e, values.iter().sum()))
+            })
             .collect()
     }
 

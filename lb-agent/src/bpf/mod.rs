@@ -3,13 +3,14 @@
 pub mod attach;
 pub mod maps;
 pub mod pins;
+pub mod sock;
 
 use std::path::PathBuf;
 
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{SchedClassifier, Xdp},
+    programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
 use lb_common::{capacity, map_names};
 
@@ -98,6 +99,10 @@ impl Datapath {
         // statement below it, so disabled logs cost nothing per packet.
         let level = opts.log_level.unwrap_or(log::Level::Warn) as u8;
         loader.override_global(aya_log::LEVEL, &level, true);
+        // The socket programs serve the sockets of the loading thread's
+        // network namespace: the node's, where the agent runs.
+        let netns = sock::netns_cookie()?;
+        loader.override_global("LB_HOST_NETNS", &netns, true);
         for name in pins::all_map_names() {
             if let Some(n) = sizes.max_entries(name)? {
                 loader.map_max_entries(name, n);
@@ -123,6 +128,11 @@ impl Datapath {
         program_mut::<SchedClassifier>(&mut ebpf, TC_PROGRAM)?
             .load()
             .context("loading the tc program")?;
+        for (name, _) in sock::PROGRAMS {
+            program_mut::<CgroupSockAddr>(&mut ebpf, name)?
+                .load()
+                .with_context(|| format!("loading the socket program {name}"))?;
+        }
         Ok(Self {
             ebpf,
             sizes: opts.sizes,

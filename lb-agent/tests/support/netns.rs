@@ -183,6 +183,26 @@ impl Netns {
         for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
             run(&["ip", "netns", "exec", n, "sysctl", "-qw", sysctl]);
         }
+        Self::switch_to(name)
+    }
+
+    /// Creates a namespace with nothing in it (not even `lo` up) and moves
+    /// the calling thread into it.
+    pub fn enter_empty() -> Self {
+        static NEXT: AtomicU32 = AtomicU32::new(0);
+        let name = format!(
+            "lbt-empty-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(&["ip", "netns", "add", &name]);
+        Self::switch_to(name)
+    }
+
+    /// Moves the calling thread into the existing namespace `name`, which
+    /// it owns from now on (removed on drop).
+    fn switch_to(name: String) -> Self {
         let original = File::open("/proc/thread-self/ns/net").expect("current netns");
         let target = File::open(format!("/run/netns/{name}")).expect("new netns");
         // SAFETY: setns on this thread with valid namespace fds.
