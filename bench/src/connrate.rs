@@ -1,8 +1,10 @@
-//! Connection rate: short-lived TCP connections per second from the client
-//! namespace to the NodePort (192.0.2.1:30080), real TCP stacks at both ends
-//! (the backend namespace answers on every pod address: accept, write 3 bytes,
-//! close), through lb and through kube-proxy's iptables mode, with error
-//! counts. Same topology as [`crate::forwarding`], `xdp_pass` on the hosts'
+//! Connection rate: short-lived TCP connections per second, real TCP stacks
+//! at both ends (the backend namespace answers on every pod address: accept,
+//! write 3 bytes, close), with error counts: from the client namespace to the
+//! NodePort (192.0.2.1:30080) through lb's XDP hook, its tc hook and
+//! kube-proxy's iptables mode; and from the balancer's own namespace (a
+//! node's process) to the ClusterIP through lb's socket programs and
+//! kube-proxy's OUTPUT rules, beside the same client straight to a pod. Same topology as [`crate::forwarding`], `xdp_pass` on the hosts'
 //! veths (lb redirects into them); each mode runs a bounded time per round.
 
 use std::{
@@ -23,22 +25,13 @@ use lb_testbed::xdp;
 
 use crate::{
     Figure, Target,
-    forwarding::{NODE_IP, NODE_PORT, Topology},
+    forwarding::{NODE_IP, NODE_PORT, Topology, VIP, pod},
     netns,
 };
 
 const CLIENTS: usize = 4;
-const SECTION: &str = "Connection rate (short TCP connections through a NodePort)";
-
-pub fn keys() -> Vec<String> {
-    let mut k = Vec::new();
-    for m in ["lb", "iptables"] {
-        k.push(format!("connrate.{m}.cps"));
-        k.push(format!("connrate.{m}.errors"));
-    }
-    k.push("connrate.lb_vs_iptables".into());
-    k
-}
+const SECTION: &str =
+    "Connection rate (short TCP connections: through a NodePort, and from the node to a ClusterIP)";
 
 /// The backend servers: accept, write, close (the server closes first, so
 /// TIME_WAIT stays on its side, not on the client's ports).
@@ -201,6 +194,118 @@ fn datapath_drops(agent_bin: &Path, pin: &Path) -> String {
     )
 }
 
+/// A way of balancing under test: who connects to what, through which hook.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// The client to the NodePort, lb with XDP on the uplinks.
+    Lb,
+    /// The same, lb with its tc hook (`--uplink-hook tc`, as on veth uplinks).
+    LbTc,
+    /// The same through kube-proxy's iptables rules.
+    Iptables,
+    /// A client in the balancer's own namespace (a node's process, a
+    /// hostNetwork pod) to the ClusterIP, lb's socket programs.
+    LbSocket,
+    /// The same through kube-proxy's iptables rules (its OUTPUT chain).
+    IptablesLocal,
+    /// The same client straight to a pod address: no balancer at all.
+    Direct,
+}
+
+impl Mode {
+    const ALL: [Self; 6] = [
+        Self::Lb,
+        Self::LbTc,
+        Self::Iptables,
+        Self::LbSocket,
+        Self::IptablesLocal,
+        Self::Direct,
+    ];
+
+    fn key(self) -> &'static str {
+        match self {
+            Self::Lb => "lb",
+            Self::LbTc => "lb_tc",
+            Self::Iptables => "iptables",
+            Self::LbSocket => "lb_socket",
+            Self::IptablesLocal => "iptables_local",
+            Self::Direct => "direct",
+        }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Self::Lb => "lb (XDP), client -> NodePort",
+            Self::LbTc => "lb (tc), client -> NodePort",
+            Self::Iptables => "kube-proxy iptables, client -> NodePort",
+            Self::LbSocket => "lb (socket), node -> ClusterIP",
+            Self::IptablesLocal => "kube-proxy iptables, node -> ClusterIP",
+            Self::Direct => "no balancer, node -> pod",
+        }
+    }
+
+    /// The agent's `--uplink-hook`, for the modes that run lb.
+    fn hook(self) -> Option<&'static str> {
+        match self {
+            Self::Lb | Self::LbSocket => Some("xdp"),
+            Self::LbTc => Some("tc"),
+            _ => None,
+        }
+    }
+
+    fn node_local(self) -> bool {
+        matches!(self, Self::LbSocket | Self::IptablesLocal | Self::Direct)
+    }
+
+    fn target(self) -> SocketAddr {
+        match self {
+            Self::Lb | Self::LbTc | Self::Iptables => SocketAddr::from((NODE_IP, NODE_PORT)),
+            Self::LbSocket | Self::IptablesLocal => SocketAddr::from((VIP, 80)),
+            Self::Direct => SocketAddr::from((pod(1), 8080)),
+        }
+    }
+}
+
+/// The ratios shown: (key, label, numerator, denominator).
+const RATIOS: [(&str, &str, Mode, Mode); 4] = [
+    (
+        "lb_vs_iptables",
+        "lb (XDP) / iptables, NodePort",
+        Mode::Lb,
+        Mode::Iptables,
+    ),
+    (
+        "tc_vs_xdp",
+        "lb's tc hook / its XDP hook, NodePort",
+        Mode::LbTc,
+        Mode::Lb,
+    ),
+    (
+        "socket_vs_iptables",
+        "lb (socket) / iptables, node -> ClusterIP",
+        Mode::LbSocket,
+        Mode::IptablesLocal,
+    ),
+    (
+        "socket_vs_direct",
+        "lb (socket) / no balancer, node-local",
+        Mode::LbSocket,
+        Mode::Direct,
+    ),
+];
+
+pub fn keys() -> Vec<String> {
+    let mut k = Vec::new();
+    for m in Mode::ALL {
+        k.push(format!("connrate.{}.cps", m.key()));
+        k.push(format!("connrate.{}.errors", m.key()));
+    }
+    for (key, ..) in RATIOS {
+        k.push(format!("connrate.{key}"));
+    }
+    k
+}
+
 pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
     ensure!(
         agent_bin.exists(),
@@ -221,67 +326,114 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     let _c0 = xdp::attach(&topo.cli, "xdp_pass", &["c0".to_string()])?;
     let _s0 = xdp::attach(&topo.be, "xdp_pass", &["s0".to_string()])?;
     let _server = Server::start(&topo.be)?;
-    let target = SocketAddr::from((NODE_IP, NODE_PORT));
-    let (mut lb_cps, mut lb_err, mut ipt_cps, mut ipt_err, mut ratio) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut cps: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut errors: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
+    let mut ratios: BTreeMap<&str, Vec<f64>> = BTreeMap::new();
     let mut error_notes = Vec::new();
     for round in 0..rounds {
-        let mut agent = topo.start_agent(agent_bin, &dir, &format!("cr-agent-{round}"))?;
-        let r = load(&topo.cli, target, secs);
-        let drops = datapath_drops(agent_bin, &agent.pin);
-        agent.stop(agent_bin);
-        topo.flush_rules()?;
-        let lb = r.context("lb")?;
-        topo.load_iptables()?;
-        let r = load(&topo.cli, target, secs);
-        topo.flush_rules()?;
-        let ipt = r.context("iptables")?;
-        error_notes.push(format!(
-            "round {}: lb errors: {} (datapath drops: {drops}); iptables errors: {}",
-            round + 1,
-            lb.error_kinds(),
-            ipt.error_kinds()
-        ));
-        lb_cps.push(lb.cps);
-        lb_err.push(lb.error_count() as f64);
-        ipt_cps.push(ipt.cps);
-        ipt_err.push(ipt.error_count() as f64);
-        ratio.push(lb.cps / ipt.cps);
+        let mut this: BTreeMap<&str, f64> = BTreeMap::new();
+        let mut line = Vec::new();
+        for mode in Mode::ALL {
+            // lb's tc hook on b0 needs b0 to take the client's XDP_TX frames.
+            let _pass = (mode == Mode::LbTc)
+                .then(|| xdp::attach(&topo.lb, "xdp_pass", &["b0".to_string()]))
+                .transpose()?;
+            let mut agent = match mode.hook() {
+                Some(hook) => Some(topo.start_agent(
+                    agent_bin,
+                    &dir,
+                    &format!("cr-agent-{}-{round}", mode.key()),
+                    hook,
+                )?),
+                None => None,
+            };
+            if matches!(mode, Mode::Iptables | Mode::IptablesLocal) {
+                topo.load_iptables()?;
+            }
+            let ns = if mode.node_local() {
+                &topo.lb
+            } else {
+                &topo.cli
+            };
+            let r = load(ns, mode.target(), secs);
+            let drops = agent.as_ref().map(|a| datapath_drops(agent_bin, &a.pin));
+            if let Some(a) = agent.as_mut() {
+                a.stop(agent_bin);
+            }
+            topo.flush_rules()?;
+            let r = r.with_context(|| mode.label())?;
+            line.push(format!(
+                "{}: {}{}",
+                mode.key(),
+                r.error_kinds(),
+                drops
+                    .map(|d| format!(" (datapath drops: {d})"))
+                    .unwrap_or_default()
+            ));
+            cps.entry(mode.key()).or_default().push(r.cps);
+            errors
+                .entry(mode.key())
+                .or_default()
+                .push(r.error_count() as f64);
+            this.insert(mode.key(), r.cps);
+        }
+        for (key, _, a, b) in RATIOS {
+            ratios
+                .entry(key)
+                .or_default()
+                .push(this[a.key()] / this[b.key()]);
+        }
+        error_notes.push(format!("round {}: errors: {}", round + 1, line.join("; ")));
     }
     let _ = std::fs::remove_dir_all(&dir);
-    let figs = vec![
-        Figure::new(SECTION, "connrate.lb.cps", "lb", "conn/s", lb_cps),
-        Figure::new(SECTION, "connrate.lb.errors", "  lb errors", "", lb_err)
-            .target(Target::AtMost(0.0)),
-        Figure::new(
+    let mut figs = Vec::new();
+    for mode in Mode::ALL {
+        figs.push(Figure::new(
             SECTION,
-            "connrate.iptables.cps",
-            "kube-proxy iptables",
+            &format!("connrate.{}.cps", mode.key()),
+            mode.label(),
             "conn/s",
-            ipt_cps,
-        ),
-        Figure::new(
+            cps[mode.key()].clone(),
+        ));
+        let errs = Figure::new(
             SECTION,
-            "connrate.iptables.errors",
-            "  iptables errors",
+            &format!("connrate.{}.errors", mode.key()),
+            "  errors",
             "",
-            ipt_err,
-        ),
-        Figure::new(
+            errors[mode.key()].clone(),
+        );
+        figs.push(if mode.hook().is_some() {
+            errs.target(Target::AtMost(0.0))
+        } else {
+            errs
+        });
+    }
+    for (key, label, a, _) in RATIOS {
+        let f = Figure::new(
             SECTION,
-            "connrate.lb_vs_iptables",
-            "lb / iptables",
+            &format!("connrate.{key}"),
+            label,
             "x",
-            ratio,
-        )
-        .target(Target::AtLeast(1.0)),
-    ];
+            ratios[key].clone(),
+        );
+        figs.push(
+            if matches!(a, Mode::Lb | Mode::LbSocket) && key.ends_with("iptables") {
+                f.target(Target::AtLeast(1.0))
+            } else {
+                f
+            },
+        );
+    }
     let mut notes = vec![format!(
         "Connection rate: {CLIENTS} client threads, each connect → read the 3-byte answer to EOF \
-         → close, for {secs} s per mode and round ({rounds} rounds, lb then iptables); errors = \
+         → close, for {secs} s per mode and round ({rounds} rounds, modes in turn: {}); errors = \
          failed connects or reads (1 s timeouts). Client, balancer softirq and servers share the \
          machine's 2 vCPUs. The servers close first and keep no TIME_WAIT sockets \
-         (tcp_max_tw_buckets=0), so that one round's connections cannot stall the next's."
+         (tcp_max_tw_buckets=0), so that one round's connections cannot stall the next's. \
+         Node-local modes connect from the balancer's own namespace, as a node's process or a \
+         hostNetwork pod does: lb's socket programs pick the backend at connect, no packet is \
+         translated.",
+        Mode::ALL.map(Mode::label).join("; ")
     )];
     notes.extend(error_notes);
     Ok((figs, notes))

@@ -12,11 +12,13 @@
 //! rewrites the whole frame each time and varies the source port over 1 or
 //! 10,000 flows; XDP_TX puts the frame on the wire to `b0`. Generator and the
 //! balancer's softirq share one pinned CPU. Modes, interleaved per round:
-//! lb (`lb-agent run --manifests`, XDP on b0/b1), a minimal no-NAT XDP forwarder
+//! lb (`lb-agent run --manifests`, XDP on b0/b1), lb with its tc hook on the
+//! uplinks (`--uplink-hook tc`, as on veth uplinks), a minimal no-NAT XDP forwarder
 //! (`bench_fwd`: fib lookup + redirect, frames sent straight to a pod address),
 //! plain kernel routing (same frames), kube-proxy's iptables mode and its
-//! nftables mode (rules from [`crate::kubeproxy`]). Kernel modes run `xdp_pass` on
-//! b0, which a veth needs to take XDP_TX frames from its peer.
+//! nftables mode (rules from [`crate::kubeproxy`]). Kernel modes and lb's tc
+//! mode run `xdp_pass` on b0, which a veth needs to take XDP_TX frames from
+//! its peer.
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
@@ -107,6 +109,9 @@ impl Topology {
         ip(c, "route add default via 192.0.2.1")?;
         ip(b, "route add default via 203.0.113.1")?;
         ip(l, "route add 10.244.1.0/24 via 203.0.113.2")?;
+        // A node's default route: the kernel routes a node's own connection
+        // to a ClusterIP before kube-proxy's OUTPUT rules rewrite it.
+        ip(l, "route add default via 203.0.113.2")?;
         ip(
             c,
             &format!(
@@ -184,7 +189,9 @@ impl Topology {
     }
 
     /// Starts lb-agent on the balancer and waits for its first sync.
-    pub fn start_agent(&self, bin: &Path, dir: &Path, role: &str) -> Result<Agent> {
+    /// Starts lb-agent in the balancer with `hook` (`--uplink-hook`) on b0
+    /// and b1.
+    pub fn start_agent(&self, bin: &Path, dir: &Path, role: &str, hook: &str) -> Result<Agent> {
         let pin = netns::pin_dir(role);
         let log = std::env::temp_dir().join(format!("{}.log", netns::ns_name(role)));
         let args: Vec<String> = [
@@ -195,9 +202,10 @@ impl Topology {
             "node-a",
             "--iface",
             "b0,b1",
-            // The peers run XDP (generator, sink): the uplinks act as NICs.
+            // xdp: the peers run XDP (generator, sink), so the uplinks act
+            // as NICs; tc: the hook veth uplinks get.
             "--uplink-hook",
-            "xdp",
+            hook,
             "--node-ip",
             "192.0.2.1",
             "--pin-path",
@@ -282,6 +290,7 @@ impl Topology {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Mode {
     Lb,
+    LbTc,
     XdpFwd,
     Kernel,
     Iptables,
@@ -289,8 +298,9 @@ enum Mode {
 }
 
 impl Mode {
-    const ALL: [Self; 5] = [
+    const ALL: [Self; 6] = [
         Self::Lb,
+        Self::LbTc,
         Self::XdpFwd,
         Self::Kernel,
         Self::Iptables,
@@ -300,6 +310,7 @@ impl Mode {
     fn key(self) -> &'static str {
         match self {
             Self::Lb => "lb",
+            Self::LbTc => "lb_tc",
             Self::XdpFwd => "xdp_fwd",
             Self::Kernel => "kernel",
             Self::Iptables => "iptables",
@@ -310,6 +321,7 @@ impl Mode {
     fn label(self) -> &'static str {
         match self {
             Self::Lb => "lb",
+            Self::LbTc => "lb, tc hook",
             Self::XdpFwd => "no-NAT XDP forwarder",
             Self::Kernel => "kernel routing",
             Self::Iptables => "kube-proxy iptables",
@@ -341,6 +353,7 @@ pub fn keys() -> Vec<String> {
     for t in ["nodeport", "vip"] {
         k.push(format!("forwarding.lb_vs_iptables.{t}.10000"));
         k.push(format!("forwarding.lb_vs_xdp_fwd.{t}.10000"));
+        k.push(format!("forwarding.tc_vs_xdp.{t}.10000"));
     }
     k
 }
@@ -506,6 +519,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     let mut drops: std::collections::BTreeMap<(usize, &str, u32), Vec<f64>> = Default::default();
     let mut ratio_ipt: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     let mut ratio_fwd: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
+    let mut ratio_tc: std::collections::BTreeMap<&str, Vec<f64>> = Default::default();
     for round in 0..rounds {
         let mut this: std::collections::BTreeMap<(usize, &str, u32), f64> = Default::default();
         for (mi, mode) in Mode::ALL.iter().enumerate() {
@@ -515,7 +529,21 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
             let mut fwd = None;
             match mode {
                 Mode::Lb => {
-                    agent = Some(topo.start_agent(agent_bin, &dir, &format!("fw-agent-{round}"))?)
+                    agent = Some(topo.start_agent(
+                        agent_bin,
+                        &dir,
+                        &format!("fw-agent-{round}"),
+                        "xdp",
+                    )?)
+                }
+                Mode::LbTc => {
+                    pass = Some(xdp::attach(&topo.lb, "xdp_pass", &["b0".to_string()])?);
+                    agent = Some(topo.start_agent(
+                        agent_bin,
+                        &dir,
+                        &format!("fw-agent-tc-{round}"),
+                        "tc",
+                    )?)
                 }
                 Mode::XdpFwd => fwd = Some(attach_forwarder(&topo.lb)?),
                 Mode::Kernel => {
@@ -562,16 +590,24 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
             topo.flush_rules()?;
             result?;
         }
+        let at = |mode: Mode, t: &str| {
+            let mi = Mode::ALL.iter().position(|m| *m == mode).expect("a mode");
+            this[&(mi, t, 10_000)]
+        };
         for t in ["nodeport", "vip"] {
-            let lb = this[&(0, t, 10_000)];
+            let lb = at(Mode::Lb, t);
             ratio_ipt
                 .entry(t)
                 .or_default()
-                .push(lb / this[&(3, t, 10_000)]);
+                .push(lb / at(Mode::Iptables, t));
             ratio_fwd
                 .entry(t)
                 .or_default()
-                .push(100.0 * lb / this[&(1, "pod", 10_000)]);
+                .push(100.0 * lb / at(Mode::XdpFwd, "pod"));
+            ratio_tc
+                .entry(t)
+                .or_default()
+                .push(100.0 * at(Mode::LbTc, t) / lb);
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
@@ -634,11 +670,18 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
             )
             .target(Target::AtLeast(70.0)),
         );
+        figs.push(Figure::new(
+            sec,
+            &format!("forwarding.tc_vs_xdp.{t}.10000"),
+            &format!("lb's tc hook / its XDP hook, {name}, 10,000 flows"),
+            "%",
+            ratio_tc[t].clone(),
+        ));
     }
     let _ = median(&[]);
     let notes = vec![format!(
-        "Forwarding: {rounds} rounds, modes interleaved (lb, no-NAT XDP forwarder, kernel routing, \
-         iptables, nftables), ~{secs} s of frames per figure after a warm-up that opens every flow; \
+        "Forwarding: {rounds} rounds, modes interleaved (lb with XDP, lb with tc on the uplinks, \
+         no-NAT XDP forwarder, kernel routing, iptables, nftables), ~{secs} s of frames per figure after a warm-up that opens every flow; \
          delivered = frames counted by xdp_sink on the backend side, pps = delivered / wall time of \
          the generator call (which includes ~25 ms of set-up), dropped = 1 − delivered / sent. \
          The generator and the balancer's softirq share one pinned CPU, so a mode's rate is \
