@@ -16,5 +16,6 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;
+pub mod snat_ports;
 pub mod source;
 pub mod store;

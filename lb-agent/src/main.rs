@@ -12,8 +12,9 @@ use lb_agent::{
     bpf::{Sizes, pins},
     dump,
     interfaces::UplinkHook,
+    snat_ports,
 };
-use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, capacity};
+use lb_common::capacity;
 
 #[derive(Parser)]
 #[command(
@@ -133,11 +134,14 @@ struct RunArgs {
     #[arg(long, default_value = "warn")]
     datapath_log: log::Level,
     /// Source ports for source-NATed flows, FIRST-LAST. Unique per backend
-    /// address and port; a flow keeps its client's port where it is free, as
-    /// with Linux's masquerade. Ports a local socket holds for that backend (or
-    /// listens on) are skipped.
-    #[arg(long, default_value_t = format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}"))]
-    snat_ports: String,
+    /// address and port; a flow keeps its client's port where it is free and
+    /// in the range, as with Linux's masquerade. Ports a local socket holds for
+    /// that backend (or listens on) are skipped [default: the ports outside the
+    /// node's ephemeral range (net.ipv4.ip_local_port_range), 1024-32767 on a
+    /// default node, so that no connection the node opens can clash with a
+    /// source-NATed flow].
+    #[arg(long, value_name = "FIRST-LAST")]
+    snat_ports: Option<String>,
     /// Serve the node's own clients (its processes, the kubelet, hostNetwork
     /// pods) at the socket: cgroup programs on the root of the cgroup v2
     /// hierarchy send their connects and datagrams to a ClusterIP, a NodePort
@@ -151,15 +155,23 @@ struct RunArgs {
     cgroup_path: PathBuf,
 }
 
-fn parse_range(s: &str) -> Result<(u16, u16)> {
-    let (a, b) = s
-        .split_once('-')
-        .context("--snat-ports wants FIRST-LAST, e.g. 1024-65535")?;
-    let (a, b): (u16, u16) = (a.trim().parse()?, b.trim().parse()?);
-    if a == 0 || b < a {
-        bail!("--snat-ports {s}: the range must be non-empty and start above 0");
+/// `--snat-ports`, or the default range for this node's ephemeral ports (see
+/// `lb_agent::snat_ports`), warning where they may clash.
+fn snat_range(flag: Option<&str>) -> Result<(u16, u16)> {
+    let ephemeral = snat_ports::ephemeral();
+    let (range, warning) = match (flag, &ephemeral) {
+        (Some(s), Ok(e)) => {
+            let r = snat_ports::parse(s)?;
+            (r, snat_ports::overlap_warning(r, *e))
+        }
+        (Some(s), Err(_)) => (snat_ports::parse(s)?, None),
+        (None, Ok(e)) => snat_ports::default_range(*e),
+        (None, Err(e)) => return Err(anyhow::anyhow!("{e:#}: pass --snat-ports")),
+    };
+    if let Some(w) = warning {
+        log::warn!("{w}");
     }
-    Ok((a, b))
+    Ok(range)
 }
 
 fn hostname() -> Result<String> {
@@ -196,7 +208,7 @@ fn settings(a: RunArgs) -> Result<Settings> {
             maglev_table_size: a.maglev_table_size,
             conntrack: a.conntrack_size,
         },
-        snat_ports: parse_range(&a.snat_ports)?,
+        snat_ports: snat_range(a.snat_ports.as_deref())?,
         metrics_addr: a.metrics_addr,
         healthz_addr: a.healthz_addr,
         datapath_log: a.datapath_log,

@@ -633,7 +633,7 @@ fn cleanup_detaches_and_removes_the_pins() {
 
 #[test]
 fn help_explains_every_flag_with_its_default() {
-    use lb_common::{SNAT_PORT_MAX, SNAT_PORT_MIN, capacity};
+    use lb_common::capacity;
 
     let out = Command::new(AGENT)
         .args(["run", "--help"])
@@ -680,7 +680,11 @@ fn help_explains_every_flag_with_its_default() {
         ("--datapath-log", d("warn")),
         (
             "--snat-ports",
-            Some(format!("{SNAT_PORT_MIN}-{SNAT_PORT_MAX}")),
+            d(
+                "the ports outside the node's ephemeral range (net.ipv4.ip_local_port_range), \
+               1024-32767 on a default node, so that no connection the node opens can clash with \
+               a source-NATed flow",
+            ),
         ),
         ("--socket-lb", d("true")),
         ("--cgroup-path", d("/sys/fs/cgroup")),

@@ -402,10 +402,10 @@ pub struct Config {
     pub snat_addr_v6: [u8; 16],
 }
 
-/// Default source-NAT port range: the one Linux's masquerade picks from (every
-/// port from 1024), so a destination (backend address and port) takes as many
-/// flows as with kube-proxy. Shared with the node's own sockets: a port a
-/// local socket holds for that backend, or listens on, is never claimed.
+/// The widest source-NAT port range: the one Linux's masquerade picks from
+/// (every port from 1024). The agent's default is the part of it outside the
+/// node's ephemeral ports (see lb-agent's `snat_ports`); a port a local socket
+/// holds for a backend, or listens on, is never claimed for that backend.
 pub const SNAT_PORT_MIN: u16 = 1_024;
 pub const SNAT_PORT_MAX: u16 = 65_535;
 

@@ -30,10 +30,12 @@ use crate::{
 /// Ports tried for a new source-NAT flow before giving up. The first is the
 /// client's own port, as Linux's masquerade keeps it when it can; each other
 /// try is an independent hash of the flow (`hash::snat_probe`), so a claim
-/// fails only if all of them are held: with 70% of a backend's ports in use, 1
-/// new flow in 90,000 (16 tries: 1 in 300). Tries past the first are rare while
-/// the range has room, so the bound costs nothing on the common path.
-const SNAT_TRIES: u32 = 32;
+/// fails only if all of them are held: with 80% of a backend's ports in use, 1
+/// new flow in 1.6 million (32 tries: 1 in 1,300). Tries past the first are
+/// rare while the range has room, so the bound costs nothing on the common
+/// path; a range filled that far (the default range outside the ephemeral
+/// ports holds 31,744 per backend) still takes its flows.
+const SNAT_TRIES: u32 = 64;
 
 #[inline(always)]
 fn now() -> u64 {
