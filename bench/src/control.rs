@@ -444,7 +444,7 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
 fn pod_patch_to_map(bin: &Path, flips: usize) -> Result<Vec<f64>> {
     use lb_agent::{
         model::{Frontend, Proto},
-        reconcile::service_key,
+        reconcile::encoding::service_key,
     };
     use lb_testbed::{
         Options,

@@ -11,11 +11,10 @@ use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, Sizes},
     maglev,
-    reconcile::addr16,
 };
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FlowKey,
-    PROTO_TCP, Reason, Service, ServiceKey, hash::flow_hash,
+    PROTO_TCP, Reason, Service, ServiceKey, addr16, hash::flow_hash,
 };
 pub use netns::Netns;
 
