@@ -178,7 +178,7 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         sizes: s,
         log_level: None,
     })?;
-    let mut reconciler = Reconciler::adopt(dp.take_maps()?, s)?;
+    let mut reconciler = Reconciler::adopt(dp.take_maps()?)?;
     let loaded = manifests::load_dir(dir);
     ensure!(
         loaded.problems.is_empty(),

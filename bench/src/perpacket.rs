@@ -25,17 +25,14 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_agent::{
-    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
     cluster::NodeInfo,
     model::Desired,
     reconcile::{Reconciler, Stats},
     source::{SourceEvent, manifests},
     store::Store,
 };
-use lb_common::{
-    CFG_F_SNAT_V4, CFG_F_SNAT_V6, CT_F_FORWARD, Config, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP,
-    Reason,
-};
+use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 
 use crate::{
     BENCH_OBJECT,
@@ -52,7 +49,6 @@ const NODE_B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
 const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
 const FROM_ROUTER: ([u8; 6], [u8; 6]) = (ROUTER_MAC, UPLINK_MAC);
 const FROM_NODE_B: ([u8; 6], [u8; 6]) = (NODE_B_MAC, UPLINK_MAC);
-const MAGLEV_SIZE: u32 = lb_common::capacity::MAGLEV_TABLE_SIZE;
 const BACKENDS: u32 = 10;
 
 /// `bench_tmpl`'s value (see lb-ebpf/src/bench.rs).
@@ -191,7 +187,7 @@ impl Lab {
             services: 1024,
             service_ids: 16,
             backends: 256,
-            maglev_table_size: MAGLEV_SIZE,
+            maglev_table_size: lb_common::capacity::MAGLEV_TABLE_SIZE,
             conntrack: lb_common::capacity::CONNTRACK,
         };
         let mut dp = Datapath::load(&LoadOptions {
@@ -202,13 +198,10 @@ impl Lab {
         let mut maps = dp.take_maps()?;
         let lb_fd = dp.xdp()?.fd()?.try_clone()?;
         let uplink = netns::ifindex("up0")?;
-        maps.set_config(&Config {
-            maglev_size: MAGLEV_SIZE,
-            flags: CFG_F_SNAT_V4 | CFG_F_SNAT_V6,
-            snat_addr_v4: [192, 0, 2, 1],
-            snat_port_min: lb_common::SNAT_PORT_MIN,
-            snat_port_max: lb_common::SNAT_PORT_MAX,
-            snat_addr_v6: "2001:db8::1".parse::<std::net::Ipv6Addr>()?.octets(),
+        maps.set_config(&NodeConfig {
+            snat_v4: Some([192, 0, 2, 1].into()),
+            snat_v6: Some("2001:db8::1".parse()?),
+            snat_ports: (lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX),
         })?;
         maps.add_tx_port(uplink)?;
         let mut bench = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
@@ -225,7 +218,7 @@ impl Lab {
         let lru = HashMap::try_from(bench.take_map("bench_lru_tbl").context("bench_lru_tbl")?)?;
         // The services go in the way the agent writes them: manifests, store,
         // model, reconciler.
-        let mut reconciler = Reconciler::adopt(maps, sizes)?;
+        let mut reconciler = Reconciler::adopt(maps)?;
         let dir = std::env::temp_dir().join(netns::ns_name("pp-manifests"));
         write_manifests(&dir)?;
         let loaded = manifests::load_dir(&dir);

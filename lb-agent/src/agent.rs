@@ -11,14 +11,14 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config};
+use lb_common::Config;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
-    bpf::{Datapath, LoadOptions, Sizes},
+    bpf::{Datapath, LoadOptions, NodeConfig, Sizes},
     cluster::{NodeInfo, Problem},
     health::Health,
     interfaces::{Interfaces, UplinkHook},
@@ -99,22 +99,19 @@ fn release_freed_memory() {
     }
 }
 
-fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> Config {
-    let mut cfg = Config {
-        maglev_size: settings.sizes.maglev_table_size,
-        snat_port_min: settings.snat_ports.0,
-        snat_port_max: settings.snat_ports.1,
-        ..Config::default()
-    };
-    if let Some(IpAddr::V4(v4)) = node_ips.iter().find(|i| i.is_ipv4()) {
-        cfg.snat_addr_v4 = v4.octets();
-        cfg.flags |= CFG_F_SNAT_V4;
+/// The node's `config`: source NAT from its first address of each family.
+fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> NodeConfig {
+    NodeConfig {
+        snat_v4: node_ips.iter().find_map(|i| match i {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        snat_v6: node_ips.iter().find_map(|i| match i {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+        snat_ports: settings.snat_ports,
     }
-    if let Some(IpAddr::V6(v6)) = node_ips.iter().find(|i| i.is_ipv6()) {
-        cfg.snat_addr_v6 = v6.octets();
-        cfg.flags |= CFG_F_SNAT_V6;
-    }
-    cfg
 }
 
 async fn start_source(settings: &Settings, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
@@ -254,7 +251,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         log_level: Some(settings.datapath_log),
     })?;
     forward_datapath_logs(dp.take_logger()?)?;
-    let reconciler = Reconciler::adopt(dp.take_maps()?, settings.sizes)?;
+    let reconciler = Reconciler::adopt(dp.take_maps()?)?;
     let reconciler = Arc::new(Mutex::new(reconciler));
 
     let links = netlink::links().await?;

@@ -4,6 +4,7 @@
 
 mod support;
 
+use lb_agent::bpf::NodeConfig;
 use lb_common::Reason;
 use support::{
     CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, netns::*, packet::*,
@@ -246,10 +247,12 @@ fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
 #[test]
 fn snat_keeps_the_clients_port_where_free_and_never_takes_a_local_sockets() {
     let mut lab = Lab::new();
-    let mut cfg = lab.maps.config.get(&0, 0).unwrap();
-    cfg.snat_port_min = lb_common::SNAT_PORT_MIN;
-    cfg.snat_port_max = lb_common::SNAT_PORT_MAX;
-    lab.maps.set_config(&cfg).unwrap();
+    lab.maps
+        .set_config(&NodeConfig {
+            snat_ports: (lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX),
+            ..support::NODE_CONFIG
+        })
+        .unwrap();
     let nodeport = sa("192.0.2.1:30087");
     lab.service(
         &[nodeport],
@@ -344,7 +347,7 @@ fn ipv6_nodeport_with_snat() {
     let client = sa("[2001:db8:100::40]:45000");
     let (_, output) = lab.xdp(&udp(FROM_ROUTER, client, nodeport, b"x"));
     let out = decode(&output);
-    assert_eq!(out.src.to_string(), support::SNAT_V6);
+    assert_eq!(out.src, support::SNAT_V6);
     let snat = out.src_addr();
     let (_, output) = lab.xdp(&udp(
         (NODE_B_MAC, UPLINK_MAC),
@@ -419,12 +422,12 @@ fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour
         let (action, output) = lab.tc_on(lab.uplink, &output);
         assert_eq!(action, support::TC_REDIRECT, "{nodeport}");
         let out = decode(&output);
-        let snat = if nodeport.is_ipv4() {
-            std::net::Ipv4Addr::from(support::SNAT_V4).to_string()
+        let snat: std::net::IpAddr = if nodeport.is_ipv4() {
+            support::SNAT_V4.into()
         } else {
-            support::SNAT_V6.to_string()
+            support::SNAT_V6.into()
         };
-        assert_eq!(out.src.to_string(), snat, "source-NATed");
+        assert_eq!(out.src, snat, "source-NATed");
         assert_eq!(out.dst_addr(), sa(pod));
         assert_eq!(lab.reason(Reason::RedirectNeigh), 1);
         assert_eq!(

@@ -13,7 +13,7 @@ fn pattern(r: usize, len: usize) -> Vec<u32> {
 fn maglev_rows_read_back_what_was_written_at_every_row() {
     let mut lab = Lab::new();
     let maglev = &mut lab.maps.maglev;
-    let (rows, len) = (maglev.rows(), maglev.row_len());
+    let (rows, len) = (maglev.rows(), maglev.table_size());
     assert_eq!(rows, SIZES.service_ids as usize);
     // Rows of 251 ids (1008 bytes with the pair padding) straddle page
     // boundaries: each write maps just the pages of its row.
@@ -73,7 +73,7 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
         log_level: None,
     })
     .unwrap();
-    let mut reconciler = Reconciler::adopt(dp.take_maps().unwrap(), sizes).unwrap();
+    let mut reconciler = Reconciler::adopt(dp.take_maps().unwrap()).unwrap();
     // 40 Services (enough to be built on threads) of 3 to 7 endpoints.
     let n = 40;
     let endpoints = |i: usize| 3 + i % 5;

@@ -22,7 +22,7 @@ use super::{
     ids::{IdSpaces, Ids},
 };
 use crate::{
-    bpf::{Maps, Sizes},
+    bpf::Maps,
     model::{PortKey, PortSpec},
 };
 
@@ -39,14 +39,14 @@ pub(super) struct Adoption {
 
 impl Adoption {
     /// Reads what the maps hold.
-    pub(super) fn read(maps: &Maps, sizes: &Sizes) -> Result<Self> {
+    pub(super) fn read(maps: &Maps) -> Result<Self> {
         let mut frontends = HashMap::new();
         for entry in maps.services.iter() {
             let (k, v) = entry.context("reading services")?;
             frontends.insert(k, v);
         }
         let mut backends = HashMap::new();
-        for id in 0..sizes.backends {
+        for id in 0..maps.sizes().backends {
             let b = maps.backends.get(&id, 0).context("reading backends")?;
             if b.is_active()
                 && let Some(addr) = socket_addr(&b.addr, b.family, b.port)

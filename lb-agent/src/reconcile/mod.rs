@@ -73,8 +73,9 @@ pub struct Stats {
 }
 
 pub struct Reconciler {
+    /// The maps, and with them their sizes (the capacities checked here, the
+    /// Maglev table size).
     maps: Maps,
-    sizes: Sizes,
     ports: HashMap<PortKey, Applied>,
     backends: HashMap<SocketAddr, BackendSlot>,
     ids: IdSpaces,
@@ -93,14 +94,13 @@ pub struct Reconciler {
 
 impl Reconciler {
     /// Takes over the maps, remembering what is already in them (see `adoption`).
-    pub fn adopt(maps: Maps, sizes: Sizes) -> Result<Self> {
-        let adoption = Adoption::read(&maps, &sizes)?;
-        let mut ids = IdSpaces::new(&sizes);
+    pub fn adopt(maps: Maps) -> Result<Self> {
+        let adoption = Adoption::read(&maps)?;
+        let mut ids = IdSpaces::new(maps.sizes());
         let mut filter = Filter::default();
         adoption.hold(&mut ids, &mut filter);
         Ok(Self {
             maps,
-            sizes,
             ports: HashMap::new(),
             backends: HashMap::new(),
             ids,
@@ -126,7 +126,7 @@ impl Reconciler {
     }
 
     pub fn sizes(&self) -> &Sizes {
-        &self.sizes
+        self.maps.sizes()
     }
 
     /// Brings the ports in `changed` to their state in `desired`. Problems (full
@@ -139,7 +139,7 @@ impl Reconciler {
     ) -> Vec<Problem> {
         let mut problems = Vec::new();
         let keys: Vec<&PortKey> = changed.iter().collect();
-        let table_size = self.sizes.maglev_table_size;
+        let table_size = self.sizes().maglev_table_size;
         // Tables of a batch of ports are built ahead on several threads (the
         // builds are most of a full sync's CPU time), a bounded amount at a time.
         for keys in keys.chunks(tables::ports_per_batch(table_size)) {
@@ -204,7 +204,7 @@ impl Reconciler {
         }
         let existing_frontends = self.ports.get(key).map_or(0, |a| a.frontends.len());
         let added_frontends = spec.frontends.len().saturating_sub(existing_frontends);
-        if self.owners.len() + added_frontends > self.sizes.services as usize {
+        if self.owners.len() + added_frontends > self.sizes().services as usize {
             return Err(Self::capacity_problem(
                 key,
                 "more frontends than the services map holds",
@@ -469,7 +469,6 @@ impl Reconciler {
             table,
             |addr| backends.get(addr).map(|s| s.id),
             prebuilt,
-            self.sizes.maglev_table_size,
         )
     }
 

@@ -82,7 +82,6 @@ pub(super) fn write_row(
     table: Option<&Table>,
     backend_id: impl Fn(&SocketAddr) -> Option<u32>,
     prebuilt: Option<Vec<u32>>,
-    table_size: u32,
 ) -> Result<usize, NoRowLeft> {
     let Some(table) = table.filter(|t| !t.backends.is_empty()) else {
         if let Some(r) = row.take() {
@@ -107,7 +106,7 @@ pub(super) fn write_row(
             .into_iter()
             .map(|p| entries[p as usize].1)
             .collect(),
-        _ => maglev::build(&entries, table_size),
+        _ => maglev::build(&entries, maglev.table_size() as u32),
     };
     match maglev.write_row(r, &built) {
         Ok(n) => Ok(n),

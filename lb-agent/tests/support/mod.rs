@@ -5,11 +5,14 @@
 pub mod netns;
 pub mod packet;
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
 use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
-    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
     maglev,
     model::{BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Proto, Scope, Table},
     reconcile::{
@@ -17,22 +20,26 @@ use lb_agent::{
         filter::Filter,
     },
 };
-use lb_common::{
-    CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FlowKey, PROTO_TCP, Reason, hash::flow_hash,
-};
+use lb_common::{FlowKey, PROTO_TCP, Reason, hash::flow_hash};
 pub use netns::Netns;
 
-pub const MAGLEV_SIZE: u32 = 251;
 pub const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 16,
     backends: 256,
-    maglev_table_size: MAGLEV_SIZE,
+    maglev_table_size: 251,
     conntrack: 4096,
 };
-pub const SNAT_V4: [u8; 4] = [192, 0, 2, 1];
-pub const SNAT_V6: &str = "2001:db8::1";
+pub const SNAT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const SNAT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 pub const SNAT_PORTS: (u16, u16) = (61_000, 61_099);
+/// The node's `config` in every lab: both families source-NATed, in a range
+/// of 100 ports (so that tests can exhaust it).
+pub const NODE_CONFIG: NodeConfig = NodeConfig {
+    snat_v4: Some(SNAT_V4),
+    snat_v6: Some(SNAT_V6),
+    snat_ports: SNAT_PORTS,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -86,9 +93,10 @@ impl Svc {
         frontend: SocketAddr,
         proto: u8,
     ) -> SocketAddr {
-        let table = maglev::build(&self.entries(), MAGLEV_SIZE);
+        let size = SIZES.maglev_table_size;
+        let table = maglev::build(&self.entries(), size);
         let h = flow_hash(&flow_key(client, frontend, proto));
-        let id = table[(h % MAGLEV_SIZE) as usize];
+        let id = table[(h % size) as usize];
         self.backends.iter().find(|b| b.0 == id).unwrap().1
     }
 
@@ -167,16 +175,7 @@ impl Lab {
         let mut maps = dp.take_maps().expect("maps");
         let uplink = ns.ifindex("up0");
         let pod = ns.ifindex("pod0");
-        let v6: std::net::Ipv6Addr = SNAT_V6.parse().unwrap();
-        maps.set_config(&Config {
-            maglev_size: MAGLEV_SIZE,
-            flags: CFG_F_SNAT_V4 | CFG_F_SNAT_V6,
-            snat_addr_v4: SNAT_V4,
-            snat_port_min: SNAT_PORTS.0,
-            snat_port_max: SNAT_PORTS.1,
-            snat_addr_v6: v6.octets(),
-        })
-        .unwrap();
+        maps.set_config(&NODE_CONFIG).unwrap();
         maps.add_tx_port(uplink).unwrap();
         Self {
             dp,
@@ -251,7 +250,7 @@ impl Lab {
 
     /// Rewrites the service's Maglev row from its current backends.
     fn write_table(&mut self, svc: &Svc) {
-        let table = maglev::build(&svc.entries(), MAGLEV_SIZE);
+        let table = maglev::build(&svc.entries(), SIZES.maglev_table_size);
         if !table.is_empty() {
             self.maps.maglev.write_row(svc.table, &table).unwrap();
         }
