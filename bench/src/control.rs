@@ -3,9 +3,9 @@
 //! - full sync: `lb-agent run --manifests` on a directory holding them, from
 //!   process start to its "first sync done" log line (and from "datapath
 //!   ready" to it); the agent's peak RSS (VmHWM) right after;
-//! - the same sync in-process (lb_agent's store, model and reconciler writing
-//!   real maps), and the latency of single EndpointSlice changes through the
-//!   same steps the agent's loop takes (store → model → desired → reconcile);
+//! - the same sync in-process (lb_agent's sync engine writing real maps), and
+//!   the latency of single EndpointSlice changes through the same engine the
+//!   agent's loop drives (store → model → desired → reconcile);
 //! - beside it, `iptables-restore` of kube-proxy's rules for the same Services,
 //!   and `nft -f` of its nftables rules, each capped in time.
 
@@ -19,11 +19,11 @@ use std::{
 use anyhow::{Context as _, Result, ensure};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Sizes},
-    cluster::{NodeInfo, ObjectKey},
-    model::{Address, Desired},
-    reconcile::{Reconciler, Stats},
+    cluster::NodeInfo,
+    model::Address,
+    reconcile::Reconciler,
     source::{SourceEvent, manifests},
-    store::Store,
+    sync::Engine,
 };
 use lb_testbed::{command_in, output_with_input};
 
@@ -170,15 +170,21 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
     ))
 }
 
-/// The sync and single-change latencies in-process.
+/// The sync and single-change latencies in-process, through the agent's sync
+/// engine (store, model, desired tables, reconcile) on real maps.
 fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
-    let s = sizes(n);
     let mut dp = Datapath::load(&LoadOptions {
         pin_path: None,
-        sizes: s,
+        sizes: sizes(n),
         log_level: None,
     })?;
-    let mut reconciler = Reconciler::adopt(dp.take_maps()?)?;
+    let mut engine = Engine::new(
+        Reconciler::adopt(dp.take_maps()?)?,
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["192.0.2.1".parse()?],
+        },
+    );
     let loaded = manifests::load_dir(dir);
     ensure!(
         loaded.problems.is_empty(),
@@ -186,49 +192,26 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         loaded.problems.first()
     );
     let mut slices = loaded.slices.clone();
-    let mut store = Store::new(NodeInfo {
-        name: "node-a".into(),
-        addresses: vec!["192.0.2.1".parse()?],
-    });
-    let mut desired = Desired::default();
-    // The agent loop, as in lb_agent::agent::run.
-    let step = |store: &mut Store,
-                desired: &mut Desired,
-                reconciler: &mut Reconciler,
-                ev: SourceEvent|
-     -> Result<usize> {
-        let dirty = store.apply(ev);
-        let keys: Vec<ObjectKey> = if dirty.all {
-            store.service_keys().cloned().collect()
-        } else {
-            dirty.services.iter().cloned().collect()
-        };
-        let mut changed = std::collections::BTreeSet::new();
-        for k in keys {
-            let model = store.model(&k);
-            changed.extend(desired.set_service(&k, model).ports);
-        }
-        let mut stats = Stats::default();
-        let problems = reconciler.apply(desired, &changed, &mut stats);
+    // One event and its sync, as the agent's loop takes them.
+    let step = |engine: &mut Engine, ev: SourceEvent| -> Result<usize> {
+        engine.take(ev);
+        let sync = engine.sync().context("the event made no sync due")?;
         ensure!(
-            problems.is_empty(),
-            "reconcile problems: {:?}",
-            problems.first()
+            sync.problems.is_empty(),
+            "sync problems: {:?}",
+            sync.problems.first()
         );
-        Ok(changed.len())
+        Ok(sync.changed.len())
     };
     let t = Instant::now();
     let ports = step(
-        &mut store,
-        &mut desired,
-        &mut reconciler,
+        &mut engine,
         SourceEvent::Resync {
             services: loaded.services,
             slices: loaded.slices,
             problems: Vec::new(),
         },
     )?;
-    reconciler.finish_adoption(&mut Stats::default());
     let sync = t.elapsed().as_secs_f64();
     ensure!(ports == n, "in-process sync wrote {ports} ports, not {n}");
     let mut lat = Vec::new();
@@ -247,7 +230,7 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         ep.address = if ep.address == orig { spare } else { orig };
         let ev = SourceEvent::SliceApplied(Box::new(slice.clone()));
         let t = Instant::now();
-        let ports = step(&mut store, &mut desired, &mut reconciler, ev)?;
+        let ports = step(&mut engine, ev)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         ensure!(ports == 1, "one slice change touched {ports} ports");
     }

@@ -16,7 +16,10 @@
 //! iteration (addresses, ports, every checksum), and the datapath's `reasons`
 //! counters (all N iterations under the expected reason).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::MutexGuard,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
@@ -25,12 +28,11 @@ use aya::{
     programs::{TestRun as _, TestRunOptions, Xdp},
 };
 use lb_agent::{
-    bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
+    bpf::{Datapath, LoadOptions, NodeConfig, Sizes},
     cluster::NodeInfo,
-    model::Desired,
-    reconcile::{Reconciler, Stats},
+    reconcile::Reconciler,
     source::{SourceEvent, manifests},
-    store::Store,
+    sync::Engine,
 };
 use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 
@@ -118,7 +120,8 @@ pub fn test_run(
 
 struct Lab {
     _dp_keep: Datapath,
-    reconciler: Reconciler,
+    /// The maps, programmed by the agent's sync engine.
+    engine: Engine,
     bench: Ebpf,
     tmpl: Array<MapData, Template>,
     jmp: ProgramArray<MapData>,
@@ -216,9 +219,8 @@ impl Lab {
         let jmp = ProgramArray::try_from(bench.take_map("bench_jmp").context("bench_jmp")?)?;
         let counter = PerCpuArray::try_from(bench.take_map("bench_cnt").context("bench_cnt")?)?;
         let lru = HashMap::try_from(bench.take_map("bench_lru_tbl").context("bench_lru_tbl")?)?;
-        // The services go in the way the agent writes them: manifests, store,
-        // model, reconciler.
-        let mut reconciler = Reconciler::adopt(maps)?;
+        // The services go in the way the agent writes them: manifests into its
+        // sync engine.
         let dir = std::env::temp_dir().join(netns::ns_name("pp-manifests"));
         write_manifests(&dir)?;
         let loaded = manifests::load_dir(&dir);
@@ -228,26 +230,27 @@ impl Lab {
             "manifest problems: {:?}",
             loaded.problems.first()
         );
-        let mut store = Store::new(NodeInfo {
-            name: "node-a".into(),
-            addresses: vec!["192.0.2.1".parse()?, "2001:db8::1".parse()?],
-        });
-        let dirty = store.apply(SourceEvent::Resync {
+        let mut engine = Engine::new(
+            Reconciler::adopt(maps)?,
+            NodeInfo {
+                name: "node-a".into(),
+                addresses: vec!["192.0.2.1".parse()?, "2001:db8::1".parse()?],
+            },
+        );
+        engine.take(SourceEvent::Resync {
             services: loaded.services,
             slices: loaded.slices,
             problems: Vec::new(),
         });
-        let mut desired = Desired::default();
-        let mut changed = std::collections::BTreeSet::new();
-        for k in &dirty.services {
-            changed.extend(desired.set_service(k, store.model(k)).ports);
-        }
-        let problems = reconciler.apply(&desired, &changed, &mut Stats::default());
-        ensure!(problems.is_empty(), "reconcile: {:?}", problems.first());
-        reconciler.finish_adoption(&mut Stats::default());
+        let sync = engine.sync().context("the listing made no sync due")?;
+        ensure!(
+            sync.problems.is_empty(),
+            "sync: {:?}",
+            sync.problems.first()
+        );
         let lab = Self {
             _dp_keep: dp,
-            reconciler,
+            engine,
             bench,
             tmpl,
             jmp,
@@ -259,12 +262,9 @@ impl Lab {
         Ok(lab)
     }
 
-    fn maps(&self) -> &Maps {
-        self.reconciler.maps()
-    }
-
-    fn maps_mut(&mut self) -> &mut Maps {
-        self.reconciler.maps_mut()
+    /// The reconciler, for its maps (locked while the guard lasts).
+    fn reconciler(&self) -> MutexGuard<'_, Reconciler> {
+        self.engine.reconciler()
     }
 
     fn prog(&self, name: &str) -> Result<&Xdp> {
@@ -316,6 +316,7 @@ impl Lab {
 
     fn reasons(&self) -> Result<Vec<u64>> {
         Ok(self
+            .reconciler()
             .maps()
             .reason_counters()?
             .into_iter()
@@ -334,7 +335,8 @@ impl Lab {
     /// new-flow runs fill the LRU table and may evict either entry alone.
     fn reopen(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<()> {
         let key = FlowKey::new(src, dst, proto);
-        if let Ok(e) = self.maps().conntrack.get(&key, 0) {
+        let mut r = self.reconciler();
+        if let Ok(e) = r.maps().conntrack.get(&key, 0) {
             let reply = FlowKey {
                 src: e.nat_dst,
                 dst: e.nat_src,
@@ -344,9 +346,10 @@ impl Lab {
                 family: key.family,
                 _pad: [0; 2],
             };
-            let _ = self.maps_mut().conntrack.remove(&reply);
-            let _ = self.maps_mut().conntrack.remove(&key);
+            let _ = r.maps_mut().conntrack.remove(&reply);
+            let _ = r.maps_mut().conntrack.remove(&key);
         }
+        drop(r);
         let len = if src.is_ipv6() { 76 } else { 60 };
         let f = frames::frame(FROM_ROUTER, src, dst, proto, SYN, len);
         let (ret, _, _) = self.wrapped(&f, false, 1)?;
@@ -355,7 +358,12 @@ impl Lab {
     }
 
     fn conntrack_len(&self) -> usize {
-        self.maps().conntrack.keys().filter(Result::is_ok).count()
+        self.reconciler()
+            .maps()
+            .conntrack
+            .keys()
+            .filter(Result::is_ok)
+            .count()
     }
 }
 
@@ -478,6 +486,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         lab.reopen(src, dst, proto)?;
     }
     let fwd = lab
+        .reconciler()
         .maps()
         .conntrack
         .get(&FlowKey::new(client, sock(VIP), TCP), 0)
@@ -687,6 +696,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                         d.src
                     );
                     let e = lab
+                        .reconciler()
                         .maps()
                         .conntrack
                         .get(&FlowKey::new(src, vip, TCP), 0)

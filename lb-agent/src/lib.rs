@@ -17,3 +17,4 @@ pub mod netlink;
 pub mod reconcile;
 pub mod source;
 pub mod store;
+pub mod sync;
