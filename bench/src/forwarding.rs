@@ -31,11 +31,10 @@ use aya::{
     maps::{Array, MapData, xdp::DevMapHash},
     programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
 };
-use lb_testbed::{command_in, output_with_input, xdp};
+use lb_testbed::{command_in, output_with_input, packet, xdp};
 
 use crate::{
     BENCH_OBJECT, Figure, Target,
-    frames::{self, UDP},
     kubeproxy::{self, NodeFacts, Svc},
     netns::{self, Agent, Scope, ip},
     perpacket::Template,
@@ -443,12 +442,14 @@ fn sink_packets(sink: &xdp::Attached) -> Result<u64> {
 }
 
 fn frame_to(dst: SocketAddr) -> Vec<u8> {
-    frames::frame(
-        (C0_MAC, B0_MAC),
-        SocketAddr::from((CLIENT_IP, 10_000)),
-        dst,
-        UDP,
-        0,
+    // 60 bytes: the minimum Ethernet frame, as on a wire less its FCS.
+    packet::padded(
+        packet::udp(
+            (C0_MAC, B0_MAC),
+            SocketAddr::from((CLIENT_IP, 10_000)),
+            dst,
+            &[0; 10],
+        ),
         60,
     )
 }

@@ -14,7 +14,6 @@
 pub mod connrate;
 pub mod control;
 pub mod forwarding;
-pub mod frames;
 pub mod kubeproxy;
 pub mod maglev_bench;
 pub mod netns;

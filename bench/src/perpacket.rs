@@ -36,9 +36,13 @@ use lb_agent::{
 };
 use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 
+use lb_testbed::{
+    fib::{NODE_B_MAC, ROUTER_MAC, UPLINK_MAC},
+    packet::{self, ACK, Decoded, FROM_ROUTER, L4, SYN},
+};
+
 use crate::{
     BENCH_OBJECT,
-    frames::{self, ACK, SYN, TCP, UDP, decode},
     netns::{self, Scope, ip},
     report::{Figure, Target},
 };
@@ -46,10 +50,6 @@ use crate::{
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const NODE_B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
-const FROM_ROUTER: ([u8; 6], [u8; 6]) = (ROUTER_MAC, UPLINK_MAC);
 const FROM_NODE_B: ([u8; 6], [u8; 6]) = (NODE_B_MAC, UPLINK_MAC);
 const BACKENDS: u32 = 10;
 
@@ -133,6 +133,29 @@ struct Lab {
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
+}
+
+const TCP: u8 = lb_common::PROTO_TCP;
+const UDP: u8 = lb_common::PROTO_UDP;
+
+/// A case's frame: TCP with `flags` (sequence 1000, acknowledging 2000), or
+/// UDP with 10 zero bytes, padded as a short Ethernet frame to a multiple of 4
+/// bytes (what `bench_tmpl` holds).
+fn frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    flags: u8,
+) -> Vec<u8> {
+    let f = if proto == TCP {
+        let ack = if flags & ACK != 0 { 2000 } else { 0 };
+        packet::tcp(macs, src, dst, flags, 1000, ack, &[])
+    } else {
+        packet::udp(macs, src, dst, &[0; 10])
+    };
+    let len = f.len().max(60).next_multiple_of(4);
+    packet::padded(f, len)
 }
 
 const CLIENT: &str = "198.51.100.7:40000";
@@ -350,8 +373,7 @@ impl Lab {
             let _ = r.maps_mut().conntrack.remove(&key);
         }
         drop(r);
-        let len = if src.is_ipv6() { 76 } else { 60 };
-        let f = frames::frame(FROM_ROUTER, src, dst, proto, SYN, len);
+        let f = frame(FROM_ROUTER, src, dst, proto, SYN);
         let (ret, _, _) = self.wrapped(&f, false, 1)?;
         ensure!(ret == XDP_TX, "opening {src} -> {dst} returned {ret}");
         Ok(())
@@ -368,7 +390,7 @@ impl Lab {
 }
 
 /// Checks a case's output frame.
-type Check = Box<dyn Fn(&frames::Decoded) -> Result<()>>;
+type Check = Box<dyn Fn(&Decoded) -> Result<()>>;
 
 /// One measured case.
 struct Case {
@@ -464,7 +486,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
 
     // New flows really are new: on an empty table, N varied SYNs must leave
     // N forward and N reply entries.
-    let syn = frames::frame(FROM_ROUTER, client, sock(VIP), TCP, SYN, 60);
+    let syn = frame(FROM_ROUTER, client, sock(VIP), TCP, SYN);
     let before = lab.conntrack_len();
     let (ret, _, _) = lab.wrapped(&syn, true, s.flow_check)?;
     ensure!(ret == XDP_TX, "new-flow check returned {ret}");
@@ -501,13 +523,13 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "non_service",
             label: "non-service traffic (pass to kernel)",
-            frame: frames::frame(FROM_ROUTER, client, sock(NOT_SERVICE), TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, sock(NOT_SERVICE), TCP, ACK),
             vary: false,
             ret: XDP_PASS,
             reason: Reason::PassNotService,
             check: Box::new(move |d| {
                 ensure!(
-                    d.dst == sock(NOT_SERVICE) && d.src == client,
+                    d.dst_addr() == sock(NOT_SERVICE) && d.src_addr() == client,
                     "frame changed: {d:?}"
                 );
                 Ok(())
@@ -521,7 +543,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(
                     d.eth_dst == NODE_B_MAC && d.ttl == 63,
                     "not forwarded: {d:?}"
@@ -532,12 +554,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "established",
             label: "TCP established to a ClusterIP (conntrack hit)",
-            frame: frames::frame(FROM_ROUTER, client, vip, TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, vip, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
-                ensure!(d.dst == chosen && d.src == client, "not translated: {d:?}");
+                ensure!(
+                    d.dst_addr() == chosen && d.src_addr() == client,
+                    "not translated: {d:?}"
+                );
                 ensure!(d.eth_dst == NODE_B_MAC, "not forwarded to node B: {d:?}");
                 Ok(())
             }),
@@ -545,13 +570,13 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "reply",
             label: "reply reverse-translated (backend -> client)",
-            frame: frames::frame(FROM_NODE_B, chosen, client, TCP, ACK, 60),
+            frame: frame(FROM_NODE_B, chosen, client, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
                 ensure!(
-                    d.src == vip && d.dst == client,
+                    d.src_addr() == vip && d.dst_addr() == client,
                     "not reverse-translated: {d:?}"
                 );
                 ensure!(
@@ -564,15 +589,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "nodeport_snat",
             label: "NodePort with source NAT (established)",
-            frame: frames::frame(FROM_ROUTER, client, np, TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, np, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(
-                    d.src.ip() == IpAddr::from([192, 0, 2, 1])
-                        && d.src.port() >= lb_common::SNAT_PORT_MIN,
+                    d.src == IpAddr::from([192, 0, 2, 1])
+                        && d.src_addr().port() >= lb_common::SNAT_PORT_MIN,
                     "not source-NATed: {d:?}"
                 );
                 Ok(())
@@ -581,13 +606,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "udp",
             label: "UDP to a ClusterIP (established)",
-            frame: frames::frame(FROM_ROUTER, client, sock(VIP_UDP), UDP, 0, 60),
+            frame: frame(FROM_ROUTER, client, sock(VIP_UDP), UDP, 0),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
                 ensure!(
-                    is_backend(d.dst) && d.src == client && d.proto == UDP,
+                    is_backend(d.dst_addr())
+                        && d.src_addr() == client
+                        && matches!(d.l4, L4::Udp { .. }),
                     "not translated: {d:?}"
                 );
                 Ok(())
@@ -596,12 +623,12 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "ipv6",
             label: "IPv6 TCP established to a ClusterIP",
-            frame: frames::frame(FROM_ROUTER, sock(CLIENT6), sock(VIP6), TCP, ACK, 76),
+            frame: frame(FROM_ROUTER, sock(CLIENT6), sock(VIP6), TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(d.ttl == 63, "hop limit not decremented: {d:?}");
                 Ok(())
             }),
@@ -616,7 +643,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut lru = Vec::new();
     let mut per_case: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut failed: Vec<Option<String>> = vec![None; cases.len()];
-    let plain = frames::frame(FROM_ROUTER, client, vip, TCP, ACK, 60);
+    let plain = frame(FROM_ROUTER, client, vip, TCP, ACK);
     for _round in 0..s.rounds {
         let (ret, t, _) = test_run(lab.prog("bench_floor")?, &plain, n, lab.uplink)?;
         ensure!(ret == XDP_TX, "floor returned {ret}");
@@ -676,7 +703,12 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                     c.key,
                     c.reason.name()
                 );
-                let d = decode(&out).with_context(|| format!("{}: output frame", c.key))?;
+                let d = packet::check(&out)
+                    .and_then(|d| {
+                        ensure!(d.ports().is_some(), "not TCP or UDP: {d:?}");
+                        Ok(d)
+                    })
+                    .with_context(|| format!("{}: output frame", c.key))?;
                 (c.check)(&d).with_context(|| format!("{}: output frame", c.key))?;
                 if c.vary {
                     let c1 = lab.counter()?;
@@ -690,10 +722,10 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                     let last = c1 - 1;
                     let src = varied(client, last as u32);
                     ensure!(
-                        d.src == src,
+                        d.src_addr() == src,
                         "{}: last frame from {}, expected {src}",
                         c.key,
-                        d.src
+                        d.src_addr()
                     );
                     let e = lab
                         .reconciler()

@@ -25,11 +25,13 @@
 mod client;
 mod cluster;
 pub mod control_plane;
+pub mod fib;
 pub mod interrupt;
 pub mod kube_cluster;
 pub mod manifests;
 pub mod net;
 mod ns;
+pub mod packet;
 pub mod relay;
 pub mod servers;
 pub mod xdp;

@@ -1,9 +1,11 @@
 //! A datapath in a private network namespace, with maps the tests program
 //! directly, and runners that push one frame through `BPF_PROG_TEST_RUN`.
-#![allow(dead_code)]
+// Each test binary uses a part of it.
+#![allow(dead_code, unused_imports)]
 
 pub mod netns;
-pub mod packet;
+
+pub use lb_testbed::packet;
 
 use std::{
     collections::BTreeSet,

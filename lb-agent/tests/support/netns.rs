@@ -20,11 +20,7 @@ use std::{
     sync::atomic::{AtomicU32, Ordering},
 };
 
-pub const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-pub const NODE_B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-pub const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
-pub const POD_GW_MAC: [u8; 6] = [2, 0, 0, 0, 1, 1];
-pub const LOCAL_POD_MAC: [u8; 6] = [2, 0, 0, 0, 1, 5];
+pub use lb_testbed::fib::{LOCAL_POD_MAC, NODE_B_MAC, POD_GW_MAC, ROUTER_MAC, UPLINK_MAC};
 
 /// Runs `ip` (or another command) and panics with its output if it fails.
 pub fn run(args: &[&str]) {
