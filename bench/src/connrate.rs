@@ -9,7 +9,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -24,7 +24,6 @@ use lb_testbed::xdp;
 use crate::{
     Figure, Target,
     forwarding::{NODE_IP, NODE_PORT, Topology},
-    netns,
 };
 
 const CLIENTS: usize = 4;
@@ -216,7 +215,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     // for an old duplicate and stalls for a 1 s retransmission: the figure would
     // measure the order of the rounds, not the balancer.
     lb_testbed::sysctl_in(&topo.be, &["net.ipv4.tcp_max_tw_buckets=0"])?;
-    let dir: PathBuf = std::env::temp_dir().join(netns::ns_name("cr-manifests"));
+    let dir = topo.run_dir().join("manifests");
     Topology::write_manifests(&dir)?;
     let _c0 = xdp::attach(&topo.cli, "xdp_pass", &["c0".to_string()])?;
     let _s0 = xdp::attach(&topo.be, "xdp_pass", &["s0".to_string()])?;
@@ -226,10 +225,10 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
         (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut error_notes = Vec::new();
     for round in 0..rounds {
-        let mut agent = topo.start_agent(agent_bin, &dir, &format!("cr-agent-{round}"))?;
+        let agent = topo.start_agent(agent_bin, &dir, &format!("cr-agent-{round}"))?;
         let r = load(&topo.cli, target, secs);
         let drops = datapath_drops(agent_bin, &agent.pin);
-        agent.stop(agent_bin);
+        agent.stop();
         topo.flush_rules()?;
         let lb = r.context("lb")?;
         topo.load_iptables()?;
@@ -248,7 +247,6 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
         ipt_err.push(ipt.error_count() as f64);
         ratio.push(lb.cps / ipt.cps);
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let figs = vec![
         Figure::new(SECTION, "connrate.lb.cps", "lb", "conn/s", lb_cps),
         Figure::new(SECTION, "connrate.lb.errors", "  lb errors", "", lb_err)

@@ -12,7 +12,7 @@
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
@@ -25,12 +25,12 @@ use lb_agent::{
     source::{SourceEvent, manifests},
     sync::Engine,
 };
-use lb_testbed::{command_in, output_with_input};
+use lb_testbed::{Scope, command_in, ip, output_with_input};
 
 use crate::{
     Figure, Target,
+    agent::LbAgent,
     kubeproxy::{self, NodeFacts},
-    netns::{self, Agent, Scope, ip},
     report::percentile,
 };
 
@@ -115,14 +115,13 @@ fn write_manifests(dir: &Path, n: usize) -> Result<()> {
 }
 
 fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
-    let mut scope = Scope::new();
-    let ns = scope.netns(&format!("cp{n}"))?;
+    let scope = Scope::new()?;
+    let ns = scope.add_netns(&format!("cp{n}"), &[])?;
     ip(Some(&ns), "link add u0 type veth peer name u1")?;
     ip(Some(&ns), "link set u0 up")?;
     ip(Some(&ns), "link set u1 up")?;
     ip(Some(&ns), "addr add 192.0.2.1/24 dev u0")?;
     let s = sizes(n);
-    let pin = netns::pin_dir(&format!("cp{n}"));
     let args: Vec<String> = [
         "run".to_string(),
         "--manifests".into(),
@@ -131,8 +130,6 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
         "node-a".into(),
         "--iface".into(),
         "u0".into(),
-        "--pin-path".into(),
-        pin.display().to_string(),
         "--metrics-addr".into(),
         "127.0.0.1:10249".into(),
         "--healthz-addr".into(),
@@ -147,12 +144,11 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
         s.conntrack.to_string(),
     ]
     .to_vec();
-    let log = std::env::temp_dir().join(format!("{}.log", netns::ns_name(&format!("cp{n}"))));
-    let mut agent = Agent::spawn(bin, &ns, &args, log.clone(), pin)?;
-    let started = agent.started;
+    let agent = LbAgent::start(&scope, bin, &ns, &format!("cp{n}"), &args)?;
+    let started = agent.started()?;
     let ready = agent.wait_for("datapath ready", Duration::from_secs(60))?;
     let synced = agent.wait_for("first sync done", Duration::from_secs(180))?;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
     ensure!(
         text.contains(&format!("{n} service ports")),
         "the agent synced something else than {n} service ports: {}",
@@ -161,8 +157,7 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
             .unwrap_or("")
     );
     let rss = agent.peak_rss().unwrap_or(0) as f64 / (1024.0 * 1024.0);
-    agent.stop(bin);
-    let _ = std::fs::remove_file(&log);
+    agent.stop();
     Ok((
         (synced - ready).as_secs_f64(),
         (synced - started).as_secs_f64(),
@@ -246,8 +241,8 @@ fn timed_load(
     input: String,
     cap: Duration,
 ) -> Result<Option<f64>> {
-    let mut scope = Scope::new();
-    let ns = scope.netns(role)?;
+    let scope = Scope::new()?;
+    let ns = scope.add_netns(role, &[])?;
     let t = Instant::now();
     match output_with_input(
         &mut command_in(&ns, program, args),
@@ -269,8 +264,10 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut figs = Vec::new();
     let mut notes = Vec::new();
     let mut lat_all = Vec::new();
+    // The manifests' directory, removed with the scope.
+    let files = Scope::new()?;
     for n in counts(quick) {
-        let dir: PathBuf = std::env::temp_dir().join(netns::ns_name(&format!("cp{n}-manifests")));
+        let dir = files.run_dir().join(format!("cp{n}-manifests"));
         write_manifests(&dir, n)?;
         let runs = if quick { 1 } else { 3 };
         let (mut sync, mut start, mut rss, mut inproc_sync) =
@@ -287,7 +284,6 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
                 lat_all.extend(lat);
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
         let svcs = kubeproxy::many(n, EPS);
         let node = NodeFacts {
             pod_cidr: "10.0.0.0/8".into(),

@@ -18,6 +18,7 @@
 
 use std::{
     net::{IpAddr, SocketAddr},
+    path::Path,
     sync::MutexGuard,
 };
 
@@ -37,13 +38,14 @@ use lb_agent::{
 use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 
 use lb_testbed::{
+    Scope,
     fib::{NODE_B_MAC, ROUTER_MAC, UPLINK_MAC},
+    ip,
     packet::{self, ACK, Decoded, FROM_ROUTER, L4, SYN},
 };
 
 use crate::{
-    BENCH_OBJECT,
-    netns::{self, Scope, ip},
+    BENCH_OBJECT, cpu,
     report::{Figure, Target},
 };
 
@@ -208,7 +210,8 @@ fn build_netns(ns: &str) -> Result<()> {
 }
 
 impl Lab {
-    fn new() -> Result<Self> {
+    /// The lab, its Service written as manifests into `dir` and synced.
+    fn new(dir: &Path) -> Result<Self> {
         let sizes = Sizes {
             services: 1024,
             service_ids: 16,
@@ -223,7 +226,7 @@ impl Lab {
         })?;
         let mut maps = dp.take_maps()?;
         let lb_fd = dp.xdp()?.fd()?.try_clone()?;
-        let uplink = netns::ifindex("up0")?;
+        let uplink = lb_testbed::ifindex("up0")?;
         maps.set_config(&NodeConfig {
             snat_v4: Some([192, 0, 2, 1].into()),
             snat_v6: Some("2001:db8::1".parse()?),
@@ -244,10 +247,8 @@ impl Lab {
         let lru = HashMap::try_from(bench.take_map("bench_lru_tbl").context("bench_lru_tbl")?)?;
         // The services go in the way the agent writes them: manifests into its
         // sync engine.
-        let dir = std::env::temp_dir().join(netns::ns_name("pp-manifests"));
-        write_manifests(&dir)?;
-        let loaded = manifests::load_dir(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
+        write_manifests(dir)?;
+        let loaded = manifests::load_dir(dir);
         ensure!(
             loaded.problems.is_empty(),
             "manifest problems: {:?}",
@@ -469,18 +470,19 @@ fn is_backend(a: SocketAddr) -> bool {
 
 /// Measures everything; returns the figures.
 pub fn run(s: Settings) -> Result<(Vec<Figure>, Vec<String>)> {
-    let mut scope = Scope::new();
-    let ns = scope.netns("pp")?;
+    let scope = Scope::new()?;
+    let ns = scope.add_netns("pp", &[])?;
     build_netns(&ns)?;
-    let cpu = netns::bench_cpu();
+    let manifests = scope.run_dir().join("manifests");
+    let cpu = cpu::bench_cpu();
     lb_testbed::try_in_netns(&ns, move || -> Result<(Vec<Figure>, Vec<String>)> {
-        netns::pin_thread(cpu)?;
-        measure(s, cpu)
+        cpu::pin_thread(cpu)?;
+        measure(s, cpu, &manifests)
     })?
 }
 
-fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
-    let mut lab = Lab::new()?;
+fn measure(s: Settings, cpu: usize, manifests: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
+    let mut lab = Lab::new(manifests)?;
     let mut notes = Vec::new();
     let client = sock(CLIENT);
 
