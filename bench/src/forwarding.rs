@@ -29,9 +29,9 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, MapData, xdp::DevMapHash},
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
+    programs::{Xdp, xdp::XdpMode},
 };
-use lb_testbed::{Scope, command_in, ifindex, ip, output_with_input, packet, xdp};
+use lb_testbed::{Scope, command_in, ifindex, ip, output_with_input, packet, test_run, xdp};
 
 use crate::{
     BENCH_OBJECT, Figure, Target,
@@ -374,18 +374,8 @@ impl Generator {
             .program("bench_gen")
             .context("bench_gen")?
             .try_into()?;
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
         let t = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: count,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_RUN live frames")?;
+        test_run::xdp_live_frames(prog, frame, self.ifindex, count, 64)?;
         Ok(t.elapsed())
     }
 }

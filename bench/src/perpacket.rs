@@ -26,7 +26,7 @@ use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use lb_agent::{
     bpf::{Datapath, LoadOptions, NodeConfig, Sizes},
@@ -38,10 +38,9 @@ use lb_agent::{
 use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
 
 use lb_testbed::{
-    Scope,
-    fib::{NODE_B_MAC, ROUTER_MAC, UPLINK_MAC},
-    ip,
+    fib::{FibNamespace, NODE_B_MAC, ROUTER_MAC, UPLINK_MAC},
     packet::{self, ACK, Decoded, FROM_ROUTER, L4, SYN},
+    test_run,
 };
 
 use crate::{
@@ -102,22 +101,8 @@ pub fn test_run(
     repeat: u32,
     ifindex: u32,
 ) -> Result<(u32, f64, Vec<u8>)> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; 512];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, r.duration.as_nanos() as f64, out))
+    let r = test_run::xdp(prog, frame, ifindex, repeat)?;
+    Ok((r.ret, r.per_iteration.as_nanos() as f64, r.frame))
 }
 
 struct Lab {
@@ -174,39 +159,6 @@ fn backend_v4(i: u32) -> SocketAddr {
 
 fn backend_v6(i: u32) -> SocketAddr {
     SocketAddr::new(format!("fd00:244:1::{i:x}").parse().unwrap(), 8080)
-}
-
-/// The namespace every test run happens in: an uplink whose FIB answers are
-/// known (node B owns the remote pod CIDR, a router the clients).
-fn build_netns(ns: &str) -> Result<()> {
-    let n = Some(ns);
-    ip(
-        n,
-        "link add up0 address 02:00:00:00:00:01 type veth peer name up1",
-    )?;
-    ip(n, "link set up0 up")?;
-    ip(n, "link set up1 up")?;
-    ip(n, "addr add 192.0.2.1/24 dev up0")?;
-    ip(n, "-6 addr add 2001:db8::1/64 dev up0 nodad")?;
-    for (addr, mac) in [
-        ("192.0.2.2", "02:00:00:00:00:02"),
-        ("192.0.2.254", "02:00:00:00:00:fe"),
-        ("2001:db8::2", "02:00:00:00:00:02"),
-        ("2001:db8::fe", "02:00:00:00:00:fe"),
-    ] {
-        ip(
-            n,
-            &format!("neigh add {addr} lladdr {mac} dev up0 nud permanent"),
-        )?;
-    }
-    ip(n, "route add 10.244.1.0/24 via 192.0.2.2")?;
-    ip(n, "route add 198.51.100.0/24 via 192.0.2.254")?;
-    ip(n, "-6 route add fd00:244:1::/64 via 2001:db8::2")?;
-    ip(n, "-6 route add 2001:db8:100::/64 via 2001:db8::fe")?;
-    lb_testbed::sysctl_in(
-        ns,
-        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-    )
 }
 
 impl Lab {
@@ -470,12 +422,12 @@ fn is_backend(a: SocketAddr) -> bool {
 
 /// Measures everything; returns the figures.
 pub fn run(s: Settings) -> Result<(Vec<Figure>, Vec<String>)> {
-    let scope = Scope::new()?;
-    let ns = scope.add_netns("pp", &[])?;
-    build_netns(&ns)?;
-    let manifests = scope.run_dir().join("manifests");
+    // Every test run happens in the testbed's one-node namespace, whose FIB
+    // answers are known (node B owns the remote pod CIDR, a router the clients).
+    let fib = FibNamespace::up()?;
+    let manifests = fib.scope().run_dir().join("manifests");
     let cpu = cpu::bench_cpu();
-    lb_testbed::try_in_netns(&ns, move || -> Result<(Vec<Figure>, Vec<String>)> {
+    lb_testbed::try_in_netns(fib.ns(), move || -> Result<(Vec<Figure>, Vec<String>)> {
         cpu::pin_thread(cpu)?;
         measure(s, cpu, &manifests)
     })?

@@ -13,7 +13,7 @@ use proptest::{
     test_runner::{Config, TestRunner},
 };
 use support::{
-    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_ABORTED, XDP_PASS, XDP_TX, backend, netns::*,
+    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_ABORTED, XDP_PASS, XDP_TX, backend, fib::*,
     packet::*, sa,
 };
 

@@ -7,7 +7,7 @@ mod support;
 use lb_agent::bpf::NodeConfig;
 use lb_common::Reason;
 use support::{
-    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, netns::*, packet::*,
+    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, fib::*, packet::*,
     sa,
 };
 
@@ -444,7 +444,7 @@ fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour
 #[test]
 fn a_backend_behind_a_vxlan_overlay_is_reached_through_tc_and_its_reply_translated_on_the_tunnel() {
     let mut lab = Lab::new();
-    let flannel = lab.ns.ifindex("flannel.1");
+    let flannel = lb_testbed::ifindex("flannel.1").unwrap();
     let nodeport = sa("192.0.2.1:30083");
     let pod = sa("10.244.3.9:8080");
     lab.service(

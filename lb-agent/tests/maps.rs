@@ -15,6 +15,7 @@ use lb_agent::{
     sync::Engine,
 };
 use lb_common::ServiceKey;
+use lb_testbed::fib::FibNamespace;
 use support::{Lab, SIZES};
 
 /// Row `r`'s test pattern: non-zero ids no other row has.
@@ -118,7 +119,7 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
         maglev_table_size: 1021,
         conntrack: 4096,
     };
-    let _ns = support::Netns::enter();
+    let _fib = FibNamespace::enter().unwrap();
     let (_dp, mut engine) = engine(sizes, |_| {});
     // 40 Services (enough to be built on threads) of 3 to 7 endpoints.
     let n = 40;
@@ -159,7 +160,7 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
 /// and nobody wants any more; after that it syncs exactly what changes.
 #[test]
 fn the_engine_waits_for_a_listing_finishes_adoption_once_and_then_syncs_changes() {
-    let _ns = support::Netns::enter();
+    let _fib = FibNamespace::enter().unwrap();
     // An earlier agent's frontend, of a Service that is gone.
     let stale = cluster_ip_key(99);
     let (_dp, mut engine) = engine(support::SIZES, |maps| {

@@ -36,6 +36,7 @@ pub mod packet;
 pub mod relay;
 pub mod scope;
 pub mod servers;
+pub mod test_run;
 pub mod xdp;
 
 pub use client::{

@@ -1,18 +1,16 @@
-//! A datapath in a private network namespace, with maps the tests program
-//! directly, and runners that push one frame through `BPF_PROG_TEST_RUN`.
+//! A datapath in the testbed's one-node namespace (`lb_testbed::fib`), with
+//! maps the tests program directly through the agent's encoding, and runners
+//! that push one frame through `BPF_PROG_TEST_RUN` (`lb_testbed::test_run`).
 // Each test binary uses a part of it.
 #![allow(dead_code, unused_imports)]
 
-pub mod netns;
-
-pub use lb_testbed::packet;
+pub use lb_testbed::{fib, packet};
 
 use std::{
     collections::BTreeSet,
     net::{Ipv4Addr, Ipv6Addr, SocketAddr},
 };
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
     maglev,
@@ -23,7 +21,7 @@ use lb_agent::{
     },
 };
 use lb_common::{FlowKey, PROTO_TCP, Reason, hash::flow_hash};
-pub use netns::Netns;
+use lb_testbed::{fib::FibNamespace, test_run};
 
 pub const SIZES: Sizes = Sizes {
     services: 1024,
@@ -162,12 +160,12 @@ pub struct Lab {
     /// The `addr_filter` bits, set (and cleared) as the agent sets them.
     filter: Filter,
     // Last: the namespace goes after the programs and maps that refer to its devices.
-    pub ns: Netns,
+    pub fib: FibNamespace,
 }
 
 impl Lab {
     pub fn new() -> Self {
-        let ns = Netns::enter();
+        let fib = FibNamespace::enter().expect("the one-node namespace");
         let mut dp = Datapath::load(&LoadOptions {
             pin_path: None,
             sizes: SIZES,
@@ -175,8 +173,8 @@ impl Lab {
         })
         .expect("load datapath");
         let mut maps = dp.take_maps().expect("maps");
-        let uplink = ns.ifindex("up0");
-        let pod = ns.ifindex("pod0");
+        let uplink = lb_testbed::ifindex("up0").unwrap();
+        let pod = lb_testbed::ifindex("pod0").unwrap();
         maps.set_config(&NODE_CONFIG).unwrap();
         maps.add_tx_port(uplink).unwrap();
         Self {
@@ -187,7 +185,7 @@ impl Lab {
             next_service: 0,
             next_backend: 1,
             filter: Filter::default(),
-            ns,
+            fib,
         }
     }
 
@@ -288,24 +286,8 @@ impl Lab {
     }
 
     pub fn xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len().max(4096) + 512];
-        let r = self
-            .dp
-            .xdp()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN (xdp)");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let r = test_run::xdp(self.dp.xdp().unwrap(), frame, ifindex, 1).unwrap();
+        (r.ret, r.frame)
     }
 
     /// Runs the tc program on `frame` arriving from a pod on `pod0`.
@@ -316,23 +298,8 @@ impl Lab {
     /// Runs the tc program on `frame` arriving on `ifindex` (the uplink: what
     /// XDP handed on; a tunnel device: a reply from another node).
     pub fn tc_on(&mut self, ifindex: u32, frame: &[u8]) -> (i32, Vec<u8>) {
-        // struct __sk_buff: ifindex at offset 40; everything else zero.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len().max(4096) + 512];
-        let r = self
-            .dp
-            .tc()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN (tc)");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value as i32, out)
+        let r = test_run::tc(self.dp.tc().unwrap(), frame, ifindex).unwrap();
+        (r.ret, r.frame)
     }
 
     pub fn reason(&self, reason: Reason) -> u64 {
