@@ -24,8 +24,10 @@ use crate::{
     cluster::{NodeInfo, Problem},
     model::{Desired, PortKey},
     reconcile::{Reconciler, Stats},
-    source::SourceEvent,
-    store::{Dirty, Store},
+    source::{
+        SourceEvent,
+        store::{Dirty, Store},
+    },
 };
 
 pub struct Engine {
