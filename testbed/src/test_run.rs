@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use anyhow::{Context as _, Result};
-use aya::programs::{SchedClassifier, TestRun as _, TestRunAttrs, TestRunOptions, Xdp};
+use aya::programs::{SchedClassifier, TestRun, TestRunAttrs, TestRunOptions, TestRunResult, Xdp};
 
 /// What a test run returned.
 #[derive(Debug)]
@@ -27,25 +27,22 @@ fn xdp_ctx(frame: &[u8], ifindex: u32) -> [u8; 24] {
     ctx
 }
 
-/// Room for the output: the frame may grow (an ICMP error quoting it).
-fn out_buffer(frame: &[u8]) -> Vec<u8> {
-    vec![0u8; frame.len().max(4096) + 512]
-}
-
-/// Runs the XDP program `repeat` times (at least once) on `frame` arriving
-/// on `ifindex`.
-pub fn xdp(prog: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Result<Run<u32>> {
-    let ctx = xdp_ctx(frame, ifindex);
-    let mut out = out_buffer(frame);
+/// Runs `prog` `repeat` times (at least once) on `frame` with context `ctx`,
+/// with room for the output to grow (an ICMP error quoting the frame).
+fn run<P>(prog: &P, frame: &[u8], ctx: &[u8], repeat: u32) -> Result<Run<u32>>
+where
+    P: for<'a> TestRun<Opts<'a> = TestRunOptions<'a>, Result = TestRunResult>,
+{
+    let mut out = vec![0u8; frame.len().max(4096) + 512];
     let r = prog
         .test_run(TestRunOptions {
             data_in: Some(frame),
             data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
+            ctx_in: Some(ctx),
             repeat,
             ..TestRunOptions::default()
         })
-        .context("BPF_PROG_TEST_RUN (xdp)")?;
+        .context("BPF_PROG_TEST_RUN")?;
     out.truncate(r.data_size_out as usize);
     Ok(Run {
         ret: r.return_value,
@@ -54,26 +51,23 @@ pub fn xdp(prog: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Result<Run<u3
     })
 }
 
+/// Runs the XDP program `repeat` times (at least once) on `frame` arriving
+/// on `ifindex`.
+pub fn xdp(prog: &Xdp, frame: &[u8], ifindex: u32, repeat: u32) -> Result<Run<u32>> {
+    run(prog, frame, &xdp_ctx(frame, ifindex), repeat).context("XDP")
+}
+
 /// Runs the tc program once on `frame` arriving on `ifindex`.
 pub fn tc(prog: &SchedClassifier, frame: &[u8], ifindex: u32) -> Result<Run<i32>> {
     // struct __sk_buff: ifindex at offset 40; everything else zero.
     let mut ctx = [0u8; 192];
     ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = out_buffer(frame);
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_TEST_RUN (tc)")?;
-    out.truncate(r.data_size_out as usize);
+    let r = run(prog, frame, &ctx, 1).context("tc")?;
     Ok(Run {
         // tc verdicts are signed (TC_ACT_UNSPEC is -1).
-        ret: r.return_value as i32,
-        frame: out,
-        per_iteration: r.duration,
+        ret: r.ret as i32,
+        frame: r.frame,
+        per_iteration: r.per_iteration,
     })
 }
 
