@@ -11,7 +11,7 @@ use std::{
     collections::BTreeMap,
     io::{Read as _, Write as _},
     net::{SocketAddr, TcpListener, TcpStream},
-    path::{Path, PathBuf},
+    path::Path,
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -26,7 +26,6 @@ use lb_testbed::xdp;
 use crate::{
     Figure, Target,
     forwarding::{NODE_IP, NODE_PORT, Topology, VIP, pod},
-    netns,
 };
 
 const CLIENTS: usize = 4;
@@ -321,7 +320,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     // for an old duplicate and stalls for a 1 s retransmission: the figure would
     // measure the order of the rounds, not the balancer.
     lb_testbed::sysctl_in(&topo.be, &["net.ipv4.tcp_max_tw_buckets=0"])?;
-    let dir: PathBuf = std::env::temp_dir().join(netns::ns_name("cr-manifests"));
+    let dir = topo.run_dir().join("manifests");
     Topology::write_manifests(&dir)?;
     let _c0 = xdp::attach(&topo.cli, "xdp_pass", &["c0".to_string()])?;
     let _s0 = xdp::attach(&topo.be, "xdp_pass", &["s0".to_string()])?;
@@ -338,7 +337,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
             let _pass = (mode == Mode::LbTc)
                 .then(|| xdp::attach(&topo.lb, "xdp_pass", &["b0".to_string()]))
                 .transpose()?;
-            let mut agent = match mode.hook() {
+            let agent = match mode.hook() {
                 Some(hook) => Some(topo.start_agent(
                     agent_bin,
                     &dir,
@@ -357,8 +356,8 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
             };
             let r = load(ns, mode.target(), secs);
             let drops = agent.as_ref().map(|a| datapath_drops(agent_bin, &a.pin));
-            if let Some(a) = agent.as_mut() {
-                a.stop(agent_bin);
+            if let Some(a) = agent {
+                a.stop();
             }
             topo.flush_rules()?;
             let r = r.with_context(|| mode.label())?;
@@ -385,7 +384,6 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
         }
         error_notes.push(format!("round {}: errors: {}", round + 1, line.join("; ")));
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let mut figs = Vec::new();
     for mode in Mode::ALL {
         figs.push(Figure::new(

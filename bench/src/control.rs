@@ -3,34 +3,34 @@
 //! - full sync: `lb-agent run --manifests` on a directory holding them, from
 //!   process start to its "first sync done" log line (and from "datapath
 //!   ready" to it); the agent's peak RSS (VmHWM) right after;
-//! - the same sync in-process (lb_agent's store, model and reconciler writing
-//!   real maps), and the latency of single EndpointSlice changes through the
-//!   same steps the agent's loop takes (store → model → desired → reconcile);
+//! - the same sync in-process (lb_agent's sync engine writing real maps), and
+//!   the latency of single EndpointSlice changes through the same engine the
+//!   agent's loop drives (store → model → desired → reconcile);
 //! - beside it, `iptables-restore` of kube-proxy's rules for the same Services,
 //!   and `nft -f` of its nftables rules, each capped in time.
 
 use std::{
     fmt::Write as _,
     net::Ipv4Addr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, ensure};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Sizes},
-    cluster::{NodeInfo, ObjectKey},
-    model::{Address, Desired},
-    reconcile::{Reconciler, Stats},
+    cluster::NodeInfo,
+    model::Address,
+    reconcile::Reconciler,
     source::{SourceEvent, manifests},
-    store::Store,
+    sync::Engine,
 };
-use lb_testbed::{command_in, output_with_input};
+use lb_testbed::{Scope, command_in, ip, output_with_input};
 
 use crate::{
     Figure, Target,
+    agent::LbAgent,
     kubeproxy::{self, NodeFacts},
-    netns::{self, Agent, Scope, ip},
     report::percentile,
 };
 
@@ -115,14 +115,13 @@ fn write_manifests(dir: &Path, n: usize) -> Result<()> {
 }
 
 fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
-    let mut scope = Scope::new();
-    let ns = scope.netns(&format!("cp{n}"))?;
+    let scope = Scope::new()?;
+    let ns = scope.add_netns(&format!("cp{n}"), &[])?;
     ip(Some(&ns), "link add u0 type veth peer name u1")?;
     ip(Some(&ns), "link set u0 up")?;
     ip(Some(&ns), "link set u1 up")?;
     ip(Some(&ns), "addr add 192.0.2.1/24 dev u0")?;
     let s = sizes(n);
-    let pin = netns::pin_dir(&format!("cp{n}"));
     let args: Vec<String> = [
         "run".to_string(),
         "--manifests".into(),
@@ -131,8 +130,6 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
         "node-a".into(),
         "--iface".into(),
         "u0".into(),
-        "--pin-path".into(),
-        pin.display().to_string(),
         "--metrics-addr".into(),
         "127.0.0.1:10249".into(),
         "--healthz-addr".into(),
@@ -147,12 +144,11 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
         s.conntrack.to_string(),
     ]
     .to_vec();
-    let log = std::env::temp_dir().join(format!("{}.log", netns::ns_name(&format!("cp{n}"))));
-    let mut agent = Agent::spawn(bin, &ns, &args, log.clone(), pin)?;
-    let started = agent.started;
+    let agent = LbAgent::start(&scope, bin, &ns, &format!("cp{n}"), &args)?;
+    let started = agent.started()?;
     let ready = agent.wait_for("datapath ready", Duration::from_secs(60))?;
     let synced = agent.wait_for("first sync done", Duration::from_secs(180))?;
-    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    let text = std::fs::read_to_string(&agent.log).unwrap_or_default();
     ensure!(
         text.contains(&format!("{n} service ports")),
         "the agent synced something else than {n} service ports: {}",
@@ -161,8 +157,7 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
             .unwrap_or("")
     );
     let rss = agent.peak_rss().unwrap_or(0) as f64 / (1024.0 * 1024.0);
-    agent.stop(bin);
-    let _ = std::fs::remove_file(&log);
+    agent.stop();
     Ok((
         (synced - ready).as_secs_f64(),
         (synced - started).as_secs_f64(),
@@ -170,15 +165,21 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
     ))
 }
 
-/// The sync and single-change latencies in-process.
+/// The sync and single-change latencies in-process, through the agent's sync
+/// engine (store, model, desired tables, reconcile) on real maps.
 fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
-    let s = sizes(n);
     let mut dp = Datapath::load(&LoadOptions {
         pin_path: None,
-        sizes: s,
+        sizes: sizes(n),
         log_level: None,
     })?;
-    let mut reconciler = Reconciler::adopt(dp.take_maps()?, s)?;
+    let mut engine = Engine::new(
+        Reconciler::adopt(dp.take_maps()?)?,
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["192.0.2.1".parse()?],
+        },
+    );
     let loaded = manifests::load_dir(dir);
     ensure!(
         loaded.problems.is_empty(),
@@ -186,49 +187,26 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         loaded.problems.first()
     );
     let mut slices = loaded.slices.clone();
-    let mut store = Store::new(NodeInfo {
-        name: "node-a".into(),
-        addresses: vec!["192.0.2.1".parse()?],
-    });
-    let mut desired = Desired::default();
-    // The agent loop, as in lb_agent::agent::run.
-    let step = |store: &mut Store,
-                desired: &mut Desired,
-                reconciler: &mut Reconciler,
-                ev: SourceEvent|
-     -> Result<usize> {
-        let dirty = store.apply(ev);
-        let keys: Vec<ObjectKey> = if dirty.all {
-            store.service_keys().cloned().collect()
-        } else {
-            dirty.services.iter().cloned().collect()
-        };
-        let mut changed = std::collections::BTreeSet::new();
-        for k in keys {
-            let model = store.model(&k);
-            changed.extend(desired.set_service(&k, model).ports);
-        }
-        let mut stats = Stats::default();
-        let problems = reconciler.apply(desired, &changed, &mut stats);
+    // One event and its sync, as the agent's loop takes them.
+    let step = |engine: &mut Engine, ev: SourceEvent| -> Result<usize> {
+        engine.take(ev);
+        let sync = engine.sync().context("the event made no sync due")?;
         ensure!(
-            problems.is_empty(),
-            "reconcile problems: {:?}",
-            problems.first()
+            sync.problems.is_empty(),
+            "sync problems: {:?}",
+            sync.problems.first()
         );
-        Ok(changed.len())
+        Ok(sync.changed.len())
     };
     let t = Instant::now();
     let ports = step(
-        &mut store,
-        &mut desired,
-        &mut reconciler,
+        &mut engine,
         SourceEvent::Resync {
             services: loaded.services,
             slices: loaded.slices,
             problems: Vec::new(),
         },
     )?;
-    reconciler.finish_adoption(&mut Stats::default());
     let sync = t.elapsed().as_secs_f64();
     ensure!(ports == n, "in-process sync wrote {ports} ports, not {n}");
     let mut lat = Vec::new();
@@ -247,7 +225,7 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         ep.address = if ep.address == orig { spare } else { orig };
         let ev = SourceEvent::SliceApplied(Box::new(slice.clone()));
         let t = Instant::now();
-        let ports = step(&mut store, &mut desired, &mut reconciler, ev)?;
+        let ports = step(&mut engine, ev)?;
         lat.push(t.elapsed().as_secs_f64() * 1e3);
         ensure!(ports == 1, "one slice change touched {ports} ports");
     }
@@ -263,8 +241,8 @@ fn timed_load(
     input: String,
     cap: Duration,
 ) -> Result<Option<f64>> {
-    let mut scope = Scope::new();
-    let ns = scope.netns(role)?;
+    let scope = Scope::new()?;
+    let ns = scope.add_netns(role, &[])?;
     let t = Instant::now();
     match output_with_input(
         &mut command_in(&ns, program, args),
@@ -286,8 +264,10 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut figs = Vec::new();
     let mut notes = Vec::new();
     let mut lat_all = Vec::new();
+    // The manifests' directory, removed with the scope.
+    let files = Scope::new()?;
     for n in counts(quick) {
-        let dir: PathBuf = std::env::temp_dir().join(netns::ns_name(&format!("cp{n}-manifests")));
+        let dir = files.run_dir().join(format!("cp{n}-manifests"));
         write_manifests(&dir, n)?;
         let runs = if quick { 1 } else { 3 };
         let (mut sync, mut start, mut rss, mut inproc_sync) =
@@ -304,7 +284,6 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
                 lat_all.extend(lat);
             }
         }
-        let _ = std::fs::remove_dir_all(&dir);
         let svcs = kubeproxy::many(n, EPS);
         let node = NodeFacts {
             pod_cidr: "10.0.0.0/8".into(),
@@ -444,7 +423,7 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
 fn pod_patch_to_map(bin: &Path, flips: usize) -> Result<Vec<f64>> {
     use lb_agent::{
         model::{Frontend, Proto},
-        reconcile::service_key,
+        reconcile::encoding::service_key,
     };
     use lb_testbed::{
         Options,

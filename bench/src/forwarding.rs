@@ -22,7 +22,7 @@
 
 use std::{
     net::{Ipv4Addr, SocketAddr, SocketAddrV4},
-    path::{Path, PathBuf},
+    path::Path,
     thread,
     time::{Duration, Instant},
 };
@@ -31,15 +31,15 @@ use anyhow::{Context as _, Result, bail, ensure};
 use aya::{
     Ebpf,
     maps::{Array, MapData, xdp::DevMapHash},
-    programs::{TestRun as _, TestRunAttrs, TestRunOptions, Xdp, xdp::XdpMode},
+    programs::{Xdp, xdp::XdpMode},
 };
-use lb_testbed::{command_in, output_with_input, xdp};
+use lb_testbed::{Scope, command_in, ifindex, ip, output_with_input, packet, test_run, xdp};
 
 use crate::{
     BENCH_OBJECT, Figure, Target,
-    frames::{self, UDP},
+    agent::LbAgent,
+    cpu,
     kubeproxy::{self, NodeFacts, Svc},
-    netns::{self, Agent, Scope, ip},
     perpacket::Template,
     report::median,
 };
@@ -70,15 +70,15 @@ pub struct Topology {
     pub cli: String,
     pub lb: String,
     pub be: String,
-    _scope: Scope,
+    scope: Scope,
 }
 
 impl Topology {
     pub fn build(tag: &str) -> Result<Self> {
-        let mut scope = Scope::new();
-        let cli = scope.netns(&format!("{tag}-cli"))?;
-        let lb = scope.netns(&format!("{tag}-lb"))?;
-        let be = scope.netns(&format!("{tag}-be"))?;
+        let scope = Scope::new()?;
+        let cli = scope.add_netns(&format!("{tag}-cli"), &[])?;
+        let lb = scope.add_netns(&format!("{tag}-lb"), &[])?;
+        let be = scope.add_netns(&format!("{tag}-be"), &[])?;
         let (c, l, b) = (Some(cli.as_str()), Some(lb.as_str()), Some(be.as_str()));
         ip(
             l,
@@ -160,14 +160,14 @@ impl Topology {
         // Uplinks deliver complete checksums to XDP (as NICs do): no offloaded
         // (partial) checksums from the hosts at either end.
         for (ns, dev) in [(&cli, "c0"), (&be, "s0")] {
-            netns::exec(ns, "ethtool", &["-K", dev, "tx", "off"])?;
+            lb_testbed::run(&mut command_in(ns, "ethtool", ["-K", dev, "tx", "off"]))?;
         }
-        Ok(Self {
-            cli,
-            lb,
-            be,
-            _scope: scope,
-        })
+        Ok(Self { cli, lb, be, scope })
+    }
+
+    /// Where the part's files go (removed with the namespaces).
+    pub fn run_dir(&self) -> &Path {
+        self.scope.run_dir()
     }
 
     /// The manifests the agent reads: one NodePort Service (UDP and TCP port
@@ -191,9 +191,13 @@ impl Topology {
     /// Starts lb-agent on the balancer and waits for its first sync.
     /// Starts lb-agent in the balancer with `hook` (`--uplink-hook`) on b0
     /// and b1.
-    pub fn start_agent(&self, bin: &Path, dir: &Path, role: &str, hook: &str) -> Result<Agent> {
-        let pin = netns::pin_dir(role);
-        let log = std::env::temp_dir().join(format!("{}.log", netns::ns_name(role)));
+    pub fn start_agent(
+        &self,
+        bin: &Path,
+        dir: &Path,
+        role: &str,
+        hook: &str,
+    ) -> Result<LbAgent<'_>> {
         let args: Vec<String> = [
             "run",
             "--manifests",
@@ -208,8 +212,6 @@ impl Topology {
             hook,
             "--node-ip",
             "192.0.2.1",
-            "--pin-path",
-            &pin.display().to_string(),
             "--metrics-addr",
             "127.0.0.1:10249",
             "--healthz-addr",
@@ -218,7 +220,7 @@ impl Topology {
         .iter()
         .map(|s| s.to_string())
         .collect();
-        let mut agent = Agent::spawn(bin, &self.lb, &args, log, pin)?;
+        let agent = LbAgent::start(&self.scope, bin, &self.lb, role, &args)?;
         agent.wait_for("first sync done", Duration::from_secs(30))?;
         Ok(agent)
     }
@@ -278,10 +280,12 @@ impl Topology {
     /// Removes every netfilter rule from the balancer (and its conntrack state).
     pub fn flush_rules(&self) -> Result<()> {
         for t in ["nat", "filter"] {
-            let _ = netns::exec(&self.lb, "iptables", &["-w", "-t", t, "-F"]);
-            let _ = netns::exec(&self.lb, "iptables", &["-w", "-t", t, "-X"]);
+            for flag in ["-F", "-X"] {
+                let _ =
+                    lb_testbed::run(&mut command_in(&self.lb, "iptables", ["-w", "-t", t, flag]));
+            }
         }
-        netns::exec(&self.lb, "nft", &["flush", "ruleset"])?;
+        lb_testbed::run(&mut command_in(&self.lb, "nft", ["flush", "ruleset"]))?;
         Ok(())
     }
 }
@@ -377,7 +381,7 @@ impl Generator {
         Ok(Self {
             bench,
             tmpl,
-            ifindex: netns::ifindex("c0")?,
+            ifindex: ifindex("c0")?,
         })
     }
 
@@ -389,18 +393,8 @@ impl Generator {
             .program("bench_gen")
             .context("bench_gen")?
             .try_into()?;
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&self.ifindex.to_ne_bytes());
         let t = Instant::now();
-        prog.test_run(TestRunOptions {
-            data_in: Some(frame),
-            ctx_in: Some(&ctx),
-            repeat: count,
-            attrs: TestRunAttrs::new().xdp_live_frames(64),
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_RUN live frames")?;
+        test_run::xdp_live_frames(prog, frame, self.ifindex, count, 64)?;
         Ok(t.elapsed())
     }
 }
@@ -420,11 +414,11 @@ fn measure(
     secs: f64,
 ) -> Result<Sample> {
     let frame = frame.to_vec();
-    let cpu = netns::bench_cpu();
+    let cpu = cpu::bench_cpu();
     let g = generator.take();
     // The generator lives on a thread in the client namespace, pinned.
     let (g, warm, counts, took) = lb_testbed::try_in_netns(gen_ns, move || -> Result<_> {
-        netns::pin_thread(cpu)?;
+        cpu::pin_thread(cpu)?;
         let mut g = match g {
             Some(g) => g,
             None => Generator::new()?,
@@ -456,12 +450,14 @@ fn sink_packets(sink: &xdp::Attached) -> Result<u64> {
 }
 
 fn frame_to(dst: SocketAddr) -> Vec<u8> {
-    frames::frame(
-        (C0_MAC, B0_MAC),
-        SocketAddr::from((CLIENT_IP, 10_000)),
-        dst,
-        UDP,
-        0,
+    // 60 bytes: the minimum Ethernet frame, as on a wire less its FCS.
+    packet::padded(
+        packet::udp(
+            (C0_MAC, B0_MAC),
+            SocketAddr::from((CLIENT_IP, 10_000)),
+            dst,
+            &[0; 10],
+        ),
         60,
     )
 }
@@ -485,7 +481,7 @@ fn attach_forwarder(lb_ns: &str) -> Result<Forwarder> {
         let mut ports =
             DevMapHash::try_from(bench.take_map("bench_ports").context("bench_ports")?)?;
         for dev in ["b0", "b1"] {
-            let i = netns::ifindex(dev)?;
+            let i = ifindex(dev)?;
             ports.insert(i, i, None, 0)?;
         }
         let p: &mut Xdp = bench
@@ -510,7 +506,7 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
     let rounds = if quick { 2 } else { 3 };
     let secs = if quick { 0.3 } else { 1.0 };
     let topo = Topology::build("fw")?;
-    let dir: PathBuf = std::env::temp_dir().join(netns::ns_name("fw-manifests"));
+    let dir = topo.run_dir().join("manifests");
     Topology::write_manifests(&dir)?;
     let sink = xdp::attach(&topo.be, "xdp_sink", &["s0".to_string()])?;
     let mut generator: Option<Generator> = None;
@@ -582,8 +578,8 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
                 }
                 Ok(())
             })();
-            if let Some(mut a) = agent {
-                a.stop(agent_bin);
+            if let Some(a) = agent {
+                a.stop();
             }
             drop(pass);
             drop(fwd);
@@ -610,7 +606,6 @@ pub fn run(quick: bool, agent_bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> 
                 .push(100.0 * at(Mode::LbTc, t) / lb);
         }
     }
-    let _ = std::fs::remove_dir_all(&dir);
     let sec = "Forwarding rate (64-byte UDP frames, live-frames generator, 1 CPU)";
     let mut figs = Vec::new();
     for (mi, mode) in Mode::ALL.iter().enumerate() {

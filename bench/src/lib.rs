@@ -8,16 +8,17 @@
 //! - [`forwarding`]: packets per second through a balancer namespace;
 //! - [`connrate`]: short TCP connections per second through a NodePort.
 //!
-//! Needs root. Everything runs in network namespaces named `lbb-<pid>-*`,
-//! removed at the end, on failure and on Ctrl-C.
+//! Needs root. Everything runs in network namespaces of testbed scopes
+//! (`lb_testbed::Scope`: `lbt-<run>-<pid>-*`), removed when each part ends, on
+//! failure and on Ctrl-C; what a crashed run left is removed at the start.
 
+pub mod agent;
 pub mod connrate;
 pub mod control;
+pub mod cpu;
 pub mod forwarding;
-pub mod frames;
 pub mod kubeproxy;
 pub mod maglev_bench;
-pub mod netns;
 pub mod perpacket;
 pub mod report;
 
@@ -125,8 +126,7 @@ pub fn run(opts: &Options) -> Result<Report> {
     if unsafe { libc::geteuid() } != 0 {
         bail!("the benchmark needs root (BPF programs, network namespaces)");
     }
-    netns::install_signal_handler();
-    for r in netns::cleanup_stale() {
+    for r in lb_testbed::cleanup_stale() {
         eprintln!("lb-bench: removed leftover {r}");
     }
     let started = Instant::now();
@@ -157,7 +157,6 @@ pub fn run(opts: &Options) -> Result<Report> {
                 report.errors.push((name.to_string(), format!("{e:#}")));
             }
         }
-        netns::teardown_all();
         eprintln!("lb-bench: {name} took {:.1} s", t.elapsed().as_secs_f64());
     };
     part("per-packet", &mut || {

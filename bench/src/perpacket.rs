@@ -16,43 +16,42 @@
 //! iteration (addresses, ports, every checksum), and the datapath's `reasons`
 //! counters (all N iterations under the expected reason).
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    net::{IpAddr, SocketAddr},
+    path::Path,
+    sync::MutexGuard,
+};
 
 use anyhow::{Context as _, Result, ensure};
 use aya::{
     Ebpf,
     maps::{Array, HashMap, MapData, PerCpuArray, ProgramArray},
-    programs::{TestRun as _, TestRunOptions, Xdp},
+    programs::Xdp,
 };
 use lb_agent::{
-    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    bpf::{Datapath, LoadOptions, NodeConfig, Sizes},
     cluster::NodeInfo,
-    model::Desired,
-    reconcile::{Reconciler, Stats},
+    reconcile::Reconciler,
     source::{SourceEvent, manifests},
-    store::Store,
+    sync::Engine,
 };
-use lb_common::{
-    CFG_F_SNAT_V4, CFG_F_SNAT_V6, CT_F_FORWARD, Config, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP,
-    Reason,
+use lb_common::{CT_F_FORWARD, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, Reason};
+
+use lb_testbed::{
+    fib::{FibNamespace, NODE_B_MAC, ROUTER_MAC, UPLINK_MAC},
+    packet::{self, ACK, Decoded, FROM_ROUTER, L4, SYN},
+    test_run,
 };
 
 use crate::{
-    BENCH_OBJECT,
-    frames::{self, ACK, SYN, TCP, UDP, decode},
-    netns::{self, Scope, ip},
+    BENCH_OBJECT, cpu,
     report::{Figure, Target},
 };
 
 pub const XDP_PASS: u32 = 2;
 pub const XDP_TX: u32 = 3;
 
-const UPLINK_MAC: [u8; 6] = [2, 0, 0, 0, 0, 1];
-const NODE_B_MAC: [u8; 6] = [2, 0, 0, 0, 0, 2];
-const ROUTER_MAC: [u8; 6] = [2, 0, 0, 0, 0, 0xfe];
-const FROM_ROUTER: ([u8; 6], [u8; 6]) = (ROUTER_MAC, UPLINK_MAC);
 const FROM_NODE_B: ([u8; 6], [u8; 6]) = (NODE_B_MAC, UPLINK_MAC);
-const MAGLEV_SIZE: u32 = lb_common::capacity::MAGLEV_TABLE_SIZE;
 const BACKENDS: u32 = 10;
 
 /// `bench_tmpl`'s value (see lb-ebpf/src/bench.rs).
@@ -102,27 +101,14 @@ pub fn test_run(
     repeat: u32,
     ifindex: u32,
 ) -> Result<(u32, f64, Vec<u8>)> {
-    // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-    let mut ctx = [0u8; 24];
-    ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-    ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-    let mut out = vec![0u8; 512];
-    let r = prog
-        .test_run(TestRunOptions {
-            data_in: Some(frame),
-            data_out: Some(&mut out),
-            ctx_in: Some(&ctx),
-            repeat,
-            ..TestRunOptions::default()
-        })
-        .context("BPF_PROG_TEST_RUN")?;
-    out.truncate(r.data_size_out as usize);
-    Ok((r.return_value, r.duration.as_nanos() as f64, out))
+    let r = test_run::xdp(prog, frame, ifindex, repeat)?;
+    Ok((r.ret, r.per_iteration.as_nanos() as f64, r.frame))
 }
 
 struct Lab {
     _dp_keep: Datapath,
-    reconciler: Reconciler,
+    /// The maps, programmed by the agent's sync engine.
+    engine: Engine,
     bench: Ebpf,
     tmpl: Array<MapData, Template>,
     jmp: ProgramArray<MapData>,
@@ -134,6 +120,29 @@ struct Lab {
 
 fn sock(s: &str) -> SocketAddr {
     s.parse().expect("socket address")
+}
+
+const TCP: u8 = lb_common::PROTO_TCP;
+const UDP: u8 = lb_common::PROTO_UDP;
+
+/// A case's frame: TCP with `flags` (sequence 1000, acknowledging 2000), or
+/// UDP with 10 zero bytes, padded as a short Ethernet frame to a multiple of 4
+/// bytes (what `bench_tmpl` holds).
+fn frame(
+    macs: ([u8; 6], [u8; 6]),
+    src: SocketAddr,
+    dst: SocketAddr,
+    proto: u8,
+    flags: u8,
+) -> Vec<u8> {
+    let f = if proto == TCP {
+        let ack = if flags & ACK != 0 { 2000 } else { 0 };
+        packet::tcp(macs, src, dst, flags, 1000, ack, &[])
+    } else {
+        packet::udp(macs, src, dst, &[0; 10])
+    };
+    let len = f.len().max(60).next_multiple_of(4);
+    packet::padded(f, len)
 }
 
 const CLIENT: &str = "198.51.100.7:40000";
@@ -152,46 +161,14 @@ fn backend_v6(i: u32) -> SocketAddr {
     SocketAddr::new(format!("fd00:244:1::{i:x}").parse().unwrap(), 8080)
 }
 
-/// The namespace every test run happens in: an uplink whose FIB answers are
-/// known (node B owns the remote pod CIDR, a router the clients).
-fn build_netns(ns: &str) -> Result<()> {
-    let n = Some(ns);
-    ip(
-        n,
-        "link add up0 address 02:00:00:00:00:01 type veth peer name up1",
-    )?;
-    ip(n, "link set up0 up")?;
-    ip(n, "link set up1 up")?;
-    ip(n, "addr add 192.0.2.1/24 dev up0")?;
-    ip(n, "-6 addr add 2001:db8::1/64 dev up0 nodad")?;
-    for (addr, mac) in [
-        ("192.0.2.2", "02:00:00:00:00:02"),
-        ("192.0.2.254", "02:00:00:00:00:fe"),
-        ("2001:db8::2", "02:00:00:00:00:02"),
-        ("2001:db8::fe", "02:00:00:00:00:fe"),
-    ] {
-        ip(
-            n,
-            &format!("neigh add {addr} lladdr {mac} dev up0 nud permanent"),
-        )?;
-    }
-    ip(n, "route add 10.244.1.0/24 via 192.0.2.2")?;
-    ip(n, "route add 198.51.100.0/24 via 192.0.2.254")?;
-    ip(n, "-6 route add fd00:244:1::/64 via 2001:db8::2")?;
-    ip(n, "-6 route add 2001:db8:100::/64 via 2001:db8::fe")?;
-    lb_testbed::sysctl_in(
-        ns,
-        &["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"],
-    )
-}
-
 impl Lab {
-    fn new() -> Result<Self> {
+    /// The lab, its Service written as manifests into `dir` and synced.
+    fn new(dir: &Path) -> Result<Self> {
         let sizes = Sizes {
             services: 1024,
             service_ids: 16,
             backends: 256,
-            maglev_table_size: MAGLEV_SIZE,
+            maglev_table_size: lb_common::capacity::MAGLEV_TABLE_SIZE,
             conntrack: lb_common::capacity::CONNTRACK,
         };
         let mut dp = Datapath::load(&LoadOptions {
@@ -201,14 +178,11 @@ impl Lab {
         })?;
         let mut maps = dp.take_maps()?;
         let lb_fd = dp.xdp()?.fd()?.try_clone()?;
-        let uplink = netns::ifindex("up0")?;
-        maps.set_config(&Config {
-            maglev_size: MAGLEV_SIZE,
-            flags: CFG_F_SNAT_V4 | CFG_F_SNAT_V6,
-            snat_addr_v4: [192, 0, 2, 1],
-            snat_port_min: lb_common::SNAT_PORT_MIN,
-            snat_port_max: lb_common::SNAT_PORT_MAX,
-            snat_addr_v6: "2001:db8::1".parse::<std::net::Ipv6Addr>()?.octets(),
+        let uplink = lb_testbed::ifindex("up0")?;
+        maps.set_config(&NodeConfig {
+            snat_v4: Some([192, 0, 2, 1].into()),
+            snat_v6: Some("2001:db8::1".parse()?),
+            snat_ports: (lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX),
         })?;
         maps.add_tx_port(uplink)?;
         let mut bench = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
@@ -223,38 +197,36 @@ impl Lab {
         let jmp = ProgramArray::try_from(bench.take_map("bench_jmp").context("bench_jmp")?)?;
         let counter = PerCpuArray::try_from(bench.take_map("bench_cnt").context("bench_cnt")?)?;
         let lru = HashMap::try_from(bench.take_map("bench_lru_tbl").context("bench_lru_tbl")?)?;
-        // The services go in the way the agent writes them: manifests, store,
-        // model, reconciler.
-        let mut reconciler = Reconciler::adopt(maps, sizes)?;
-        let dir = std::env::temp_dir().join(netns::ns_name("pp-manifests"));
-        write_manifests(&dir)?;
-        let loaded = manifests::load_dir(&dir);
-        let _ = std::fs::remove_dir_all(&dir);
+        // The services go in the way the agent writes them: manifests into its
+        // sync engine.
+        write_manifests(dir)?;
+        let loaded = manifests::load_dir(dir);
         ensure!(
             loaded.problems.is_empty(),
             "manifest problems: {:?}",
             loaded.problems.first()
         );
-        let mut store = Store::new(NodeInfo {
-            name: "node-a".into(),
-            addresses: vec!["192.0.2.1".parse()?, "2001:db8::1".parse()?],
-        });
-        let dirty = store.apply(SourceEvent::Resync {
+        let mut engine = Engine::new(
+            Reconciler::adopt(maps)?,
+            NodeInfo {
+                name: "node-a".into(),
+                addresses: vec!["192.0.2.1".parse()?, "2001:db8::1".parse()?],
+            },
+        );
+        engine.take(SourceEvent::Resync {
             services: loaded.services,
             slices: loaded.slices,
             problems: Vec::new(),
         });
-        let mut desired = Desired::default();
-        let mut changed = std::collections::BTreeSet::new();
-        for k in &dirty.services {
-            changed.extend(desired.set_service(k, store.model(k)).ports);
-        }
-        let problems = reconciler.apply(&desired, &changed, &mut Stats::default());
-        ensure!(problems.is_empty(), "reconcile: {:?}", problems.first());
-        reconciler.finish_adoption(&mut Stats::default());
+        let sync = engine.sync().context("the listing made no sync due")?;
+        ensure!(
+            sync.problems.is_empty(),
+            "sync: {:?}",
+            sync.problems.first()
+        );
         let lab = Self {
             _dp_keep: dp,
-            reconciler,
+            engine,
             bench,
             tmpl,
             jmp,
@@ -266,12 +238,9 @@ impl Lab {
         Ok(lab)
     }
 
-    fn maps(&self) -> &Maps {
-        self.reconciler.maps()
-    }
-
-    fn maps_mut(&mut self) -> &mut Maps {
-        self.reconciler.maps_mut()
+    /// The reconciler, for its maps (locked while the guard lasts).
+    fn reconciler(&self) -> MutexGuard<'_, Reconciler> {
+        self.engine.reconciler()
     }
 
     fn prog(&self, name: &str) -> Result<&Xdp> {
@@ -323,6 +292,7 @@ impl Lab {
 
     fn reasons(&self) -> Result<Vec<u64>> {
         Ok(self
+            .reconciler()
             .maps()
             .reason_counters()?
             .into_iter()
@@ -341,7 +311,8 @@ impl Lab {
     /// new-flow runs fill the LRU table and may evict either entry alone.
     fn reopen(&mut self, src: SocketAddr, dst: SocketAddr, proto: u8) -> Result<()> {
         let key = FlowKey::new(src, dst, proto);
-        if let Ok(e) = self.maps().conntrack.get(&key, 0) {
+        let mut r = self.reconciler();
+        if let Ok(e) = r.maps().conntrack.get(&key, 0) {
             let reply = FlowKey {
                 src: e.nat_dst,
                 dst: e.nat_src,
@@ -351,23 +322,28 @@ impl Lab {
                 family: key.family,
                 _pad: [0; 2],
             };
-            let _ = self.maps_mut().conntrack.remove(&reply);
-            let _ = self.maps_mut().conntrack.remove(&key);
+            let _ = r.maps_mut().conntrack.remove(&reply);
+            let _ = r.maps_mut().conntrack.remove(&key);
         }
-        let len = if src.is_ipv6() { 76 } else { 60 };
-        let f = frames::frame(FROM_ROUTER, src, dst, proto, SYN, len);
+        drop(r);
+        let f = frame(FROM_ROUTER, src, dst, proto, SYN);
         let (ret, _, _) = self.wrapped(&f, false, 1)?;
         ensure!(ret == XDP_TX, "opening {src} -> {dst} returned {ret}");
         Ok(())
     }
 
     fn conntrack_len(&self) -> usize {
-        self.maps().conntrack.keys().filter(Result::is_ok).count()
+        self.reconciler()
+            .maps()
+            .conntrack
+            .keys()
+            .filter(Result::is_ok)
+            .count()
     }
 }
 
 /// Checks a case's output frame.
-type Check = Box<dyn Fn(&frames::Decoded) -> Result<()>>;
+type Check = Box<dyn Fn(&Decoded) -> Result<()>>;
 
 /// One measured case.
 struct Case {
@@ -446,24 +422,25 @@ fn is_backend(a: SocketAddr) -> bool {
 
 /// Measures everything; returns the figures.
 pub fn run(s: Settings) -> Result<(Vec<Figure>, Vec<String>)> {
-    let mut scope = Scope::new();
-    let ns = scope.netns("pp")?;
-    build_netns(&ns)?;
-    let cpu = netns::bench_cpu();
-    lb_testbed::try_in_netns(&ns, move || -> Result<(Vec<Figure>, Vec<String>)> {
-        netns::pin_thread(cpu)?;
-        measure(s, cpu)
+    // Every test run happens in the testbed's one-node namespace, whose FIB
+    // answers are known (node B owns the remote pod CIDR, a router the clients).
+    let fib = FibNamespace::up()?;
+    let manifests = fib.scope().run_dir().join("manifests");
+    let cpu = cpu::bench_cpu();
+    lb_testbed::try_in_netns(fib.ns(), move || -> Result<(Vec<Figure>, Vec<String>)> {
+        cpu::pin_thread(cpu)?;
+        measure(s, cpu, &manifests)
     })?
 }
 
-fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
-    let mut lab = Lab::new()?;
+fn measure(s: Settings, cpu: usize, manifests: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
+    let mut lab = Lab::new(manifests)?;
     let mut notes = Vec::new();
     let client = sock(CLIENT);
 
     // New flows really are new: on an empty table, N varied SYNs must leave
     // N forward and N reply entries.
-    let syn = frames::frame(FROM_ROUTER, client, sock(VIP), TCP, SYN, 60);
+    let syn = frame(FROM_ROUTER, client, sock(VIP), TCP, SYN);
     let before = lab.conntrack_len();
     let (ret, _, _) = lab.wrapped(&syn, true, s.flow_check)?;
     ensure!(ret == XDP_TX, "new-flow check returned {ret}");
@@ -485,6 +462,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         lab.reopen(src, dst, proto)?;
     }
     let fwd = lab
+        .reconciler()
         .maps()
         .conntrack
         .get(&FlowKey::new(client, sock(VIP), TCP), 0)
@@ -499,13 +477,13 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "non_service",
             label: "non-service traffic (pass to kernel)",
-            frame: frames::frame(FROM_ROUTER, client, sock(NOT_SERVICE), TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, sock(NOT_SERVICE), TCP, ACK),
             vary: false,
             ret: XDP_PASS,
             reason: Reason::PassNotService,
             check: Box::new(move |d| {
                 ensure!(
-                    d.dst == sock(NOT_SERVICE) && d.src == client,
+                    d.dst_addr() == sock(NOT_SERVICE) && d.src_addr() == client,
                     "frame changed: {d:?}"
                 );
                 Ok(())
@@ -519,7 +497,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(
                     d.eth_dst == NODE_B_MAC && d.ttl == 63,
                     "not forwarded: {d:?}"
@@ -530,12 +508,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "established",
             label: "TCP established to a ClusterIP (conntrack hit)",
-            frame: frames::frame(FROM_ROUTER, client, vip, TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, vip, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
-                ensure!(d.dst == chosen && d.src == client, "not translated: {d:?}");
+                ensure!(
+                    d.dst_addr() == chosen && d.src_addr() == client,
+                    "not translated: {d:?}"
+                );
                 ensure!(d.eth_dst == NODE_B_MAC, "not forwarded to node B: {d:?}");
                 Ok(())
             }),
@@ -543,13 +524,13 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "reply",
             label: "reply reverse-translated (backend -> client)",
-            frame: frames::frame(FROM_NODE_B, chosen, client, TCP, ACK, 60),
+            frame: frame(FROM_NODE_B, chosen, client, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
                 ensure!(
-                    d.src == vip && d.dst == client,
+                    d.src_addr() == vip && d.dst_addr() == client,
                     "not reverse-translated: {d:?}"
                 );
                 ensure!(
@@ -562,15 +543,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "nodeport_snat",
             label: "NodePort with source NAT (established)",
-            frame: frames::frame(FROM_ROUTER, client, np, TCP, ACK, 60),
+            frame: frame(FROM_ROUTER, client, np, TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(
-                    d.src.ip() == IpAddr::from([192, 0, 2, 1])
-                        && d.src.port() >= lb_common::SNAT_PORT_MIN,
+                    d.src == IpAddr::from([192, 0, 2, 1])
+                        && d.src_addr().port() >= lb_common::SNAT_PORT_MIN,
                     "not source-NATed: {d:?}"
                 );
                 Ok(())
@@ -579,13 +560,15 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "udp",
             label: "UDP to a ClusterIP (established)",
-            frame: frames::frame(FROM_ROUTER, client, sock(VIP_UDP), UDP, 0, 60),
+            frame: frame(FROM_ROUTER, client, sock(VIP_UDP), UDP, 0),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(move |d| {
                 ensure!(
-                    is_backend(d.dst) && d.src == client && d.proto == UDP,
+                    is_backend(d.dst_addr())
+                        && d.src_addr() == client
+                        && matches!(d.l4, L4::Udp { .. }),
                     "not translated: {d:?}"
                 );
                 Ok(())
@@ -594,12 +577,12 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
         Case {
             key: "ipv6",
             label: "IPv6 TCP established to a ClusterIP",
-            frame: frames::frame(FROM_ROUTER, sock(CLIENT6), sock(VIP6), TCP, ACK, 76),
+            frame: frame(FROM_ROUTER, sock(CLIENT6), sock(VIP6), TCP, ACK),
             vary: false,
             ret: XDP_TX,
             reason: Reason::Tx,
             check: Box::new(|d| {
-                ensure!(is_backend(d.dst), "not sent to a backend: {d:?}");
+                ensure!(is_backend(d.dst_addr()), "not sent to a backend: {d:?}");
                 ensure!(d.ttl == 63, "hop limit not decremented: {d:?}");
                 Ok(())
             }),
@@ -614,7 +597,7 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut lru = Vec::new();
     let mut per_case: Vec<Vec<f64>> = vec![Vec::new(); cases.len()];
     let mut failed: Vec<Option<String>> = vec![None; cases.len()];
-    let plain = frames::frame(FROM_ROUTER, client, vip, TCP, ACK, 60);
+    let plain = frame(FROM_ROUTER, client, vip, TCP, ACK);
     for _round in 0..s.rounds {
         let (ret, t, _) = test_run(lab.prog("bench_floor")?, &plain, n, lab.uplink)?;
         ensure!(ret == XDP_TX, "floor returned {ret}");
@@ -674,7 +657,12 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                     c.key,
                     c.reason.name()
                 );
-                let d = decode(&out).with_context(|| format!("{}: output frame", c.key))?;
+                let d = packet::check(&out)
+                    .and_then(|d| {
+                        ensure!(d.ports().is_some(), "not TCP or UDP: {d:?}");
+                        Ok(d)
+                    })
+                    .with_context(|| format!("{}: output frame", c.key))?;
                 (c.check)(&d).with_context(|| format!("{}: output frame", c.key))?;
                 if c.vary {
                     let c1 = lab.counter()?;
@@ -688,12 +676,13 @@ fn measure(s: Settings, cpu: usize) -> Result<(Vec<Figure>, Vec<String>)> {
                     let last = c1 - 1;
                     let src = varied(client, last as u32);
                     ensure!(
-                        d.src == src,
+                        d.src_addr() == src,
                         "{}: last frame from {}, expected {src}",
                         c.key,
-                        d.src
+                        d.src_addr()
                     );
                     let e = lab
+                        .reconciler()
                         .maps()
                         .conntrack
                         .get(&FlowKey::new(src, vip, TCP), 0)

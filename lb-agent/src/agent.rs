@@ -6,28 +6,27 @@ use std::{
     collections::{BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
-    sync::{Arc, Mutex},
+    sync::Arc,
     time::{Duration, Instant, SystemTime},
 };
 
 use anyhow::{Context as _, Result, bail};
-use lb_common::{CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config};
+use lb_common::Config;
 use tokio::{
     signal::unix::{SignalKind, signal},
     sync::mpsc,
 };
 
 use crate::{
-    bpf::{Datapath, LoadOptions, Sizes, sock},
+    bpf::{Datapath, LoadOptions, NodeConfig, Sizes, sock},
     cluster::{NodeInfo, Problem},
     health::Health,
     interfaces::{Interfaces, UplinkHook},
     metrics::{self, Metrics},
-    model::Desired,
     netlink::{self, Link, LinkEvent},
-    reconcile::{Reconciler, Stats},
+    reconcile::Reconciler,
     source::{self, SourceEvent},
-    store::{Dirty, Store},
+    sync::Engine,
 };
 
 /// Where cluster state comes from.
@@ -103,22 +102,19 @@ fn release_freed_memory() {
     }
 }
 
-fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> Config {
-    let mut cfg = Config {
-        maglev_size: settings.sizes.maglev_table_size,
-        snat_port_min: settings.snat_ports.0,
-        snat_port_max: settings.snat_ports.1,
-        ..Config::default()
-    };
-    if let Some(IpAddr::V4(v4)) = node_ips.iter().find(|i| i.is_ipv4()) {
-        cfg.snat_addr_v4 = v4.octets();
-        cfg.flags |= CFG_F_SNAT_V4;
+/// The node's `config`: source NAT from its first address of each family.
+fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> NodeConfig {
+    NodeConfig {
+        snat_v4: node_ips.iter().find_map(|i| match i {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        snat_v6: node_ips.iter().find_map(|i| match i {
+            IpAddr::V6(v6) => Some(*v6),
+            IpAddr::V4(_) => None,
+        }),
+        snat_ports: settings.snat_ports,
     }
-    if let Some(IpAddr::V6(v6)) = node_ips.iter().find(|i| i.is_ipv6()) {
-        cfg.snat_addr_v6 = v6.octets();
-        cfg.flags |= CFG_F_SNAT_V6;
-    }
-    cfg
 }
 
 async fn start_source(settings: &Settings, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
@@ -258,8 +254,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         log_level: Some(settings.datapath_log),
     })?;
     forward_datapath_logs(dp.take_logger()?)?;
-    let reconciler = Reconciler::adopt(dp.take_maps()?, settings.sizes)?;
-    let reconciler = Arc::new(Mutex::new(reconciler));
+    let reconciler = Reconciler::adopt(dp.take_maps()?)?;
 
     let links = netlink::links().await?;
     let addrs = netlink::addresses().await?;
@@ -295,6 +290,13 @@ pub async fn run(settings: Settings) -> Result<()> {
     } else if uplinks.is_empty() && matches!(settings.source, SourceConfig::Manifests(_)) {
         bail!("no uplink: pass --iface or --node-ip");
     }
+    let mut engine = Engine::new(
+        reconciler,
+        NodeInfo {
+            name: settings.node_name.clone(),
+            addresses: node_ips.clone(),
+        },
+    );
     let mut att = Interfaces::new(
         settings.pin_path.join("links"),
         settings.uplink_hook,
@@ -310,7 +312,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     });
     let links_now = netlink::links().await?;
     {
-        let mut r = reconciler.lock().expect("reconciler lock");
+        let mut r = engine.reconciler();
         let pinned = r.maps().config.get(&0, 0).context("reading config")?;
         if facts.may_write_config(&pinned) {
             r.maps_mut()
@@ -347,7 +349,7 @@ pub async fn run(settings: Settings) -> Result<()> {
     let source_lost_since =
         matches!(settings.source, SourceConfig::Kubernetes(_)).then(SystemTime::now);
     let metrics = Arc::new(Metrics::new(
-        reconciler.clone(),
+        engine.shared_reconciler(),
         Health::new(Instant::now(), source_lost_since),
     ));
     metrics.agent.socket_lb.set(i64::from(socket_lb));
@@ -360,14 +362,6 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     let (tx, mut rx) = mpsc::channel(4096);
     start_source(&settings, tx).await?;
-    let mut store = Store::new(NodeInfo {
-        name: settings.node_name.clone(),
-        addresses: node_ips,
-    });
-    let mut desired = Desired::default();
-    let mut adopted = false;
-    let mut dirty = Dirty::default();
-    let mut pending_since: Option<Instant> = None;
     let mut known_problems: HashSet<String> = HashSet::new();
     let mut link_events = true;
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
@@ -376,6 +370,7 @@ pub async fn run(settings: Settings) -> Result<()> {
 
     loop {
         let mut node_changed = false;
+        let mut problems = Vec::new();
         tokio::select! {
             ev = rx.recv() => {
                 let Some(ev) = ev else { bail!("the source stopped") };
@@ -390,15 +385,13 @@ pub async fn run(settings: Settings) -> Result<()> {
                     // Flags win over the Node object for the node's addresses.
                     SourceEvent::NodeAddresses(_) if !facts.follows_node_object() => {}
                     ev => {
-                        pending_since.get_or_insert_with(Instant::now);
                         let node = matches!(ev, SourceEvent::NodeAddresses(_));
-                        let listing = matches!(ev, SourceEvent::Resync { .. });
-                        let d = store.apply(ev);
+                        let taken = engine.take(ev);
                         if node {
-                            node_changed |= facts.node_arrived(d.all);
+                            node_changed |= facts.node_arrived(taken.node_changed);
                         }
-                        dirty.merge(d);
-                        if listing {
+                        problems.extend(taken.problems);
+                        if taken.listing {
                             // Reading a listing leaves freed memory (parsed
                             // values, the API objects slices were converted
                             // from) in the reader threads' malloc arenas, which
@@ -414,7 +407,7 @@ pub async fn run(settings: Settings) -> Result<()> {
                 }
             }
             le = link_rx.recv(), if link_events => {
-                let mut r = reconciler.lock().expect("reconciler lock");
+                let mut r = engine.reconciler();
                 match le {
                     Some(LinkEvent::Added(l)) => att.link_added(&mut dp, r.maps_mut(), l),
                     Some(LinkEvent::Removed(l)) => att.link_removed(r.maps_mut(), &l),
@@ -445,86 +438,59 @@ pub async fn run(settings: Settings) -> Result<()> {
             _ = term.recv() => break,
             _ = int.recv() => break,
         }
-        report_problems(
-            &metrics,
-            &mut known_problems,
-            std::mem::take(&mut dirty.problems),
-        );
+        report_problems(&metrics, &mut known_problems, problems);
         if node_changed {
             // The Node object's addresses arrived or changed: SNAT addresses,
             // and the uplinks unless --iface names them.
-            let ips = store.node().addresses.clone();
+            let ips = engine.store().node().addresses.clone();
             log::info!("node addresses now {ips:?}");
             let addrs = netlink::addresses().await?;
-            let mut r = reconciler.lock().expect("reconciler lock");
+            let mut r = engine.reconciler();
             r.maps_mut().set_config(&node_config(&settings, &ips))?;
             if facts.uplinks_follow_addresses() {
                 att.set_uplinks(&mut dp, r.maps_mut(), uplinks_holding(&ips, &addrs))?;
             }
         }
-        if !facts.may_sync() || !store.is_synced() || dirty.is_empty() {
+        if !facts.may_sync() || !engine.is_due() {
             continue;
         }
         {
             let mut h = metrics.health.lock().expect("health lock");
             h.pending_since.get_or_insert_with(SystemTime::now);
         }
-        let t0 = Instant::now();
-        let keys: Vec<_> = if dirty.all {
-            store.service_keys().cloned().collect()
-        } else {
-            dirty.services.iter().cloned().collect()
+        let Some(sync) = engine.sync() else {
+            continue;
         };
-        dirty = Dirty::default();
-        let mut changed = BTreeSet::new();
-        let mut problems = Vec::new();
-        for k in keys {
-            let model = store.model(&k);
-            if let Some(m) = &model {
-                problems.extend(m.problems.iter().cloned());
-            }
-            let ch = desired.set_service(&k, model);
-            changed.extend(ch.ports);
-            problems.extend(ch.problems);
+        if sync.first {
+            log::info!(
+                "first sync done: {} service ports from {} Services",
+                engine.desired().len(),
+                engine.store().service_count()
+            );
+            // The first sync's temporaries (changed-port sets, Maglev
+            // tables) are gone: give their memory back too.
+            release_freed_memory();
         }
-        let modelled = t0.elapsed();
-        let mut stats = Stats::default();
-        {
-            let mut r = reconciler.lock().expect("reconciler lock");
-            problems.extend(r.apply(&desired, &changed, &mut stats));
-            if !adopted {
-                r.finish_adoption(&mut stats);
-                adopted = true;
-                log::info!(
-                    "first sync done: {} service ports from {} Services",
-                    desired.len(),
-                    store.service_count()
-                );
-                // The first sync's temporaries (changed-port sets, Maglev
-                // tables) are gone: give their memory back too.
-                release_freed_memory();
-            }
-            let sizes = *r.sizes();
-            let (frontends, backends, ports) = r.occupancy();
-            metrics.agent.set_map("services", frontends, sizes.services);
-            metrics.agent.set_map("backends", backends, sizes.backends);
-            metrics
-                .agent
-                .set_map("service_ids", ports, sizes.service_ids);
-        }
-        report_problems(&metrics, &mut known_problems, problems);
-        let took = t0.elapsed();
+        let sizes = settings.sizes;
+        let o = sync.occupancy;
+        metrics
+            .agent
+            .set_map("services", o.frontends, sizes.services);
+        metrics
+            .agent
+            .set_map("backends", o.backends, sizes.backends);
+        metrics
+            .agent
+            .set_map("service_ids", o.ports, sizes.service_ids);
+        report_problems(&metrics, &mut known_problems, sync.problems);
         metrics.agent.syncs.inc();
-        metrics.agent.sync_duration.observe(took.as_secs_f64());
+        metrics.agent.sync_duration.observe(sync.took.as_secs_f64());
         metrics
             .agent
             .maglev_entries_written
-            .inc_by(stats.maglev_entries_written as u64);
-        if let Some(p) = pending_since.take() {
-            metrics
-                .agent
-                .event_to_map
-                .observe(p.elapsed().as_secs_f64());
+            .inc_by(sync.stats.maglev_entries_written as u64);
+        if let Some(latency) = sync.latency {
+            metrics.agent.event_to_map.observe(latency.as_secs_f64());
         }
         {
             let mut h = metrics.health.lock().expect("health lock");
@@ -532,9 +498,12 @@ pub async fn run(settings: Settings) -> Result<()> {
             h.pending_since = None;
         }
         log::debug!(
-            "sync: {} ports changed in {took:?} (model {modelled:?}, maps {:?}): {stats:?}",
-            changed.len(),
-            took - modelled
+            "sync: {} ports changed in {:?} (model {:?}, maps {:?}): {:?}",
+            sync.changed.len(),
+            sync.took,
+            sync.modelled,
+            sync.took - sync.modelled,
+            sync.stats
         );
     }
     log::info!("stopping; the datapath stays attached and serving (`lb-agent cleanup` removes it)");

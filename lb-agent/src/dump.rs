@@ -7,14 +7,11 @@ use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
     CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL,
-    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK, iface,
+    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK, iface, socket_addr,
 };
 use serde::Serialize;
 
-use crate::{
-    bpf::{Maps, sock},
-    reconcile::socket_addr,
-};
+use crate::bpf::{Maps, sock};
 
 #[derive(Serialize)]
 pub struct Dump {

@@ -1,9 +1,23 @@
 //! lb-agent: turns cluster state into BPF map state on one node.
 //!
-//! - [`cluster`]: the vocabulary shared by sources, model and reconciler.
-//! - [`model`]: the desired state, computed by pure functions.
-//! - [`bpf`]: loading, pinning and attaching the datapath, and typed access to its maps.
-//! - [`maglev`]: Maglev lookup tables.
+//! The pipeline, one folder per stage in the order the state flows:
+//!
+//! - [`source`]: where cluster state comes from (the Kubernetes API, a
+//!   manifest directory) as [`source::SourceEvent`]s, and the
+//!   [`source::store`] holding what they reported.
+//! - [`model`]: the desired state, computed by pure functions (no ids, no
+//!   maps).
+//! - [`reconcile`]: the desired state written into map entries, minimal diffs
+//!   only: their encoding, ids, `addr_filter` bits, adoption of what an earlier
+//!   agent left, Maglev rows.
+//! - [`bpf`]: the datapath: loading, pinning and attaching it, its typed maps
+//!   and their sizes.
+//!
+//! [`sync`] runs events through the pipeline (the one engine the agent, the
+//! tests and the benchmark drive); [`agent`] is `lb-agent run` around it:
+//! node facts, [`interfaces`] and [`netlink`] for the links, [`health`] and
+//! [`metrics`]. Beside them: [`cluster`], the vocabulary shared by sources,
+//! model and reconciler; [`maglev`], the tables; [`dump`], `lb-agent dump`.
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
@@ -18,4 +32,4 @@ pub mod netlink;
 pub mod reconcile;
 pub mod snat_ports;
 pub mod source;
-pub mod store;
+pub mod sync;

@@ -31,9 +31,9 @@ pub fn is_prime(n: u32) -> bool {
 }
 
 /// Checks a table size: prime, and large enough to be worth hashing into.
-pub fn check_table_size(m: u32) -> Result<()> {
-    if m < 7 || !is_prime(m) {
-        bail!("the Maglev table size must be a prime of at least 7, not {m}");
+pub fn check_table_size(table_size: u32) -> Result<()> {
+    if table_size < 7 || !is_prime(table_size) {
+        bail!("the Maglev table size must be a prime of at least 7, not {table_size}");
     }
     Ok(())
 }
@@ -47,19 +47,20 @@ fn identity(addr: &SocketAddr) -> Vec<u8> {
     bytes
 }
 
-/// Builds a table of size `m` over `backends` (address, value to store). The
-/// result holds the stored value of the owning backend in each entry; it is empty
-/// when there are no backends.
-pub fn build(backends: &[(SocketAddr, u32)], m: u32) -> Vec<u32> {
+/// Builds a table of `table_size` entries over `backends` (address, value to
+/// store). The result holds the stored value of the owning backend in each
+/// entry; it is empty when there are no backends.
+pub fn build(backends: &[(SocketAddr, u32)], table_size: u32) -> Vec<u32> {
     if backends.is_empty() {
         return Vec::new();
     }
     let mut sorted: Vec<&(SocketAddr, u32)> = backends.iter().collect();
     sorted.sort_by_key(|(addr, _)| (addr.ip(), addr.port()));
+    // The paper's M.
+    let m = table_size as usize;
     // Permutation of backend i: offset_i + j * skip_i (mod m), j = 0, 1, ...,
     // walked by adding skip_i and wrapping once, not by a division per step
     // (at 10,000 Services the builds were a tenth of the sync's CPU time).
-    let m = m as usize;
     let mut perms: Vec<(usize, usize)> = sorted
         .iter()
         .map(|(addr, _)| {

@@ -6,9 +6,9 @@
 
 use std::{
     net::SocketAddr,
+    os::unix::process::ExitStatusExt as _,
     path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
-    sync::atomic::{AtomicU32, Ordering},
+    process::Command,
     time::{Duration, Instant},
 };
 
@@ -18,7 +18,7 @@ use lb_common::{
     hash::{FILTER_BACKEND, FILTER_CLUSTER_IP, FILTER_FRONTEND},
     iface,
 };
-use lb_testbed::{command_in, http_get};
+use lb_testbed::{Scope, agent::AgentSpec, http_get};
 
 const AGENT: &str = env!("CARGO_BIN_EXE_lb-agent");
 const HEALTHZ: &str = "127.0.0.1:10256";
@@ -34,41 +34,40 @@ fn sh(cmd: &str) {
 }
 
 /// A node: a namespace with an uplink (192.0.2.1/24) and a pod veth, a manifest
-/// directory, a pin path, and the agent process.
+/// directory, a pin path, and the agent process, in a testbed scope (which
+/// stops the agent and removes the namespace and the pins in the end).
 struct Node {
     ns: String,
     dir: tempfile::TempDir,
     pins: PathBuf,
     extra_args: Vec<String>,
-    agent: Option<Child>,
     log: PathBuf,
+    // Last: what it removes outlives nothing of the node.
+    scope: Scope,
 }
+
+/// The node's agent, by its name in the scope.
+const AGENT_NAME: &str = "agent";
 
 impl Node {
     fn new(extra_args: &[&str]) -> Self {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let id = format!(
-            "{}-{}",
-            std::process::id(),
-            N.fetch_add(1, Ordering::Relaxed)
-        );
-        let ns = format!("lbam-{id}");
-        let _ = Command::new("ip").args(["netns", "del", &ns]).output();
+        let scope = Scope::new().expect("a testbed scope");
+        let ns = scope.add_netns("node", &[]).expect("the node's namespace");
         sh(&format!(
-            "ip netns add {ns} && ip -n {ns} link set lo up && \
-             ip -n {ns} link add up0 type veth peer name up1 && ip -n {ns} link set up0 up && ip -n {ns} link set up1 up && \
+            "ip -n {ns} link add up0 type veth peer name up1 && ip -n {ns} link set up0 up && ip -n {ns} link set up1 up && \
              ip -n {ns} addr add 192.0.2.1/24 dev up0 && \
              ip -n {ns} link add veth-p0 type veth peer name p1 && ip -n {ns} link set veth-p0 up"
         ));
+        scope.mark_pin_dir().unwrap();
         let dir = tempfile::tempdir().unwrap();
         let log = dir.path().join("agent.log");
         let node = Self {
             ns,
-            pins: PathBuf::from(format!("/sys/fs/bpf/lbam-{id}")),
+            pins: scope.pin_dir().join("node"),
             dir,
             extra_args: extra_args.iter().map(ToString::to_string).collect(),
-            agent: None,
             log,
+            scope,
         };
         // The directory must exist before the agent starts; manifests go in a
         // subdirectory so the log next to them is not read as one.
@@ -88,11 +87,6 @@ impl Node {
     }
 
     fn start(&mut self) {
-        let log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .unwrap();
         let mut args: Vec<String> = [
             "run",
             "--manifests",
@@ -117,21 +111,25 @@ impl Node {
         .map(String::from)
         .to_vec();
         args.extend(self.extra_args.iter().cloned());
-        let child = command_in(&self.ns, AGENT, &args)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().unwrap())
-            .stderr(log)
-            .spawn()
+        let spec = AgentSpec {
+            bin: AGENT.into(),
+            args: args.into_iter().map(Into::into).collect(),
+            env: Vec::new(),
+            mounts: Vec::new(),
+            ns: self.ns.clone(),
+            log: self.log.clone(),
+        };
+        self.scope
+            .start_agent(AGENT_NAME, &spec)
             .expect("start lb-agent");
-        self.agent = Some(child);
         self.wait_healthy();
     }
 
     fn wait_healthy(&mut self) {
         let deadline = Instant::now() + Duration::from_secs(20);
         loop {
-            if let Some(Ok(Some(status))) = self.agent.as_mut().map(Child::try_wait) {
-                panic!("agent exited ({status}):\n{}", self.log());
+            if let Err(e) = self.scope.check_agent(AGENT_NAME) {
+                panic!("{e:#}:\n{}", self.log());
             }
             if let Ok((200, _)) = http_get(
                 &self.ns,
@@ -150,16 +148,15 @@ impl Node {
         }
     }
 
-    /// SIGTERM, as a DaemonSet rollout or systemd does.
+    /// SIGTERM, as a DaemonSet rollout or systemd does: the agent must be gone
+    /// within the 5 s grace (it is killed after).
     fn stop(&mut self) {
-        if let Some(mut child) = self.agent.take() {
-            // SAFETY: signalling our own child.
-            unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while child.try_wait().unwrap().is_none() {
-                assert!(Instant::now() < deadline, "agent ignored SIGTERM");
-                std::thread::sleep(Duration::from_millis(50));
-            }
+        if let Some(status) = self.scope.stop_agent(AGENT_NAME).unwrap() {
+            assert_ne!(
+                status.signal(),
+                Some(libc::SIGKILL),
+                "agent ignored SIGTERM"
+            );
         }
     }
 
@@ -204,12 +201,13 @@ impl Drop for Node {
         if std::thread::panicking() {
             eprintln!("agent log of the failed test:\n{}", self.log());
         }
-        self.stop();
+        if !std::thread::panicking() {
+            self.stop();
+        }
         let _ = Command::new(AGENT)
             .args(["cleanup", "--pin-path"])
             .arg(&self.pins)
             .output();
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).output();
     }
 }
 
@@ -1136,7 +1134,8 @@ fn frames_the_driver_fails_to_send_are_shown_in_the_dump_and_the_metrics() {
         );
     }
     let dump = || -> serde_json::Value {
-        let out = command_in(
+        // In the node's namespace: the interfaces' statistics are read by name.
+        let out = lb_testbed::command_in(
             &node.ns,
             AGENT,
             ["dump", "--json", "--pin-path", node.pins.to_str().unwrap()],

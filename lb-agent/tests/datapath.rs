@@ -4,8 +4,12 @@
 
 mod support;
 
-use lb_common::{Reason, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE};
-use support::{Lab, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, netns::*, packet::*, sa};
+use lb_agent::bpf::NodeConfig;
+use lb_common::Reason;
+use support::{
+    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, fib::*, packet::*,
+    sa,
+};
 
 #[test]
 fn clusterip_syn_goes_to_the_maglev_backend_and_the_reply_comes_back_from_the_vip() {
@@ -18,7 +22,7 @@ fn clusterip_syn_goes_to_the_maglev_backend_and_the_reply_comes_back_from_the_vi
             backend("10.244.1.10:8080", false),
             backend("10.244.1.11:8080", false),
         ],
-        0,
+        CLUSTER_IP,
     );
     let client = sa("198.51.100.7:40000");
     let input = syn(client, vip);
@@ -67,7 +71,7 @@ fn ipv6_clusterip_round_trip() {
             backend("[fd00:244:1::10]:8443", false),
             backend("[fd00:244:1::11]:8443", false),
         ],
-        0,
+        CLUSTER_IP,
     );
     let client = sa("[2001:db8:100::7]:50000");
     let (action, output) = lab.xdp(&syn(client, vip));
@@ -97,7 +101,12 @@ fn ipv6_clusterip_round_trip() {
 fn udp_datagrams_are_translated_both_ways() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.53:53");
-    let svc = lab.service(&[vip], UDP, &[backend("10.244.1.53:5353", false)], 0);
+    let svc = lab.service(
+        &[vip],
+        UDP,
+        &[backend("10.244.1.53:5353", false)],
+        CLUSTER_IP,
+    );
     let client = sa("198.51.100.9:33333");
     let (action, output) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"query"));
     assert_eq!(action, XDP_TX);
@@ -126,7 +135,7 @@ fn udp_datagrams_are_translated_both_ways() {
 fn a_flow_stays_on_its_backend_when_the_backend_set_changes() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.20:80");
-    let mut svc = lab.service(&[vip], TCP, &[backend("10.244.1.20:80", false)], 0);
+    let mut svc = lab.service(&[vip], TCP, &[backend("10.244.1.20:80", false)], CLUSTER_IP);
     // Open 50 flows, all on the only backend.
     let clients: Vec<_> = (0..50)
         .map(|i| sa(&format!("198.51.100.20:{}", 20_000 + i)))
@@ -137,14 +146,7 @@ fn a_flow_stays_on_its_backend_when_the_backend_set_changes() {
     }
     // Four more backends: Maglev now sends most new flows elsewhere...
     for i in 21..25 {
-        lab.add_backend(
-            &mut svc,
-            sa(&format!("10.244.1.{i}:80")),
-            false,
-            &[vip],
-            TCP,
-            0,
-        );
+        lab.add_backend(&mut svc, sa(&format!("10.244.1.{i}:80")), false);
     }
     let moved = clients
         .iter()
@@ -176,12 +178,12 @@ fn a_udp_flow_moves_off_a_removed_backend() {
             backend("10.244.1.30:5000", false),
             backend("10.244.1.31:5000", false),
         ],
-        0,
+        CLUSTER_IP,
     );
     let client = sa("198.51.100.30:40000");
     let (_, out) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"1"));
     let first = decode(&out).dst_addr();
-    lab.remove_backend(&mut svc, first, &[vip], UDP, 0);
+    lab.remove_backend(&mut svc, first);
     let (action, out) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"2"));
     assert_eq!(action, XDP_TX);
     let second = decode(&out).dst_addr();
@@ -203,7 +205,7 @@ fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
         &[nodeport],
         TCP,
         &[backend("10.244.1.40:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let client = sa("198.51.100.40:45000");
     let (action, output) = lab.xdp(&syn(client, nodeport));
@@ -245,16 +247,18 @@ fn nodeport_to_a_remote_backend_is_source_natted_and_the_reply_restored() {
 #[test]
 fn snat_keeps_the_clients_port_where_free_and_never_takes_a_local_sockets() {
     let mut lab = Lab::new();
-    let mut cfg = lab.maps.config.get(&0, 0).unwrap();
-    cfg.snat_port_min = lb_common::SNAT_PORT_MIN;
-    cfg.snat_port_max = lb_common::SNAT_PORT_MAX;
-    lab.maps.set_config(&cfg).unwrap();
+    lab.maps
+        .set_config(&NodeConfig {
+            snat_ports: (lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX),
+            ..support::NODE_CONFIG
+        })
+        .unwrap();
     let nodeport = sa("192.0.2.1:30087");
     lab.service(
         &[nodeport],
         TCP,
         &[backend("10.244.1.87:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let snat_port = |lab: &mut Lab, client: &str| -> u16 {
         let (action, out) = lab.xdp(&syn(sa(client), nodeport));
@@ -288,7 +292,7 @@ fn snat_ports_run_out_with_a_counted_drop_and_come_back_once_idle() {
         &[nodeport],
         TCP,
         &[backend("10.244.1.41:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let range = support::SNAT_PORTS.0..=support::SNAT_PORTS.1;
     let span = usize::from(support::SNAT_PORTS.1 - support::SNAT_PORTS.0) + 1;
@@ -338,12 +342,12 @@ fn ipv6_nodeport_with_snat() {
         &[nodeport],
         UDP,
         &[backend("[fd00:244:1::40]:8443", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let client = sa("[2001:db8:100::40]:45000");
     let (_, output) = lab.xdp(&udp(FROM_ROUTER, client, nodeport, b"x"));
     let out = decode(&output);
-    assert_eq!(out.src.to_string(), support::SNAT_V6);
+    assert_eq!(out.src, support::SNAT_V6);
     let snat = out.src_addr();
     let (_, output) = lab.xdp(&udp(
         (NODE_B_MAC, UPLINK_MAC),
@@ -363,7 +367,7 @@ fn nodeport_to_a_local_backend_keeps_the_client_address_and_goes_through_tc() {
         &[nodeport],
         TCP,
         &[backend("10.244.0.5:8080", true)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let client = sa("198.51.100.42:45000");
     let input = syn(client, nodeport);
@@ -409,12 +413,7 @@ fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour
     ] {
         let mut lab = Lab::new();
         let nodeport = sa(nodeport);
-        lab.service(
-            &[nodeport],
-            UDP,
-            &[backend(pod, false)],
-            SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
-        );
+        lab.service(&[nodeport], UDP, &[backend(pod, false)], NODE_PORT);
         let input = udp(FROM_ROUTER, sa(client), nodeport, b"cold");
         let (action, output) = lab.xdp(&input);
         assert_eq!((action, &output), (XDP_PASS, &input), "{nodeport}");
@@ -423,12 +422,12 @@ fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour
         let (action, output) = lab.tc_on(lab.uplink, &output);
         assert_eq!(action, support::TC_REDIRECT, "{nodeport}");
         let out = decode(&output);
-        let snat = if nodeport.is_ipv4() {
-            std::net::Ipv4Addr::from(support::SNAT_V4).to_string()
+        let snat: std::net::IpAddr = if nodeport.is_ipv4() {
+            support::SNAT_V4.into()
         } else {
-            support::SNAT_V6.to_string()
+            support::SNAT_V6.into()
         };
-        assert_eq!(out.src.to_string(), snat, "source-NATed");
+        assert_eq!(out.src, snat, "source-NATed");
         assert_eq!(out.dst_addr(), sa(pod));
         assert_eq!(lab.reason(Reason::RedirectNeigh), 1);
         assert_eq!(
@@ -445,14 +444,14 @@ fn a_remote_backend_behind_a_cold_neighbour_is_reached_through_tc_with_neighbour
 #[test]
 fn a_backend_behind_a_vxlan_overlay_is_reached_through_tc_and_its_reply_translated_on_the_tunnel() {
     let mut lab = Lab::new();
-    let flannel = lab.ns.ifindex("flannel.1");
+    let flannel = lb_testbed::ifindex("flannel.1").unwrap();
     let nodeport = sa("192.0.2.1:30083");
     let pod = sa("10.244.3.9:8080");
     lab.service(
         &[nodeport],
         TCP,
         &[backend("10.244.3.9:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let client = sa("198.51.100.44:45002");
     let input = syn(client, nodeport);
@@ -503,12 +502,7 @@ fn a_packet_too_big_for_the_overlay_gets_an_icmp_error_the_client_can_match() {
     ] {
         let mut lab = Lab::new();
         let (nodeport, client) = (sa(nodeport), sa(client));
-        lab.service(
-            &[nodeport],
-            TCP,
-            &[backend(pod, false)],
-            SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
-        );
+        lab.service(&[nodeport], TCP, &[backend(pod, false)], NODE_PORT);
         let header = if nodeport.is_ipv4() { 20 + 20 } else { 40 + 20 };
         let mut input = tcp(
             FROM_ROUTER,
@@ -557,7 +551,7 @@ fn a_packet_too_big_for_the_overlay_gets_an_icmp_error_the_client_can_match() {
         &[nodeport],
         UDP,
         &[backend("10.244.3.86:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let mut input = udp(
         FROM_ROUTER,
@@ -605,7 +599,7 @@ fn a_jumbo_datagram_spanning_several_buffers_is_translated() {
         &[nodeport],
         UDP,
         &[backend("10.244.1.84:8080", false)],
-        SVC_F_SNAT_REMOTE | SVC_F_EXTERNAL,
+        NODE_PORT,
     );
     let client = sa("198.51.100.45:45003");
     let payload: Vec<u8> = (0..8000u32).map(|i| (i * 7 + 3) as u8).collect();
@@ -628,7 +622,7 @@ fn a_jumbo_datagram_spanning_several_buffers_is_translated() {
 fn a_service_without_backends_refuses_tcp_with_a_reset() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.50:80");
-    lab.service(&[vip], TCP, &[], 0);
+    lab.service(&[vip], TCP, &[], CLUSTER_IP);
     let client = sa("198.51.100.50:41000");
     let (action, output) = lab.xdp(&tcp(FROM_ROUTER, client, vip, SYN, 777, 0, &[]));
     assert_eq!(action, XDP_TX);
@@ -663,7 +657,7 @@ fn a_service_without_backends_refuses_udp_with_port_unreachable() {
         (sa("[fd00:96::51]:53"), sa("[2001:db8:100::51]:41000")),
     ] {
         let mut lab = Lab::new();
-        lab.service(&[vip], UDP, &[], 0);
+        lab.service(&[vip], UDP, &[], CLUSTER_IP);
         let (action, output) = lab.xdp(&udp(FROM_ROUTER, client, vip, b"anyone?"));
         assert_eq!(action, XDP_TX);
         let out = decode(&output);
@@ -692,7 +686,7 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
         &[sa("10.96.0.60:80")],
         TCP,
         &[backend("10.244.1.60:80", false)],
-        0,
+        CLUSTER_IP,
     );
     let frames = [
         syn(sa("198.51.100.60:1000"), sa("10.96.0.60:81")),
@@ -716,7 +710,7 @@ fn traffic_that_is_not_for_a_service_passes_untouched() {
 fn icmp_fragmentation_needed_from_the_backend_side_reaches_the_client() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.70:80");
-    lab.service(&[vip], TCP, &[backend("10.244.1.70:80", false)], 0);
+    lab.service(&[vip], TCP, &[backend("10.244.1.70:80", false)], CLUSTER_IP);
     let client = sa("198.51.100.70:42000");
     let (_, fwd) = lab.xdp(&syn(client, vip));
     let translated = decode(&fwd);
@@ -761,7 +755,12 @@ fn icmp_fragmentation_needed_from_the_backend_side_reaches_the_client() {
 fn pods_reach_a_clusterip_through_the_tc_program() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.80:80");
-    lab.service(&[vip], TCP, &[backend("10.244.1.80:8080", false)], 0);
+    lab.service(
+        &[vip],
+        TCP,
+        &[backend("10.244.1.80:8080", false)],
+        CLUSTER_IP,
+    );
     let pod = sa("10.244.0.5:39000");
     let frame = tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 1, 0, &[]);
     let (action, output) = lab.tc(&frame);
@@ -791,7 +790,7 @@ fn pods_reach_a_clusterip_through_the_tc_program() {
 fn a_pod_gets_a_reset_from_a_service_without_backends_through_tc() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.81:80");
-    lab.service(&[vip], TCP, &[], 0);
+    lab.service(&[vip], TCP, &[], CLUSTER_IP);
     let pod = sa("10.244.0.5:39001");
     let (action, output) = lab.tc(&tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 5, 0, &[]));
     assert_eq!(action, support::TC_REDIRECT, "sent back to the pod");
@@ -804,7 +803,7 @@ fn a_pod_gets_a_reset_from_a_service_without_backends_through_tc() {
 fn a_pod_reaching_its_own_service_lands_on_itself_from_the_vip() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.90:80");
-    lab.service(&[vip], TCP, &[backend("10.244.0.5:8080", true)], 0);
+    lab.service(&[vip], TCP, &[backend("10.244.0.5:8080", true)], CLUSTER_IP);
     let pod = sa("10.244.0.5:39100");
     let (action, output) = lab.tc(&tcp((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, SYN, 1, 0, &[]));
     assert_eq!(action, support::TC_REDIRECT, "back into the pod");
@@ -836,7 +835,12 @@ fn a_pod_reaching_its_own_service_lands_on_itself_from_the_vip() {
 fn icmpv6_packet_too_big_from_the_backend_itself_reaches_the_client_from_the_vip() {
     let mut lab = Lab::new();
     let vip = sa("[fd00:96::70]:443");
-    lab.service(&[vip], TCP, &[backend("[fd00:244:1::70]:8443", false)], 0);
+    lab.service(
+        &[vip],
+        TCP,
+        &[backend("[fd00:244:1::70]:8443", false)],
+        CLUSTER_IP,
+    );
     let client = sa("[2001:db8:100::70]:42000");
     let (_, fwd) = lab.xdp(&syn(client, vip));
     assert_eq!(decode(&fwd).dst_addr(), sa("[fd00:244:1::70]:8443"));
@@ -877,8 +881,13 @@ fn icmpv6_packet_too_big_from_the_backend_itself_reaches_the_client_from_the_vip
 fn a_clusterip_on_a_port_that_is_no_service_port_is_refused() {
     let mut lab = Lab::new();
     let vip = sa("10.96.0.95:80");
-    lab.service(&[vip], TCP, &[backend("10.244.1.95:8080", false)], 0);
-    lab.cluster_address(vip.ip());
+    let svc = lab.service(
+        &[vip],
+        TCP,
+        &[backend("10.244.1.95:8080", false)],
+        CLUSTER_IP,
+    );
+    lab.cluster_address(&svc);
     let client = sa("198.51.100.95:41000");
     let (action, output) = lab.xdp(&syn(client, sa("10.96.0.95:81")));
     assert_eq!(action, XDP_TX);
@@ -913,7 +922,7 @@ fn packets_of_unknown_addresses_skip_the_lookups() {
         &[sa("10.96.0.96:80")],
         TCP,
         &[backend("10.244.1.96:80", false)],
-        0,
+        CLUSTER_IP,
     );
     // Neither end is a frontend or backend address: passed at once, counted.
     let frame = syn(sa("198.51.100.96:1000"), sa("203.0.113.9:80"));

@@ -1,7 +1,21 @@
-//! The typed map writers against real (unpinned) maps.
+//! The typed map writers and the sync engine against real (unpinned) maps.
 
 mod support;
 
+use std::{collections::BTreeSet, net::SocketAddr};
+
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+use lb_agent::{
+    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    cluster::NodeInfo,
+    maglev,
+    model::{Frontend, Proto, Slice},
+    reconcile::{Reconciler, encoding::service_key},
+    source::SourceEvent,
+    sync::Engine,
+};
+use lb_common::ServiceKey;
+use lb_testbed::fib::FibNamespace;
 use support::{Lab, SIZES};
 
 /// Row `r`'s test pattern: non-zero ids no other row has.
@@ -13,7 +27,7 @@ fn pattern(r: usize, len: usize) -> Vec<u32> {
 fn maglev_rows_read_back_what_was_written_at_every_row() {
     let mut lab = Lab::new();
     let maglev = &mut lab.maps.maglev;
-    let (rows, len) = (maglev.rows(), maglev.row_len());
+    let (rows, len) = (maglev.rows(), maglev.table_size());
     assert_eq!(rows, SIZES.service_ids as usize);
     // Rows of 251 ids (1008 bytes with the pair padding) straddle page
     // boundaries: each write maps just the pages of its row.
@@ -40,25 +54,64 @@ fn maglev_rows_read_back_what_was_written_at_every_row() {
     assert!(maglev.write_row(0, &t[..len - 1]).is_err());
 }
 
+/// Service `s<i>` in namespace `t`: ClusterIP 10.96.1.<i>, TCP port 80 to 8080.
+fn service(i: usize) -> Service {
+    serde_yaml_ng::from_str(&format!(
+        "metadata: {{name: s{i}, namespace: t}}\n\
+         spec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80, targetPort: 8080}}]}}"
+    ))
+    .unwrap()
+}
+
+/// The slice of `s<i>` with `endpoints` ready endpoints 10.244.<i>.10, .11, ...
+fn slice(i: usize, endpoints: usize) -> Slice {
+    let eps: Vec<String> = (0..endpoints)
+        .map(|j| format!("{{addresses: [\"10.244.{i}.{}\"]}}", 10 + j))
+        .collect();
+    let slice: EndpointSlice = serde_yaml_ng::from_str(&format!(
+        "metadata: {{name: s{i}-x, namespace: t, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
+        eps.join(", ")
+    ))
+    .unwrap();
+    Slice::from(&slice)
+}
+
+/// The `services` key of `s<i>`'s ClusterIP frontend.
+fn cluster_ip_key(i: usize) -> ServiceKey {
+    service_key(&Frontend {
+        addr: [10, 96, 1, i as u8].into(),
+        port: 80,
+        proto: Proto::Tcp,
+    })
+}
+
+/// A sync engine over fresh maps of `sizes`, on node-a (192.0.2.1); `before`
+/// writes into the maps first, as an earlier agent would have.
+fn engine(sizes: Sizes, before: impl FnOnce(&mut Maps)) -> (Datapath, Engine) {
+    let mut dp = Datapath::load(&LoadOptions {
+        pin_path: None,
+        sizes,
+        log_level: None,
+    })
+    .unwrap();
+    let mut maps = dp.take_maps().unwrap();
+    before(&mut maps);
+    let engine = Engine::new(
+        Reconciler::adopt(maps).unwrap(),
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["192.0.2.1".parse().unwrap()],
+        },
+    );
+    (dp, engine)
+}
+
 /// A full sync builds its Maglev tables ahead, on several threads, over backend
 /// positions (ids are assigned later, as backends are written): every row must
 /// still be the table over its backends' ids.
 #[test]
 fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
-    use std::{collections::BTreeSet, net::SocketAddr};
-
-    use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
-    use lb_agent::{
-        bpf::{Datapath, LoadOptions, Sizes},
-        cluster::NodeInfo,
-        maglev,
-        model::{Desired, Slice},
-        reconcile::{Reconciler, Stats},
-        source::SourceEvent,
-        store::Store,
-    };
-    use lb_common::{FAMILY_V4, PROTO_TCP, ServiceKey};
-
     let sizes = Sizes {
         services: 1024,
         service_ids: 64,
@@ -66,69 +119,23 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
         maglev_table_size: 1021,
         conntrack: 4096,
     };
-    let _ns = support::Netns::enter();
-    let mut dp = Datapath::load(&LoadOptions {
-        pin_path: None,
-        sizes,
-        log_level: None,
-    })
-    .unwrap();
-    let mut reconciler = Reconciler::adopt(dp.take_maps().unwrap(), sizes).unwrap();
+    let _fib = FibNamespace::enter().unwrap();
+    let (_dp, mut engine) = engine(sizes, |_| {});
     // 40 Services (enough to be built on threads) of 3 to 7 endpoints.
     let n = 40;
     let endpoints = |i: usize| 3 + i % 5;
-    let services: Vec<Service> = (0..n)
-        .map(|i| {
-            serde_yaml_ng::from_str(&format!(
-                "metadata: {{name: s{i}, namespace: t}}\n\
-                 spec: {{clusterIP: 10.96.1.{i}, ports: [{{port: 80, targetPort: 8080}}]}}"
-            ))
-            .unwrap()
-        })
-        .collect();
-    let slices: Vec<Slice> = (0..n)
-        .map(|i| {
-            let eps: Vec<String> = (0..endpoints(i))
-                .map(|j| format!("{{addresses: [\"10.244.{i}.{}\"]}}", 10 + j))
-                .collect();
-            let slice: EndpointSlice = serde_yaml_ng::from_str(&format!(
-                "metadata: {{name: s{i}-x, namespace: t, labels: {{kubernetes.io/service-name: s{i}}}}}\n\
-                 addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
-                eps.join(", ")
-            ))
-            .unwrap();
-            Slice::from(&slice)
-        })
-        .collect();
-    let mut store = Store::new(NodeInfo {
-        name: "node-a".into(),
-        addresses: vec!["192.0.2.1".parse().unwrap()],
-    });
-    let dirty = store.apply(SourceEvent::Resync {
-        services,
-        slices,
+    engine.take(SourceEvent::Resync {
+        services: (0..n).map(service).collect(),
+        slices: (0..n).map(|i| slice(i, endpoints(i))).collect(),
         problems: Vec::new(),
     });
-    let mut desired = Desired::new();
-    let mut changed = BTreeSet::new();
-    for k in &dirty.services {
-        changed.extend(desired.set_service(k, store.model(k)).ports);
-    }
-    assert_eq!(changed.len(), n);
-    let problems = reconciler.apply(&desired, &changed, &mut Stats::default());
-    assert!(problems.is_empty(), "{problems:?}");
+    let sync = engine.sync().expect("a listing is a sync to do");
+    assert_eq!(sync.changed.len(), n);
+    assert!(sync.problems.is_empty(), "{:?}", sync.problems);
+    let reconciler = engine.reconciler();
     let maps = reconciler.maps();
     for i in 0..n {
-        let mut addr = [0u8; 16];
-        addr[..4].copy_from_slice(&[10, 96, 1, i as u8]);
-        let key = ServiceKey {
-            addr,
-            port: 80,
-            proto: PROTO_TCP,
-            family: FAMILY_V4,
-            _pad: [0; 4],
-        };
-        let svc = maps.services.get(&key, 0).unwrap();
+        let svc = maps.services.get(&cluster_ip_key(i), 0).unwrap();
         let row = maps.maglev.read_row(svc.table).unwrap();
         let ids: BTreeSet<u32> = row.iter().copied().collect();
         assert_eq!(ids.len(), endpoints(i), "service {i}");
@@ -146,4 +153,56 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
             "service {i}"
         );
     }
+}
+
+/// The engine syncs nothing before a full listing (a partial store would
+/// remove what it lacks); its first sync removes what an earlier agent left
+/// and nobody wants any more; after that it syncs exactly what changes.
+#[test]
+fn the_engine_waits_for_a_listing_finishes_adoption_once_and_then_syncs_changes() {
+    let _fib = FibNamespace::enter().unwrap();
+    // An earlier agent's frontend, of a Service that is gone.
+    let stale = cluster_ip_key(99);
+    let (_dp, mut engine) = engine(support::SIZES, |maps| {
+        maps.set_service(&stale, &lb_common::Service::default())
+            .unwrap();
+    });
+    let present =
+        |engine: &Engine, k: &ServiceKey| engine.reconciler().maps().services.get(k, 0).ok();
+
+    engine.take(SourceEvent::ServiceApplied(Box::new(service(1))));
+    assert!(!engine.is_due(), "no listing yet");
+    assert!(engine.sync().is_none());
+    assert!(present(&engine, &stale).is_some(), "nothing removed yet");
+
+    engine.take(SourceEvent::Resync {
+        services: vec![service(1)],
+        slices: vec![slice(1, 1)],
+        problems: Vec::new(),
+    });
+    let first = engine.sync().expect("the listing is due");
+    assert!(first.first);
+    assert_eq!(first.changed.len(), 1);
+    assert!(first.latency.is_some());
+    assert!(present(&engine, &stale).is_none(), "adoption finished");
+    assert_eq!(first.stats.frontends_removed, 1, "{:?}", first.stats);
+    assert_eq!(
+        present(&engine, &cluster_ip_key(1)).unwrap().backend_count,
+        1
+    );
+
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 2))));
+    let second = engine.sync().expect("a changed slice is due");
+    assert!(!second.first);
+    assert_eq!(second.changed.len(), 1);
+    assert_eq!(second.stats.frontends_removed, 0);
+    assert_eq!(
+        present(&engine, &cluster_ip_key(1)).unwrap().backend_count,
+        2
+    );
+    assert_eq!(second.occupancy.backends, 2);
+
+    // The same slice again changes nothing: no sync is due.
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 2))));
+    assert!(!engine.is_due());
 }

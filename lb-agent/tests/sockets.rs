@@ -16,21 +16,20 @@ use std::{
 
 use lb_agent::bpf::sock;
 use lb_common::SockEvent;
-use support::{Lab, TCP, UDP, backend, sa};
+use support::{CLUSTER_IP, Lab, TCP, UDP, backend, sa};
 
 /// The socket programs of `lab`'s datapath attached to the root cgroup, their
-/// links pinned in a directory of their own on bpffs; detached on drop.
+/// links pinned in the lab's pin directory (its scope removes them, and so
+/// detaches the programs, even if the test dies).
 struct Attached {
-    dir: PathBuf,
+    links: PathBuf,
 }
 
 impl Attached {
-    fn new(lab: &mut Lab, name: &str) -> Self {
-        let dir = PathBuf::from(format!(
-            "/sys/fs/bpf/lb-test-sockets-{}-{name}",
-            std::process::id()
-        ));
-        let links = dir.join("links");
+    fn new(lab: &mut Lab) -> Self {
+        let scope = lab.fib.scope();
+        scope.mark_pin_dir().expect("the lab's pin directory");
+        let links = scope.pin_dir().join("links");
         std::fs::create_dir_all(&links).expect("a directory on bpffs for the links");
         let root = sock::cgroup2_root(std::path::Path::new("/sys/fs/cgroup"))
             .expect("a cgroup v2 hierarchy");
@@ -38,15 +37,13 @@ impl Attached {
             .attach_sockets(&root, &links)
             .expect("attach the socket programs");
         assert_eq!(sock::pinned(&links), sock::PROGRAMS.len());
-        Self { dir }
+        Self { links }
     }
 }
 
 impl Drop for Attached {
     fn drop(&mut self) {
-        let _ = sock::detach(&self.dir.join("links"));
-        let _ = std::fs::remove_dir(self.dir.join("links"));
-        let _ = std::fs::remove_dir(&self.dir);
+        let _ = sock::detach(&self.links);
     }
 }
 
@@ -109,12 +106,12 @@ fn udp_echo(sock: UdpSocket, n: usize) -> std::thread::JoinHandle<()> {
 #[test]
 fn tcp_connects_go_to_a_backend_and_the_peer_reads_as_the_frontend() {
     let mut lab = Lab::new();
-    let _attached = Attached::new(&mut lab, "tcp");
+    let _attached = Attached::new(&mut lab);
     for (vip, be) in [
         (sa("10.96.0.10:80"), sa("192.0.2.1:8080")),
         (sa("[fd00:96::10]:80"), sa("[2001:db8::1]:8080")),
     ] {
-        lab.service(&[vip], TCP, &[backend(&be.to_string(), true)], 0);
+        lab.service(&[vip], TCP, &[backend(&be.to_string(), true)], CLUSTER_IP);
         let server = tcp_server(be);
         let s = TcpStream::connect_timeout(&vip, TIMEOUT)
             .unwrap_or_else(|e| panic!("connect to {vip}: {e}"));
@@ -137,10 +134,10 @@ fn tcp_connects_go_to_a_backend_and_the_peer_reads_as_the_frontend() {
 #[test]
 fn a_dual_stack_socket_reaches_an_ipv4_frontend_through_its_mapped_address() {
     let mut lab = Lab::new();
-    let _attached = Attached::new(&mut lab, "mapped");
+    let _attached = Attached::new(&mut lab);
     let vip = sa("10.96.0.11:80");
     let be = sa("192.0.2.1:8081");
-    lab.service(&[vip], TCP, &[backend(&be.to_string(), true)], 0);
+    lab.service(&[vip], TCP, &[backend(&be.to_string(), true)], CLUSTER_IP);
     let server = tcp_server(be);
     let mapped = sa("[::ffff:10.96.0.11]:80");
     let s = TcpStream::connect_timeout(&mapped, TIMEOUT)
@@ -157,12 +154,12 @@ fn a_dual_stack_socket_reaches_an_ipv4_frontend_through_its_mapped_address() {
 #[test]
 fn udp_datagrams_go_to_a_backend_and_come_back_from_the_frontend() {
     let mut lab = Lab::new();
-    let _attached = Attached::new(&mut lab, "udp");
+    let _attached = Attached::new(&mut lab);
     for (vip, be, client) in [
         (sa("10.96.0.53:53"), sa("192.0.2.1:5353"), "0.0.0.0:0"),
         (sa("[fd00:96::53]:53"), sa("[2001:db8::1]:5353"), "[::]:0"),
     ] {
-        lab.service(&[vip], UDP, &[backend(&be.to_string(), true)], 0);
+        lab.service(&[vip], UDP, &[backend(&be.to_string(), true)], CLUSTER_IP);
         let server = udp_echo(UdpSocket::bind(be).unwrap(), 2);
 
         // Unconnected: sendto the frontend, recvfrom shows it as the source.
@@ -196,11 +193,11 @@ fn udp_datagrams_go_to_a_backend_and_come_back_from_the_frontend() {
 #[test]
 fn a_frontend_without_backends_and_a_clusterip_port_that_is_no_service_port_are_refused() {
     let mut lab = Lab::new();
-    let _attached = Attached::new(&mut lab, "refused");
+    let _attached = Attached::new(&mut lab);
     let vip = sa("10.96.0.20:80");
-    lab.service(&[vip], TCP, &[], 0);
-    lab.service(&[vip], UDP, &[], 0);
-    lab.cluster_address(vip.ip());
+    let tcp = lab.service(&[vip], TCP, &[], CLUSTER_IP);
+    lab.service(&[vip], UDP, &[], CLUSTER_IP);
+    lab.cluster_address(&tcp);
     let refused = |r: std::io::Result<()>, what: &str| match r {
         Err(e) => assert_eq!(e.kind(), ErrorKind::ConnectionRefused, "{what}: {e}"),
         Ok(()) => panic!("{what}: not refused"),
@@ -224,20 +221,18 @@ fn a_frontend_without_backends_and_a_clusterip_port_that_is_no_service_port_are_
 #[test]
 fn sockets_of_other_network_namespaces_are_left_alone() {
     let mut lab = Lab::new();
-    let _attached = Attached::new(&mut lab, "other-netns");
+    let _attached = Attached::new(&mut lab);
     let vip = sa("10.96.0.12:80");
-    lab.service(&[vip], TCP, &[backend("192.0.2.1:8082", true)], 0);
+    lab.service(&[vip], TCP, &[backend("192.0.2.1:8082", true)], CLUSTER_IP);
     // A thread in another namespace (a pod's, or another node's in the
     // testbed): its connect to the VIP is not translated, so it finds no
-    // route (that namespace has no interface but lo, which is down).
-    let outcome = std::thread::spawn(move || {
-        let other = support::Netns::enter_empty();
-        let r = TcpStream::connect_timeout(&vip, TIMEOUT);
-        drop(other);
-        r.map(drop).map_err(|e| e.kind())
-    })
-    .join()
-    .unwrap();
+    // route (that namespace has no interface but lo).
+    let other = lab.fib.scope().add_netns("other", &[]).unwrap();
+    let outcome = lb_testbed::in_netns(&other, move || {
+        TcpStream::connect_timeout(&vip, TIMEOUT)
+            .map(drop)
+            .map_err(|e| e.kind())
+    });
     assert_eq!(outcome, Err(ErrorKind::NetworkUnreachable));
     assert_eq!(calls(&lab, SockEvent::Connected), 0);
 }

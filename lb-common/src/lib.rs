@@ -389,7 +389,10 @@ pub const CFG_F_SNAT_V6: u32 = 1 << 1;
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
-    /// Entries per Maglev row (see [`MaglevPair`] for the layout).
+    /// Entries per Maglev row (see [`MaglevPair`] for the layout): the
+    /// agent's Maglev table size (`--maglev-table-size`), which the agent
+    /// writes here from the sizes its maps were created with. The datapath
+    /// learns it from nowhere else.
     pub maglev_size: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,

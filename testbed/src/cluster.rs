@@ -22,43 +22,31 @@
 //! lb's tc program sees it before routing.
 
 use std::{
-    collections::{BTreeMap, BTreeSet},
+    collections::BTreeMap,
     ffi::OsString,
-    fs::{self, OpenOptions},
-    hash::{BuildHasher as _, Hasher as _},
+    fs,
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
-    os::unix::process::CommandExt as _,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
-    sync::{
-        Arc, Mutex, MutexGuard, Weak,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::Mutex,
     thread,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
+    agent::AgentSpec,
     client,
     net::{self, IpNet},
-    ns::{self, command_in, ethtool_in, ip, sysctl_in},
+    ns::{self, ethtool_in, ip, lock},
+    scope::{BPFFS, Scope, cleanup_stale, is_bpffs},
     servers::{Servers, serve_in},
 };
 
-/// Prefix of every namespace a testbed creates:
-/// `lbt-<run>-<owner pid>-<role>`.
-const NS_PREFIX: &str = "lbt-";
-/// Where agents pin their maps: `/sys/fs/bpf/lb-test-<run>/<node>`.
-pub(crate) const BPFFS: &str = "/sys/fs/bpf";
-const PIN_PREFIX: &str = "lb-test-";
 /// The agent's default healthz address (inside its node's namespace).
 pub const AGENT_HEALTHZ: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 10256);
 /// How long every topology wait (links up, addresses usable) may take.
 const WAIT_LINKS: Duration = Duration::from_secs(5);
-/// How long an agent gets to exit after SIGTERM before it is killed.
-const AGENT_STOP: Duration = Duration::from_secs(5);
 
 /// What [`Cluster::up`] builds.
 #[derive(Debug, Clone)]
@@ -303,17 +291,11 @@ impl Client {
     }
 }
 
-/// How an agent is started, kept for restarts.
+/// How a node's agent is started, and what says it is ready; kept for
+/// restarts.
 #[derive(Debug, Clone)]
-struct AgentSpec {
-    bin: PathBuf,
-    args: Vec<OsString>,
-    env: Vec<(String, String)>,
-    /// Bind mounts (source, target) in a mount namespace of the agent's own.
-    mounts: Vec<(PathBuf, PathBuf)>,
-    ns: String,
-    log: PathBuf,
-    /// What says it is ready.
+struct NodeAgent {
+    spec: AgentSpec,
     ready: AgentProbe,
 }
 
@@ -362,220 +344,21 @@ pub struct InCluster {
     pub host_mounts: Vec<(PathBuf, PathBuf)>,
 }
 
-/// What teardown needs; shared with the Ctrl-C handler's registry.
-struct Shared {
-    run: String,
-    namespaces: Mutex<Vec<String>>,
-    pin_dir: PathBuf,
-    run_dir: PathBuf,
-    keep_run_dir: AtomicBool,
-    agents: Mutex<BTreeMap<String, Child>>,
-    servers: Mutex<Vec<Servers>>,
-    /// The nodes' ways to the API server (in-cluster agents).
-    relays: Mutex<Vec<crate::relay::Relay>>,
-    /// Held for the whole teardown, so that a second caller (the signal
-    /// thread while a drop is under way) waits for the first to finish.
-    torn_down: Mutex<bool>,
-}
-
-/// Locks `m`, also after a panic elsewhere (teardown must still run).
-pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl Shared {
-    /// Removes everything the run made; idempotent, bounded (every command
-    /// has a time limit, agents get 5 s to exit).
-    fn teardown(&self) {
-        let mut done = lock(&self.torn_down);
-        if *done {
-            return;
-        }
-        *done = true;
-        drop(std::mem::take(&mut *lock(&self.servers)));
-        let agents = std::mem::take(&mut *lock(&self.agents));
-        for (_, child) in agents {
-            let _ = stop_child(child, AGENT_STOP);
-        }
-        drop(std::mem::take(&mut *lock(&self.relays)));
-        let namespaces = std::mem::take(&mut *lock(&self.namespaces));
-        for name in namespaces.iter().rev() {
-            if let Err(e) = ns::delete_netns(name) {
-                eprintln!("lb-testbed: {e:#}");
-            }
-        }
-        if self.pin_dir.exists()
-            && let Err(e) = fs::remove_dir_all(&self.pin_dir)
-        {
-            eprintln!("lb-testbed: removing {}: {e}", self.pin_dir.display());
-        }
-        if self.keep_run_dir.load(Ordering::SeqCst) {
-            eprintln!(
-                "lb-testbed: run {} kept its logs in {}",
-                self.run,
-                self.run_dir.display()
-            );
-        } else {
-            let _ = fs::remove_dir_all(&self.run_dir);
-        }
-        lock(&REGISTRY).retain(|w| w.upgrade().is_some_and(|s| s.run != self.run));
-    }
-}
-
-/// Clusters to tear down on SIGINT / SIGTERM.
-static REGISTRY: Mutex<Vec<Weak<Shared>>> = Mutex::new(Vec::new());
-
-/// The teardown of every live cluster of this process (on SIGINT / SIGTERM).
-fn teardown_registered() {
-    let clusters: Vec<Arc<Shared>> = lock(&REGISTRY).iter().filter_map(Weak::upgrade).collect();
-    for c in clusters {
-        c.teardown();
-    }
-}
-
-/// A namespace name of ours, split: `lbt-<run>-<pid>-<role>`.
-fn parse_ns_name(name: &str) -> Option<(&str, u32)> {
-    let rest = name.strip_prefix(NS_PREFIX)?;
-    let (run, rest) = rest.split_once('-')?;
-    let (pid, _role) = rest.split_once('-')?;
-    (run.len() == 4 && run.bytes().all(|b| b.is_ascii_hexdigit())).then_some(())?;
-    Some((run, pid.parse().ok()?))
-}
-
-/// Removes what crashed runs left behind: namespaces named
-/// `lbt-<run>-<pid>-*` whose pid is dead (after killing the processes still
-/// in them, e.g. orphaned agents), and the pin dirs
-/// `/sys/fs/bpf/lb-test-<run>` of those runs or whose `owner-<pid>` marker
-/// names a dead process. Returns what it removed.
-pub fn cleanup_stale() -> Vec<String> {
-    let mut removed = Vec::new();
-    let mut dead_runs = BTreeSet::new();
-    let mut names: Vec<String> = fs::read_dir(ns::NETNS_DIR)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| e.file_name().into_string().ok())
-        .collect();
-    names.sort();
-    for name in names {
-        let Some((run, pid)) = parse_ns_name(&name) else {
-            continue;
-        };
-        if ns::pid_alive(pid) {
-            continue;
-        }
-        dead_runs.insert(run.to_string());
-        match ns::delete_netns(&name) {
-            Ok(()) => removed.push(name),
-            Err(e) => eprintln!("lb-testbed: stale namespace: {e:#}"),
-        }
-    }
-    let pin_dirs = fs::read_dir(BPFFS).into_iter().flatten().flatten();
-    for dir in pin_dirs {
-        let Some(run) = dir
-            .file_name()
-            .to_str()
-            .and_then(|n| n.strip_prefix(PIN_PREFIX))
-            .map(str::to_string)
-        else {
-            continue;
-        };
-        let owner_dead = fs::read_dir(dir.path())
-            .into_iter()
-            .flatten()
-            .flatten()
-            .filter_map(|e| {
-                e.file_name()
-                    .to_str()?
-                    .strip_prefix("owner-")?
-                    .parse::<u32>()
-                    .ok()
-            })
-            .any(|pid| !ns::pid_alive(pid));
-        if owner_dead || dead_runs.contains(&run) {
-            match fs::remove_dir_all(dir.path()) {
-                Ok(()) => removed.push(dir.path().display().to_string()),
-                Err(e) => eprintln!("lb-testbed: removing {}: {e}", dir.path().display()),
-            }
-        }
-    }
-    removed
-}
-
-/// Sends SIGTERM, waits up to `grace`, then SIGKILL; reaps the child.
-fn stop_child(mut child: Child, grace: Duration) -> Result<std::process::ExitStatus> {
-    if let Some(status) = child.try_wait()? {
-        return Ok(status);
-    }
-    ns::kill(child.id(), libc::SIGTERM);
-    let deadline = Instant::now() + grace;
-    while Instant::now() < deadline {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    child.kill()?;
-    Ok(child.wait()?)
-}
-
-fn new_run_id() -> String {
-    static COUNTER: AtomicU64 = AtomicU64::new(0);
-    for _ in 0..256 {
-        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
-        h.write_u32(std::process::id());
-        h.write_u64(COUNTER.fetch_add(1, Ordering::SeqCst));
-        h.write_u128(
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .map(|d| d.as_nanos())
-                .unwrap_or(0),
-        );
-        let run = format!("{:04x}", h.finish() & 0xffff);
-        let taken = fs::read_dir(ns::NETNS_DIR)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .any(|e| {
-                parse_ns_name(&e.file_name().to_string_lossy()).is_some_and(|(r, _)| r == run)
-            })
-            || Path::new(BPFFS).join(format!("{PIN_PREFIX}{run}")).exists()
-            || lock(&REGISTRY)
-                .iter()
-                .filter_map(Weak::upgrade)
-                .any(|s| s.run == run);
-        if !taken {
-            return run;
-        }
-    }
-    // 256 collisions in a 16-bit space means something else is wrong; a
-    // clash only matters for the pin dir anyway.
-    format!("{:04x}", std::process::id() & 0xffff)
-}
-
-fn is_bpffs(path: &str) -> bool {
-    let Ok(c) = std::ffi::CString::new(path) else {
-        return false;
-    };
-    // SAFETY: statfs writes into a zeroed struct we own.
-    unsafe {
-        let mut st: libc::statfs = std::mem::zeroed();
-        libc::statfs(c.as_ptr(), &mut st) == 0 && st.f_type as i64 == 0xcafe_4a11
-    }
-}
-
 /// A small cluster of network namespaces; everything it made is removed
 /// when it is dropped, on SIGINT / SIGTERM (exit status 130), and when
 /// [`Cluster::up`] fails half-way.
 pub struct Cluster {
-    run: String,
     opts: Options,
-    shared: Arc<Shared>,
+    /// Namespaces, pins, logs and agents (see `crate::scope`).
+    scope: Scope,
+    servers: Mutex<Vec<Servers>>,
+    /// The nodes' ways to the API server (in-cluster agents).
+    relays: Mutex<Vec<crate::relay::Relay>>,
     lan_ns: String,
     bridge: String,
     nodes: Vec<Node>,
     client: Client,
-    agent_specs: Mutex<BTreeMap<String, AgentSpec>>,
+    agents: Mutex<BTreeMap<String, NodeAgent>>,
     /// `xdp_pass` on the switch ports of the node uplinks (see `crate::xdp`).
     switch_xdp: Mutex<Option<crate::xdp::Attached>>,
 }
@@ -583,7 +366,7 @@ pub struct Cluster {
 impl std::fmt::Debug for Cluster {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Cluster")
-            .field("run", &self.run)
+            .field("run", &self.scope.run_id())
             .field("nodes", &self.nodes)
             .field("client", &self.client)
             .finish_non_exhaustive()
@@ -600,32 +383,16 @@ impl Cluster {
             "pods_per_node must be 1 to 50, not {}",
             opts.pods_per_node
         );
-        // SAFETY: geteuid has no preconditions.
-        ensure!(
-            unsafe { libc::geteuid() } == 0,
-            "building network namespaces needs root"
-        );
-        crate::interrupt::on_interrupt("lb-testbed", teardown_registered);
         for r in cleanup_stale() {
             eprintln!("lb-testbed: removed leftover {r}");
         }
-        let run = new_run_id();
-        let pid = std::process::id();
-        let nsname = |role: &str| format!("{NS_PREFIX}{run}-{pid}-{role}");
-        let pin_dir = Path::new(BPFFS).join(format!("{PIN_PREFIX}{run}"));
-        let run_dir = std::env::temp_dir().join(format!("lb-testbed-{run}-{pid}"));
-        let shared = Arc::new(Shared {
-            run: run.clone(),
-            namespaces: Mutex::new(Vec::new()),
-            pin_dir: pin_dir.clone(),
-            run_dir: run_dir.clone(),
-            keep_run_dir: AtomicBool::new(opts.keep_logs),
-            agents: Mutex::new(BTreeMap::new()),
-            servers: Mutex::new(Vec::new()),
-            relays: Mutex::new(Vec::new()),
-            torn_down: Mutex::new(false),
-        });
-        lock(&REGISTRY).push(Arc::downgrade(&shared));
+        let scope = Scope::new()?;
+        if opts.keep_logs {
+            scope.keep_run_dir();
+        }
+        let run = scope.run_id().to_string();
+        let nsname = |role: &str| scope.netns_name(role);
+        let pin_dir = scope.pin_dir().to_path_buf();
 
         let nodes = ["a", "b"]
             .iter()
@@ -693,46 +460,30 @@ impl Cluster {
                 bridge_port: format!("lb{run}-c-br"),
             },
             nodes,
-            run,
             opts,
-            shared,
-            agent_specs: Mutex::new(BTreeMap::new()),
+            scope,
+            servers: Mutex::new(Vec::new()),
+            relays: Mutex::new(Vec::new()),
+            agents: Mutex::new(BTreeMap::new()),
             switch_xdp: Mutex::new(None),
         };
         // On an error, dropping `cluster` tears down what was built.
         cluster
             .build()
-            .with_context(|| format!("building test cluster {}", cluster.run))?;
+            .with_context(|| format!("building test cluster {}", cluster.run_id()))?;
         Ok(cluster)
     }
 
+    /// Creates the namespace `name` (one of [`Scope::netns_name`]'s).
     fn add_netns(&self, name: &str, sysctls: &[&str]) -> Result<()> {
-        ip(None, &format!("netns add {name}"))?;
-        lock(&self.shared.namespaces).push(name.to_string());
-        // Before any interface exists: interfaces copy `default`. No
-        // duplicate address detection: every address here is planned, and
-        // tentative addresses would only make the first packets fail.
-        let mut all = vec![
-            "net.ipv6.conf.all.accept_dad=0",
-            "net.ipv6.conf.default.accept_dad=0",
-        ];
-        all.extend_from_slice(sysctls);
-        sysctl_in(name, &all)?;
-        ip(Some(name), "link set lo up").map(drop)
+        let role = name
+            .strip_prefix(&self.scope.netns_name(""))
+            .context("a namespace of another run")?;
+        self.scope.add_netns(role, sysctls).map(drop)
     }
 
     fn build(&self) -> Result<()> {
-        fs::create_dir_all(&self.shared.run_dir)
-            .with_context(|| format!("creating {}", self.shared.run_dir.display()))?;
-        if is_bpffs(BPFFS) {
-            // The owner marker lets a later run find this pin dir if this
-            // process dies without tearing down.
-            let owner = self
-                .shared
-                .pin_dir
-                .join(format!("owner-{}", std::process::id()));
-            fs::create_dir_all(&owner).with_context(|| format!("creating {}", owner.display()))?;
-        }
+        self.scope.mark_pin_dir()?;
 
         // The segment: a bridge in its own namespace, a plain switch.
         let lan = self.lan_ns.as_str();
@@ -1035,7 +786,7 @@ impl Cluster {
     }
 
     fn all_namespaces(&self) -> Vec<String> {
-        lock(&self.shared.namespaces).clone()
+        self.scope.namespaces()
     }
 
     /// Waits until every link of every namespace has its carrier.
@@ -1090,7 +841,7 @@ impl Cluster {
 
     /// The run id (4 hex digits) in every name of this cluster.
     pub fn run_id(&self) -> &str {
-        &self.run
+        self.scope.run_id()
     }
 
     pub fn options(&self) -> &Options {
@@ -1121,7 +872,7 @@ impl Cluster {
         self.nodes
             .iter()
             .find(|n| n.name == name)
-            .unwrap_or_else(|| panic!("no node {name} in cluster {}", self.run))
+            .unwrap_or_else(|| panic!("no node {name} in cluster {}", self.run_id()))
     }
 
     /// Every pod, node by node.
@@ -1133,7 +884,7 @@ impl Cluster {
     pub fn pod(&self, name: &str) -> &Pod {
         self.pods()
             .find(|p| p.name == name)
-            .unwrap_or_else(|| panic!("no pod {name} in cluster {}", self.run))
+            .unwrap_or_else(|| panic!("no pod {name} in cluster {}", self.run_id()))
     }
 
     pub fn client(&self) -> &Client {
@@ -1142,12 +893,12 @@ impl Cluster {
 
     /// The per-run directory (agent logs).
     pub fn run_dir(&self) -> &Path {
-        &self.shared.run_dir
+        self.scope.run_dir()
     }
 
     /// `/sys/fs/bpf/lb-test-<run>`: the parent of the nodes' pin paths.
     pub fn pin_dir(&self) -> &Path {
-        &self.shared.pin_dir
+        self.scope.pin_dir()
     }
 
     /// The segment's prefixes (192.168.77.0/24, fd00:77::/64).
@@ -1178,14 +929,14 @@ impl Cluster {
     pub fn start_pod_servers(&self, ports: &[u16]) -> Result<()> {
         for pod in self.pods() {
             let s = serve_in(&pod.ns, &pod.name, &pod.addrs(), ports)?;
-            lock(&self.shared.servers).push(s);
+            lock(&self.servers).push(s);
         }
         Ok(())
     }
 
     /// Stops every pod server started so far.
     pub fn stop_pod_servers(&self) {
-        drop(std::mem::take(&mut *lock(&self.shared.servers)));
+        drop(std::mem::take(&mut *lock(&self.servers)));
     }
 
     /// Starts the lb agent on every node:
@@ -1217,13 +968,15 @@ impl Cluster {
                 args.push(k.into());
                 args.push(v.into());
             }
-            Ok(AgentSpec {
-                bin: agent_bin.to_path_buf(),
-                args,
-                env: Vec::new(),
-                mounts: Vec::new(),
-                ns: node.ns.clone(),
-                log: self.agent_log_path(&node.name),
+            Ok(NodeAgent {
+                spec: AgentSpec {
+                    bin: agent_bin.to_path_buf(),
+                    args,
+                    env: Vec::new(),
+                    mounts: Vec::new(),
+                    ns: node.ns.clone(),
+                    log: self.agent_log_path(&node.name),
+                },
                 ready: AgentProbe::healthz(),
             })
         })
@@ -1231,10 +984,10 @@ impl Cluster {
 
     /// Starts on every node the agent `spec_for` describes (kept for
     /// restarts), then waits until each is ready.
-    fn start_each(&self, mut spec_for: impl FnMut(&Node) -> Result<AgentSpec>) -> Result<()> {
+    fn start_each(&self, mut spec_for: impl FnMut(&Node) -> Result<NodeAgent>) -> Result<()> {
         for node in &self.nodes {
             let spec = spec_for(node)?;
-            lock(&self.agent_specs).insert(node.name.clone(), spec);
+            lock(&self.agents).insert(node.name.clone(), spec);
             self.spawn_agent(&node.name)?;
         }
         for node in &self.nodes {
@@ -1259,7 +1012,7 @@ impl Cluster {
         self.start_each(|node| {
             let relay = crate::relay::Relay::start(&node.ns, api_here, how.api)
                 .with_context(|| format!("relaying {} to the API server", node.name))?;
-            lock(&self.shared.relays).push(relay);
+            lock(&self.relays).push(relay);
             fs::create_dir_all(node.bpffs())
                 .with_context(|| format!("creating {}", node.bpffs().display()))?;
             // Bind targets must exist; in the host's tree they are empty
@@ -1268,30 +1021,32 @@ impl Cluster {
                 fs::create_dir_all(target)
                     .with_context(|| format!("creating the mount point {}", target.display()))?;
             }
-            Ok(AgentSpec {
-                bin: agent_bin.to_path_buf(),
-                args: how
-                    .args
-                    .iter()
-                    .map(|a| a.replace("$(NODE_NAME)", &node.name).into())
+            Ok(NodeAgent {
+                spec: AgentSpec {
+                    bin: agent_bin.to_path_buf(),
+                    args: how
+                        .args
+                        .iter()
+                        .map(|a| a.replace("$(NODE_NAME)", &node.name).into())
+                        .collect(),
+                    env: vec![
+                        ("NODE_NAME".into(), node.name.clone()),
+                        ("KUBERNETES_SERVICE_HOST".into(), api_here.ip().to_string()),
+                        (
+                            "KUBERNETES_SERVICE_PORT".into(),
+                            api_here.port().to_string(),
+                        ),
+                    ],
+                    mounts: [
+                        (how.service_account.clone(), SERVICE_ACCOUNT_DIR.into()),
+                        (node.bpffs().to_path_buf(), BPFFS.into()),
+                    ]
+                    .into_iter()
+                    .chain(how.host_mounts.iter().cloned())
                     .collect(),
-                env: vec![
-                    ("NODE_NAME".into(), node.name.clone()),
-                    ("KUBERNETES_SERVICE_HOST".into(), api_here.ip().to_string()),
-                    (
-                        "KUBERNETES_SERVICE_PORT".into(),
-                        api_here.port().to_string(),
-                    ),
-                ],
-                mounts: [
-                    (how.service_account.clone(), SERVICE_ACCOUNT_DIR.into()),
-                    (node.bpffs().to_path_buf(), BPFFS.into()),
-                ]
-                .into_iter()
-                .chain(how.host_mounts.iter().cloned())
-                .collect(),
-                ns: node.ns.clone(),
-                log: self.agent_log_path(&node.name),
+                    ns: node.ns.clone(),
+                    log: self.agent_log_path(&node.name),
+                },
                 ready: how.ready.clone(),
             })
         })
@@ -1301,7 +1056,7 @@ impl Cluster {
     /// server: a partition of the nodes from the control plane while the API
     /// server itself stays up (see [`crate::relay::Relay::cut`]).
     pub fn cut_api(&self, cut: bool) {
-        for r in lock(&self.shared.relays).iter() {
+        for r in lock(&self.relays).iter() {
             if cut {
                 r.cut();
             } else {
@@ -1311,48 +1066,24 @@ impl Cluster {
     }
 
     fn agent_log_path(&self, node: &str) -> PathBuf {
-        self.shared.run_dir.join(format!("agent-{node}.log"))
+        self.scope.run_dir().join(format!("agent-{node}.log"))
     }
 
     fn spawn_agent(&self, node: &str) -> Result<()> {
-        let spec = lock(&self.agent_specs)
+        let agent = lock(&self.agents)
             .get(node)
             .cloned()
             .with_context(|| format!("no agent was started on {node}"))?;
-        ensure!(
-            !lock(&self.shared.agents).contains_key(node),
-            "the agent on {node} is already running"
-        );
         if let Some(parent) = self.node(node).pin_path.parent()
             && is_bpffs(BPFFS)
         {
             fs::create_dir_all(parent)?;
         }
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&spec.log)
-            .with_context(|| format!("opening {}", spec.log.display()))?;
-        let mut cmd = command_in(&spec.ns, &spec.bin, &spec.args);
-        cmd.envs(spec.env.iter().map(|(k, v)| (k, v)));
-        if !spec.mounts.is_empty() {
-            ns::private_mounts(&mut cmd, &spec.mounts)?;
-        }
-        let child = cmd
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a terminal's Ctrl-C reaches only us,
-            // and we stop the agents in order.
-            .process_group(0)
-            .spawn()
-            .with_context(|| format!("starting {} on {node}", spec.bin.display()))?;
-        lock(&self.shared.agents).insert(node.to_string(), child);
-        Ok(())
+        self.scope.start_agent(node, &agent.spec)
     }
 
     fn wait_agent_ready(&self, node: &str) -> Result<()> {
-        let probe = lock(&self.agent_specs)
+        let probe = lock(&self.agents)
             .get(node)
             .map(|s| s.ready.clone())
             .unwrap_or_else(AgentProbe::healthz);
@@ -1365,18 +1096,11 @@ impl Cluster {
         let timeout = self.opts.agent_ready_timeout;
         let deadline = Instant::now() + timeout;
         loop {
-            {
-                let mut agents = lock(&self.shared.agents);
-                let child = agents
-                    .get_mut(node)
-                    .with_context(|| format!("the agent on {node} is not running"))?;
-                if let Some(status) = child.try_wait()? {
-                    agents.remove(node);
-                    bail!(
-                        "the agent on {node} exited ({status}) before it was ready; its log ends:\n{}",
-                        ns::tail(&self.agent_log(node), 30)
-                    );
-                }
+            if let Err(e) = self.scope.check_agent(node) {
+                bail!(
+                    "{e:#} before it was ready; its log ends:\n{}",
+                    ns::tail(&self.agent_log(node), 30)
+                );
             }
             let last =
                 match client::http_get(&ns, probe.addr(), &probe.path, Duration::from_secs(1)) {
@@ -1397,12 +1121,7 @@ impl Cluster {
     /// Stops the agent on `node`: SIGTERM, then SIGKILL after 5 s. Does
     /// nothing if it is not running.
     pub fn stop_agent(&self, node: &str) -> Result<()> {
-        let child = lock(&self.shared.agents).remove(node);
-        if let Some(child) = child {
-            stop_child(child, AGENT_STOP)
-                .with_context(|| format!("stopping the agent on {node}"))?;
-        }
-        Ok(())
+        self.scope.stop_agent(node).map(drop)
     }
 
     /// Stops the agent on `node` and starts it again with the same
@@ -1424,7 +1143,7 @@ impl Cluster {
 
     /// The pid of the agent running on `node`, if one is.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
-        lock(&self.shared.agents).get(node).map(Child::id)
+        self.scope.agent_pid(node)
     }
 
     /// Everything the agent on `node` has logged (across restarts).
@@ -1441,8 +1160,13 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if thread::panicking() {
-            self.shared.keep_run_dir.store(true, Ordering::SeqCst);
+            self.scope.keep_run_dir();
         }
-        self.shared.teardown();
+        drop(std::mem::take(&mut *lock(&self.servers)));
+        for node in &self.nodes {
+            let _ = self.scope.stop_agent(&node.name);
+        }
+        drop(std::mem::take(&mut *lock(&self.relays)));
+        self.scope.teardown();
     }
 }

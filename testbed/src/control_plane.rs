@@ -39,7 +39,10 @@ use kube::{
 };
 use serde_json::json;
 
-use crate::{Cluster, Pod, cluster::lock, ns};
+use crate::{
+    Cluster, Pod,
+    ns::{self, lock},
+};
 
 /// The workplace's control-plane scripts, beside the repository (override
 /// with `LB_KUBE_CONTROL_PLANE`).

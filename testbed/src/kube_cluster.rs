@@ -106,7 +106,7 @@ impl ShippedAgent {
                 .and_then(|v| v.host_path.as_ref())
                 .map(|h| PathBuf::from(&h.path));
             if let Some(host) = host
-                && m.mount_path != crate::cluster::BPFFS
+                && m.mount_path != crate::scope::BPFFS
             {
                 host_mounts.push((host, PathBuf::from(&m.mount_path)));
             }

@@ -22,16 +22,21 @@
 //! # anyhow::Ok(())
 //! ```
 
+pub mod agent;
 mod client;
 mod cluster;
 pub mod control_plane;
+pub mod fib;
 pub mod interrupt;
 pub mod kube_cluster;
 pub mod manifests;
 pub mod net;
 mod ns;
+pub mod packet;
 pub mod relay;
+pub mod scope;
 pub mod servers;
+pub mod test_run;
 pub mod xdp;
 
 pub use client::{
@@ -40,14 +45,15 @@ pub use client::{
 };
 pub use cluster::{
     AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, PodNetwork,
-    SERVICE_ACCOUNT_DIR, Uplinks, cleanup_stale,
+    SERVICE_ACCOUNT_DIR, Uplinks,
 };
 pub use control_plane::ControlPlane;
 pub use net::IpNet;
 pub use ns::{
-    NETNS_DIR, Output, command_in, delete_netns, in_netns, ip, kill, netns_path, output_with_input,
-    output_with_timeout, pid_alive, run, sysctl_in, try_in_netns,
+    NETNS_DIR, Output, command_in, delete_netns, ifindex, in_netns, ip, kill, netns_path,
+    output_with_input, output_with_timeout, pid_alive, run, sysctl_in, try_in_netns,
 };
+pub use scope::{Scope, cleanup_stale};
 pub use servers::{Servers, serve_in};
 
 // A cluster can be shared between threads (e.g. in an `Arc`).

@@ -17,7 +17,7 @@ use std::{
 
 use anyhow::{Context as _, Result};
 
-use crate::{cluster::lock, ns::try_in_netns};
+use crate::{ns::lock, ns::try_in_netns};
 
 /// How often the accept loop looks at its stop flag.
 const POLL: Duration = Duration::from_millis(50);

@@ -183,9 +183,11 @@ fn the_agent_modules_import_without_circles() {
     assert_no_circles(
         "lb-agent",
         &[
-            ("agent", "source"),
+            ("agent", "sync"),
             ("model", "cluster"),
-            ("store", "model"),
+            ("source", "model"),
+            ("sync", "reconcile"),
+            ("reconcile", "bpf"),
         ],
     );
 }

@@ -1,6 +1,7 @@
 //! Typed handles to the datapath's maps: the only place that writes them.
 
 use std::{
+    net::{Ipv4Addr, Ipv6Addr},
     os::fd::{AsFd as _, AsRawFd as _},
     ptr::NonNull,
 };
@@ -8,14 +9,31 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, xdp::DevMapHash},
+    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, xdp::DevMapHash},
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, Interface, Reason, Service, ServiceKey,
-    ServiceName, SockEvent, map_names,
+    Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, Counters, CtEntry, FlowKey, Interface, Reason,
+    Service, ServiceKey, ServiceName, SockEvent, map_names,
 };
 
+use super::Sizes;
+
+/// What `config` says about the node: where source-NATed flows leave from.
+/// (Its other field, the Maglev table size, is the maps' own: see
+/// [`Maps::set_config`].)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct NodeConfig {
+    /// The node's IPv4 address for source NAT (none: IPv4 flows are not
+    /// source-NATed).
+    pub snat_v4: Option<Ipv4Addr>,
+    pub snat_v6: Option<Ipv6Addr>,
+    /// First and last source port (inclusive).
+    pub snat_ports: (u16, u16),
+}
+
 pub struct Maps {
+    /// What the maps were created with (or, pinned ones, are).
+    sizes: Sizes,
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
     pub maglev: MaglevRows,
@@ -52,15 +70,16 @@ macro_rules! typed {
 }
 
 impl Maps {
-    pub(super) fn take(ebpf: &mut Ebpf, maglev_table_size: u32) -> Result<Self> {
+    pub(super) fn take(ebpf: &mut Ebpf, sizes: Sizes) -> Result<Self> {
         let maglev = match take(ebpf, map_names::MAGLEV)? {
             Map::Array(data) => data,
             _ => bail!("map {} is not an array", map_names::MAGLEV),
         };
         Ok(Self {
+            sizes,
             services: typed!(ebpf, map_names::SERVICES),
             backends: typed!(ebpf, map_names::BACKENDS),
-            maglev: MaglevRows::new(maglev, maglev_table_size)?,
+            maglev: MaglevRows::new(maglev, sizes.maglev_table_size)?,
             conntrack: typed!(ebpf, map_names::CONNTRACK),
             config: typed!(ebpf, map_names::CONFIG),
             tx_ports: typed!(ebpf, map_names::TX_PORTS),
@@ -84,15 +103,30 @@ impl Maps {
             };
         }
         let config: Array<MapData, Config> = pinned!(map_names::CONFIG);
-        let maglev_size = config.get(&0, 0).context("reading config")?.maglev_size;
+        // A pinned datapath's sizes are what its maps are, and the table size
+        // what its agent wrote into `config`.
+        let entries = |name: &str| -> Result<u32> {
+            let path = dir.join(name);
+            Ok(MapInfo::from_pin(&path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .max_entries())
+        };
+        let sizes = Sizes {
+            services: entries(map_names::SERVICES)?,
+            service_ids: entries(map_names::SERVICE_STATS)?,
+            backends: entries(map_names::BACKENDS)?,
+            maglev_table_size: config.get(&0, 0).context("reading config")?.maglev_size,
+            conntrack: entries(map_names::CONNTRACK)?,
+        };
         let maglev = match from_pin(dir, map_names::MAGLEV)? {
             Map::Array(data) => data,
             _ => bail!("map {} is not an array", map_names::MAGLEV),
         };
         Ok(Self {
+            sizes,
             services: pinned!(map_names::SERVICES),
             backends: pinned!(map_names::BACKENDS),
-            maglev: MaglevRows::new(maglev, maglev_size)?,
+            maglev: MaglevRows::new(maglev, sizes.maglev_table_size)?,
             conntrack: pinned!(map_names::CONNTRACK),
             config,
             tx_ports: pinned!(map_names::TX_PORTS),
@@ -106,7 +140,29 @@ impl Maps {
         })
     }
 
-    pub fn set_config(&mut self, config: &Config) -> Result<()> {
+    /// The sizes the maps were created with.
+    pub fn sizes(&self) -> &Sizes {
+        &self.sizes
+    }
+
+    /// Writes `config`: the node's facts, and the Maglev table size the maps
+    /// were made with (the datapath's only way to learn it, so it is never
+    /// taken from anywhere else).
+    pub fn set_config(&mut self, node: &NodeConfig) -> Result<()> {
+        let mut config = Config {
+            maglev_size: self.sizes.maglev_table_size,
+            snat_port_min: node.snat_ports.0,
+            snat_port_max: node.snat_ports.1,
+            ..Config::default()
+        };
+        if let Some(v4) = node.snat_v4 {
+            config.snat_addr_v4 = v4.octets();
+            config.flags |= CFG_F_SNAT_V4;
+        }
+        if let Some(v6) = node.snat_v6 {
+            config.snat_addr_v6 = v6.octets();
+            config.flags |= CFG_F_SNAT_V6;
+        }
         self.config.set(0, config, 0).context("writing config")
     }
 
@@ -230,7 +286,8 @@ pub struct MaglevRows {
     /// Bytes of the array (elements × 8).
     len: usize,
     rows: usize,
-    row_len: usize,
+    /// Entries per row: the Maglev table size.
+    table_size: usize,
     row_stride: usize,
 }
 
@@ -249,7 +306,7 @@ impl Drop for RowWindow {
 }
 
 impl MaglevRows {
-    fn new(map: MapData, row_len: u32) -> Result<Self> {
+    fn new(map: MapData, table_size: u32) -> Result<Self> {
         let info = map.info().context("reading the maglev map's info")?;
         if info.value_size() as usize != size_of::<lb_common::MaglevPair>() {
             bail!(
@@ -258,9 +315,11 @@ impl MaglevRows {
             );
         }
         let elements = info.max_entries() as usize;
-        let row_elements = lb_common::maglev_row_elements(row_len) as usize;
-        if row_len == 0 || !elements.is_multiple_of(row_elements) {
-            bail!("the maglev map holds {elements} elements, not whole rows of {row_len} entries");
+        let row_elements = lb_common::maglev_row_elements(table_size) as usize;
+        if table_size == 0 || !elements.is_multiple_of(row_elements) {
+            bail!(
+                "the maglev map holds {elements} elements, not whole rows of {table_size} entries"
+            );
         }
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
@@ -269,7 +328,7 @@ impl MaglevRows {
             page,
             len: elements * 8,
             rows: elements / row_elements,
-            row_len: row_len as usize,
+            table_size: table_size as usize,
             row_stride: row_elements * 2,
         };
         // Fail at start, not at the first write, if the map cannot be mapped.
@@ -281,8 +340,9 @@ impl MaglevRows {
         self.rows
     }
 
-    pub fn row_len(&self) -> usize {
-        self.row_len
+    /// Entries per row.
+    pub fn table_size(&self) -> usize {
+        self.table_size
     }
 
     /// Maps the pages holding `row`.
@@ -292,7 +352,7 @@ impl MaglevRows {
             bail!("maglev row {row} out of range ({} rows)", self.rows());
         }
         let start = row * self.row_stride * 4;
-        let end = (start + self.row_len * 4).min(self.len);
+        let end = (start + self.table_size * 4).min(self.len);
         let first_page = start / self.page * self.page;
         let len = (end - first_page).div_ceil(self.page) * self.page;
         let fd = self.map.fd().as_fd().as_raw_fd();
@@ -322,17 +382,17 @@ impl MaglevRows {
     /// Each entry is a single aligned 4-byte store, so the datapath always reads a
     /// whole backend id (of the old table or the new one).
     pub fn write_row(&mut self, row: u32, table: &[u32]) -> Result<usize> {
-        if table.len() != self.row_len {
+        if table.len() != self.table_size {
             bail!(
                 "maglev table of {} entries for rows of {}",
                 table.len(),
-                self.row_len
+                self.table_size
             );
         }
         let w = self.window(row)?;
         let mut changed = 0;
         for (i, v) in table.iter().enumerate() {
-            // SAFETY: i < row_len, inside the mapped row; volatile because the
+            // SAFETY: i < table_size, inside the mapped row; volatile because the
             // kernel reads the same memory concurrently.
             unsafe {
                 let e = w.row.add(i);
@@ -349,7 +409,7 @@ impl MaglevRows {
     pub fn read_row(&self, row: u32) -> Result<Vec<u32>> {
         let w = self.window(row)?;
         // SAFETY: the row lies inside the mapping.
-        Ok((0..self.row_len)
+        Ok((0..self.table_size)
             .map(|i| unsafe { std::ptr::read_volatile(w.row.add(i)) })
             .collect())
     }

@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{capacity, map_names};
 
-pub use self::maps::Maps;
+pub use self::maps::{Maps, NodeConfig};
 
 /// The datapath object built from `lb-ebpf` (see the `lb-objects` crate).
 pub static OBJECT: &[u8] = lb_objects::LB;
@@ -23,7 +23,14 @@ pub static OBJECT: &[u8] = lb_objects::LB;
 pub const XDP_PROGRAM: &str = "lb_xdp";
 pub const TC_PROGRAM: &str = "lb_tc";
 
-/// Map capacities, fixed when the maps are created.
+/// Map capacities, fixed when the maps are created: the one owner of every
+/// map size, from the flags (`--max-frontends`, `--max-services`,
+/// `--max-backends`, `--maglev-table-size`, `--conntrack-size`) down to the
+/// kernel. They reach it at load, as the maps' `max_entries`, and the Maglev
+/// table size also through `config` ([`Maps::set_config`] writes
+/// `Config::maglev_size` from here: the datapath reads it per packet to find
+/// its slot in a row). The loaded [`Maps`] carry the sizes they were made
+/// with; everything above them (the reconciler, the metrics) reads them there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     /// `services` entries (frontends).
@@ -32,7 +39,7 @@ pub struct Sizes {
     pub service_ids: u32,
     /// Backend slots.
     pub backends: u32,
-    /// Entries per Maglev row (a prime).
+    /// Entries per Maglev row (a prime): the size of every Maglev table.
     pub maglev_table_size: u32,
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
@@ -152,9 +159,10 @@ impl Datapath {
         aya_log::EbpfLogger::init(&mut self.ebpf).context("setting up datapath logs")
     }
 
-    /// Takes typed handles to the maps out of the object (once).
+    /// Takes typed handles to the maps out of the object (once), with the
+    /// sizes they were created with.
     pub fn take_maps(&mut self) -> Result<Maps> {
-        Maps::take(&mut self.ebpf, self.sizes.maglev_table_size)
+        Maps::take(&mut self.ebpf, self.sizes)
     }
 }
 

@@ -1,5 +1,6 @@
-//! Where cluster state comes from. Both sources send [`SourceEvent`]s into a
-//! channel:
+//! Where cluster state comes from, and what of it is known. Both sources send
+//! [`SourceEvent`]s into a channel; the [`store`] holds what they reported,
+//! grouped the way the model reads it.
 //!
 //! - [`manifests`]: a directory of Service and EndpointSlice manifests (YAML or
 //!   JSON), re-read whole after every change and sent as a full `Resync`.
@@ -8,6 +9,7 @@
 //!   `Applied`/`Deleted` events in between.
 pub mod kube;
 pub mod manifests;
+pub mod store;
 
 use std::{net::IpAddr, time::SystemTime};
 

@@ -1,35 +1,45 @@
-//! A datapath in a private network namespace, with maps the tests program
-//! directly, and runners that push one frame through `BPF_PROG_TEST_RUN`.
-#![allow(dead_code)]
+//! A datapath in the testbed's one-node namespace (`lb_testbed::fib`), with
+//! maps the tests program directly through the agent's encoding, and runners
+//! that push one frame through `BPF_PROG_TEST_RUN` (`lb_testbed::test_run`).
+// Each test binary uses a part of it.
+#![allow(dead_code, unused_imports)]
 
-pub mod netns;
-pub mod packet;
+pub use lb_testbed::{fib, packet};
 
-use std::net::{IpAddr, SocketAddr};
+use std::{
+    collections::BTreeSet,
+    net::{Ipv4Addr, Ipv6Addr, SocketAddr},
+};
 
-use aya::programs::{TestRun as _, TestRunOptions};
 use lb_agent::{
-    bpf::{Datapath, LoadOptions, Maps, Sizes},
+    bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
     maglev,
-    reconcile::addr16,
+    model::{BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Proto, Scope, Table},
+    reconcile::{
+        encoding::{self, FilterKey, Rows},
+        filter::Filter,
+    },
 };
-use lb_common::{
-    BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, FlowKey,
-    PROTO_TCP, Reason, Service, ServiceKey, hash::flow_hash,
-};
-pub use netns::Netns;
+use lb_common::{FlowKey, PROTO_TCP, Reason, hash::flow_hash};
+use lb_testbed::{fib::FibNamespace, test_run};
 
-pub const MAGLEV_SIZE: u32 = 251;
 pub const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 16,
     backends: 256,
-    maglev_table_size: MAGLEV_SIZE,
+    maglev_table_size: 251,
     conntrack: 4096,
 };
-pub const SNAT_V4: [u8; 4] = [192, 0, 2, 1];
-pub const SNAT_V6: &str = "2001:db8::1";
+pub const SNAT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
+pub const SNAT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 pub const SNAT_PORTS: (u16, u16) = (61_000, 61_099);
+/// The node's `config` in every lab: both families source-NATed, in a range
+/// of 100 ports (so that tests can exhaust it).
+pub const NODE_CONFIG: NodeConfig = NodeConfig {
+    snat_v4: Some(SNAT_V4),
+    snat_v6: Some(SNAT_V6),
+    snat_ports: SNAT_PORTS,
+};
 
 pub const XDP_ABORTED: u32 = 0;
 pub const XDP_DROP: u32 = 1;
@@ -49,13 +59,30 @@ pub fn flow_key(src: SocketAddr, dst: SocketAddr, proto: u8) -> FlowKey {
     FlowKey::new(src, dst, proto)
 }
 
-/// What [`Lab::service`] created.
+/// A ClusterIP frontend (internalTrafficPolicy Cluster).
+pub const CLUSTER_IP: FrontendSpec = FrontendSpec {
+    kind: FrontendKind::ClusterIp,
+    scope: Scope::Cluster,
+    snat_remote: false,
+};
+
+/// A NodePort with externalTrafficPolicy Cluster: flows to backends on other
+/// nodes are source-NATed.
+pub const NODE_PORT: FrontendSpec = FrontendSpec {
+    kind: FrontendKind::NodePort,
+    scope: Scope::Cluster,
+    snat_remote: true,
+};
+
+/// What [`Lab::service`] created: one Service port with one table.
 #[derive(Clone, Debug)]
 pub struct Svc {
     pub id: u32,
     pub table: u32,
     /// (backend id, address, local), in the order given.
     pub backends: Vec<(u32, SocketAddr, bool)>,
+    frontends: Vec<Frontend>,
+    spec: FrontendSpec,
 }
 
 impl Svc {
@@ -66,12 +93,60 @@ impl Svc {
         frontend: SocketAddr,
         proto: u8,
     ) -> SocketAddr {
-        let entries: Vec<(SocketAddr, u32)> =
-            self.backends.iter().map(|(id, a, _)| (*a, *id)).collect();
-        let table = maglev::build(&entries, MAGLEV_SIZE);
+        let size = SIZES.maglev_table_size;
+        let table = maglev::build(&self.entries(), size);
         let h = flow_hash(&flow_key(client, frontend, proto));
-        let id = table[(h % MAGLEV_SIZE) as usize];
+        let id = table[(h % size) as usize];
         self.backends.iter().find(|b| b.0 == id).unwrap().1
+    }
+
+    fn entries(&self) -> Vec<(SocketAddr, u32)> {
+        self.backends.iter().map(|(id, a, _)| (*a, *id)).collect()
+    }
+
+    /// The port as the model describes it (what the agent encodes from).
+    fn port_spec(&self) -> PortSpec {
+        PortSpec {
+            frontends: self.frontends.iter().map(|f| (*f, self.spec)).collect(),
+            cluster: Table {
+                backends: self
+                    .backends
+                    .iter()
+                    .map(|(_, addr, local)| backend_spec(*addr, *local))
+                    .collect(),
+                terminating_fallback: false,
+            },
+            local: None,
+            draining: BTreeSet::new(),
+            affinity_timeout: None,
+        }
+    }
+
+    fn rows(&self) -> Rows {
+        Rows {
+            cluster: (!self.backends.is_empty()).then_some(self.table),
+            local: None,
+        }
+    }
+}
+
+fn backend_spec(addr: SocketAddr, local: bool) -> BackendSpec {
+    BackendSpec {
+        addr,
+        local,
+        terminating: false,
+    }
+}
+
+fn frontend(addr: SocketAddr, proto: u8) -> Frontend {
+    Frontend {
+        addr: addr.ip(),
+        port: addr.port(),
+        proto: match proto {
+            TCP => Proto::Tcp,
+            UDP => Proto::Udp,
+            _ => panic!("no Service port has protocol {proto}"),
+        },
     }
 }
 
@@ -82,13 +157,15 @@ pub struct Lab {
     pub pod: u32,
     next_service: u32,
     next_backend: u32,
+    /// The `addr_filter` bits, set (and cleared) as the agent sets them.
+    filter: Filter,
     // Last: the namespace goes after the programs and maps that refer to its devices.
-    pub ns: Netns,
+    pub fib: FibNamespace,
 }
 
 impl Lab {
     pub fn new() -> Self {
-        let ns = Netns::enter();
+        let fib = FibNamespace::enter().expect("the one-node namespace");
         let mut dp = Datapath::load(&LoadOptions {
             pin_path: None,
             sizes: SIZES,
@@ -96,18 +173,9 @@ impl Lab {
         })
         .expect("load datapath");
         let mut maps = dp.take_maps().expect("maps");
-        let uplink = ns.ifindex("up0");
-        let pod = ns.ifindex("pod0");
-        let v6: std::net::Ipv6Addr = SNAT_V6.parse().unwrap();
-        maps.set_config(&Config {
-            maglev_size: MAGLEV_SIZE,
-            flags: CFG_F_SNAT_V4 | CFG_F_SNAT_V6,
-            snat_addr_v4: SNAT_V4,
-            snat_port_min: SNAT_PORTS.0,
-            snat_port_max: SNAT_PORTS.1,
-            snat_addr_v6: v6.octets(),
-        })
-        .unwrap();
+        let uplink = lb_testbed::ifindex("up0").unwrap();
+        let pod = lb_testbed::ifindex("pod0").unwrap();
+        maps.set_config(&NODE_CONFIG).unwrap();
         maps.add_tx_port(uplink).unwrap();
         Self {
             dp,
@@ -116,17 +184,21 @@ impl Lab {
             pod,
             next_service: 0,
             next_backend: 1,
-            ns,
+            filter: Filter::default(),
+            fib,
         }
     }
 
-    /// Programs a service port with its own Maglev row: `frontends` all lead to it.
+    /// Programs a Service port with its own Maglev row: `frontends`, all of
+    /// kind `spec`, lead to it. Entries are the agent's encoding of the port
+    /// (see `lb_agent::reconcile::encoding`), written in the agent's order:
+    /// backends, row, frontends.
     pub fn service(
         &mut self,
         frontends: &[SocketAddr],
         proto: u8,
         backends: &[(SocketAddr, bool)],
-        flags: u32,
+        spec: FrontendSpec,
     ) -> Svc {
         let id = self.next_service;
         self.next_service += 1;
@@ -134,6 +206,8 @@ impl Lab {
             id,
             table: id,
             backends: Vec::new(),
+            frontends: frontends.iter().map(|f| frontend(*f, proto)).collect(),
+            spec,
         };
         for (addr, local) in backends {
             let bid = self.next_backend;
@@ -142,124 +216,58 @@ impl Lab {
             svc.backends.push((bid, *addr, *local));
         }
         self.write_table(&svc);
-        for f in frontends {
-            self.frontend(*f, proto, &svc, flags);
-        }
+        self.write_frontends(&svc);
         svc
     }
 
-    /// Sets the `addr_filter` bit of an address, port and protocol in a role (the
-    /// agent does this before writing entries; tests never clear bits, a superset
-    /// is harmless).
-    pub fn filter(&mut self, addr: &[u8; 16], family: u8, port: u16, proto: u8, role: u32) {
-        let bit = lb_common::hash::addr_filter_bit(addr, family, port, proto, role);
-        let word = self.maps.addr_filter.get(&(bit / 64), 0).unwrap() | (1 << (bit % 64));
-        self.maps.set_filter_word(bit / 64, word).unwrap();
+    /// Writes the address entries of the service's ClusterIP addresses, as the
+    /// agent does for every ClusterIP frontend: their other ports are refused.
+    pub fn cluster_address(&mut self, svc: &Svc) {
+        for f in &svc.frontends {
+            let key = encoding::address_key(&encoding::service_key(f));
+            self.filter.add(&mut self.maps, FilterKey::frontend(&key));
+            self.maps
+                .set_service(&key, &encoding::address_value())
+                .unwrap();
+        }
     }
 
-    /// Marks `addr` as a ClusterIP address: its other ports are refused.
-    pub fn cluster_address(&mut self, addr: IpAddr) {
-        let (a, family) = addr16(addr);
-        self.filter(&a, family, 0, 0, lb_common::hash::FILTER_CLUSTER_IP);
-        self.maps
-            .set_service(
-                &ServiceKey {
-                    addr: a,
-                    port: 0,
-                    proto: 0,
-                    family,
-                    _pad: [0; 4],
-                },
-                &Service {
-                    id: u32::MAX,
-                    flags: lb_common::SVC_F_ADDRESS,
-                    ..Service::default()
-                },
-            )
-            .unwrap();
+    fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
+        self.filter.add(&mut self.maps, FilterKey::backend(addr));
+        let value = encoding::backend_value(&backend_spec(addr, local));
+        self.maps.set_backend(id, &value).unwrap();
     }
 
-    pub fn set_backend(&mut self, id: u32, addr: SocketAddr, local: bool) {
-        let flags = BACKEND_F_ACTIVE | if local { BACKEND_F_LOCAL } else { 0 };
-        let b = Backend::new(addr, flags);
-        self.filter(
-            &b.addr,
-            b.family,
-            b.port,
-            0,
-            lb_common::hash::FILTER_BACKEND,
-        );
-        self.maps.set_backend(id, &b).unwrap();
-    }
-
-    pub fn frontend(&mut self, addr: SocketAddr, proto: u8, svc: &Svc, flags: u32) {
-        let (a, family) = addr16(addr.ip());
-        self.filter(
-            &a,
-            family,
-            addr.port(),
-            proto,
-            lb_common::hash::FILTER_FRONTEND,
-        );
-        self.maps
-            .set_service(
-                &ServiceKey {
-                    addr: a,
-                    port: addr.port(),
-                    proto,
-                    family,
-                    _pad: [0; 4],
-                },
-                &Service {
-                    id: svc.id,
-                    table: svc.table,
-                    backend_count: svc.backends.len() as u32,
-                    flags,
-                    ..Service::default()
-                },
-            )
-            .unwrap();
+    fn write_frontends(&mut self, svc: &Svc) {
+        let port = svc.port_spec();
+        for f in &svc.frontends {
+            let key = encoding::service_key(f);
+            self.filter.add(&mut self.maps, FilterKey::frontend(&key));
+            let value = encoding::frontend_value(&port, &svc.spec, svc.id, svc.rows());
+            self.maps.set_service(&key, &value).unwrap();
+        }
     }
 
     /// Rewrites the service's Maglev row from its current backends.
-    pub fn write_table(&mut self, svc: &Svc) {
-        let entries: Vec<(SocketAddr, u32)> =
-            svc.backends.iter().map(|(id, a, _)| (*a, *id)).collect();
-        let table = maglev::build(&entries, MAGLEV_SIZE);
+    fn write_table(&mut self, svc: &Svc) {
+        let table = maglev::build(&svc.entries(), SIZES.maglev_table_size);
         if !table.is_empty() {
             self.maps.maglev.write_row(svc.table, &table).unwrap();
         }
     }
 
     /// Adds a backend to a service (new id, table rewritten, frontends updated).
-    pub fn add_backend(
-        &mut self,
-        svc: &mut Svc,
-        addr: SocketAddr,
-        local: bool,
-        frontends: &[SocketAddr],
-        proto: u8,
-        flags: u32,
-    ) {
+    pub fn add_backend(&mut self, svc: &mut Svc, addr: SocketAddr, local: bool) {
         let bid = self.next_backend;
         self.next_backend += 1;
         self.set_backend(bid, addr, local);
         svc.backends.push((bid, addr, local));
         self.write_table(svc);
-        for f in frontends {
-            self.frontend(*f, proto, svc, flags);
-        }
+        self.write_frontends(svc);
     }
 
     /// Removes a backend the way the agent does: table first, then the slot.
-    pub fn remove_backend(
-        &mut self,
-        svc: &mut Svc,
-        addr: SocketAddr,
-        frontends: &[SocketAddr],
-        proto: u8,
-        flags: u32,
-    ) {
+    pub fn remove_backend(&mut self, svc: &mut Svc, addr: SocketAddr) {
         let i = svc
             .backends
             .iter()
@@ -267,10 +275,9 @@ impl Lab {
             .expect("backend of the service");
         let (bid, _, _) = svc.backends.remove(i);
         self.write_table(svc);
-        for f in frontends {
-            self.frontend(*f, proto, svc, flags);
-        }
+        self.write_frontends(svc);
         self.maps.clear_backend(bid).unwrap();
+        self.filter.remove(&mut self.maps, FilterKey::backend(addr));
     }
 
     /// Runs the XDP program on `frame` arriving on the uplink.
@@ -279,24 +286,8 @@ impl Lab {
     }
 
     pub fn xdp_on(&mut self, ifindex: u32, frame: &[u8]) -> (u32, Vec<u8>) {
-        // struct xdp_md: data, data_end, data_meta, ingress_ifindex, rx_queue_index, egress_ifindex
-        let mut ctx = [0u8; 24];
-        ctx[4..8].copy_from_slice(&(frame.len() as u32).to_ne_bytes());
-        ctx[12..16].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len().max(4096) + 512];
-        let r = self
-            .dp
-            .xdp()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN (xdp)");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value, out)
+        let r = test_run::xdp(self.dp.xdp().unwrap(), frame, ifindex, 1).unwrap();
+        (r.ret, r.frame)
     }
 
     /// Runs the tc program on `frame` arriving from a pod on `pod0`.
@@ -307,23 +298,8 @@ impl Lab {
     /// Runs the tc program on `frame` arriving on `ifindex` (the uplink: what
     /// XDP handed on; a tunnel device: a reply from another node).
     pub fn tc_on(&mut self, ifindex: u32, frame: &[u8]) -> (i32, Vec<u8>) {
-        // struct __sk_buff: ifindex at offset 40; everything else zero.
-        let mut ctx = [0u8; 192];
-        ctx[40..44].copy_from_slice(&ifindex.to_ne_bytes());
-        let mut out = vec![0u8; frame.len().max(4096) + 512];
-        let r = self
-            .dp
-            .tc()
-            .unwrap()
-            .test_run(TestRunOptions {
-                data_in: Some(frame),
-                data_out: Some(&mut out),
-                ctx_in: Some(&ctx),
-                ..TestRunOptions::default()
-            })
-            .expect("BPF_PROG_TEST_RUN (tc)");
-        out.truncate(r.data_size_out as usize);
-        (r.return_value as i32, out)
+        let r = test_run::tc(self.dp.tc().unwrap(), frame, ifindex).unwrap();
+        (r.ret, r.frame)
     }
 
     pub fn reason(&self, reason: Reason) -> u64 {

@@ -8,10 +8,10 @@ use std::{
 
 use k8s_openapi::api::core::v1::Service;
 
+use super::SourceEvent;
 use crate::{
     cluster::{NodeInfo, ObjectKey, Problem},
     model::{ServiceModel, Slice, service_model},
-    source::SourceEvent,
 };
 
 /// Services whose model may have changed.

@@ -1,13 +1,15 @@
-//! Test packets: built with etherparse, and decoded by it (an independent parser)
-//! with every checksum recomputed and compared.
+//! Test frames: built with etherparse, and read back by it (a parser
+//! independent of lb's) with every checksum recomputed and compared. The
+//! datapath tests and the benchmark build and check their frames here.
 
 use std::net::{IpAddr, SocketAddr};
 
+use anyhow::{Context as _, Result, bail, ensure};
 use etherparse::{
     Ipv4Header, Ipv6Header, NetHeaders, PacketBuilder, PacketHeaders, TransportHeader,
 };
 
-use super::netns::{ROUTER_MAC, UPLINK_MAC};
+use crate::fib::{ROUTER_MAC, UPLINK_MAC};
 
 pub const SYN: u8 = 0x02;
 pub const ACK: u8 = 0x10;
@@ -15,7 +17,8 @@ pub const RST: u8 = 0x04;
 pub const FIN: u8 = 0x01;
 pub const PSH: u8 = 0x08;
 
-/// Ethernet addresses of a frame arriving on the uplink from the router.
+/// Ethernet addresses (source, destination) of a frame arriving on the
+/// [`crate::fib`] uplink from the router.
 pub const FROM_ROUTER: ([u8; 6], [u8; 6]) = (ROUTER_MAC, UPLINK_MAC);
 
 fn builder(
@@ -31,7 +34,8 @@ fn builder(
     }
 }
 
-/// A TCP segment with the given flags.
+/// A TCP segment with the given flags (IPv4 with Don't Fragment, TTL and hop
+/// limit 64, window 64240).
 pub fn tcp(
     macs: ([u8; 6], [u8; 6]),
     src: SocketAddr,
@@ -62,6 +66,7 @@ pub fn tcp(
     out
 }
 
+/// A SYN from the router (a client outside the node).
 pub fn syn(src: SocketAddr, dst: SocketAddr) -> Vec<u8> {
     tcp(FROM_ROUTER, src, dst, SYN, 1000, 0, &[])
 }
@@ -71,6 +76,16 @@ pub fn udp(macs: ([u8; 6], [u8; 6]), src: SocketAddr, dst: SocketAddr, payload: 
     let mut out = Vec::new();
     b.write(&mut out, payload).expect("build udp");
     out
+}
+
+/// `frame` padded with zeros to at least `len` bytes, as a short Ethernet
+/// frame is (the padding follows the IP datagram, whose length says where it
+/// ends).
+pub fn padded(mut frame: Vec<u8>, len: usize) -> Vec<u8> {
+    if frame.len() < len {
+        frame.resize(len, 0);
+    }
+    frame
 }
 
 /// What the independent parser read from a frame.
@@ -132,9 +147,15 @@ impl Decoded {
             _ => panic!("no ports in {self:?}"),
         }
     }
+
+    /// The 4-tuple of a TCP or UDP frame; None for any other.
+    pub fn ports(&self) -> Option<(SocketAddr, SocketAddr)> {
+        matches!(self.l4, L4::Tcp { .. } | L4::Udp { .. })
+            .then(|| (self.src_addr(), self.dst_addr()))
+    }
 }
 
-/// Prints a frame the way etherparse reads it (for logs and the closing note).
+/// Prints a frame the way etherparse reads it (for logs and messages).
 pub fn describe(frame: &[u8]) -> String {
     match PacketHeaders::from_ethernet_slice(frame) {
         Ok(h) => format!(
@@ -148,47 +169,49 @@ pub fn describe(frame: &[u8]) -> String {
     }
 }
 
-/// Decodes a frame and checks every checksum in it; panics with the reason if one
-/// is wrong or the frame does not parse.
+/// Decodes a frame and checks every checksum in it; panics with the reason if
+/// one is wrong or the frame does not parse (see [`check`]).
 pub fn decode(frame: &[u8]) -> Decoded {
+    check(frame).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// Decodes a frame and checks every checksum in it: an error says which is
+/// wrong, or why the frame does not parse.
+pub fn check(frame: &[u8]) -> Result<Decoded> {
     let h = PacketHeaders::from_ethernet_slice(frame)
-        .unwrap_or_else(|e| panic!("output does not parse: {e}: {frame:02x?}"));
+        .map_err(|e| anyhow::anyhow!("output does not parse: {e}: {frame:02x?}"))?;
     let Some(etherparse::LinkHeader::Ethernet2(eth)) = &h.link else {
-        panic!("no Ethernet header")
+        bail!("no Ethernet header")
     };
     let payload = h.payload.slice().to_vec();
-    let (src, dst, ttl, pseudo_src, pseudo_dst) = match &h.net {
+    let (src, dst, ttl) = match &h.net {
         Some(NetHeaders::Ipv4(ip, _)) => {
-            assert_eq!(
-                ip.header_checksum,
-                ip.calc_header_checksum(),
+            ensure!(
+                ip.header_checksum == ip.calc_header_checksum(),
                 "IPv4 header checksum wrong in {ip:?}"
             );
             (
                 IpAddr::from(ip.source),
                 IpAddr::from(ip.destination),
                 ip.time_to_live,
-                ip.source.to_vec(),
-                ip.destination.to_vec(),
             )
         }
         Some(NetHeaders::Ipv6(ip, _)) => (
             IpAddr::from(ip.source),
             IpAddr::from(ip.destination),
             ip.hop_limit,
-            ip.source.to_vec(),
-            ip.destination.to_vec(),
         ),
-        other => panic!("not IP: {other:?}"),
+        other => bail!("not IP: {other:?}"),
     };
     let l4 = match &h.transport {
         Some(TransportHeader::Tcp(tcp)) => {
             let want = match &h.net {
-                Some(NetHeaders::Ipv4(ip, _)) => tcp.calc_checksum_ipv4(ip, &payload).unwrap(),
-                Some(NetHeaders::Ipv6(ip, _)) => tcp.calc_checksum_ipv6(ip, &payload).unwrap(),
-                _ => unreachable!(),
-            };
-            assert_eq!(tcp.checksum, want, "TCP checksum wrong in {tcp:?}");
+                Some(NetHeaders::Ipv4(ip, _)) => tcp.calc_checksum_ipv4(ip, &payload),
+                Some(NetHeaders::Ipv6(ip, _)) => tcp.calc_checksum_ipv6(ip, &payload),
+                _ => unreachable!("TCP over IP"),
+            }
+            .context("TCP checksum")?;
+            ensure!(tcp.checksum == want, "TCP checksum wrong in {tcp:?}");
             let mut flags = 0;
             for (set, bit) in [
                 (tcp.syn, SYN),
@@ -210,13 +233,16 @@ pub fn decode(frame: &[u8]) -> Decoded {
             }
         }
         Some(TransportHeader::Udp(udp)) => {
-            let want = match &h.net {
-                Some(NetHeaders::Ipv4(ip, _)) => udp.calc_checksum_ipv4(ip, &payload).unwrap(),
-                Some(NetHeaders::Ipv6(ip, _)) => udp.calc_checksum_ipv6(ip, &payload).unwrap(),
-                _ => unreachable!(),
-            };
-            if !(udp.checksum == 0 && matches!(h.net, Some(NetHeaders::Ipv4(..)))) {
-                assert_eq!(udp.checksum, want, "UDP checksum wrong in {udp:?}");
+            let v4 = matches!(h.net, Some(NetHeaders::Ipv4(..)));
+            // IPv4 UDP may go without a checksum (0); IPv6 UDP may not.
+            if !(v4 && udp.checksum == 0) {
+                let want = match &h.net {
+                    Some(NetHeaders::Ipv4(ip, _)) => udp.calc_checksum_ipv4(ip, &payload),
+                    Some(NetHeaders::Ipv6(ip, _)) => udp.calc_checksum_ipv6(ip, &payload),
+                    _ => unreachable!("UDP over IP"),
+                }
+                .context("UDP checksum")?;
+                ensure!(udp.checksum == want, "UDP checksum wrong in {udp:?}");
             }
             L4::Udp {
                 src: udp.source_port,
@@ -224,9 +250,8 @@ pub fn decode(frame: &[u8]) -> Decoded {
             }
         }
         Some(TransportHeader::Icmpv4(icmp)) => {
-            assert_eq!(
-                icmp.checksum,
-                icmp.icmp_type.calc_checksum(&payload),
+            ensure!(
+                icmp.checksum == icmp.icmp_type.calc_checksum(&payload),
                 "ICMPv4 checksum wrong in {icmp:?}"
             );
             let b = icmp.to_bytes();
@@ -234,25 +259,24 @@ pub fn decode(frame: &[u8]) -> Decoded {
                 kind: b[0],
                 code: b[1],
                 rest: [b[4], b[5], b[6], b[7]],
-                quoted: quoted(&payload, true),
+                quoted: quoted(&payload, true)?,
             }
         }
         Some(TransportHeader::Icmpv6(icmp)) => {
+            let (IpAddr::V6(s), IpAddr::V6(d)) = (src, dst) else {
+                bail!("ICMPv6 over IPv4")
+            };
             let want = icmp
                 .icmp_type
-                .calc_checksum(
-                    pseudo_src.clone().try_into().unwrap(),
-                    pseudo_dst.clone().try_into().unwrap(),
-                    &payload,
-                )
-                .unwrap();
-            assert_eq!(icmp.checksum, want, "ICMPv6 checksum wrong in {icmp:?}");
+                .calc_checksum(s.octets(), d.octets(), &payload)
+                .context("ICMPv6 checksum")?;
+            ensure!(icmp.checksum == want, "ICMPv6 checksum wrong in {icmp:?}");
             let b = icmp.to_bytes();
             L4::IcmpError {
                 kind: b[0],
                 code: b[1],
                 rest: [b[4], b[5], b[6], b[7]],
-                quoted: quoted(&payload, false),
+                quoted: quoted(&payload, false)?,
             }
         }
         _ => L4::Other(match &h.net {
@@ -261,7 +285,7 @@ pub fn decode(frame: &[u8]) -> Decoded {
             _ => 0,
         }),
     };
-    Decoded {
+    Ok(Decoded {
         eth_src: eth.source,
         eth_dst: eth.destination,
         src,
@@ -269,14 +293,14 @@ pub fn decode(frame: &[u8]) -> Decoded {
         ttl,
         l4,
         payload,
-    }
+    })
 }
 
 /// Reads the packet an ICMP error quotes: its IP header and the first 4 bytes
 /// (ports) of its L4 header.
-fn quoted(bytes: &[u8], v4: bool) -> Quoted {
+fn quoted(bytes: &[u8], v4: bool) -> Result<Quoted> {
     let (src, dst, proto, ip_len, ok) = if v4 {
-        let (ip, _) = Ipv4Header::from_slice(bytes).expect("quoted IPv4 header");
+        let (ip, _) = Ipv4Header::from_slice(bytes).context("quoted IPv4 header")?;
         let ok = ip.header_checksum == ip.calc_header_checksum();
         (
             IpAddr::from(ip.source),
@@ -286,7 +310,7 @@ fn quoted(bytes: &[u8], v4: bool) -> Quoted {
             ok,
         )
     } else {
-        let (ip, _) = Ipv6Header::from_slice(bytes).expect("quoted IPv6 header");
+        let (ip, _) = Ipv6Header::from_slice(bytes).context("quoted IPv6 header")?;
         (
             IpAddr::from(ip.source),
             IpAddr::from(ip.destination),
@@ -295,11 +319,39 @@ fn quoted(bytes: &[u8], v4: bool) -> Quoted {
             true,
         )
     };
-    let p = &bytes[ip_len..ip_len + 4];
-    Quoted {
+    let p = bytes
+        .get(ip_len..ip_len + 4)
+        .context("the quoted packet has no ports")?;
+    Ok(Quoted {
         src: SocketAddr::new(src, u16::from_be_bytes([p[0], p[1]])),
         dst: SocketAddr::new(dst, u16::from_be_bytes([p[2], p[3]])),
         proto: proto.0,
         ip_checksum_ok: ok,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn built_frames_read_back_and_a_wrong_checksum_is_found() {
+        for (s, d) in [
+            ("198.51.100.7:40000", "10.96.0.10:80"),
+            ("[2001:db8:100::7]:40000", "[fd00:96::10]:80"),
+        ] {
+            let (s, d): (SocketAddr, SocketAddr) = (s.parse().unwrap(), d.parse().unwrap());
+            let f = padded(tcp(FROM_ROUTER, s, d, SYN | ACK, 7, 9, &[]), 80);
+            let dec = check(&f).unwrap();
+            assert_eq!(dec.ports(), Some((s, d)));
+            assert!(matches!(dec.l4, L4::Tcp { flags, seq: 7, ack: 9, .. } if flags == SYN | ACK));
+            let f = udp(FROM_ROUTER, s, d, b"x");
+            assert_eq!(check(&f).unwrap().ports(), Some((s, d)));
+            // A payload byte changed after the checksum was computed.
+            let mut bad = tcp(FROM_ROUTER, s, d, ACK, 1, 2, b"data");
+            *bad.last_mut().unwrap() ^= 0xff;
+            let e = check(&bad).unwrap_err().to_string();
+            assert!(e.contains("TCP checksum wrong"), "{e}");
+        }
     }
 }
