@@ -183,6 +183,7 @@ impl Lab {
             snat_v4: Some([192, 0, 2, 1].into()),
             snat_v6: Some("2001:db8::1".parse()?),
             snat_ports: (lb_common::SNAT_PORT_MIN, lb_common::SNAT_PORT_MAX),
+            cluster_cidrs: false,
         })?;
         maps.add_tx_port(uplink)?;
         let mut bench = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;

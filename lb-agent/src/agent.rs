@@ -60,6 +60,9 @@ pub struct Settings {
     pub socket_lb: bool,
     /// Where the cgroup v2 hierarchy is mounted (or its hybrid-layout parent).
     pub cgroup_path: PathBuf,
+    /// The cluster's pod CIDRs (`--cluster-cidr`): which clients are inside
+    /// the cluster.
+    pub cluster_cidrs: Vec<crate::bpf::maps::Cidr>,
 }
 
 /// The uplinks named with --iface.
@@ -114,6 +117,7 @@ fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> NodeConfig {
             IpAddr::V4(_) => None,
         }),
         snat_ports: settings.snat_ports,
+        cluster_cidrs: !settings.cluster_cidrs.is_empty(),
     }
 }
 
@@ -314,6 +318,8 @@ pub async fn run(settings: Settings) -> Result<()> {
     {
         let mut r = engine.reconciler();
         let pinned = r.maps().config.get(&0, 0).context("reading config")?;
+        // The CIDRs before the flag that makes the datapath read them.
+        r.maps_mut().set_cluster_cidrs(&settings.cluster_cidrs)?;
         if facts.may_write_config(&pinned) {
             r.maps_mut()
                 .set_config(&node_config(&settings, &node_ips))?;

@@ -100,6 +100,10 @@ pub enum ProblemKind {
     DuplicateFrontend,
     /// More services or backends than the maps hold.
     Capacity,
+    /// A loadBalancerSourceRanges entry that is no CIDR: it allows nobody
+    /// (the Service's other ranges still do), so a typo never opens a
+    /// Service to everyone.
+    BadSourceRange,
 }
 
 impl ProblemKind {
@@ -114,6 +118,7 @@ impl ProblemKind {
             Self::UnsupportedProtocol => "unsupported_protocol",
             Self::DuplicateFrontend => "duplicate_frontend",
             Self::Capacity => "capacity",
+            Self::BadSourceRange => "bad_source_range",
         }
     }
 }

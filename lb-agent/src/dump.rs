@@ -6,8 +6,8 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 use anyhow::{Context as _, Result};
 use lb_common::{
     BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
-    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL,
-    SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK, iface, socket_addr,
+    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_SNAT_REMOTE, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, iface, socket_addr,
 };
 use serde::Serialize;
 
@@ -71,6 +71,12 @@ pub struct ServiceDump {
     pub name: String,
     pub frontends: Vec<FrontendDump>,
     pub counters: CountersDump,
+    /// sessionAffinity ClientIP: its timeout in seconds, and the clients
+    /// remembered now.
+    pub affinity_timeout: Option<u32>,
+    pub affinity_clients: usize,
+    /// loadBalancerSourceRanges written for its LoadBalancer IPs.
+    pub source_ranges: Vec<String>,
 }
 
 #[derive(Serialize)]
@@ -80,6 +86,9 @@ pub struct FrontendDump {
     pub table: u32,
     pub backends: u32,
     pub flags: Vec<&'static str>,
+    /// A Local external frontend: the row and backends of clients inside
+    /// the cluster.
+    pub in_cluster: Option<(u32, u32)>,
 }
 
 #[derive(Serialize)]
@@ -177,6 +186,7 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
     interfaces.sort_by_key(|i| (i.role, i.ifindex));
 
     let mut by_id: BTreeMap<u32, Vec<FrontendDump>> = BTreeMap::new();
+    let mut affinity_timeouts: BTreeMap<u32, u32> = BTreeMap::new();
     let mut rows = BTreeMap::new();
     let mut cluster_ips = Vec::new();
     for entry in maps.services.iter() {
@@ -194,6 +204,8 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
             (SVC_F_SNAT_REMOTE, "snat-remote"),
             (SVC_F_EXTERNAL, "external"),
             (SVC_F_AFFINITY, "affinity"),
+            (SVC_F_SOURCE_RANGES, "source-ranges"),
+            (SVC_F_LOCAL, "local"),
             (SVC_F_TERMINATING_FALLBACK, "terminating-fallback"),
         ] {
             if v.flags & bit != 0 {
@@ -203,13 +215,32 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         if v.backend_count > 0 {
             rows.insert(v.table, ());
         }
+        let in_cluster = (v.flags & SVC_F_LOCAL != 0 && v.flags & SVC_F_EXTERNAL != 0)
+            .then_some((v.cluster_table, v.cluster_backend_count));
+        if let Some((row, n)) = in_cluster
+            && n > 0
+        {
+            rows.insert(row, ());
+        }
+        if v.flags & SVC_F_AFFINITY != 0 {
+            affinity_timeouts.insert(v.id, v.affinity_timeout);
+        }
         by_id.entry(v.id).or_default().push(FrontendDump {
             address: addr(&k.addr, k.family, k.port),
             protocol: proto(k.proto),
             table: v.table,
             backends: v.backend_count,
             flags,
+            in_cluster,
         });
+    }
+    let mut ranges: BTreeMap<u32, Vec<String>> = BTreeMap::new();
+    for (id, (a, len)) in maps.source_ranges()? {
+        ranges.entry(id).or_default().push(format!("{a}/{len}"));
+    }
+    let mut affinity_clients: BTreeMap<u32, usize> = BTreeMap::new();
+    for k in maps.affinity.keys().flatten() {
+        *affinity_clients.entry(k.service).or_default() += 1;
     }
     let mut services = Vec::new();
     for (id, mut frontends) in by_id {
@@ -224,6 +255,9 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
             name,
             frontends,
             counters: counters(maps.service_counters(id).unwrap_or_default()),
+            affinity_timeout: affinity_timeouts.get(&id).copied(),
+            affinity_clients: affinity_clients.get(&id).copied().unwrap_or(0),
+            source_ranges: ranges.remove(&id).unwrap_or_default(),
         });
     }
     let mut backends = Vec::new();
@@ -365,17 +399,37 @@ pub fn render(d: &Dump) -> String {
             "  [{}] {}  packets {} bytes {}",
             s.id, s.name, s.counters.packets, s.counters.bytes
         );
+        if let Some(t) = s.affinity_timeout {
+            let _ = writeln!(
+                o,
+                "      sessionAffinity ClientIP, timeout {t} s, {} clients remembered",
+                s.affinity_clients
+            );
+        }
+        if !s.source_ranges.is_empty() {
+            let _ = writeln!(
+                o,
+                "      loadBalancerSourceRanges: {}",
+                s.source_ranges.join(" ")
+            );
+        }
         for f in &s.frontends {
             let _ = writeln!(
                 o,
-                "      {} {:<3} -> table {} ({} backends){}{}",
+                "      {} {:<3} -> table {} ({} backends){}{}{}",
                 f.address,
                 f.protocol,
                 f.table,
                 f.backends,
                 if f.flags.is_empty() { "" } else { " " },
-                f.flags.join(",")
+                f.flags.join(","),
+                f.in_cluster
+                    .map(|(t, n)| format!("; clients inside the cluster: table {t} ({n} backends)"))
+                    .unwrap_or_default()
             );
+            if f.flags.contains(&"source-ranges") && s.source_ranges.is_empty() {
+                let _ = writeln!(o, "        (no source range: nobody is admitted)");
+            }
         }
     }
     let _ = writeln!(

@@ -12,7 +12,7 @@ use lb_agent::{
     bpf::{Sizes, pins},
     dump,
     interfaces::UplinkHook,
-    snat_ports,
+    model, snat_ports,
 };
 use lb_common::capacity;
 
@@ -153,6 +153,14 @@ struct RunArgs {
     /// `unified` directory below this path is used).
     #[arg(long, default_value = "/sys/fs/cgroup")]
     cgroup_path: PathBuf,
+    /// The cluster's pod CIDRs, IPv4 and IPv6; repeat or comma-separate (as
+    /// kube-proxy's --cluster-cidr). Clients in them are inside the cluster:
+    /// with externalTrafficPolicy Local they still reach every endpoint, and
+    /// clients outside them reaching a ClusterIP are source-NATed to a backend
+    /// on another node, as kube-proxy's masquerade rule does. Without it,
+    /// neither is done.
+    #[arg(long, value_delimiter = ',', value_name = "CIDR")]
+    cluster_cidr: Vec<String>,
 }
 
 /// `--snat-ports`, or the default range for this node's ephemeral ports (see
@@ -214,6 +222,17 @@ fn settings(a: RunArgs) -> Result<Settings> {
         datapath_log: a.datapath_log,
         socket_lb: a.socket_lb,
         cgroup_path: a.cgroup_path,
+        cluster_cidrs: a
+            .cluster_cidr
+            .iter()
+            .map(|c| {
+                model::Prefix::parse(c)
+                    .map(|p| (p.addr, p.len))
+                    .with_context(|| {
+                        format!("--cluster-cidr {c:?} is no CIDR (e.g. 10.244.0.0/16)")
+                    })
+            })
+            .collect::<Result<_>>()?,
     })
 }
 

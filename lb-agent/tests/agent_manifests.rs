@@ -648,7 +648,7 @@ fn help_explains_every_flag_with_its_default() {
     // (taken from the constants the agent uses where they are shared), the doc
     // comment's for a default worked out at run time, none for a flag without one.
     let d = |s: &str| Some(s.to_string());
-    let expected: [(&str, Option<String>); 22] = [
+    let expected: [(&str, Option<String>); 23] = [
         (
             "--kubeconfig",
             d("in-cluster config, then $KUBECONFIG or ~/.kube/config"),
@@ -686,6 +686,7 @@ fn help_explains_every_flag_with_its_default() {
         ),
         ("--socket-lb", d("true")),
         ("--cgroup-path", d("/sys/fs/cgroup")),
+        ("--cluster-cidr", None),
         ("--help", None),
     ];
     // The options section: a line per flag ("  -h, --help", "      --flag <VALUE>"),

@@ -206,3 +206,128 @@ fn the_engine_waits_for_a_listing_finishes_adoption_once_and_then_syncs_changes(
     engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 2))));
     assert!(!engine.is_due());
 }
+
+/// A LoadBalancer Service `fw` (ClusterIP 10.96.2.1, ingress 203.0.113.1)
+/// with these loadBalancerSourceRanges (none: the field left out) and
+/// sessionAffinity ClientIP.
+fn firewalled(ranges: Option<&[&str]>) -> Service {
+    let ranges = ranges
+        .map(|r| format!("loadBalancerSourceRanges: [{}]\n  ", r.join(", ")))
+        .unwrap_or_default();
+    serde_yaml_ng::from_str(&format!(
+        "metadata: {{name: fw, namespace: t}}\n\
+         spec:\n  type: LoadBalancer\n  clusterIP: 10.96.2.1\n  sessionAffinity: ClientIP\n  \
+         {ranges}ports: [{{port: 80, targetPort: 8080, nodePort: 30200}}]\n\
+         status: {{loadBalancer: {{ingress: [{{ip: 203.0.113.1}}]}}}}"
+    ))
+    .unwrap()
+}
+
+fn fw_slice(endpoints: &[&str]) -> Slice {
+    let eps: Vec<String> = endpoints
+        .iter()
+        .map(|e| format!("{{addresses: [\"{e}\"]}}"))
+        .collect();
+    let slice: EndpointSlice = serde_yaml_ng::from_str(&format!(
+        "metadata: {{name: fw-x, namespace: t, labels: {{kubernetes.io/service-name: fw}}}}\n\
+         addressType: IPv4\nports: [{{port: 8080}}]\nendpoints: [{}]",
+        eps.join(", ")
+    ))
+    .unwrap();
+    Slice::from(&slice)
+}
+
+/// The reconciler keeps `src_ranges4` equal to each port's ranges (written
+/// before the frontend that names them, removed after), sweeps an earlier
+/// agent's leftovers at adoption, and removes the affinity entries of a
+/// backend that leaves its port.
+#[test]
+fn source_ranges_and_affinities_follow_their_ports() {
+    let _fib = FibNamespace::enter().unwrap();
+    // An earlier agent's range, under an id nobody will own.
+    let (_dp, mut engine) = engine(support::SIZES, |maps| {
+        maps.add_source_range(15, ("192.0.2.0".parse().unwrap(), 24))
+            .unwrap();
+    });
+    let ranges = |engine: &Engine| -> Vec<String> {
+        let mut r: Vec<String> = engine
+            .reconciler()
+            .maps()
+            .source_ranges()
+            .unwrap()
+            .into_iter()
+            .map(|(id, (a, l))| format!("{id} {a}/{l}"))
+            .collect();
+        r.sort();
+        r
+    };
+    engine.take(SourceEvent::Resync {
+        services: vec![firewalled(Some(&["198.51.100.0/24", "10.1.2.3/8"]))],
+        slices: vec![fw_slice(&["10.244.9.1", "10.244.9.2"])],
+        problems: Vec::new(),
+    });
+    engine.sync().expect("the listing");
+    let id = engine
+        .reconciler()
+        .service_ids()
+        .next()
+        .map(|(_, id)| id)
+        .unwrap();
+    assert_eq!(
+        ranges(&engine),
+        [format!("{id} 10.0.0.0/8"), format!("{id} 198.51.100.0/24")],
+        "the leftover of id 15 is swept"
+    );
+
+    engine.take(SourceEvent::ServiceApplied(Box::new(firewalled(Some(&[
+        "198.51.100.0/25",
+    ])))));
+    engine.sync().expect("a changed Service");
+    assert_eq!(ranges(&engine), [format!("{id} 198.51.100.0/25")]);
+    engine.take(SourceEvent::ServiceApplied(Box::new(firewalled(None))));
+    engine.sync().expect("a changed Service");
+    assert!(ranges(&engine).is_empty());
+
+    // Two clients with an affinity, one to each backend; the second backend
+    // leaves: its client's entry goes, the other stays.
+    let affine = |engine: &Engine, client: [u8; 4], backend: [u8; 4]| {
+        let mut key = lb_common::AffinityKey {
+            service: id,
+            family: lb_common::FAMILY_V4,
+            ..Default::default()
+        };
+        key.client[..4].copy_from_slice(&client);
+        let mut value = lb_common::Affinity {
+            port: 8080,
+            last_ns: 1,
+            ..Default::default()
+        };
+        value.addr[..4].copy_from_slice(&backend);
+        engine
+            .reconciler()
+            .maps_mut()
+            .affinity
+            .insert(key, value, 0)
+            .unwrap();
+    };
+    affine(&engine, [198, 51, 100, 1], [10, 244, 9, 1]);
+    affine(&engine, [198, 51, 100, 2], [10, 244, 9, 2]);
+    engine.take(SourceEvent::SliceApplied(Box::new(fw_slice(&[
+        "10.244.9.1",
+    ]))));
+    engine.sync().expect("a changed slice");
+    let clients: Vec<[u8; 4]> = engine
+        .reconciler()
+        .maps()
+        .affinity
+        .keys()
+        .map(|k| k.unwrap().client[..4].try_into().unwrap())
+        .collect();
+    assert_eq!(clients, [[198, 51, 100, 1]]);
+    // The Service gone: all of its affinities go.
+    engine.take(SourceEvent::ServiceDeleted(
+        lb_agent::cluster::ObjectKey::new("t", "fw"),
+    ));
+    engine.sync().expect("a deleted Service");
+    assert_eq!(engine.reconciler().maps().affinity.keys().count(), 0);
+}

@@ -46,8 +46,13 @@ pub mod map_names {
     pub const INTERFACES: &str = "interfaces";
     pub const SOCK_ORIGINS: &str = "sock_origins";
     pub const SOCK_STATS: &str = "sock_stats";
+    pub const AFFINITY: &str = "affinity";
+    pub const SRC_RANGES4: &str = "src_ranges4";
+    pub const SRC_RANGES6: &str = "src_ranges6";
+    pub const CLUSTER_CIDRS4: &str = "cluster_cidrs4";
+    pub const CLUSTER_CIDRS6: &str = "cluster_cidrs6";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 19] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -62,6 +67,11 @@ pub mod map_names {
         INTERFACES,
         SOCK_ORIGINS,
         SOCK_STATS,
+        AFFINITY,
+        SRC_RANGES4,
+        SRC_RANGES6,
+        CLUSTER_CIDRS4,
+        CLUSTER_CIDRS6,
     ];
 }
 
@@ -88,6 +98,13 @@ pub mod capacity {
     /// (`sock_origins`, an LRU: one entry per connected socket or per
     /// unconnected UDP socket and backend, about 100 bytes each).
     pub const SOCK_ORIGINS: u32 = 65_536;
+    /// Clients of Service ports with sessionAffinity ClientIP (`affinity`,
+    /// an LRU: about 100 bytes each).
+    pub const AFFINITY: u32 = 65_536;
+    /// loadBalancerSourceRanges prefixes, per family, over all Service ports.
+    pub const SOURCE_RANGES: u32 = 16_384;
+    /// Cluster (pod) CIDRs, per family.
+    pub const CLUSTER_CIDRS: u32 = 1_024;
 }
 
 /// Key of `services`: one frontend of a Service port.
@@ -120,15 +137,23 @@ pub const SVC_F_SNAT_REMOTE: u32 = 1 << 0;
 /// The frontend is reached from outside the cluster (NodePort, LoadBalancer ingress
 /// IP, externalIP): the scope where externalTrafficPolicy and source ranges apply.
 pub const SVC_F_EXTERNAL: u32 = 1 << 1;
-/// Reserved for sessionAffinity ClientIP (`affinity_timeout` seconds).
+/// sessionAffinity ClientIP: a client's new flows go where its last one went
+/// (`affinity` map), for `affinity_timeout` seconds after it.
 pub const SVC_F_AFFINITY: u32 = 1 << 2;
-/// Reserved for loadBalancerSourceRanges (prefixes looked up by `id`).
+/// loadBalancerSourceRanges: only clients in the Service port's prefixes
+/// (`src_ranges4` / `src_ranges6`, by `id`) get new flows; others are dropped.
 pub const SVC_F_SOURCE_RANGES: u32 = 1 << 3;
 /// The table holds terminating (serving) endpoints only: none was ready.
 pub const SVC_F_TERMINATING_FALLBACK: u32 = 1 << 4;
 /// An address-level entry (port 0, protocol 0): the address is a ClusterIP, so
 /// packets to it on a port that is no Service port are refused, as kube-proxy does.
 pub const SVC_F_ADDRESS: u32 = 1 << 5;
+/// A Local traffic policy applies: `table` holds this node's endpoints only,
+/// and without any a new flow is dropped (as kube-proxy drops it), not
+/// refused. For an external frontend (externalTrafficPolicy Local), clients
+/// inside the cluster (sources in the cluster CIDRs, the node's own sockets)
+/// use `cluster_table` instead, as kube-proxy sends them cluster-wide.
+pub const SVC_F_LOCAL: u32 = 1 << 6;
 
 /// Value of `services`.
 #[repr(C)]
@@ -147,6 +172,10 @@ pub struct Service {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
     pub affinity_timeout: u32,
+    /// With `SVC_F_LOCAL` on an external frontend: the row (and its usable
+    /// backends) over every endpoint, for clients inside the cluster.
+    pub cluster_table: u32,
+    pub cluster_backend_count: u32,
     pub _reserved: u32,
 }
 
@@ -372,6 +401,55 @@ pub mod iface {
     }
 }
 
+/// Key of `affinity`: a client of a Service port with sessionAffinity
+/// ClientIP.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct AffinityKey {
+    /// Client address (network order; IPv4 in the first 4 bytes).
+    pub client: [u8; 16],
+    /// Service-port id.
+    pub service: u32,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Value of `affinity`: where the client's last new flow went, and when.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Affinity {
+    /// The backend's address and port: the id is used only while its slot
+    /// still holds them (ids are reused, later, for other endpoints).
+    pub addr: [u8; 16],
+    /// `bpf_ktime_get_coarse_ns` of the client's last new flow (kube-proxy
+    /// counts the timeout from each new connection, not from each packet).
+    pub last_ns: u64,
+    /// Backend id.
+    pub backend: u32,
+    pub port: u16,
+    pub _pad: [u8; 2],
+}
+
+/// Data of a `src_ranges4` key (after the LPM prefix length): a Service
+/// port's id, big-endian so that the whole id is matched before the
+/// address, and an IPv4 prefix. An entry of prefix length 32 + n allows the
+/// clients in that /n.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange4 {
+    pub service: [u8; 4],
+    pub addr: [u8; 4],
+}
+
+/// Data of a `src_ranges6` key: as [`SourceRange4`], for IPv6.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SourceRange6 {
+    pub service: [u8; 4],
+    pub addr: [u8; 16],
+}
+
 /// Per-service, per-backend and per-reason counters (per-CPU maps: sum over CPUs).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -384,6 +462,12 @@ pub struct Counters {
 pub const CFG_F_SNAT_V4: u32 = 1 << 0;
 /// `config` flag: `snat_addr_v6` holds this node's IPv6 address for source NAT.
 pub const CFG_F_SNAT_V6: u32 = 1 << 1;
+/// `config` flag: `cluster_cidrs4` / `cluster_cidrs6` hold the cluster's pod
+/// CIDRs, so the datapath can tell clients inside the cluster from outside
+/// ones (kube-proxy's detect-local by cluster CIDR). Without it, no client
+/// counts as inside (no short cut for externalTrafficPolicy Local) and none
+/// as outside (no masquerade to ClusterIPs).
+pub const CFG_F_CLUSTER_CIDRS: u32 = 1 << 2;
 
 /// The single entry (index 0) of `config`: node facts the datapath needs.
 #[repr(C, align(8))]
@@ -493,6 +577,10 @@ mod pod {
     unsafe impl aya::Pod for super::ServiceName {}
     unsafe impl aya::Pod for super::Interface {}
     unsafe impl aya::Pod for super::SockOrigin {}
+    unsafe impl aya::Pod for super::AffinityKey {}
+    unsafe impl aya::Pod for super::Affinity {}
+    unsafe impl aya::Pod for super::SourceRange4 {}
+    unsafe impl aya::Pod for super::SourceRange6 {}
 }
 
 #[cfg(test)]
@@ -504,7 +592,7 @@ mod tests {
     #[test]
     fn layouts_have_no_implicit_padding() {
         assert_eq!(size_of::<ServiceKey>(), 16 + 2 + 1 + 1 + 4);
-        assert_eq!(size_of::<Service>(), 6 * 4);
+        assert_eq!(size_of::<Service>(), 8 * 4);
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
         assert_eq!(size_of::<CtEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8);
@@ -512,6 +600,10 @@ mod tests {
         assert_eq!(size_of::<Config>(), 4 + 4 + 4 + 2 + 2 + 16);
         assert_eq!(size_of::<Interface>(), 16 + 4 * 4);
         assert_eq!(size_of::<SockOrigin>(), 8 + 16 + 2 + 1 + 5);
+        assert_eq!(size_of::<AffinityKey>(), 16 + 4 + 1 + 3);
+        assert_eq!(size_of::<Affinity>(), 16 + 8 + 4 + 2 + 2);
+        assert_eq!(size_of::<SourceRange4>(), 8);
+        assert_eq!(size_of::<SourceRange6>(), 20);
     }
 
     #[test]

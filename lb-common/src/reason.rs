@@ -51,11 +51,19 @@ pub enum Reason {
     /// MTU), and not to be fragmented: answered with ICMP fragmentation needed /
     /// ICMPv6 packet too big from the address the client sent to.
     IcmpTooBig,
+    /// A new flow to a frontend with a Local traffic policy (external or
+    /// internal) and no endpoint on this node: dropped, as kube-proxy drops
+    /// it (a client or a load balancer's health check must not take a
+    /// refusal for an answer).
+    DropNoLocalEndpoint,
+    /// A new flow to a LoadBalancer IP from outside its Service's
+    /// loadBalancerSourceRanges: dropped.
+    DropSourceRange,
 }
 
 impl Reason {
     /// Number of reasons (size of the `reasons` map).
-    pub const COUNT: u32 = Self::IcmpTooBig as u32 + 1;
+    pub const COUNT: u32 = Self::DropSourceRange as u32 + 1;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIp,
@@ -75,6 +83,8 @@ impl Reason {
         Self::PassToTc,
         Self::RedirectNeigh,
         Self::IcmpTooBig,
+        Self::DropNoLocalEndpoint,
+        Self::DropSourceRange,
     ];
 
     /// The reason with index `i`.
@@ -107,6 +117,8 @@ impl Reason {
             Self::PassToTc => "pass_to_tc",
             Self::RedirectNeigh => "redirect_neigh",
             Self::IcmpTooBig => "icmp_too_big",
+            Self::DropNoLocalEndpoint => "drop_no_local_endpoint",
+            Self::DropSourceRange => "drop_source_range",
         }
     }
 
@@ -114,7 +126,11 @@ impl Reason {
     pub const fn is_drop(self) -> bool {
         matches!(
             self,
-            Self::DropSnatExhausted | Self::DropRewriteFailed | Self::DropMapError
+            Self::DropSnatExhausted
+                | Self::DropRewriteFailed
+                | Self::DropMapError
+                | Self::DropNoLocalEndpoint
+                | Self::DropSourceRange
         )
     }
 }

@@ -35,6 +35,11 @@ pub enum SockEvent {
     /// ClusterIP on a port that is no Service port) was refused with
     /// ECONNREFUSED.
     Refused,
+    /// A `connect` or `sendmsg` to a frontend with a Local traffic policy
+    /// and no endpoint on this node (or to a LoadBalancer IP whose source
+    /// ranges leave the node out) failed with EPERM: the node's share of what
+    /// the packet path drops.
+    Dropped,
     /// `getpeername` or a received datagram showed the frontend in place of
     /// the backend.
     Restored,
@@ -51,6 +56,7 @@ impl SockEvent {
         Self::Connected,
         Self::Sent,
         Self::Refused,
+        Self::Dropped,
         Self::Restored,
         Self::OriginLost,
     ];
@@ -61,6 +67,7 @@ impl SockEvent {
             Self::Connected => "connected",
             Self::Sent => "sent",
             Self::Refused => "refused",
+            Self::Dropped => "dropped",
             Self::Restored => "restored",
             Self::OriginLost => "origin_lost",
         }

@@ -11,7 +11,10 @@
 
 use aya_ebpf::helpers::generated::bpf_ktime_get_coarse_ns;
 use aya_log_ebpf::{debug, warn};
-use lb_common::{BACKEND_F_LOCAL, CT_F_FORWARD, Reason, SVC_F_SNAT_REMOTE, hash::flow_hash};
+use lb_common::{
+    BACKEND_F_LOCAL, CT_F_FORWARD, PROTO_TCP, Reason, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    SVC_F_SNAT_REMOTE, hash::flow_hash,
+};
 
 use crate::{
     conntrack, forward, icmp,
@@ -69,6 +72,13 @@ fn run<P: Packet>(pkt: P, s: &mut Scratch, bytes: u32) -> Outcome {
                         );
                     }
                     NO_BACKEND => return unpack(refuse_stage(pkt, s)),
+                    // Drops by policy are the Service's intent: counted, not logged.
+                    policy
+                        if policy == Reason::DropNoLocalEndpoint as u32
+                            || policy == Reason::DropSourceRange as u32 =>
+                    {
+                        return (Action::Drop, reason_of(policy));
+                    }
                     reason => {
                         // SAFETY: helper without arguments.
                         let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -121,9 +131,11 @@ fn parse_stage<P: Packet>(pkt: P, s: &mut Scratch) -> Parsed {
 }
 
 /// Copies the conntrack entry of an existing flow into `s.entry`, unless it is a
-/// forward entry whose backend is gone: that flow is balanced again (a UDP stream
-/// moves to a live backend instead of black-holing; a TCP connection gets a RST
-/// from its new one).
+/// UDP forward entry whose backend is gone: that stream is balanced again, to a
+/// live backend, instead of black-holing (as kube-proxy clears UDP conntrack).
+/// A TCP connection keeps its backend until it ends, by FIN/RST or idle timeout,
+/// as kube-proxy's conntrack keeps it: a pod that left its EndpointSlice (a
+/// rolling update) may still be finishing it.
 #[inline(always)]
 fn established(s: &mut Scratch) -> bool {
     let Some(ptr) = conntrack::lookup(&s.h.key) else {
@@ -131,7 +143,10 @@ fn established(s: &mut Scratch) -> bool {
     };
     // SAFETY: copying a conntrack value out.
     unsafe { core::ptr::copy_nonoverlapping(ptr, &mut s.entry, 1) };
-    if s.entry.flags & CT_F_FORWARD != 0 && !service::still_serves(&s.entry) {
+    if s.entry.flags & CT_F_FORWARD != 0
+        && s.h.key.proto != PROTO_TCP
+        && !service::still_serves(&s.entry)
+    {
         return false;
     }
     conntrack::touch(ptr, &s.h);
@@ -148,20 +163,40 @@ fn reason_of(raw: u32) -> Reason {
 /// Chooses a backend of `s.svc` for the new flow `s.h` and records the flow in
 /// conntrack, leaving the forward entry in `s.entry`. Returns [`OPENED`],
 /// [`NO_BACKEND`] or the drop [`Reason`].
+///
+/// Traffic policies as kube-proxy has them: a client inside the cluster (in
+/// its pod CIDRs) of an externalTrafficPolicy Local frontend balances over
+/// every endpoint; a Local frontend without an endpoint here drops the flow;
+/// loadBalancerSourceRanges drop clients outside them; a client from outside
+/// the cluster reaching a ClusterIP is source-NATed to a remote backend, so
+/// that the reply comes back this way (kube-proxy's masquerade of traffic from
+/// outside the cluster CIDRs).
 #[inline(never)]
 fn open_stage<P: Packet>(pkt: P, s: &mut Scratch) -> u32 {
-    let svc = s.svc;
-    if svc.backend_count == 0 {
-        return NO_BACKEND;
-    }
     let Some(cfg) = service::config() else {
         return Reason::DropMapError as u32;
     };
+    let family = s.h.key.family;
+    let inside = service::in_cluster(cfg, &s.h.key.src, family);
+    service::scope(&mut s.svc, inside == Some(true));
+    let svc = s.svc;
+    if !service::source_allowed(&svc, &s.h.key.src, family) {
+        return Reason::DropSourceRange as u32;
+    }
+    if svc.backend_count == 0 {
+        return if svc.flags & SVC_F_LOCAL != 0 {
+            Reason::DropNoLocalEndpoint as u32
+        } else {
+            NO_BACKEND
+        };
+    }
     let hash = flow_hash(&s.h.key);
-    let Some((id, backend)) = service::pick(&svc, cfg, hash, s.h.key.family) else {
+    let Some((id, backend)) = service::choose(&svc, cfg, hash, &s.h.key.src, family) else {
         return NO_BACKEND;
     };
-    let snat = svc.flags & SVC_F_SNAT_REMOTE != 0 && backend.flags & BACKEND_F_LOCAL == 0;
+    let from_outside = svc.flags & SVC_F_EXTERNAL == 0 && inside == Some(false);
+    let snat = (svc.flags & SVC_F_SNAT_REMOTE != 0 || from_outside)
+        && backend.flags & BACKEND_F_LOCAL == 0;
     match conntrack::open(&pkt, s, svc.id, id, &backend, snat.then_some(cfg), hash) {
         Ok(()) => OPENED,
         Err(reason) => reason as u32,

@@ -4,12 +4,13 @@
 
 use aya_ebpf::{
     bindings::BPF_F_MMAPABLE,
-    btf_maps::{Array, DevMapHash, HashMap, LruHashMap, PerCpuArray},
+    btf_maps::{Array, DevMapHash, HashMap, LpmTrie, LruHashMap, PerCpuArray},
     macros::btf_map,
 };
 use lb_common::{
-    Backend, Config, Counters, CtEntry, FlowKey, Interface, MaglevPair, Reason, Service,
-    ServiceKey, ServiceName, SockEvent, SockOrigin, capacity, hash, maglev_row_elements,
+    Affinity, AffinityKey, Backend, Config, Counters, CtEntry, FlowKey, Interface, MaglevPair,
+    Reason, Service, ServiceKey, ServiceName, SockEvent, SockOrigin, SourceRange4, SourceRange6,
+    capacity, hash, maglev_row_elements,
 };
 
 use crate::scratch::Scratch;
@@ -40,6 +41,33 @@ pub static MAGLEV: Array<
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }, 0> =
     LruHashMap::new();
+
+/// sessionAffinity ClientIP: where each client's last new flow to a Service
+/// port went (see `service::choose`). Pinned, so affinity outlives restarts;
+/// the agent removes a client's entry when its backend leaves the port.
+#[btf_map(name = "affinity")]
+pub static AFFINITY: LruHashMap<AffinityKey, Affinity, { capacity::AFFINITY as usize }, 0> =
+    LruHashMap::new();
+
+/// loadBalancerSourceRanges: the prefixes allowed per Service port (by id),
+/// one trie per family; the value is unused (1).
+#[btf_map(name = "src_ranges4")]
+pub static SRC_RANGES4: LpmTrie<SourceRange4, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "src_ranges6")]
+pub static SRC_RANGES6: LpmTrie<SourceRange6, u32, { capacity::SOURCE_RANGES as usize }> =
+    LpmTrie::new();
+
+/// The cluster's pod CIDRs (with `CFG_F_CLUSTER_CIDRS`): which clients are
+/// inside the cluster. The value is unused (1).
+#[btf_map(name = "cluster_cidrs4")]
+pub static CLUSTER_CIDRS4: LpmTrie<[u8; 4], u32, { capacity::CLUSTER_CIDRS as usize }> =
+    LpmTrie::new();
+
+#[btf_map(name = "cluster_cidrs6")]
+pub static CLUSTER_CIDRS6: LpmTrie<[u8; 16], u32, { capacity::CLUSTER_CIDRS as usize }> =
+    LpmTrie::new();
 
 /// Node facts (index 0).
 #[btf_map(name = "config")]

@@ -1,10 +1,18 @@
-//! Service lookup and backend choice (Maglev).
+//! Service lookup and backend choice: the frontend's row as the client's
+//! place makes it (traffic policies), who may open flows (source ranges),
+//! and which backend (session affinity, else Maglev).
 
+use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key};
 use lb_common::{
-    Backend, Config, CtEntry, FlowKey, Service, ServiceKey, hash, maglev_row_elements,
+    Affinity, AffinityKey, Backend, CFG_F_CLUSTER_CIDRS, Config, CtEntry, FAMILY_V4, FlowKey,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey,
+    SourceRange4, SourceRange6, hash, maglev_row_elements,
 };
 
-use crate::maps::{ADDR_FILTER, BACKENDS, CONFIG, MAGLEV, SERVICES};
+use crate::maps::{
+    ADDR_FILTER, AFFINITY, BACKENDS, CLUSTER_CIDRS4, CLUSTER_CIDRS6, CONFIG, MAGLEV, SERVICES,
+    SRC_RANGES4, SRC_RANGES6,
+};
 
 #[inline(always)]
 fn filter_has(addr: &[u8; 16], family: u8, port: u16, proto: u8, role: u32) -> bool {
@@ -68,6 +76,111 @@ pub fn lookup(key: &FlowKey, out: &mut Service) -> bool {
 #[inline(always)]
 pub fn config() -> Option<&'static Config> {
     CONFIG.get(0)
+}
+
+/// Whether a client address is inside the cluster (in the cluster's pod
+/// CIDRs); None when the agent does not know them.
+#[inline(always)]
+pub fn in_cluster(cfg: &Config, addr: &[u8; 16], family: u8) -> Option<bool> {
+    if cfg.flags & CFG_F_CLUSTER_CIDRS == 0 {
+        return None;
+    }
+    Some(if family == FAMILY_V4 {
+        CLUSTER_CIDRS4
+            .get(&Key::new(32, [addr[0], addr[1], addr[2], addr[3]]))
+            .is_some()
+    } else {
+        CLUSTER_CIDRS6.get(&Key::new(128, *addr)).is_some()
+    })
+}
+
+/// The frontend as a client inside the cluster (`inside`) sees it: an
+/// external frontend with externalTrafficPolicy Local balances such clients
+/// over every endpoint, as kube-proxy sends in-cluster traffic cluster-wide.
+#[inline(always)]
+pub fn scope(svc: &mut Service, inside: bool) {
+    if inside && svc.flags & SVC_F_LOCAL != 0 && svc.flags & SVC_F_EXTERNAL != 0 {
+        svc.table = svc.cluster_table;
+        svc.backend_count = svc.cluster_backend_count;
+        svc.flags &= !SVC_F_LOCAL;
+    }
+}
+
+/// Whether `client` may open flows to the frontend: always, unless the
+/// Service port has loadBalancerSourceRanges and the client is in none.
+#[inline(always)]
+pub fn source_allowed(svc: &Service, client: &[u8; 16], family: u8) -> bool {
+    if svc.flags & SVC_F_SOURCE_RANGES == 0 {
+        return true;
+    }
+    let service = svc.id.to_be_bytes();
+    if family == FAMILY_V4 {
+        let data = SourceRange4 {
+            service,
+            addr: [client[0], client[1], client[2], client[3]],
+        };
+        SRC_RANGES4.get(&Key::new(64, data)).is_some()
+    } else {
+        let data = SourceRange6 {
+            service,
+            addr: *client,
+        };
+        SRC_RANGES6.get(&Key::new(160, data)).is_some()
+    }
+}
+
+/// The backend for a new flow of `client` with flow hash `hash`: with
+/// sessionAffinity ClientIP, the one the client's last new flow went to if
+/// that was less than `affinity_timeout` ago and it is still usable (the
+/// agent removes entries of backends that leave the port); else Maglev's,
+/// which the client then keeps. Refreshed by every new flow, as kube-proxy's
+/// `recent` match is.
+#[inline(always)]
+pub fn choose(
+    svc: &Service,
+    cfg: &Config,
+    hash: u32,
+    client: &[u8; 16],
+    family: u8,
+) -> Option<(u32, Backend)> {
+    if svc.flags & SVC_F_AFFINITY == 0 {
+        return pick(svc, cfg, hash, family);
+    }
+    let key = AffinityKey {
+        client: *client,
+        service: svc.id,
+        family,
+        _pad: [0; 3],
+    };
+    // SAFETY: helper without arguments.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
+    let timeout = u64::from(svc.affinity_timeout) * 1_000_000_000;
+    if let Some(a) = AFFINITY.get_ptr_mut(&key) {
+        // SAFETY: an LRU value, valid for this run; plain integer fields.
+        let (backend, last) = unsafe { ((*a).backend, (*a).last_ns) };
+        if now.wrapping_sub(last) <= timeout
+            && let Some(b) = BACKENDS.get(backend)
+            && b.is_active()
+            && b.family == family
+            // SAFETY: as above.
+            && unsafe { b.addr == (*a).addr && b.port == (*a).port }
+        {
+            // SAFETY: as above.
+            unsafe { (*a).last_ns = now };
+            return Some((backend, *b));
+        }
+    }
+    let (id, backend) = pick(svc, cfg, hash, family)?;
+    let value = Affinity {
+        addr: backend.addr,
+        last_ns: now,
+        backend: id,
+        port: backend.port,
+        _pad: [0; 2],
+    };
+    // A client not remembered gets Maglev's choice all the same.
+    let _ = AFFINITY.insert(&key, &value, 0);
+    Some((id, backend))
 }
 
 /// The backend in slot `hash % maglev_size` of the service's Maglev row.

@@ -14,10 +14,14 @@
 //! out of other nodes' namespaces when several share a kernel (the testbed).
 //!
 //! The choice uses the packet path's maps and rules: the frontend's Maglev row
-//! (so traffic policies apply as to any frontend), a hash of the socket's
-//! cookie in place of the flow hash (the source port may not be bound yet),
-//! and a frontend without usable backends, or a ClusterIP on a port that is no
-//! Service port, is refused with ECONNREFUSED at once.
+//! as a client inside the cluster sees it (externalTrafficPolicy Local leaves
+//! the node's own clients cluster-wide, as kube-proxy does; internal Local
+//! keeps them on this node's endpoints), session affinity and source ranges
+//! with the node's address as the client, a hash of the socket's cookie in
+//! place of the flow hash (the source port may not be bound yet). A frontend
+//! without usable backends, or a ClusterIP on a port that is no Service port,
+//! is refused with ECONNREFUSED at once; what the packet path drops by policy
+//! fails with EPERM.
 
 use core::{ffi::c_void, ptr};
 
@@ -27,8 +31,8 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use lb_common::{
-    FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, Service, ServiceKey, SockEvent,
-    SockOrigin, hash::socket_hash,
+    Config, FAMILY_V4, FAMILY_V6, FlowKey, PROTO_TCP, PROTO_UDP, SVC_F_LOCAL, Service, ServiceKey,
+    SockEvent, SockOrigin, hash::socket_hash,
 };
 
 use crate::{
@@ -154,15 +158,28 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, event: SockEvent) -> i32 {
             PROCEED
         };
     }
-    if svc.backend_count == 0 {
-        return refuse();
-    }
     let Some(cfg) = service::config() else {
         return PROCEED;
     };
+    // The node's clients are inside the cluster; as a client they are the
+    // node's address (what a backend would see, and what kube-proxy's
+    // affinity and source ranges look at).
+    service::scope(&mut svc, true);
+    let node = node_address(cfg, key.family);
+    if !service::source_allowed(&svc, &node, key.family) {
+        return drop_call();
+    }
+    if svc.backend_count == 0 {
+        return if svc.flags & SVC_F_LOCAL != 0 {
+            drop_call()
+        } else {
+            refuse()
+        };
+    }
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.cast::<c_void>()) };
-    let Some((_, backend)) = service::pick(&svc, cfg, socket_hash(cookie), key.family) else {
+    let Some((_, backend)) = service::choose(&svc, cfg, socket_hash(cookie), &node, key.family)
+    else {
         return refuse();
     };
     let origin = SockOrigin {
@@ -185,6 +202,29 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, event: SockEvent) -> i32 {
     write_address(ctx, v6, mapped, &backend.addr, backend.port);
     count_sock(event);
     PROCEED
+}
+
+/// The node's address of `family` (its source-NAT address), all zeros when it
+/// has none.
+#[inline(always)]
+fn node_address(cfg: &Config, family: u8) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    if family == FAMILY_V4 {
+        a[..4].copy_from_slice(&cfg.snat_addr_v4);
+    } else {
+        a = cfg.snat_addr_v6;
+    }
+    a
+}
+
+/// Fails the call with EPERM (the default error of a failing cgroup
+/// program): what the packet path drops (a Local policy without a local
+/// endpoint, a source range that leaves the node out) cannot be left to time
+/// out here without sending it on, untranslated, to wherever the VIP routes.
+#[inline(always)]
+fn drop_call() -> i32 {
+    count_sock(SockEvent::Dropped);
+    REFUSE
 }
 
 /// Fails the call with ECONNREFUSED, what a client of a Service without

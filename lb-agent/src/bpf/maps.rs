@@ -9,11 +9,16 @@ use std::{
 use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
-    maps::{Array, HashMap, Map, MapData, MapInfo, PerCpuArray, xdp::DevMapHash},
+    maps::{
+        Array, HashMap, Map, MapData, MapInfo, PerCpuArray,
+        lpm_trie::{Key, LpmTrie},
+        xdp::DevMapHash,
+    },
 };
 use lb_common::{
-    Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config, Counters, CtEntry, FlowKey, Interface, Reason,
-    Service, ServiceKey, ServiceName, SockEvent, map_names,
+    Affinity, AffinityKey, Backend, CFG_F_CLUSTER_CIDRS, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config,
+    Counters, CtEntry, FlowKey, Interface, Reason, Service, ServiceKey, ServiceName, SockEvent,
+    SourceRange4, SourceRange6, map_names,
 };
 
 use super::Sizes;
@@ -29,7 +34,14 @@ pub struct NodeConfig {
     pub snat_v6: Option<Ipv6Addr>,
     /// First and last source port (inclusive).
     pub snat_ports: (u16, u16),
+    /// Whether `cluster_cidrs4/6` hold the cluster's pod CIDRs (see
+    /// [`Maps::set_cluster_cidrs`]): the datapath then tells clients inside
+    /// the cluster from outside ones.
+    pub cluster_cidrs: bool,
 }
+
+/// An address prefix as the tries take it: (address, prefix length).
+pub type Cidr = (std::net::IpAddr, u8);
 
 pub struct Maps {
     /// What the maps were created with (or, pinned ones, are).
@@ -47,6 +59,33 @@ pub struct Maps {
     pub addr_filter: Array<MapData, u64>,
     pub interfaces: HashMap<MapData, u32, Interface>,
     pub sock_stats: PerCpuArray<MapData, u64>,
+    pub affinity: HashMap<MapData, AffinityKey, Affinity>,
+    pub src_ranges4: LpmTrie<MapData, SourceRange4, u32>,
+    pub src_ranges6: LpmTrie<MapData, SourceRange6, u32>,
+    pub cluster_cidrs4: LpmTrie<MapData, [u8; 4], u32>,
+    pub cluster_cidrs6: LpmTrie<MapData, [u8; 16], u32>,
+}
+
+/// Makes an LPM trie hold exactly `keys` (value 1).
+fn sync_trie<K: aya::Pod>(trie: &mut LpmTrie<MapData, K, u32>, keys: &[Key<K>]) -> Result<()> {
+    let have: Vec<Key<K>> = trie.keys().filter_map(Result::ok).collect();
+    for k in keys {
+        trie.insert(k, 1, 0)?;
+    }
+    for k in &have {
+        let wanted = keys
+            .iter()
+            .any(|w| w.prefix_len() == k.prefix_len() && bytes(&w.data()) == bytes(&k.data()));
+        if !wanted {
+            trie.remove(k)?;
+        }
+    }
+    Ok(())
+}
+
+fn bytes<T: aya::Pod>(v: &T) -> &[u8] {
+    // SAFETY: a Pod value is plain bytes.
+    unsafe { std::slice::from_raw_parts(std::ptr::from_ref(v).cast::<u8>(), size_of::<T>()) }
 }
 
 fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
@@ -90,6 +129,11 @@ impl Maps {
             addr_filter: typed!(ebpf, map_names::ADDR_FILTER),
             interfaces: typed!(ebpf, map_names::INTERFACES),
             sock_stats: typed!(ebpf, map_names::SOCK_STATS),
+            affinity: typed!(ebpf, map_names::AFFINITY),
+            src_ranges4: typed!(ebpf, map_names::SRC_RANGES4),
+            src_ranges6: typed!(ebpf, map_names::SRC_RANGES6),
+            cluster_cidrs4: typed!(ebpf, map_names::CLUSTER_CIDRS4),
+            cluster_cidrs6: typed!(ebpf, map_names::CLUSTER_CIDRS6),
         })
     }
 
@@ -137,6 +181,11 @@ impl Maps {
             addr_filter: pinned!(map_names::ADDR_FILTER),
             interfaces: pinned!(map_names::INTERFACES),
             sock_stats: pinned!(map_names::SOCK_STATS),
+            affinity: pinned!(map_names::AFFINITY),
+            src_ranges4: pinned!(map_names::SRC_RANGES4),
+            src_ranges6: pinned!(map_names::SRC_RANGES6),
+            cluster_cidrs4: pinned!(map_names::CLUSTER_CIDRS4),
+            cluster_cidrs6: pinned!(map_names::CLUSTER_CIDRS6),
         })
     }
 
@@ -163,7 +212,124 @@ impl Maps {
             config.snat_addr_v6 = v6.octets();
             config.flags |= CFG_F_SNAT_V6;
         }
+        if node.cluster_cidrs {
+            config.flags |= CFG_F_CLUSTER_CIDRS;
+        }
         self.config.set(0, config, 0).context("writing config")
+    }
+
+    /// Makes `cluster_cidrs4/6` hold exactly `cidrs`.
+    pub fn set_cluster_cidrs(&mut self, cidrs: &[Cidr]) -> Result<()> {
+        let (mut v4, mut v6) = (Vec::new(), Vec::new());
+        for (addr, len) in cidrs {
+            match addr {
+                std::net::IpAddr::V4(a) => v4.push(Key::new(u32::from(*len), a.octets())),
+                std::net::IpAddr::V6(a) => v6.push(Key::new(u32::from(*len), a.octets())),
+            }
+        }
+        sync_trie(&mut self.cluster_cidrs4, &v4).context("writing cluster_cidrs4")?;
+        sync_trie(&mut self.cluster_cidrs6, &v6).context("writing cluster_cidrs6")
+    }
+
+    /// Allows the clients in `prefix` to open flows to the LoadBalancer
+    /// frontends of service id `id` (with `SVC_F_SOURCE_RANGES`).
+    pub fn add_source_range(&mut self, id: u32, prefix: Cidr) -> Result<()> {
+        let (service, (addr, len)) = (id.to_be_bytes(), prefix);
+        match addr {
+            std::net::IpAddr::V4(a) => self.src_ranges4.insert(
+                &Key::new(
+                    32 + u32::from(len),
+                    SourceRange4 {
+                        service,
+                        addr: a.octets(),
+                    },
+                ),
+                1,
+                0,
+            ),
+            std::net::IpAddr::V6(a) => self.src_ranges6.insert(
+                &Key::new(
+                    32 + u32::from(len),
+                    SourceRange6 {
+                        service,
+                        addr: a.octets(),
+                    },
+                ),
+                1,
+                0,
+            ),
+        }
+        .with_context(|| format!("writing source range {}/{len} of service {id}", prefix.0))
+    }
+
+    /// Forgets a prefix of [`Self::add_source_range`] (absent is fine).
+    pub fn remove_source_range(&mut self, id: u32, prefix: Cidr) -> Result<()> {
+        let (service, (addr, len)) = (id.to_be_bytes(), prefix);
+        let r = match addr {
+            std::net::IpAddr::V4(a) => self.src_ranges4.remove(&Key::new(
+                32 + u32::from(len),
+                SourceRange4 {
+                    service,
+                    addr: a.octets(),
+                },
+            )),
+            std::net::IpAddr::V6(a) => self.src_ranges6.remove(&Key::new(
+                32 + u32::from(len),
+                SourceRange6 {
+                    service,
+                    addr: a.octets(),
+                },
+            )),
+        };
+        match r {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(e) => Err(e).with_context(|| {
+                format!("removing source range {}/{len} of service {id}", prefix.0)
+            }),
+        }
+    }
+
+    /// Every source range written: (service id, prefix).
+    pub fn source_ranges(&self) -> Result<Vec<(u32, Cidr)>> {
+        let mut out = Vec::new();
+        for k in self.src_ranges4.keys() {
+            let k = k.context("reading src_ranges4")?;
+            let d = k.data();
+            out.push((
+                u32::from_be_bytes(d.service),
+                (d.addr.into(), (k.prefix_len() - 32) as u8),
+            ));
+        }
+        for k in self.src_ranges6.keys() {
+            let k = k.context("reading src_ranges6")?;
+            let d = k.data();
+            out.push((
+                u32::from_be_bytes(d.service),
+                (d.addr.into(), (k.prefix_len() - 32) as u8),
+            ));
+        }
+        Ok(out)
+    }
+
+    /// Removes the affinity entries `gone` says are gone; returns how many.
+    pub fn remove_affinities(
+        &mut self,
+        gone: impl Fn(&AffinityKey, &Affinity) -> bool,
+    ) -> Result<usize> {
+        let doomed: Vec<AffinityKey> = self
+            .affinity
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| gone(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            match self.affinity.remove(k) {
+                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
+                Err(e) => return Err(e).context("removing an affinity entry"),
+            }
+        }
+        Ok(doomed.len())
     }
 
     pub fn set_service(&mut self, key: &ServiceKey, svc: &Service) -> Result<()> {

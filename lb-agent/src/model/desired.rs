@@ -212,6 +212,7 @@ impl Desired {
                 local,
                 draining: spec.draining.clone(),
                 affinity_timeout: spec.affinity_timeout,
+                source_ranges: spec.source_ranges.clone(),
             }
         });
         if self.effective.get(key) == new.as_ref() {
@@ -286,6 +287,7 @@ mod tests {
             local: None,
             draining: BTreeSet::new(),
             affinity_timeout: None,
+            source_ranges: None,
         }
     }
 

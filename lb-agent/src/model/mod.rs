@@ -173,6 +173,54 @@ pub struct Table {
     pub terminating_fallback: bool,
 }
 
+/// An address prefix (a CIDR), its host bits cleared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Prefix {
+    pub addr: IpAddr,
+    pub len: u8,
+}
+
+impl Prefix {
+    /// Parses `a.b.c.d/n` or `x::/n` (surrounding blanks allowed, as
+    /// kube-proxy's parsing allows them), clearing host bits as kube-proxy
+    /// does (`10.0.0.1/8` is `10.0.0.0/8`).
+    pub fn parse(s: &str) -> Option<Self> {
+        let (addr, len) = s.trim().split_once('/')?;
+        let addr: IpAddr = addr.parse().ok()?;
+        let len: u8 = len.parse().ok()?;
+        let bits = if addr.is_ipv4() { 32 } else { 128 };
+        if u32::from(len) > bits {
+            return None;
+        }
+        Some(Self::masked(addr, len))
+    }
+
+    fn masked(addr: IpAddr, len: u8) -> Self {
+        let addr = match addr {
+            IpAddr::V4(a) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(len)).unwrap_or(0);
+                IpAddr::from((u32::from(a) & mask).to_be_bytes())
+            }
+            IpAddr::V6(a) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(len)).unwrap_or(0);
+                IpAddr::from((u128::from(a) & mask).to_be_bytes())
+            }
+        };
+        Self { addr, len }
+    }
+
+    pub fn family(&self) -> Family {
+        Family::of(&self.addr)
+    }
+}
+
+/// `10.0.0.0/8`, `fd00::/64`.
+impl fmt::Display for Prefix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.addr, self.len)
+    }
+}
+
 /// What one Service port needs in the datapath.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortSpec {
@@ -188,6 +236,11 @@ pub struct PortSpec {
     pub draining: BTreeSet<BackendSpec>,
     /// sessionAffinity ClientIP timeout in seconds.
     pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges, of this port's family: `Some` when the
+    /// Service lists any (then its LoadBalancer frontends take new flows only
+    /// from these prefixes; `Some` of an empty set, when every one listed is
+    /// of the other family or no CIDR, takes none).
+    pub source_ranges: Option<BTreeSet<Prefix>>,
 }
 
 impl PortSpec {

@@ -12,8 +12,8 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, PortKey, PortSpec, Proto, Scope,
-    ServiceModel, Table,
+    BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, PortKey, PortSpec, Prefix, Proto,
+    Scope, ServiceModel, Table,
     slice::{Address, Slice},
 };
 use crate::cluster::{NodeInfo, ObjectKey, Problem, ProblemKind};
@@ -66,6 +66,26 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
     let mut problems = Vec::new();
 
     let addrs = Addresses::of(svc, spec, &key, &mut problems);
+    // Frontends follow `type`, whatever else the object still carries: a
+    // Service changed from NodePort to ClusterIP may keep its `nodePort`
+    // fields, one changed from LoadBalancer its ingress status, until their
+    // controllers catch up; kube-proxy serves neither. externalIPs apply to
+    // every type.
+    let kind = spec.type_.as_deref().unwrap_or("ClusterIP");
+    let (node_ports_apply, ingress_applies) = match kind {
+        "ClusterIP" => (false, false),
+        "NodePort" => (true, false),
+        "LoadBalancer" => (true, true),
+        other => {
+            problems.push(Problem::new(
+                ProblemKind::Parse,
+                Some(key.clone()),
+                format!("type {other:?} is no Service type; served as ClusterIP"),
+            ));
+            (false, false)
+        }
+    };
+    let source_ranges = source_ranges(spec, &key, &mut problems);
     let itp_local = spec.internal_traffic_policy.as_deref() == Some("Local");
     let etp_local = spec.external_traffic_policy.as_deref() == Some("Local");
     let affinity_timeout = (spec.session_affinity.as_deref() == Some("ClientIP")).then(|| {
@@ -155,7 +175,7 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
             for ip in of_family(&addrs.cluster) {
                 add(ip, port, FrontendKind::ClusterIp);
             }
-            if let Some(np) = node_port {
+            if let Some(np) = node_port.filter(|_| node_ports_apply) {
                 for ip in of_family(&node.addresses) {
                     add(ip, np, FrontendKind::NodePort);
                 }
@@ -163,8 +183,10 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
             for ip in of_family(&addrs.external) {
                 add(ip, port, FrontendKind::ExternalIp);
             }
-            for ip in of_family(&addrs.load_balancer) {
-                add(ip, port, FrontendKind::LoadBalancer);
+            if ingress_applies {
+                for ip in of_family(&addrs.load_balancer) {
+                    add(ip, port, FrontendKind::LoadBalancer);
+                }
             }
 
             let endpoints = merge_endpoints(&slices, family, sp, proto);
@@ -191,11 +213,46 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
                     cluster,
                     local,
                     affinity_timeout,
+                    source_ranges: source_ranges.as_ref().map(|all| {
+                        all.iter()
+                            .filter(|p| p.family() == family)
+                            .copied()
+                            .collect()
+                    }),
                 },
             ));
         }
     }
     ServiceModel { ports, problems }
+}
+
+/// `loadBalancerSourceRanges` (None when it lists nothing). An entry that is
+/// no CIDR is reported and allows nobody: the Service stays restricted to the
+/// others, never opened.
+fn source_ranges(
+    spec: &ServiceSpec,
+    key: &ObjectKey,
+    problems: &mut Vec<Problem>,
+) -> Option<Vec<Prefix>> {
+    let listed = spec
+        .load_balancer_source_ranges
+        .as_ref()
+        .filter(|r| !r.is_empty())?;
+    let mut out = Vec::new();
+    for r in listed {
+        match Prefix::parse(r) {
+            Some(p) => out.push(p),
+            None => problems.push(Problem::new(
+                ProblemKind::BadSourceRange,
+                Some(key.clone()),
+                format!(
+                    "loadBalancerSourceRanges entry {r:?} is no CIDR; it allows nobody (the \
+                     others still do)"
+                ),
+            )),
+        }
+    }
+    Some(out)
 }
 
 /// A port number in 1..=65535.
@@ -1322,6 +1379,100 @@ endpoints: [{addresses: [pod.example.com]}]
         );
         let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
         assert_eq!(backends(&p.cluster), ["10.0.1.2:8080"]);
+    }
+
+    #[test]
+    fn frontends_follow_the_type_not_leftover_fields() {
+        // A NodePort Service turned ClusterIP, its nodePort and ingress status
+        // still in the object: only the ClusterIP (and externalIPs) are served.
+        let yaml = |kind: &str| {
+            svc(&format!(
+                "
+metadata: {{name: t, namespace: default}}
+spec:
+  type: {kind}
+  clusterIP: 10.96.0.40
+  externalIPs: [203.0.113.40]
+  ports: [{{name: http, port: 80, nodePort: 30040}}]
+status:
+  loadBalancer:
+    ingress: [{{ip: 198.51.100.40}}]
+"
+            ))
+        };
+        let kinds = |kind: &str| -> BTreeSet<FrontendKind> {
+            let m = model(&yaml(kind), &[]);
+            port(&m, &key("t", "http", Proto::Tcp, Family::V4))
+                .frontends
+                .values()
+                .map(|f| f.kind)
+                .collect()
+        };
+        use FrontendKind::*;
+        assert_eq!(kinds("ClusterIP"), BTreeSet::from([ClusterIp, ExternalIp]));
+        assert_eq!(
+            kinds("NodePort"),
+            BTreeSet::from([ClusterIp, NodePort, ExternalIp])
+        );
+        assert_eq!(
+            kinds("LoadBalancer"),
+            BTreeSet::from([ClusterIp, NodePort, ExternalIp, LoadBalancer])
+        );
+        // No type is ClusterIP; an unknown one is reported and served as one.
+        let m = model(&yaml("Special"), &[]);
+        assert_eq!(m.problems.len(), 1, "{:?}", m.problems);
+        assert!(m.problems[0].message.contains("Special"));
+    }
+
+    #[test]
+    fn load_balancer_source_ranges_per_family_and_bad_ones_allow_nobody() {
+        let s = svc("
+metadata: {name: fw, namespace: default}
+spec:
+  type: LoadBalancer
+  ipFamilies: [IPv4, IPv6]
+  clusterIPs: [10.96.0.41, fd00:96::41]
+  loadBalancerSourceRanges: [' 198.51.100.7/24 ', 2001:db8::/32, 10.0.0.0/33, nonsense]
+  ports: [{name: http, port: 80, nodePort: 30041}]
+");
+        let m = model(&s, &[]);
+        let bad: Vec<_> = m
+            .problems
+            .iter()
+            .filter(|p| p.kind == ProblemKind::BadSourceRange)
+            .collect();
+        assert_eq!(bad.len(), 2, "{:?}", m.problems);
+        let v4 = port(&m, &key("fw", "http", Proto::Tcp, Family::V4));
+        let v6 = port(&m, &key("fw", "http", Proto::Tcp, Family::V6));
+        let shown = |p: &PortSpec| -> Vec<String> {
+            p.source_ranges
+                .as_ref()
+                .expect("restricted")
+                .iter()
+                .map(ToString::to_string)
+                .collect()
+        };
+        // Host bits cleared, as kube-proxy parses them.
+        assert_eq!(shown(v4), ["198.51.100.0/24"]);
+        assert_eq!(shown(v6), ["2001:db8::/32"]);
+        // None listed: unrestricted. Only bad ones: restricted to nobody.
+        let open = svc("
+metadata: {name: open, namespace: default}
+spec: {type: LoadBalancer, clusterIP: 10.96.0.42, ports: [{port: 80, nodePort: 30042}]}
+");
+        assert_eq!(model(&open, &[]).ports[0].1.source_ranges, None);
+        let shut = svc("
+metadata: {name: shut, namespace: default}
+spec:
+  type: LoadBalancer
+  clusterIP: 10.96.0.43
+  loadBalancerSourceRanges: [oops]
+  ports: [{port: 80, nodePort: 30043}]
+");
+        assert_eq!(
+            model(&shut, &[]).ports[0].1.source_ranges,
+            Some(BTreeSet::new())
+        );
     }
 
     #[test]

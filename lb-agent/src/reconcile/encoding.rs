@@ -10,11 +10,11 @@ use std::net::SocketAddr;
 
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_LOCAL, BACKEND_F_TERMINATING, Backend, PROTO_TCP, PROTO_UDP,
-    SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_SNAT_REMOTE, SVC_F_TERMINATING_FALLBACK,
-    Service, ServiceKey, addr16, hash,
+    SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SNAT_REMOTE,
+    SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, Service, ServiceKey, addr16, hash,
 };
 
-use crate::model::{BackendSpec, Frontend, FrontendSpec, PortSpec, Proto, Scope};
+use crate::model::{BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Proto, Scope};
 
 /// The Maglev rows a port's tables were given (none for an empty or absent table).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -59,7 +59,10 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 
 /// The `services` value of frontend `f` of port `spec`, whose service id is
 /// `id` and whose tables are in `rows`. A frontend without a row (no backend)
-/// says so with a backend count of 0: the datapath refuses its flows.
+/// says so with a backend count of 0: the datapath refuses its flows, or,
+/// with a Local policy (`SVC_F_LOCAL`), drops them. A Local frontend also
+/// carries the cluster-wide row, which in-cluster clients of an external
+/// frontend use.
 pub fn frontend_value(spec: &PortSpec, f: &FrontendSpec, id: u32, rows: Rows) -> Service {
     let table = match f.scope {
         Scope::Cluster => &spec.cluster,
@@ -79,16 +82,29 @@ pub fn frontend_value(spec: &PortSpec, f: &FrontendSpec, id: u32, rows: Rows) ->
     if spec.affinity_timeout.is_some() {
         flags |= SVC_F_AFFINITY;
     }
+    if f.scope == Scope::Local {
+        flags |= SVC_F_LOCAL;
+    }
+    // loadBalancerSourceRanges restrict the LoadBalancer IPs only; the
+    // ClusterIP, NodePorts and externalIPs stay open, as with kube-proxy.
+    if spec.source_ranges.is_some() && f.kind == FrontendKind::LoadBalancer {
+        flags |= SVC_F_SOURCE_RANGES;
+    }
+    let count = |row: Option<u32>, t: &crate::model::Table| {
+        if row.is_some() {
+            t.backends.len() as u32
+        } else {
+            0
+        }
+    };
     Service {
         id,
         table: row.unwrap_or(0),
-        backend_count: if row.is_some() {
-            table.backends.len() as u32
-        } else {
-            0
-        },
+        backend_count: count(row, table),
         flags,
         affinity_timeout: spec.affinity_timeout.unwrap_or(0),
+        cluster_table: rows.cluster.unwrap_or(0),
+        cluster_backend_count: count(rows.cluster, &spec.cluster),
         _reserved: 0,
     }
 }
@@ -202,6 +218,7 @@ mod tests {
             local: local.map(table),
             draining: BTreeSet::new(),
             affinity_timeout: None,
+            source_ranges: None,
         }
     }
 
@@ -232,9 +249,57 @@ mod tests {
         let v = frontend_value(&spec, &NODE_PORT_LOCAL, 7, rows);
         assert_eq!(
             (v.id, v.table, v.backend_count, v.flags),
-            (7, 9, 1, SVC_F_EXTERNAL)
+            (7, 9, 1, SVC_F_EXTERNAL | SVC_F_LOCAL)
         );
+        // In-cluster clients of a Local external frontend use the cluster row.
+        assert_eq!((v.cluster_table, v.cluster_backend_count), (4, 3));
         assert!(!is_cluster_ip(&v));
+        // Without local endpoints: no local row, no backend, and the Local
+        // flag that makes the datapath drop rather than refuse.
+        let v = frontend_value(
+            &spec,
+            &NODE_PORT_LOCAL,
+            7,
+            Rows {
+                cluster: Some(4),
+                local: None,
+            },
+        );
+        assert_eq!((v.backend_count, v.flags & SVC_F_LOCAL), (0, SVC_F_LOCAL));
+    }
+
+    #[test]
+    fn source_ranges_restrict_the_load_balancer_ips_only() {
+        let mut spec = port(&["10.0.0.1:80"], None);
+        spec.source_ranges = Some(BTreeSet::new());
+        let rows = Rows {
+            cluster: Some(1),
+            local: None,
+        };
+        for (kind, restricted) in [
+            (FrontendKind::LoadBalancer, true),
+            (FrontendKind::NodePort, false),
+            (FrontendKind::ExternalIp, false),
+            (FrontendKind::ClusterIp, false),
+        ] {
+            let f = FrontendSpec {
+                kind,
+                scope: Scope::Cluster,
+                snat_remote: kind.is_external(),
+            };
+            let v = frontend_value(&spec, &f, 2, rows);
+            assert_eq!(v.flags & SVC_F_SOURCE_RANGES != 0, restricted, "{kind:?}");
+        }
+        spec.source_ranges = None;
+        let lb = FrontendSpec {
+            kind: FrontendKind::LoadBalancer,
+            scope: Scope::Cluster,
+            snat_remote: true,
+        };
+        assert_eq!(
+            frontend_value(&spec, &lb, 2, rows).flags & SVC_F_SOURCE_RANGES,
+            0
+        );
     }
 
     #[test]

@@ -41,7 +41,7 @@ use self::{
 use crate::{
     bpf::{Maps, Sizes},
     cluster::{Problem, ProblemKind},
-    model::{Desired, PortKey, PortSpec},
+    model::{Desired, PortKey, PortSpec, Prefix},
 };
 
 /// A backend slot: its id, what is written there, and how many tables use it.
@@ -60,6 +60,8 @@ struct Applied {
     frontends: BTreeMap<ServiceKey, Service>,
     /// Backends (by address) this port holds a reference on.
     backends: BTreeSet<SocketAddr>,
+    /// The loadBalancerSourceRanges entries written under `id`.
+    ranges: BTreeSet<Prefix>,
 }
 
 /// What one reconcile pass did.
@@ -90,6 +92,10 @@ pub struct Reconciler {
     filter: Filter,
     /// ClusterIP address entries (port 0) and how many ClusterIP frontends use each.
     cluster_ips: HashMap<ServiceKey, u32>,
+    /// Service ids whose `affinity` entries this pass must check, with the
+    /// backends their clients may keep (none: the port is gone, or has no
+    /// affinity any more).
+    affinity_checks: HashMap<u32, BTreeSet<SocketAddr>>,
 }
 
 impl Reconciler {
@@ -109,6 +115,7 @@ impl Reconciler {
             unused: Vec::new(),
             filter,
             cluster_ips: HashMap::new(),
+            affinity_checks: HashMap::new(),
         })
     }
 
@@ -156,12 +163,79 @@ impl Reconciler {
             }
         }
         self.free_unused(stats);
+        self.check_affinities();
         problems
+    }
+
+    /// Removes the `affinity` entries of the ports this pass changed whose
+    /// backend the port no longer balances to (gone, draining, or the port
+    /// lost its affinity): such a client's next flow is balanced afresh, as
+    /// kube-proxy's affinity follows the endpoints chosen. One walk of the map
+    /// for the whole pass.
+    fn check_affinities(&mut self) {
+        let checks = std::mem::take(&mut self.affinity_checks);
+        if checks.is_empty() {
+            return;
+        }
+        let gone = |k: &lb_common::AffinityKey, v: &lb_common::Affinity| {
+            checks.get(&k.service).is_some_and(|keep| {
+                let addr = lb_common::socket_addr(&v.addr, k.family, v.port);
+                !addr.is_some_and(|a| keep.contains(&a))
+            })
+        };
+        match self.maps.remove_affinities(gone) {
+            Ok(0) => {}
+            Ok(n) => log::debug!("{n} affinity entries of backends that left their port removed"),
+            Err(e) => log::error!("cleaning affinity entries: {e:#}"),
+        }
+    }
+
+    /// Writes the port's loadBalancerSourceRanges entries that are new (before
+    /// its frontends say to look them up).
+    fn add_ranges(&mut self, applied: &mut Applied, wanted: &BTreeSet<Prefix>) {
+        for p in wanted.difference(&applied.ranges.clone()) {
+            match self.maps.add_source_range(applied.id, (p.addr, p.len)) {
+                Ok(()) => {
+                    applied.ranges.insert(*p);
+                }
+                Err(e) => log::error!("{e:#}"),
+            }
+        }
+    }
+
+    /// Removes the port's entries that are not `wanted` (after its frontends
+    /// stopped naming them).
+    fn drop_ranges(&mut self, applied: &mut Applied, wanted: &BTreeSet<Prefix>) {
+        let gone: Vec<Prefix> = applied.ranges.difference(wanted).copied().collect();
+        for p in gone {
+            match self.maps.remove_source_range(applied.id, (p.addr, p.len)) {
+                Ok(()) => {
+                    applied.ranges.remove(&p);
+                }
+                Err(e) => log::error!("{e:#}"),
+            }
+        }
     }
 
     /// After the first full sync: removes whatever was in the maps at start and
     /// is not desired any more.
     pub fn finish_adoption(&mut self, stats: &mut Stats) {
+        // Source ranges no port wrote (an earlier agent's, of ports gone).
+        let written: BTreeSet<(u32, Prefix)> = self
+            .ports
+            .values()
+            .flat_map(|a| a.ranges.iter().map(move |p| (a.id, *p)))
+            .collect();
+        match self.maps.source_ranges() {
+            Ok(found) => {
+                for (id, (addr, len)) in found {
+                    if !written.contains(&(id, Prefix { addr, len })) {
+                        let _ = self.maps.remove_source_range(id, (addr, len));
+                    }
+                }
+            }
+            Err(e) => log::error!("{e:#}"),
+        }
         let owners = &self.owners;
         self.adoption.finish(
             &mut self.maps,
@@ -260,7 +334,9 @@ impl Reconciler {
             ));
         }
 
-        // 3. Frontends.
+        // 3. Frontends, after the source ranges they name.
+        let wanted_ranges = spec.source_ranges.clone().unwrap_or_default();
+        self.add_ranges(&mut applied, &wanted_ranges);
         let wanted_frontends: BTreeMap<ServiceKey, Service> = spec
             .frontends
             .iter()
@@ -293,6 +369,18 @@ impl Reconciler {
             }
         }
         applied.frontends = wanted_frontends;
+        self.drop_ranges(&mut applied, &wanted_ranges);
+        let keep = if spec.affinity_timeout.is_some() {
+            spec.cluster
+                .backends
+                .iter()
+                .chain(spec.local.iter().flat_map(|t| t.backends.iter()))
+                .map(|b| b.addr)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        self.affinity_checks.insert(applied.id, keep);
         let gone: Vec<SocketAddr> = applied.backends.difference(&wanted).copied().collect();
         for addr in gone {
             applied.backends.remove(&addr);
@@ -481,6 +569,9 @@ impl Reconciler {
                 self.disown_frontend(k, v, stats);
             }
         }
+        let mut applied = applied;
+        self.drop_ranges(&mut applied, &BTreeSet::new());
+        self.affinity_checks.insert(applied.id, BTreeSet::new());
         for r in [applied.rows.cluster, applied.rows.local]
             .into_iter()
             .flatten()

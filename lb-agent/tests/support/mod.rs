@@ -14,7 +14,9 @@ use std::{
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, NodeConfig, Sizes},
     maglev,
-    model::{BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Proto, Scope, Table},
+    model::{
+        BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Prefix, Proto, Scope, Table,
+    },
     reconcile::{
         encoding::{self, FilterKey, Rows},
         filter::Filter,
@@ -39,6 +41,7 @@ pub const NODE_CONFIG: NodeConfig = NodeConfig {
     snat_v4: Some(SNAT_V4),
     snat_v6: Some(SNAT_V6),
     snat_ports: SNAT_PORTS,
+    cluster_cidrs: false,
 };
 
 pub const XDP_ABORTED: u32 = 0;
@@ -66,6 +69,28 @@ pub const CLUSTER_IP: FrontendSpec = FrontendSpec {
     snat_remote: false,
 };
 
+/// A NodePort with externalTrafficPolicy Local: this node's endpoints only,
+/// the client's address kept.
+pub const NODE_PORT_LOCAL: FrontendSpec = FrontendSpec {
+    kind: FrontendKind::NodePort,
+    scope: Scope::Local,
+    snat_remote: false,
+};
+
+/// A LoadBalancer ingress IP with externalTrafficPolicy Cluster.
+pub const LOAD_BALANCER: FrontendSpec = FrontendSpec {
+    kind: FrontendKind::LoadBalancer,
+    scope: Scope::Cluster,
+    snat_remote: true,
+};
+
+/// A ClusterIP with internalTrafficPolicy Local.
+pub const CLUSTER_IP_LOCAL: FrontendSpec = FrontendSpec {
+    kind: FrontendKind::ClusterIp,
+    scope: Scope::Local,
+    snat_remote: false,
+};
+
 /// A NodePort with externalTrafficPolicy Cluster: flows to backends on other
 /// nodes are source-NATed.
 pub const NODE_PORT: FrontendSpec = FrontendSpec {
@@ -83,6 +108,10 @@ pub struct Svc {
     pub backends: Vec<(u32, SocketAddr, bool)>,
     frontends: Vec<Frontend>,
     spec: FrontendSpec,
+    /// sessionAffinity ClientIP timeout (see [`Lab::update`]).
+    pub affinity_timeout: Option<u32>,
+    /// loadBalancerSourceRanges (see [`Lab::update`]).
+    pub source_ranges: Option<BTreeSet<Prefix>>,
 }
 
 impl Svc {
@@ -104,28 +133,38 @@ impl Svc {
         self.backends.iter().map(|(id, a, _)| (*a, *id)).collect()
     }
 
-    /// The port as the model describes it (what the agent encodes from).
+    /// The port as the model describes it (what the agent encodes from). A
+    /// Local frontend gets a second table, of the local backends.
     fn port_spec(&self) -> PortSpec {
+        let table = |only_local: bool| Table {
+            backends: self
+                .backends
+                .iter()
+                .filter(|(_, _, local)| !only_local || *local)
+                .map(|(_, addr, local)| backend_spec(*addr, *local))
+                .collect(),
+            terminating_fallback: false,
+        };
         PortSpec {
             frontends: self.frontends.iter().map(|f| (*f, self.spec)).collect(),
-            cluster: Table {
-                backends: self
-                    .backends
-                    .iter()
-                    .map(|(_, addr, local)| backend_spec(*addr, *local))
-                    .collect(),
-                terminating_fallback: false,
-            },
-            local: None,
+            cluster: table(false),
+            local: (self.spec.scope == Scope::Local).then(|| table(true)),
             draining: BTreeSet::new(),
-            affinity_timeout: None,
+            affinity_timeout: self.affinity_timeout,
+            source_ranges: self.source_ranges.clone(),
         }
     }
 
+    /// The row of the local table: one per service id, above the cluster ones.
+    fn local_row(&self) -> u32 {
+        self.table + SIZES.service_ids / 2
+    }
+
     fn rows(&self) -> Rows {
+        let any_local = self.backends.iter().any(|(_, _, l)| *l);
         Rows {
             cluster: (!self.backends.is_empty()).then_some(self.table),
-            local: None,
+            local: (self.spec.scope == Scope::Local && any_local).then_some(self.local_row()),
         }
     }
 }
@@ -208,6 +247,8 @@ impl Lab {
             backends: Vec::new(),
             frontends: frontends.iter().map(|f| frontend(*f, proto)).collect(),
             spec,
+            affinity_timeout: None,
+            source_ranges: None,
         };
         for (addr, local) in backends {
             let bid = self.next_backend;
@@ -248,12 +289,52 @@ impl Lab {
         }
     }
 
-    /// Rewrites the service's Maglev row from its current backends.
+    /// Rewrites the service's Maglev rows from its current backends.
     fn write_table(&mut self, svc: &Svc) {
-        let table = maglev::build(&svc.entries(), SIZES.maglev_table_size);
+        let size = SIZES.maglev_table_size;
+        let table = maglev::build(&svc.entries(), size);
         if !table.is_empty() {
             self.maps.maglev.write_row(svc.table, &table).unwrap();
         }
+        if let Some(row) = svc.rows().local {
+            let local: Vec<(SocketAddr, u32)> = svc
+                .backends
+                .iter()
+                .filter(|(_, _, l)| *l)
+                .map(|(id, a, _)| (*a, *id))
+                .collect();
+            self.maps
+                .maglev
+                .write_row(row, &maglev::build(&local, size))
+                .unwrap();
+        }
+    }
+
+    /// Writes the service again after a change of its affinity or source
+    /// ranges, the agent's way: ranges first, then the frontends.
+    pub fn update(&mut self, svc: &Svc) {
+        for p in svc.source_ranges.iter().flatten() {
+            self.maps.add_source_range(svc.id, (p.addr, p.len)).unwrap();
+        }
+        self.write_frontends(svc);
+    }
+
+    /// Gives the datapath the cluster's pod CIDRs (`--cluster-cidr`).
+    pub fn cluster_cidrs(&mut self, cidrs: &[&str]) {
+        let cidrs: Vec<_> = cidrs
+            .iter()
+            .map(|c| {
+                let p = Prefix::parse(c).unwrap();
+                (p.addr, p.len)
+            })
+            .collect();
+        self.maps.set_cluster_cidrs(&cidrs).unwrap();
+        self.maps
+            .set_config(&NodeConfig {
+                cluster_cidrs: true,
+                ..NODE_CONFIG
+            })
+            .unwrap();
     }
 
     /// Adds a backend to a service (new id, table rewritten, frontends updated).
