@@ -3,7 +3,7 @@
 //! the datapath attached and serving; only `lb-agent cleanup` removes it.
 
 use std::{
-    collections::{BTreeSet, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     net::{IpAddr, SocketAddr},
     path::PathBuf,
     sync::Arc,
@@ -19,12 +19,13 @@ use tokio::{
 
 use crate::{
     bpf::{Datapath, LoadOptions, NodeConfig, Sizes, sock},
-    cluster::{NodeInfo, Problem},
+    cluster::{NodeInfo, Problem, ProblemKind},
     health::Health,
     interfaces::{Interfaces, UplinkHook},
     metrics::{self, Metrics},
     netlink::{self, Link, LinkEvent},
     reconcile::Reconciler,
+    service_health::{HealthCheck, HealthCheckServers},
     source::{self, SourceEvent},
     sync::Engine,
 };
@@ -366,6 +367,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         tokio::spawn(async move { metrics::serve(m, ma, ha).await })
     };
 
+    let mut health_checks = HealthCheckServers::new({
+        let health = metrics.health.clone();
+        Arc::new(move || {
+            health
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .proxy_healthy(SystemTime::now())
+        })
+    });
     let (tx, mut rx) = mpsc::channel(4096);
     start_source(&settings, tx).await?;
     let mut known_problems: HashSet<String> = HashSet::new();
@@ -387,6 +397,9 @@ pub async fn run(settings: Settings) -> Result<()> {
                     }
                     SourceEvent::Connected => {
                         metrics.health.lock().expect("health lock").source_lost_since = None;
+                    }
+                    SourceEvent::NodeEligible(eligible) => {
+                        metrics.health.lock().expect("health lock").node_eligible = eligible;
                     }
                     // Flags win over the Node object for the node's addresses.
                     SourceEvent::NodeAddresses(_) if !facts.follows_node_object() => {}
@@ -489,6 +502,7 @@ pub async fn run(settings: Settings) -> Result<()> {
             .agent
             .set_map("service_ids", o.ports, sizes.service_ids);
         report_problems(&metrics, &mut known_problems, sync.problems);
+        serve_health_checks(&engine, &mut health_checks, &metrics, &mut known_problems);
         metrics.agent.syncs.inc();
         metrics.agent.sync_duration.observe(sync.took.as_secs_f64());
         metrics
@@ -611,6 +625,43 @@ fn forward_datapath_logs(logger: aya_log::EbpfLogger<&'static dyn log::Log>) -> 
         }
     });
     Ok(())
+}
+
+/// Opens, updates and closes the health check node ports to match the
+/// desired state (a port that cannot be opened is reported, and tried again
+/// at the next sync).
+fn serve_health_checks(
+    engine: &Engine,
+    servers: &mut HealthCheckServers,
+    metrics: &Metrics,
+    known: &mut HashSet<String>,
+) {
+    let wanted: BTreeMap<u16, HealthCheck> = engine
+        .desired()
+        .health_checks()
+        .into_iter()
+        .map(|(port, (svc, hc))| {
+            (
+                port,
+                HealthCheck {
+                    service: svc.clone(),
+                    local_endpoints: hc.local_endpoints,
+                },
+            )
+        })
+        .collect();
+    let failed = servers.update(&wanted);
+    let problems = failed
+        .into_iter()
+        .map(|(port, why)| {
+            Problem::new(
+                ProblemKind::HealthCheckPort,
+                wanted.get(&port).map(|c| c.service.clone()),
+                format!("health check node port {port} cannot be opened: {why}"),
+            )
+        })
+        .collect();
+    report_problems(metrics, known, problems);
 }
 
 /// Logs each problem once (sources repeat them on every resync) and counts it.

@@ -104,6 +104,9 @@ pub enum ProblemKind {
     /// (the Service's other ranges still do), so a typo never opens a
     /// Service to everyone.
     BadSourceRange,
+    /// A health check node port the agent cannot listen on (another process
+    /// holds it); retried at every sync.
+    HealthCheckPort,
 }
 
 impl ProblemKind {
@@ -119,6 +122,7 @@ impl ProblemKind {
             Self::DuplicateFrontend => "duplicate_frontend",
             Self::Capacity => "capacity",
             Self::BadSourceRange => "bad_source_range",
+            Self::HealthCheckPort => "health_check_port",
         }
     }
 }

@@ -49,6 +49,9 @@ pub struct Health {
     /// When the agent's main loop last went round (monotonic: a clock step must
     /// not kill the agent).
     pub heartbeat: Instant,
+    /// Whether external load balancers should send this node traffic (see
+    /// `source::kube::node_eligible`); always in manifest mode.
+    pub node_eligible: bool,
 }
 
 /// A probe's answer: fine, or why not.
@@ -62,11 +65,20 @@ impl Health {
             pending_since: None,
             source_lost_since,
             heartbeat: now,
+            node_eligible: true,
         }
     }
 
-    /// kube-proxy's verdict: synced, and no change pending for too long.
-    pub fn healthy(&self, now: SystemTime) -> bool {
+    /// kube-proxy's `/healthz` verdict: the node eligible for external load
+    /// balancers (a node being deleted or drained answers 503, so that they
+    /// take it out before it goes), and [`Self::proxy_healthy`].
+    pub fn healthz(&self, now: SystemTime) -> bool {
+        self.node_eligible && self.proxy_healthy(now)
+    }
+
+    /// Whether the agent is healthy: synced, and no change pending for too
+    /// long (what health check node ports report as `serviceProxyHealthy`).
+    pub fn proxy_healthy(&self, now: SystemTime) -> bool {
         self.last_synced.is_some()
             && self
                 .pending_since
@@ -104,9 +116,10 @@ impl Health {
             None => String::new(),
         };
         format!(
-            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\",\"nodeEligible\": true,\"sourceConnected\": {}{lost}}}",
+            "{{\"lastUpdated\": \"{}\",\"currentTime\": \"{}\",\"nodeEligible\": {},\"sourceConnected\": {}{lost}}}",
             self.last_synced.map(rfc3339).unwrap_or_default(),
             rfc3339(now),
+            self.node_eligible,
             self.source_lost_since.is_none(),
         )
     }
@@ -159,7 +172,7 @@ async fn healthz(State(h): State<Shared>) -> Response {
     let now = SystemTime::now();
     let h = h.lock().unwrap_or_else(PoisonError::into_inner);
     (
-        status(h.healthy(now)),
+        status(h.healthz(now)),
         [("content-type", "application/json")],
         h.healthz_body(now),
     )
@@ -215,16 +228,23 @@ mod tests {
     #[test]
     fn healthz_is_kube_proxys_and_ignores_the_source() {
         let mut h = Health::new(Instant::now(), None);
-        assert!(!h.healthy(at(0)), "not synced yet");
+        assert!(!h.healthz(at(0)), "not synced yet");
         h.last_synced = Some(at(0));
-        assert!(h.healthy(at(1000)));
+        assert!(h.healthz(at(1000)));
         h.pending_since = Some(at(10));
-        assert!(h.healthy(at(69)));
-        assert!(!h.healthy(at(70)), "a change pending for a minute");
+        assert!(h.healthz(at(69)));
+        assert!(!h.healthz(at(70)), "a change pending for a minute");
         h.pending_since = None;
         // An outage changes nothing in kube-proxy's answer, only in the body.
         h.source_lost_since = Some(at(5));
-        assert!(h.healthy(at(1000)));
+        assert!(h.healthz(at(1000)));
+        // A node being deleted or drained: 503, and the body says so; the
+        // agent itself is still healthy (what health check node ports say).
+        h.node_eligible = false;
+        assert!(!h.healthz(at(1000)));
+        assert!(h.proxy_healthy(at(1000)));
+        let body: serde_json::Value = serde_json::from_str(&h.healthz_body(at(1000))).unwrap();
+        assert_eq!(body["nodeEligible"], false);
     }
 
     #[test]

@@ -30,6 +30,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;
+pub mod service_health;
 pub mod snat_ports;
 pub mod source;
 pub mod sync;

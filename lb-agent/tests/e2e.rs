@@ -27,7 +27,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use anyhow::{Context as _, Result, anyhow, bail};
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use harness::{
     ANSWER, Answer, Env, Shape, Tcp, Udp, fam, ms, probe, spread, tally_line, timed, wait_until,
 };
@@ -60,6 +60,10 @@ const RESTART: (u128, &str) = (27, "e2e-restart");
 const EMPTY: (u128, &str) = (28, "e2e-empty");
 const EDIT: (u128, &str) = (29, "e2e-edit");
 const HAIRPIN: (u128, &str) = (30, "e2e-hairpin");
+const HEALTH: (u128, &str) = (31, "e2e-health");
+const ITP_LOCAL: (u128, &str) = (32, "e2e-itp-local");
+const AFFINITY: (u128, &str) = (33, "e2e-affinity");
+const FIREWALL: (u128, &str) = (34, "e2e-firewall");
 
 const NODEPORT_TO_B: u16 = 30101;
 const NODEPORT_TO_A: u16 = 30102;
@@ -69,6 +73,9 @@ const NODEPORT_EMPTY: u16 = 30108;
 const EDIT_OLD: (u16, u16) = (81, 30109);
 const EDIT_NEW: (u16, u16) = (82, 30110);
 const CHURN_PODS: [&str; 3] = ["pod-a1", "pod-b0", "pod-b1"];
+const NODEPORT_HEALTH: u16 = 30111;
+const HEALTH_CHECK_PORT: u16 = 32100;
+const NODEPORT_FIREWALL: u16 = 30112;
 
 fn spec(
     env: &Env,
@@ -117,7 +124,50 @@ fn initial_services(env: &Env) -> Vec<(ServiceSpec, Vec<&'static str>)> {
         ),
         (edit_spec(env, EDIT_OLD), vec!["pod-a1", "pod-b0"]),
         (spec(env, HAIRPIN, "ClusterIP", 80, None), vec!["pod-a0"]),
+        (health_spec(env), vec!["pod-b1"]),
+        (itp_local_spec(env), vec!["pod-b0"]),
+        (affinity_spec(env, Some(60)), PODS.to_vec()),
+        (firewall_spec(env, &client_ranges(env)), PODS.to_vec()),
     ]
+}
+
+/// A LoadBalancer Service with externalTrafficPolicy Local and a health
+/// check node port.
+fn health_spec(env: &Env) -> ServiceSpec {
+    let mut s = spec(env, HEALTH, "LoadBalancer", 80, Some(NODEPORT_HEALTH));
+    s.load_balancer_ips = env.c().lb_ips(31);
+    s.external_traffic_policy_local = true;
+    s.health_check_node_port = Some(HEALTH_CHECK_PORT);
+    s
+}
+
+fn itp_local_spec(env: &Env) -> ServiceSpec {
+    let mut s = spec(env, ITP_LOCAL, "ClusterIP", 80, None);
+    s.internal_traffic_policy_local = true;
+    s
+}
+
+fn affinity_spec(env: &Env, timeout: Option<u32>) -> ServiceSpec {
+    let mut s = spec(env, AFFINITY, "ClusterIP", 80, None);
+    s.affinity_timeout = timeout;
+    s
+}
+
+fn firewall_spec(env: &Env, ranges: &[String]) -> ServiceSpec {
+    let mut s = spec(env, FIREWALL, "LoadBalancer", 80, Some(NODEPORT_FIREWALL));
+    s.load_balancer_ips = env.c().lb_ips(34);
+    s.source_ranges = ranges.to_vec();
+    s
+}
+
+/// The external client's own addresses, as source ranges.
+fn client_ranges(env: &Env) -> Vec<String> {
+    env.c()
+        .client()
+        .addrs()
+        .iter()
+        .map(|a| format!("{a}/{}", if a.is_ipv4() { 32 } else { 128 }))
+        .collect()
 }
 
 fn vip(env: &Env, svc: (u128, &str), v6: bool, port: u16) -> SocketAddr {
@@ -1157,6 +1207,231 @@ fn node_clients(env: &Env) -> Result<String> {
     ))
 }
 
+/// A node's health check node port: (status, localEndpoints), as the external
+/// client (a cloud load balancer's prober) sees it.
+fn health_check(env: &Env, node: &str, v6: bool) -> Result<(u16, u64)> {
+    let to = env.c().node(node).sock(v6, HEALTH_CHECK_PORT);
+    let (code, body) = lb_testbed::http_get(env.c().client().ns(), to, "/", FAST * 10)
+        .with_context(|| format!("GET http://{to}/"))?;
+    let json: serde_json::Value =
+        serde_json::from_str(&body).with_context(|| format!("{to} answered {body:?}"))?;
+    ensure!(
+        json["service"]["name"] == HEALTH.1 && json["service"]["namespace"] == "default",
+        "{to} answered for another Service: {body}"
+    );
+    Ok((code, json["localEndpoints"].as_u64().unwrap_or(u64::MAX)))
+}
+
+/// What a probe that must be dropped gets: nothing (no RST, no ICMP).
+fn dropped(env: &Env, who: &str, ns: &str, to: SocketAddr, proto: harness::Proto) -> Result<()> {
+    let r = probe(ns, to, proto, Duration::from_millis(700));
+    check!(
+        env,
+        r == Err(ProbeError::TimedOut),
+        "{proto} {who} -> {to}: {r:?}, expected dropped (no answer, no refusal)"
+    );
+    Ok(())
+}
+
+/// Case 14: traffic policies as kube-proxy has them, and its health check
+/// node ports. e2e-health (LoadBalancer, externalTrafficPolicy Local, its one
+/// endpoint pod-b1 on node-b): node-b's health check port answers 200 with
+/// one local endpoint, node-a's 503 with none, to the load balancer's prober
+/// (the client); external clients reach the Service through node-b, keeping
+/// their address, and node-a drops theirs (no refusal, counted); clients
+/// inside the cluster (a pod on node-a through tc, node-a's own namespace
+/// through its socket programs) reach pod-b1 all the same. e2e-itp-local
+/// (internalTrafficPolicy Local, its endpoint on node-b): pod-b1 reaches it,
+/// pod-a0's flows are dropped. Then an endpoint on node-a too: node-a's
+/// health check turns 200 within a second and serves its client locally;
+/// the Service deleted: both health check ports close.
+fn traffic_policies(env: &Env) -> Result<String> {
+    let c = env.c();
+    let client = c.client();
+    for v6 in [false, true] {
+        for (node, want) in [("node-a", (503, 0)), ("node-b", (200, 1))] {
+            let got = health_check(env, node, v6)?;
+            check!(
+                env,
+                got == want,
+                "{node}'s health check node port ({}): {got:?}, expected {want:?}",
+                fam(v6)
+            );
+        }
+    }
+    let drops_before = reason_packets(env, "node-a", "drop_no_local_endpoint")?;
+    for v6 in [false, true] {
+        for proto in [Tcp, Udp] {
+            dropped(
+                env,
+                "client",
+                client.ns(),
+                c.node("node-a").sock(v6, NODEPORT_HEALTH),
+                proto,
+            )?;
+            let to = c.node("node-b").sock(v6, NODEPORT_HEALTH);
+            let own = client.addrs()[usize::from(v6)];
+            env.ask_expect(client.ns(), to, proto, |a| {
+                ensure!(
+                    a.server == "pod-b1" && a.peer.ip() == own,
+                    "{proto} client -> {to}: {a}, expected pod-b1 seeing the client's {own}"
+                );
+                Ok(())
+            })?;
+        }
+    }
+    let drops = reason_packets(env, "node-a", "drop_no_local_endpoint")? - drops_before;
+    check!(
+        env,
+        drops >= 4,
+        "node-a counted {drops} flows under drop_no_local_endpoint"
+    );
+    // Inside the cluster: cluster-wide.
+    let lb_ip = SocketAddr::new(c.lb_ips(HEALTH.0)[0], 80);
+    for (who, ns) in [
+        ("pod-a0", c.pod("pod-a0").ns()),
+        ("node-a", c.node("node-a").ns()),
+    ] {
+        for proto in [Tcp, Udp] {
+            env.ask_expect(ns, lb_ip, proto, |a| {
+                ensure!(a.server == "pod-b1", "{proto} {who} -> {lb_ip}: {a}");
+                Ok(())
+            })?;
+        }
+    }
+    // internalTrafficPolicy Local.
+    for v6 in [false, true] {
+        let to = vip(env, ITP_LOCAL, v6, 80);
+        for proto in [Tcp, Udp] {
+            dropped(env, "pod-a0", c.pod("pod-a0").ns(), to, proto)?;
+            env.ask_expect(c.pod("pod-b1").ns(), to, proto, |a| {
+                ensure!(a.server == "pod-b0", "{proto} pod-b1 -> {to}: {a}");
+                Ok(())
+            })?;
+        }
+    }
+    // A local endpoint on node-a too.
+    env.write(&health_spec(env), &["pod-b1", "pod-a1"])?;
+    let took = wait_until(FOLLOW_WITHIN, || {
+        let got = health_check(env, "node-a", false)?;
+        ensure!(got == (200, 1), "{got:?}");
+        Ok(())
+    })
+    .context("node-a's health check after pod-a1 joined")?;
+    let to = c.node("node-a").sock(false, NODEPORT_HEALTH);
+    env.ask_expect(client.ns(), to, Tcp, |a| {
+        ensure!(
+            a.server == "pod-a1" && a.peer.ip() == client.addrs()[0],
+            "TCP client -> {to}: {a}, expected pod-a1 seeing the client"
+        );
+        Ok(())
+    })?;
+    // Gone: both ports closed.
+    env.delete(HEALTH.1)?;
+    let closed = wait_until(FOLLOW_WITHIN, || {
+        for node in ["node-a", "node-b"] {
+            let to = c.node(node).sock(false, HEALTH_CHECK_PORT);
+            match lb_testbed::http_get(client.ns(), to, "/", FAST) {
+                Err(e) if format!("{e:#}").contains("refused") => {}
+                other => bail!("{node}: {other:?}"),
+            }
+        }
+        Ok(())
+    })
+    .context("the health check ports after the Service was deleted")?;
+    env.write(&health_spec(env), &["pod-b1"])?;
+    Ok(format!(
+        "health check node port {HEALTH_CHECK_PORT}: node-b 200 (1 local endpoint), node-a 503 (0), v4+v6; client -> node-a NodePort dropped ({drops} flows counted, no refusal), -> node-b answered by pod-b1 seeing the client; pod-a0 and node-a's own namespace -> the LB IP answered by pod-b1; internalTrafficPolicy Local: pod-a0 dropped, pod-b1 answered by pod-b0; pod-a1 joined: node-a 200 after {}, serving the client locally; Service deleted: both ports closed after {}",
+        ms(took),
+        ms(closed)
+    ))
+}
+
+/// Case 15: sessionAffinity ClientIP over all four pods: every new
+/// connection of one client (pod-a0 through tc, node-a's own namespace
+/// through its socket programs) goes to one pod, TCP and UDP; with affinity
+/// switched off they spread again.
+fn session_affinity(env: &Env) -> Result<String> {
+    let c = env.c();
+    let mut lines = Vec::new();
+    for v6 in [false, true] {
+        let to = vip(env, AFFINITY, v6, 80);
+        for (who, ns) in [
+            ("pod-a0", c.pod("pod-a0").ns()),
+            ("node-a", c.node("node-a").ns()),
+        ] {
+            for proto in [Tcp, Udp] {
+                let t = spread(ns, to, proto, 12)?;
+                check!(
+                    env,
+                    t.len() == 1,
+                    "{proto} {who} -> {to} with affinity went to {}",
+                    tally_line(&t)
+                );
+                lines.push(format!("{who} {proto} {}: {}", fam(v6), tally_line(&t)));
+            }
+        }
+    }
+    env.write(&affinity_spec(env, None), &PODS)?;
+    let to = vip(env, AFFINITY, false, 80);
+    let took = wait_until(FOLLOW_WITHIN * 3, || {
+        let t = spread(c.pod("pod-a0").ns(), to, Tcp, 12)?;
+        ensure!(t.len() >= 2, "still {}", tally_line(&t));
+        Ok(())
+    })
+    .context("spreading again without affinity")?;
+    env.write(&affinity_spec(env, Some(60)), &PODS)?;
+    Ok(format!(
+        "{}; affinity off: pod-a0's connections spread again after {}",
+        lines.join("; "),
+        ms(took)
+    ))
+}
+
+/// Case 16: loadBalancerSourceRanges. e2e-firewall admits the client's own
+/// addresses: the client reaches its LoadBalancer IPs; with ranges that leave
+/// the client out its new flows to them are dropped (counted), while its
+/// NodePort stays open (kube-proxy restricts the LoadBalancer IPs only); a
+/// range that does not parse admits nobody.
+fn source_ranges(env: &Env) -> Result<String> {
+    let c = env.c();
+    let client = c.client();
+    let lbs = c.lb_ips(FIREWALL.0);
+    for ip in &lbs {
+        env.ask_expect(client.ns(), SocketAddr::new(*ip, 80), Tcp, |_| Ok(()))?;
+    }
+    let before = reason_packets(env, "node-a", "drop_source_range")?;
+    for ranges in [
+        vec!["10.0.0.0/8".to_string(), "fd00:9::/64".into()],
+        vec!["bogus".into()],
+    ] {
+        env.write(&firewall_spec(env, &ranges), &PODS)?;
+        let to = SocketAddr::new(lbs[0], 80);
+        wait_until(FOLLOW_WITHIN, || match probe(client.ns(), to, Tcp, FAST) {
+            Err(ProbeError::TimedOut) => Ok(()),
+            other => bail!("{other:?}"),
+        })
+        .with_context(|| format!("the client shut out by {ranges:?}"))?;
+        for ip in &lbs {
+            for proto in [Tcp, Udp] {
+                dropped(env, "client", client.ns(), SocketAddr::new(*ip, 80), proto)?;
+            }
+        }
+        let np = c.node("node-a").sock(false, NODEPORT_FIREWALL);
+        env.ask_expect(client.ns(), np, Tcp, |_| Ok(()))?;
+    }
+    let drops = reason_packets(env, "node-a", "drop_source_range")? - before;
+    check!(
+        env,
+        drops >= 8,
+        "node-a counted {drops} flows under drop_source_range"
+    );
+    env.write(&firewall_spec(env, &client_ranges(env)), &PODS)?;
+    Ok(format!(
+        "the client admitted by its own /32 and /128 to {lbs:?}; ranges leaving it out, and a range that does not parse: its new flows to the LB IPs dropped ({drops} counted), its NodePort still answered"
+    ))
+}
+
 /// Packets counted under `reason` on `node`.
 fn reason_packets(env: &Env, node: &str, reason: &str) -> Result<u64> {
     let dump = env.dump(node)?;
@@ -1337,6 +1612,9 @@ fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
         ("cold-neighbours", cold_neighbours),
         ("snat-capacity", snat_capacity),
         ("node-clients", node_clients),
+        ("traffic-policies", traffic_policies),
+        ("session-affinity", session_affinity),
+        ("source-ranges", source_ranges),
     ];
     match pod_network {
         PodNetwork::Vxlan => cases.push(("overlay", overlay_carried_the_traffic)),

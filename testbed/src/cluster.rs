@@ -939,9 +939,20 @@ impl Cluster {
         drop(std::mem::take(&mut *lock(&self.servers)));
     }
 
+    /// Every node's pod CIDRs, both families: the agents' `--cluster-cidr`.
+    pub fn cluster_cidr_arg(&self) -> String {
+        let cidrs: Vec<String> = self
+            .nodes
+            .iter()
+            .flat_map(|n| [n.pod_cidr_v4.to_string(), n.pod_cidr_v6.to_string()])
+            .collect();
+        cidrs.join(",")
+    }
+
     /// Starts the lb agent on every node:
     /// `<agent_bin> run --manifests <dir> --node-name <node> --node-ip <v4>,<v6>
-    /// --iface <uplink> --pod-ifaces <pattern> --pin-path <pin path>
+    /// --iface <uplink> --pod-ifaces <pattern> --cluster-cidr <pod CIDRs>
+    /// --pin-path <pin path>
     /// --log-level info`, inside the node's namespace, output to
     /// `<run dir>/agent-<node>.log`; then waits for each to answer 200 on
     /// `http://127.0.0.1:10256/healthz` in its namespace.
@@ -962,6 +973,7 @@ impl Cluster {
                     .to_string(),
                 ),
                 ("--pod-ifaces", node.pod_iface_pattern()),
+                ("--cluster-cidr", self.cluster_cidr_arg()),
                 ("--pin-path", node.pin_path.display().to_string()),
                 ("--log-level", "info".to_string()),
             ] {

@@ -20,6 +20,13 @@ pub struct ServiceSpec {
     pub load_balancer_ips: Vec<IpAddr>,
     pub external_ips: Vec<IpAddr>,
     pub external_traffic_policy_local: bool,
+    pub internal_traffic_policy_local: bool,
+    /// `healthCheckNodePort` (LoadBalancer, externalTrafficPolicy Local).
+    pub health_check_node_port: Option<u16>,
+    /// sessionAffinity ClientIP with this timeout (seconds).
+    pub affinity_timeout: Option<u32>,
+    /// `loadBalancerSourceRanges`, as written (they need not parse).
+    pub source_ranges: Vec<String>,
 }
 
 impl ServiceSpec {
@@ -33,6 +40,10 @@ impl ServiceSpec {
             load_balancer_ips: Vec::new(),
             external_ips: Vec::new(),
             external_traffic_policy_local: false,
+            internal_traffic_policy_local: false,
+            health_check_node_port: None,
+            affinity_timeout: None,
+            source_ranges: Vec::new(),
         }
     }
 
@@ -77,6 +88,26 @@ pub fn service_yaml(spec: &ServiceSpec, ready: &[&Pod], terminating: &[&Pod]) ->
             "Cluster"
         };
         let _ = writeln!(y, "  externalTrafficPolicy: {etp}");
+    }
+    if spec.internal_traffic_policy_local {
+        let _ = writeln!(y, "  internalTrafficPolicy: Local");
+    }
+    if let Some(port) = spec.health_check_node_port {
+        let _ = writeln!(y, "  healthCheckNodePort: {port}");
+    }
+    if let Some(t) = spec.affinity_timeout {
+        let _ = writeln!(
+            y,
+            "  sessionAffinity: ClientIP\n  sessionAffinityConfig: {{clientIP: {{timeoutSeconds: {t}}}}}"
+        );
+    }
+    if !spec.source_ranges.is_empty() {
+        let quoted: Vec<String> = spec
+            .source_ranges
+            .iter()
+            .map(|r| format!("{r:?}"))
+            .collect();
+        let _ = writeln!(y, "  loadBalancerSourceRanges: [{}]", quoted.join(", "));
     }
     if !spec.external_ips.is_empty() {
         let _ = writeln!(y, "  externalIPs: [{}]", join(&spec.external_ips));

@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use super::{Frontend, PortKey, PortSpec, Scope, ServiceModel};
+use super::{Frontend, HealthCheckSpec, PortKey, PortSpec, Scope, ServiceModel};
 use crate::cluster::{ObjectKey, Problem, ProblemKind};
 
 /// What one [`Desired::set_service`] call changed.
@@ -38,6 +38,8 @@ pub struct Desired {
     claims: HashMap<Frontend, BTreeSet<PortKey>>,
     /// The frontends with more than one claimant.
     contested: BTreeSet<Frontend>,
+    /// Each Service's health check node port, if it has one.
+    health_checks: BTreeMap<ObjectKey, HealthCheckSpec>,
 }
 
 impl Desired {
@@ -52,6 +54,10 @@ impl Desired {
     /// Every port of `model` must belong to `service`; ports of another
     /// Service, and a second port with the same key, are ignored.
     pub fn set_service(&mut self, service: &ObjectKey, model: Option<ServiceModel>) -> Changes {
+        match model.as_ref().and_then(|m| m.health_check) {
+            Some(hc) => self.health_checks.insert(service.clone(), hc),
+            None => self.health_checks.remove(service),
+        };
         let old: Vec<(PortKey, PortSpec)> = self
             .services
             .remove(service)
@@ -126,6 +132,16 @@ impl Desired {
             }
         }
         changes
+    }
+
+    /// The health check node ports, by port: one per port, the smallest
+    /// Service key keeping a port two Services name.
+    pub fn health_checks(&self) -> BTreeMap<u16, (&ObjectKey, HealthCheckSpec)> {
+        let mut out = BTreeMap::new();
+        for (svc, hc) in &self.health_checks {
+            out.entry(hc.port).or_insert((svc, *hc));
+        }
+        out
     }
 
     /// A port's effective spec.
@@ -299,6 +315,7 @@ mod tests {
                 .map(|(port, fes)| (key(name, port), spec(fes, "10.0.0.1:8080")))
                 .collect(),
             problems: Vec::new(),
+            health_check: None,
         }
     }
 
@@ -415,6 +432,7 @@ mod tests {
                 spec(&[shared], "10.0.0.9:80"),
             )],
             problems: Vec::new(),
+            health_check: None,
         };
         d.set_service(
             &obj("b"),
@@ -585,6 +603,7 @@ mod tests {
             Some(ServiceModel {
                 ports: vec![(key("b", "http"), local.clone())],
                 problems: vec![],
+                health_check: None,
             }),
         );
         assert_eq!(d.port(&key("b", "http")), Some(&local));
@@ -663,6 +682,7 @@ spec:
             ServiceModel {
                 ports: vec![(key(&format!("s{i:05}"), "http"), s)],
                 problems: vec![],
+                health_check: None,
             }
         };
         for i in 0..10_000 {

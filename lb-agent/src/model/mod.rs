@@ -261,4 +261,16 @@ impl PortSpec {
 pub struct ServiceModel {
     pub ports: Vec<(PortKey, PortSpec)>,
     pub problems: Vec<Problem>,
+    /// kube-proxy's health check node port, for a LoadBalancer Service with
+    /// externalTrafficPolicy Local and a `healthCheckNodePort`.
+    pub health_check: Option<HealthCheckSpec>,
+}
+
+/// A health check node port and what it reports (see `service_health`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HealthCheckSpec {
+    pub port: u16,
+    /// The Service's ready endpoints on this node (in the family that has
+    /// more of them: a dual-stack pod counts once).
+    pub local_endpoints: usize,
 }

@@ -12,8 +12,8 @@ use k8s_openapi::api::{
 };
 
 use super::{
-    BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, PortKey, PortSpec, Prefix, Proto,
-    Scope, ServiceModel, Table,
+    BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, HealthCheckSpec, PortKey, PortSpec,
+    Prefix, Proto, Scope, ServiceModel, Table,
     slice::{Address, Slice},
 };
 use crate::cluster::{NodeInfo, ObjectKey, Problem, ProblemKind};
@@ -223,7 +223,33 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
             ));
         }
     }
-    ServiceModel { ports, problems }
+    let health_check = (ingress_applies && etp_local)
+        .then_some(spec.health_check_node_port)
+        .flatten()
+        .and_then(valid_port)
+        .map(|port| {
+            // Per family, as kube-proxy counts them (a dual-stack pod is one
+            // endpoint in each family's slice, not two).
+            let count = |family: Family| {
+                slices
+                    .iter()
+                    .filter(|s| s.family == family)
+                    .flat_map(|s| s.endpoints.iter())
+                    .filter(|(_, e)| e.local && e.ready)
+                    .map(|(ip, _)| *ip)
+                    .collect::<BTreeSet<IpAddr>>()
+                    .len()
+            };
+            HealthCheckSpec {
+                port,
+                local_endpoints: count(Family::V4).max(count(Family::V6)),
+            }
+        });
+    ServiceModel {
+        ports,
+        problems,
+        health_check,
+    }
 }
 
 /// `loadBalancerSourceRanges` (None when it lists nothing). An entry that is
@@ -1472,6 +1498,46 @@ spec:
         assert_eq!(
             model(&shut, &[]).ports[0].1.source_ranges,
             Some(BTreeSet::new())
+        );
+    }
+
+    #[test]
+    fn a_health_check_node_port_counts_this_nodes_ready_endpoints() {
+        let yaml = |kind: &str, etp: &str| {
+            svc(&format!(
+                "
+metadata: {{name: web, namespace: default}}
+spec:
+  type: {kind}
+  clusterIP: 10.96.0.10
+  externalTrafficPolicy: {etp}
+  healthCheckNodePort: 32000
+  ports: [{{name: http, port: 80, nodePort: 30080}}]
+"
+            ))
+        };
+        let m = model(&yaml("LoadBalancer", "Local"), &[slice(WEB_SLICE)]);
+        // WEB_SLICE has one ready endpoint on node-a (10.0.1.1) and one elsewhere.
+        assert_eq!(
+            m.health_check,
+            Some(HealthCheckSpec {
+                port: 32000,
+                local_endpoints: 1
+            })
+        );
+        // Only LoadBalancer Services with externalTrafficPolicy Local have one.
+        assert_eq!(
+            model(&yaml("LoadBalancer", "Cluster"), &[]).health_check,
+            None
+        );
+        assert_eq!(model(&yaml("NodePort", "Local"), &[]).health_check, None);
+        // Without slices: the port answers, with no local endpoint.
+        assert_eq!(
+            model(&yaml("LoadBalancer", "Local"), &[]).health_check,
+            Some(HealthCheckSpec {
+                port: 32000,
+                local_endpoints: 0
+            })
         );
     }
 

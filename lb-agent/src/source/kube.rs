@@ -231,6 +231,8 @@ struct State {
     services_listed: bool,
     slices_listed: bool,
     node_addresses: Option<Vec<IpAddr>>,
+    /// The Node is being deleted or drained (a node starts eligible).
+    node_ineligible: bool,
 }
 
 impl State {
@@ -406,17 +408,53 @@ impl State {
                     "Node {} was deleted; keeping its last addresses",
                     self.node_name
                 );
-                return Vec::new();
+                return self.eligibility(false);
             }
         };
+        let mut out = self.eligibility(node_eligible(&node));
         let addresses = node_addresses(&node);
         if self.node_addresses.as_ref() == Some(&addresses) {
-            return Vec::new();
+            return out;
         }
         log::info!("Node {} addresses: {addresses:?}", self.node_name);
         self.node_addresses = Some(addresses.clone());
-        vec![SourceEvent::NodeAddresses(addresses)]
+        out.push(SourceEvent::NodeAddresses(addresses));
+        out
     }
+
+    /// `NodeEligible` when the node's eligibility changes (it starts eligible).
+    fn eligibility(&mut self, eligible: bool) -> Vec<SourceEvent> {
+        if self.node_ineligible != eligible {
+            return Vec::new();
+        }
+        log::info!(
+            "Node {} is {} for external load balancers",
+            self.node_name,
+            if eligible {
+                "eligible again"
+            } else {
+                "not eligible (being deleted or drained)"
+            }
+        );
+        self.node_ineligible = !eligible;
+        vec![SourceEvent::NodeEligible(eligible)]
+    }
+}
+
+/// The taint the cluster autoscaler puts on a node it is about to remove.
+pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
+
+/// Whether external load balancers should send the node traffic: not while
+/// it is being deleted or the autoscaler is draining it (kube-proxy's
+/// `nodeEligible`, which its `/healthz` reports).
+pub fn node_eligible(node: &Node) -> bool {
+    let deleting = node.metadata.deletion_timestamp.is_some();
+    let drained = node
+        .spec
+        .as_ref()
+        .and_then(|s| s.taints.as_ref())
+        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
+    !deleting && !drained
 }
 
 /// A Node's InternalIP and ExternalIP addresses, in its order, without repeats.
@@ -625,10 +663,56 @@ mod tests {
         );
         let same = node(&[("InternalIP", "10.0.0.1"), ("ExternalIP", "2001:db8::1")]);
         assert!(st.node(Ok(Event::Apply(same.clone()))).is_empty());
-        assert!(st.node(Ok(Event::Delete(same))).is_empty());
+        // A deleted Node keeps its addresses, but is no longer eligible.
+        let out = st.node(Ok(Event::Delete(same)));
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeEligible(false)]),
+            "{out:?}"
+        );
         let out = st.node(Ok(Event::Apply(node(&[("InternalIP", "10.0.0.2")]))));
         assert!(
-            matches!(&out[..], [SourceEvent::NodeAddresses(a)] if *a == vec!["10.0.0.2".parse::<IpAddr>().unwrap()])
+            matches!(&out[..], [SourceEvent::NodeEligible(true), SourceEvent::NodeAddresses(a)] if *a == vec!["10.0.0.2".parse::<IpAddr>().unwrap()]),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_node_being_deleted_or_drained_is_not_eligible() {
+        let mut st = in_contact();
+        let mut n = node(&[("InternalIP", "10.0.0.1")]);
+        st.node(Ok(Event::Apply(n.clone())));
+        let taint = |key: &str| k8s_openapi::api::core::v1::Taint {
+            key: key.into(),
+            effect: "NoSchedule".into(),
+            ..Default::default()
+        };
+        n.spec = Some(k8s_openapi::api::core::v1::NodeSpec {
+            taints: Some(vec![taint("node.kubernetes.io/unschedulable")]),
+            ..Default::default()
+        });
+        assert!(
+            st.node(Ok(Event::Apply(n.clone()))).is_empty(),
+            "cordoned is still eligible"
+        );
+        n.spec.as_mut().unwrap().taints = Some(vec![taint(TO_BE_DELETED_TAINT)]);
+        let out = st.node(Ok(Event::Apply(n.clone())));
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeEligible(false)]),
+            "{out:?}"
+        );
+        n.spec = None;
+        let out = st.node(Ok(Event::Apply(n.clone())));
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeEligible(true)]),
+            "{out:?}"
+        );
+        n.metadata.deletion_timestamp = Some(k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+            k8s_openapi::jiff::Timestamp::UNIX_EPOCH,
+        ));
+        let out = st.node(Ok(Event::Apply(n)));
+        assert!(
+            matches!(&out[..], [SourceEvent::NodeEligible(false)]),
+            "{out:?}"
         );
     }
 }

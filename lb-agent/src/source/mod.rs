@@ -40,6 +40,10 @@ pub enum SourceEvent {
     },
     /// This node's addresses changed (Kubernetes mode: the Node object).
     NodeAddresses(Vec<IpAddr>),
+    /// Whether this node should get traffic from external load balancers
+    /// changed: false while its Node is being deleted or is tainted
+    /// `ToBeDeletedByClusterAutoscaler` (kube-proxy's `nodeEligible`).
+    NodeEligible(bool),
     /// Input that was skipped, outside a resync (e.g. a watch event that does not
     /// decode).
     Invalid(Problem),

@@ -108,7 +108,9 @@ impl Store {
             SourceEvent::NodeAddresses(addrs) => self.set_node_addresses(addrs, &mut dirty),
             SourceEvent::Invalid(p) => dirty.problems.push(p),
             // Not cluster state: the agent reports them.
-            SourceEvent::Disconnected { .. } | SourceEvent::Connected => {}
+            SourceEvent::Disconnected { .. }
+            | SourceEvent::Connected
+            | SourceEvent::NodeEligible(_) => {}
         }
         dirty
     }
