@@ -45,6 +45,7 @@ impl<'s> LbAgent<'s> {
                 mounts: Vec::new(),
                 ns: ns.to_string(),
                 log: log.clone(),
+                confinement: None,
             },
         )?;
         Ok(Self {

@@ -178,6 +178,7 @@ fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
         NodeInfo {
             name: "node-a".into(),
             addresses: vec!["192.0.2.1".parse()?],
+            zone: None,
         },
     );
     let loaded = manifests::load_dir(dir);

@@ -40,7 +40,7 @@ use crate::{
     agent::LbAgent,
     cpu,
     kubeproxy::{self, NodeFacts, Svc},
-    perpacket::Template,
+    perpacket::{Template, Vary},
     report::median,
 };
 
@@ -387,7 +387,8 @@ impl Generator {
 
     /// Sends `count` frames of `frame` over `flows` flows; returns the wall time.
     fn send(&mut self, frame: &[u8], flows: u32, count: u32) -> Result<Duration> {
-        self.tmpl.set(0, Template::new(frame, true, flows)?, 0)?;
+        self.tmpl
+            .set(0, Template::new(frame, Vary::Port as u32, flows)?, 0)?;
         let prog: &Xdp = self
             .bench
             .program("bench_gen")

@@ -23,8 +23,10 @@ use crate::{
     health::Health,
     interfaces::{Interfaces, UplinkHook},
     metrics::{self, Metrics},
+    model::Prefix,
     netlink::{self, Link, LinkEvent},
     reconcile::Reconciler,
+    repair::{self, RepairSchedule},
     service_health::{HealthCheck, HealthCheckServers},
     source::{self, SourceEvent},
     sync::Engine,
@@ -62,8 +64,12 @@ pub struct Settings {
     /// Where the cgroup v2 hierarchy is mounted (or its hybrid-layout parent).
     pub cgroup_path: PathBuf,
     /// The cluster's pod CIDRs (`--cluster-cidr`): which clients are inside
-    /// the cluster.
-    pub cluster_cidrs: Vec<crate::bpf::maps::Cidr>,
+    /// the cluster. Empty: the Nodes' pod CIDRs, as the source reports them.
+    pub cluster_cidrs: Vec<Prefix>,
+    /// The period of the verify-and-repair pass (see `repair`).
+    pub verify_every: Duration,
+    /// The receive buffer of the link events' netlink socket, in bytes.
+    pub link_events_buffer: usize,
 }
 
 /// The uplinks named with --iface.
@@ -106,8 +112,56 @@ fn release_freed_memory() {
     }
 }
 
+/// The cluster CIDRs the datapath tells clients inside the cluster by: those
+/// of `--cluster-cidr`, fixed; else the Nodes' pod CIDRs, which the source
+/// reports after its first listing. Until then the datapath keeps what the
+/// last run left (a restart changes nothing).
+struct ClusterCidrs {
+    from_flag: bool,
+    /// None: not reported yet.
+    known: Option<Vec<Prefix>>,
+}
+
+impl ClusterCidrs {
+    fn at_start(settings: &Settings) -> Self {
+        let from_flag = !settings.cluster_cidrs.is_empty();
+        Self {
+            from_flag,
+            known: from_flag.then(|| settings.cluster_cidrs.clone()),
+        }
+    }
+
+    /// Takes the source's report; whether the datapath must follow it.
+    fn reported(&mut self, cidrs: Vec<Prefix>) -> bool {
+        if self.from_flag || self.known.as_ref() == Some(&cidrs) {
+            return false;
+        }
+        self.known = Some(cidrs);
+        true
+    }
+
+    /// Writes the tries, then (through `config`) the flag that makes the
+    /// datapath read them. Nothing before they are known.
+    fn write(&self, maps: &mut crate::bpf::maps::Maps) -> Result<()> {
+        let Some(cidrs) = &self.known else {
+            return Ok(());
+        };
+        let tries: Vec<crate::bpf::maps::Cidr> = cidrs.iter().map(|p| (p.addr, p.len)).collect();
+        maps.set_cluster_cidrs(&tries)
+    }
+
+    /// Whether `config` says the tries hold them: once known, whether there
+    /// are any; before, what `pinned` says.
+    fn in_config(&self, pinned: &Config) -> bool {
+        match &self.known {
+            Some(cidrs) => !cidrs.is_empty(),
+            None => pinned.flags & lb_common::CFG_F_CLUSTER_CIDRS != 0,
+        }
+    }
+}
+
 /// The node's `config`: source NAT from its first address of each family.
-fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> NodeConfig {
+fn node_config(settings: &Settings, node_ips: &[IpAddr], cluster_cidrs: bool) -> NodeConfig {
     NodeConfig {
         snat_v4: node_ips.iter().find_map(|i| match i {
             IpAddr::V4(v4) => Some(*v4),
@@ -118,7 +172,7 @@ fn node_config(settings: &Settings, node_ips: &[IpAddr]) -> NodeConfig {
             IpAddr::V4(_) => None,
         }),
         snat_ports: settings.snat_ports,
-        cluster_cidrs: !settings.cluster_cidrs.is_empty(),
+        cluster_cidrs,
     }
 }
 
@@ -126,11 +180,12 @@ async fn start_source(settings: &Settings, tx: mpsc::Sender<SourceEvent>) -> Res
     match &settings.source {
         SourceConfig::Manifests(dir) => {
             let dir = dir.clone();
+            let node = settings.node_name.clone();
             if !dir.is_dir() {
                 bail!("--manifests {}: not a directory", dir.display());
             }
             tokio::spawn(async move {
-                if let Err(e) = source::manifests::watch(dir, tx).await {
+                if let Err(e) = source::manifests::watch(dir, node, tx).await {
                     log::error!("manifest source stopped: {e:#}");
                 }
             });
@@ -138,8 +193,14 @@ async fn start_source(settings: &Settings, tx: mpsc::Sender<SourceEvent>) -> Res
         SourceConfig::Kubernetes(kubeconfig) => {
             let client = kube_client(kubeconfig.as_deref()).await?;
             let node = settings.node_name.clone();
+            // The Nodes' pod CIDRs are only needed without --cluster-cidr.
+            let nodes = if settings.cluster_cidrs.is_empty() {
+                source::kube::Nodes::All
+            } else {
+                source::kube::Nodes::OwnOnly
+            };
             tokio::spawn(async move {
-                if let Err(e) = source::kube::run(client, node, tx).await {
+                if let Err(e) = source::kube::run(client, node, nodes, tx).await {
                     log::error!("Kubernetes source stopped: {e:#}");
                 }
             });
@@ -300,6 +361,7 @@ pub async fn run(settings: Settings) -> Result<()> {
         NodeInfo {
             name: settings.node_name.clone(),
             addresses: node_ips.clone(),
+            zone: None,
         },
     );
     let mut att = Interfaces::new(
@@ -308,22 +370,33 @@ pub async fn run(settings: Settings) -> Result<()> {
         settings.pod_iface_patterns.clone(),
         settings.other_iface_patterns.clone(),
     );
-    // Subscribe to link events before listing, so no link falls in between.
+    // The subscription lists the links once subscribed, so that no link
+    // falls in between: its first listing is the links to start with.
     let (link_tx, mut link_rx) = mpsc::channel(256);
-    tokio::spawn(async move {
-        if let Err(e) = netlink::watch_links(link_tx).await {
-            log::error!("link events stopped: {e:#}");
-        }
-    });
-    let links_now = netlink::links().await?;
+    tokio::spawn(netlink::follow_links(link_tx, settings.link_events_buffer));
+    let links_now = match link_rx.recv().await {
+        Some(LinkEvent::Listed(links)) => links,
+        Some(LinkEvent::Lost(why)) => bail!("following the node's links: {why}"),
+        other => bail!("the link subscription began with {other:?}, not a listing"),
+    };
+    let mut cluster_cidrs = ClusterCidrs::at_start(&settings);
+    // What the last run left (the cluster CIDRs' flag stays until they are known).
+    let pinned = engine
+        .reconciler()
+        .maps()
+        .config
+        .get(&0, 0)
+        .context("reading config")?;
     {
         let mut r = engine.reconciler();
-        let pinned = r.maps().config.get(&0, 0).context("reading config")?;
         // The CIDRs before the flag that makes the datapath read them.
-        r.maps_mut().set_cluster_cidrs(&settings.cluster_cidrs)?;
+        cluster_cidrs.write(r.maps_mut())?;
         if facts.may_write_config(&pinned) {
-            r.maps_mut()
-                .set_config(&node_config(&settings, &node_ips))?;
+            r.maps_mut().set_config(&node_config(
+                &settings,
+                &node_ips,
+                cluster_cidrs.in_config(&pinned),
+            ))?;
         }
         for link in links_now {
             att.link_added(&mut dp, r.maps_mut(), link);
@@ -355,12 +428,25 @@ pub async fn run(settings: Settings) -> Result<()> {
     // says when it has some); the manifest source always has it.
     let source_lost_since =
         matches!(settings.source, SourceConfig::Kubernetes(_)).then(SystemTime::now);
+    // The scrape reads the counters through handles of its own and the ids'
+    // names from the reconciler's shared copy: it never takes the reconciler's
+    // lock, which every sync holds.
+    let (counters, names) = {
+        let r = engine.reconciler();
+        (r.maps().counter_handles()?, r.id_names())
+    };
     let metrics = Arc::new(Metrics::new(
-        engine.shared_reconciler(),
+        counters,
+        names,
         Health::new(Instant::now(), source_lost_since),
     ));
     metrics.agent.socket_lb.set(i64::from(socket_lb));
     count_conntrack(&settings, &metrics);
+    let janitor = crate::conntrack::Janitor::start(
+        &settings.pin_path,
+        metrics.agent.conntrack_cleared.clone(),
+        metrics.agent.conntrack_expired.clone(),
+    );
     let mut server = {
         let m = metrics.clone();
         let (ma, ha) = (settings.metrics_addr, settings.healthz_addr);
@@ -379,13 +465,14 @@ pub async fn run(settings: Settings) -> Result<()> {
     let (tx, mut rx) = mpsc::channel(4096);
     start_source(&settings, tx).await?;
     let mut known_problems: HashSet<String> = HashSet::new();
-    let mut link_events = true;
     let mut heartbeat = tokio::time::interval(HEARTBEAT_EVERY);
+    let mut repairs = RepairSchedule::new(settings.verify_every, tokio::time::Instant::now());
     let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
 
     loop {
         let mut node_changed = false;
+        let mut cidrs_changed = false;
         let mut problems = Vec::new();
         tokio::select! {
             ev = rx.recv() => {
@@ -400,6 +487,9 @@ pub async fn run(settings: Settings) -> Result<()> {
                     }
                     SourceEvent::NodeEligible(eligible) => {
                         metrics.health.lock().expect("health lock").node_eligible = eligible;
+                    }
+                    SourceEvent::ClusterCidrs(cidrs) => {
+                        cidrs_changed |= cluster_cidrs.reported(cidrs);
                     }
                     // Flags win over the Node object for the node's addresses.
                     SourceEvent::NodeAddresses(_) if !facts.follows_node_object() => {}
@@ -425,22 +515,32 @@ pub async fn run(settings: Settings) -> Result<()> {
                     take(ev);
                 }
             }
-            le = link_rx.recv(), if link_events => {
+            // (follow_links ends only once this receiver is gone.)
+            Some(le) = link_rx.recv() => {
                 let mut r = engine.reconciler();
                 match le {
-                    Some(LinkEvent::Added(l)) => att.link_added(&mut dp, r.maps_mut(), l),
-                    Some(LinkEvent::Removed(l)) => att.link_removed(r.maps_mut(), &l),
-                    None => {
-                        // The watcher stopped (and said why); a closed channel
-                        // is always ready, so stop polling it.
-                        log::warn!(
-                            "no more link events: interfaces created from now on get no program \
-                             until the agent restarts"
-                        );
-                        link_events = false;
+                    LinkEvent::Added(l) => att.link_added(&mut dp, r.maps_mut(), l),
+                    LinkEvent::Removed(l) => att.link_removed(r.maps_mut(), &l),
+                    LinkEvent::Listed(links) => {
+                        metrics.health.lock().expect("health lock").links_lost_since = None;
+                        att.relisted(&mut dp, r.maps_mut(), links);
+                    }
+                    LinkEvent::Lost(_) => {
+                        metrics.agent.error("link_events");
+                        metrics
+                            .health
+                            .lock()
+                            .expect("health lock")
+                            .links_lost_since
+                            .get_or_insert_with(SystemTime::now);
                     }
                 }
                 continue;
+            }
+            () = tokio::time::sleep_until(repairs.next()) => {
+                // Then on to the sync below, which tries the failed ports again.
+                let failing = repair::pass(&mut engine, &att, &metrics);
+                repairs.ran(tokio::time::Instant::now(), failing);
             }
             _ = heartbeat.tick() => {
                 metrics.health.lock().expect("health lock").heartbeat = Instant::now();
@@ -458,6 +558,24 @@ pub async fn run(settings: Settings) -> Result<()> {
             _ = int.recv() => break,
         }
         report_problems(&metrics, &mut known_problems, problems);
+        if cidrs_changed {
+            let mut r = engine.reconciler();
+            // `config` is written once the addresses are known (it holds
+            // the source-NAT addresses too); until then the CIDRs wait in
+            // the tries. Its flag goes off before the tries empty, and on
+            // after they are filled: never a moment in which every client
+            // counts as outside.
+            let flag = cluster_cidrs.in_config(&pinned);
+            let config = (facts.addresses_known() && !node_changed)
+                .then(|| node_config(&settings, &engine.store().node().addresses, flag));
+            if let Some(c) = config.as_ref().filter(|_| !flag) {
+                r.maps_mut().set_config(c)?;
+            }
+            cluster_cidrs.write(r.maps_mut())?;
+            if let Some(c) = config.as_ref().filter(|_| flag) {
+                r.maps_mut().set_config(c)?;
+            }
+        }
         if node_changed {
             // The Node object's addresses arrived or changed: SNAT addresses,
             // and the uplinks unless --iface names them.
@@ -465,7 +583,11 @@ pub async fn run(settings: Settings) -> Result<()> {
             log::info!("node addresses now {ips:?}");
             let addrs = netlink::addresses().await?;
             let mut r = engine.reconciler();
-            r.maps_mut().set_config(&node_config(&settings, &ips))?;
+            r.maps_mut().set_config(&node_config(
+                &settings,
+                &ips,
+                cluster_cidrs.in_config(&pinned),
+            ))?;
             if facts.uplinks_follow_addresses() {
                 att.set_uplinks(&mut dp, r.maps_mut(), uplinks_holding(&ips, &addrs))?;
             }
@@ -480,6 +602,14 @@ pub async fn run(settings: Settings) -> Result<()> {
         let Some(sync) = engine.sync() else {
             continue;
         };
+        // Removed UDP frontends: their flows' conntrack entries go, off this loop.
+        janitor.hand(sync.stats.udp_gone.clone());
+        {
+            let mut r = engine.reconciler();
+            if r.take_repair_due() || !r.failed_ports().is_empty() {
+                repairs.failed(tokio::time::Instant::now());
+            }
+        }
         if sync.first {
             log::info!(
                 "first sync done: {} service ports from {} Services",

@@ -41,6 +41,9 @@ pub struct NodeInfo {
     pub name: String,
     /// Addresses NodePorts answer on (IPv4 and IPv6).
     pub addresses: Vec<IpAddr>,
+    /// Its zone (the Node's `topology.kubernetes.io/zone` label): topology
+    /// hints prefer endpoints for it.
+    pub zone: Option<String>,
 }
 
 /// Why some input was skipped. Logged with its object or file, and counted in

@@ -5,9 +5,10 @@ use std::{collections::BTreeMap, fmt::Write as _, path::Path};
 
 use anyhow::{Context as _, Result};
 use lb_common::{
-    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY,
-    CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL,
-    SVC_F_SNAT_REMOTE, SVC_F_SOURCE_RANGES, SVC_F_TERMINATING_FALLBACK, iface, socket_addr,
+    BACKEND_F_LOCAL, BACKEND_F_TERMINATING, CT_F_ACKED, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN,
+    CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_AFFINITY,
+    SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SNAT_REMOTE, SVC_F_SOURCE_RANGES,
+    SVC_F_TERMINATING_FALLBACK, iface, socket_addr,
 };
 use serde::Serialize;
 
@@ -43,6 +44,9 @@ pub struct ConfigDump {
     pub snat_v4: Option<String>,
     pub snat_v6: Option<String>,
     pub snat_ports: String,
+    /// The cluster's pod CIDRs the datapath tells inside clients by (None:
+    /// it tells no clients apart).
+    pub cluster_cidrs: Option<Vec<String>>,
 }
 
 /// An interface the programs run on.
@@ -123,6 +127,22 @@ pub struct FlowDump {
     pub flags: Vec<&'static str>,
     pub backend: u32,
     pub service: u32,
+    /// Where this direction's packets may arrive (`CtEntry::ingress`):
+    /// "anywhere", "the network", "a pod interface", or an interface's name.
+    pub arrives_on: String,
+}
+
+/// `CtEntry::ingress` in words; an interface by its name in `interfaces`.
+fn arrives_on(ingress: u32, names: &BTreeMap<u32, String>) -> String {
+    match ingress {
+        lb_common::CT_INGRESS_ANY => "anywhere".into(),
+        lb_common::CT_INGRESS_NETWORK => "the network".into(),
+        lb_common::CT_INGRESS_PODS => "a pod interface".into(),
+        i => names
+            .get(&i)
+            .cloned()
+            .unwrap_or_else(|| format!("ifindex {i}")),
+    }
 }
 
 fn proto(p: u8) -> &'static str {
@@ -155,6 +175,13 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         snat_v6: (cfg.flags & lb_common::CFG_F_SNAT_V6 != 0)
             .then(|| std::net::Ipv6Addr::from(cfg.snat_addr_v6).to_string()),
         snat_ports: format!("{}-{}", cfg.snat_port_min, cfg.snat_port_max),
+        cluster_cidrs: if cfg.flags & lb_common::CFG_F_CLUSTER_CIDRS != 0 {
+            let mut cidrs = maps.cluster_cidrs()?;
+            cidrs.sort();
+            Some(cidrs.iter().map(|(a, len)| format!("{a}/{len}")).collect())
+        } else {
+            None
+        },
     };
 
     let mut interfaces = Vec::new();
@@ -289,6 +316,10 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         }
         maglev.push(TableDump { row: *row, shares });
     }
+    let names: BTreeMap<u32, String> = interfaces
+        .iter()
+        .map(|i| (i.ifindex, i.name.clone()))
+        .collect();
     let mut shown = Vec::new();
     let mut entries = 0;
     for entry in maps.conntrack.iter() {
@@ -307,6 +338,12 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         if v.flags & CT_F_HAIRPIN != 0 {
             flags.push("hairpin");
         }
+        if v.flags & CT_F_REPLIED != 0 {
+            flags.push("replied");
+        }
+        if v.flags & CT_F_ACKED != 0 {
+            flags.push("acked");
+        }
         shown.push(FlowDump {
             protocol: proto(k.proto),
             from: addr(&k.src, k.family, k.src_port),
@@ -323,6 +360,7 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
             flags,
             backend: v.backend,
             service: v.service,
+            arrives_on: arrives_on(v.ingress, &names),
         });
     }
     let reasons = maps
@@ -364,6 +402,14 @@ pub fn render(d: &Dump) -> String {
         c.snat_v4.as_deref().unwrap_or("-"),
         c.snat_v6.as_deref().unwrap_or("-"),
         c.snat_ports
+    );
+    let _ = writeln!(
+        o,
+        "cluster CIDRs: {}",
+        match &c.cluster_cidrs {
+            Some(cidrs) => cidrs.join(" "),
+            None => "none known (no client is told to be inside the cluster)".into(),
+        }
     );
     let _ = writeln!(o, "\ninterfaces ({}):", d.interfaces.len());
     for i in &d.interfaces {
@@ -477,7 +523,7 @@ pub fn render(d: &Dump) -> String {
     for f in &d.conntrack.shown {
         let _ = writeln!(
             o,
-            "  {:<3} {} -> {}  =>  {} -> {}  {} backend {} service {}{}{}",
+            "  {:<3} {} -> {}  =>  {} -> {}  {} backend {} service {}{}{} from {}",
             f.protocol,
             f.from,
             f.to,
@@ -487,7 +533,8 @@ pub fn render(d: &Dump) -> String {
             f.backend,
             f.service,
             if f.flags.is_empty() { "" } else { " " },
-            f.flags.join(",")
+            f.flags.join(","),
+            f.arrives_on
         );
     }
     let sl = &d.socket_lb;

@@ -7,8 +7,9 @@
 //!   every few seconds). It never depends on the API server: an outage must not
 //!   get the agent restarted, since the datapath keeps serving meanwhile and a
 //!   restarted agent could do no more;
-//! - `/readyz`: whether the maps follow the cluster: synced once, and the source
-//!   not out of contact for longer than a short grace.
+//! - `/readyz`: whether the maps follow the cluster and the node: synced once,
+//!   the source not out of contact, and the link events followed (new pod
+//!   interfaces get their program), each allowed a short grace.
 //!
 //! The verdicts are pure functions of [`Health`] and the time, so that they can
 //! be tested without a clock.
@@ -50,8 +51,12 @@ pub struct Health {
     /// not kill the agent).
     pub heartbeat: Instant,
     /// Whether external load balancers should send this node traffic (see
-    /// `source::kube::node_eligible`); always in manifest mode.
+    /// `source::node::node_eligible`); always in manifest mode.
     pub node_eligible: bool,
+    /// Since when the link events have not been followed (None: they are):
+    /// interfaces created meanwhile get their program only once the
+    /// subscription is back and has listed them.
+    pub links_lost_since: Option<SystemTime>,
 }
 
 /// A probe's answer: fine, or why not.
@@ -66,6 +71,7 @@ impl Health {
             source_lost_since,
             heartbeat: now,
             node_eligible: true,
+            links_lost_since: None,
         }
     }
 
@@ -100,9 +106,17 @@ impl Health {
         if self.last_synced.is_none() {
             return Err("not synced yet".into());
         }
-        match self.source_lost_since {
-            Some(since) if elapsed(since, now) >= READY_GRACE => Err(format!(
+        if let Some(since) = self.source_lost_since
+            && elapsed(since, now) >= READY_GRACE
+        {
+            return Err(format!(
                 "no contact with the API server since {}",
+                rfc3339(since)
+            ));
+        }
+        match self.links_lost_since {
+            Some(since) if elapsed(since, now) >= READY_GRACE => Err(format!(
+                "link events not followed since {}: new interfaces get no program yet",
                 rfc3339(since)
             )),
             _ => Ok(()),
@@ -291,5 +305,24 @@ mod tests {
         );
         // A clock stepped back is no outage.
         assert_eq!(h.ready(at(50)), Ok(()));
+    }
+
+    #[test]
+    fn readyz_wants_the_link_events_followed_within_the_grace() {
+        let mut h = synced(None);
+        h.links_lost_since = Some(at(100));
+        assert_eq!(h.ready(at(109)), Ok(()), "within the grace");
+        assert_eq!(
+            h.ready(at(110)),
+            Err(
+                "link events not followed since 2026-11-22T23:53:57Z: new interfaces get no \
+                 program yet"
+                    .into()
+            )
+        );
+        // Liveness does not care: a restart would not bring them back sooner.
+        assert_eq!(h.live(h.heartbeat), Ok(()));
+        h.links_lost_since = None;
+        assert_eq!(h.ready(at(110)), Ok(()));
     }
 }

@@ -22,7 +22,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use lb_common::{Interface, iface};
 
 use crate::{
@@ -154,6 +154,77 @@ impl Interfaces {
         }
     }
 
+    /// Every link there is now (after events may have been missed): links
+    /// gone are forgotten, new ones get their programs, and one whose index
+    /// now names another interface is treated as gone and new (its programs
+    /// went with the old one). Interfaces whose attach failed are tried again.
+    pub fn relisted(&mut self, dp: &mut Datapath, maps: &mut Maps, links: Vec<Link>) {
+        let now: BTreeMap<u32, &Link> = links.iter().map(|l| (l.index, l)).collect();
+        let gone: Vec<Link> = self
+            .links
+            .values()
+            .filter(|old| now.get(&old.index).is_none_or(|new| new.name != old.name))
+            .cloned()
+            .collect();
+        for link in &gone {
+            self.link_removed(maps, link);
+        }
+        for link in links {
+            self.link_added(dp, maps, link);
+        }
+    }
+
+    /// The verify-and-repair pass for the maps this side writes (see
+    /// `crate::repair`): `interfaces` holds each attached interface's role
+    /// and hooks (tc reads the role to tell where replies may come from) and
+    /// nothing else, and `tx_ports` exactly the interfaces running XDP.
+    /// Returns the entries that were wrong, per map.
+    pub fn repair(&self, maps: &mut Maps) -> Result<(usize, usize)> {
+        let mut found = std::collections::HashMap::new();
+        for e in maps.interfaces.iter() {
+            let (i, v) = e.context("reading interfaces")?;
+            found.insert(i, v);
+        }
+        let mut interfaces = 0;
+        for (i, state) in &self.attached {
+            let Some(link) = self.links.get(i) else {
+                continue;
+            };
+            let want = entry(&link.name, *state);
+            if found.remove(i) != Some(want) {
+                log::warn!("verify: interfaces entry of {} rewritten", link.name);
+                maps.set_interface(*i, &want)?;
+                interfaces += 1;
+            }
+        }
+        for i in found.into_keys() {
+            log::warn!("verify: interfaces entry {i} is no attached interface's: removed");
+            maps.remove_interface(i)?;
+            interfaces += 1;
+        }
+        let mut tx: BTreeSet<u32> = self
+            .attached
+            .iter()
+            .filter(|(_, s)| s.hooks & iface::HOOK_XDP != 0)
+            .map(|(i, _)| *i)
+            .collect();
+        let mut tx_ports = 0;
+        let present: Vec<u32> = maps.tx_ports.keys().collect::<Result<_, _>>()?;
+        for i in present {
+            if !tx.remove(&i) {
+                log::warn!("verify: tx_ports entry {i} runs no XDP: removed");
+                maps.remove_tx_port(i)?;
+                tx_ports += 1;
+            }
+        }
+        for i in tx {
+            log::warn!("verify: tx_ports lacked ifindex {i}, which runs XDP: added");
+            maps.add_tx_port(i)?;
+            tx_ports += 1;
+        }
+        Ok((interfaces, tx_ports))
+    }
+
     /// Sets the uplinks, then brings every interface to its role; removes
     /// pins and `tx_ports` entries no interface has now (left by this run or
     /// an earlier one).
@@ -234,11 +305,26 @@ impl Interfaces {
         };
         let name = &link.name;
         let role_name = iface::role_name(role);
+        // The role before the program: tc reads it to tell a pod interface
+        // from the network (a reply of a remote backend's flow must not come
+        // from a pod, see `lb_ebpf`'s `side`), and an interface it does not
+        // find counts as the network.
+        let was = self.attached.get(&index).copied();
+        let before = State {
+            role,
+            hooks: was.map_or(0, |w| w.hooks),
+            why,
+        };
+        record(maps, index, name, before);
         // tc first: with XDP in front, it is where XDP hands packets on to.
         match dp.attach(Hook::Tc, index, &self.links_dir) {
             Ok(how) => log::info!("tc program on {role_name} interface {name} ({how:?})"),
             Err(e) => {
                 log::warn!("cannot attach tc to {role_name} interface {name}: {e:#}");
+                match was {
+                    Some(w) => record(maps, index, name, w),
+                    None => self.forget(maps, index),
+                }
                 return;
             }
         }
@@ -270,16 +356,7 @@ impl Interfaces {
             log::info!("uplink {name}: {}", iface::why_text(state.why));
         }
         self.attached.insert(index, state);
-        let entry = Interface {
-            name: name_bytes(name),
-            role,
-            hooks: state.hooks,
-            why: state.why,
-            _pad: 0,
-        };
-        if let Err(e) = maps.set_interface(index, &entry) {
-            log::warn!("{e:#}");
-        }
+        record(maps, index, name, state);
     }
 
     /// Detaches `hooks` from `index` (and takes it out of `tx_ports` with XDP).
@@ -303,6 +380,24 @@ impl Interfaces {
         if let Err(e) = maps.remove_interface(index) {
             log::warn!("{e:#}");
         }
+    }
+}
+
+/// What `interfaces` holds for an interface in `state`.
+fn entry(name: &str, state: State) -> Interface {
+    Interface {
+        name: name_bytes(name),
+        role: state.role,
+        hooks: state.hooks,
+        why: state.why,
+        _pad: 0,
+    }
+}
+
+/// Writes what runs on interface `index` into `interfaces`.
+fn record(maps: &mut Maps, index: u32, name: &str, state: State) {
+    if let Err(e) = maps.set_interface(index, &entry(name, state)) {
+        log::warn!("{e:#}");
     }
 }
 

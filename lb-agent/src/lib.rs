@@ -16,11 +16,14 @@
 //! [`sync`] runs events through the pipeline (the one engine the agent, the
 //! tests and the benchmark drive); [`agent`] is `lb-agent run` around it:
 //! node facts, [`interfaces`] and [`netlink`] for the links, [`health`] and
-//! [`metrics`]. Beside them: [`cluster`], the vocabulary shared by sources,
+//! [`metrics`], the [`conntrack`] janitor, which clears the UDP flows of
+//! frontends a sync removed, and the [`repair`] schedule of the
+//! verify-and-repair pass. Beside them: [`cluster`], the vocabulary shared by sources,
 //! model and reconciler; [`maglev`], the tables; [`dump`], `lb-agent dump`.
 pub mod agent;
 pub mod bpf;
 pub mod cluster;
+pub mod conntrack;
 pub mod dump;
 pub mod ethtool;
 pub mod health;
@@ -30,6 +33,7 @@ pub mod metrics;
 pub mod model;
 pub mod netlink;
 pub mod reconcile;
+pub mod repair;
 pub mod service_health;
 pub mod snat_ports;
 pub mod source;

@@ -40,7 +40,8 @@ enum Command {
     /// Print services, backends, Maglev tables and conntrack entries decoded from
     /// the pinned maps (works without a running agent).
     Dump {
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        /// The agent's --pin-path.
+        #[arg(long, default_value = "/sys/fs/bpf/lb", env = "LB_PIN_PATH")]
         pin_path: PathBuf,
         /// Print JSON instead of text.
         #[arg(long)]
@@ -51,7 +52,8 @@ enum Command {
     },
     /// Detach the programs from every interface and remove the pinned maps.
     Cleanup {
-        #[arg(long, default_value = "/sys/fs/bpf/lb")]
+        /// The agent's --pin-path.
+        #[arg(long, default_value = "/sys/fs/bpf/lb", env = "LB_PIN_PATH")]
         pin_path: PathBuf,
     },
 }
@@ -100,15 +102,22 @@ struct RunArgs {
     /// the uplinks and the pod interfaces. An empty value turns it off.
     #[arg(long, value_delimiter = ',', default_value = "*")]
     other_ifaces: Vec<String>,
-    /// bpffs directory for the pinned maps and links (bpffs is mounted if needed).
-    #[arg(long, default_value = "/sys/fs/bpf/lb")]
+    /// bpffs directory for the pinned maps and links (bpffs is mounted if needed
+    /// and the agent may: it takes CAP_SYS_ADMIN).
+    #[arg(long, default_value = "/sys/fs/bpf/lb", env = "LB_PIN_PATH")]
     pin_path: PathBuf,
-    /// Address for /metrics (Prometheus text format).
+    /// Address for /metrics (Prometheus text format). Loopback by default, as
+    /// kube-proxy's: the metrics name every Service port and backend address
+    /// the node serves. Give 0.0.0.0:10249 (or a node address) for a
+    /// Prometheus that scrapes the nodes from elsewhere.
     #[arg(long, default_value = "127.0.0.1:10249")]
     metrics_addr: SocketAddr,
     /// Address for /healthz (answers like kube-proxy's), /livez (the main loop
     /// is alive; never depends on the API server) and /readyz (synced, and in
-    /// contact with the source).
+    /// contact with the source). Every address by default, as kube-proxy's:
+    /// the kubelet's probes and external load balancers reach it at the
+    /// node's address. It tells no more than whether the agent is synced and
+    /// in contact with its source.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
     /// Entries per Maglev table: a prime, at least 100 x the backends of the
@@ -157,10 +166,25 @@ struct RunArgs {
     /// kube-proxy's --cluster-cidr). Clients in them are inside the cluster:
     /// with externalTrafficPolicy Local they still reach every endpoint, and
     /// clients outside them reaching a ClusterIP are source-NATed to a backend
-    /// on another node, as kube-proxy's masquerade rule does. Without it,
-    /// neither is done.
+    /// on another node, as kube-proxy's masquerade rule does. [default: every
+    /// Node's spec.podCIDRs (Kubernetes: the agent then watches all Nodes, not
+    /// only its own; manifests: the Node manifests); with none, clients are
+    /// told apart by neither rule]
     #[arg(long, value_delimiter = ',', value_name = "CIDR")]
     cluster_cidr: Vec<String>,
+    /// Seconds between verify-and-repair passes: the maps the agent writes
+    /// are read back, compared with the desired state, and rewritten where
+    /// they differ (a failed write, a change by hand), counted in
+    /// lb_map_drift_repaired_total. After a failed write or a port refused
+    /// for lack of room, passes come sooner, from 1 s with doubling backoff.
+    #[arg(long, default_value_t = 60, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    verify_every: u64,
+    /// Receive buffer, in bytes, of the netlink socket that follows the
+    /// node's interfaces. A burst of changes larger than it (hundreds of pods
+    /// started at once) makes the kernel drop events; the agent then lists
+    /// the interfaces afresh, so nothing is lost but time.
+    #[arg(long, default_value_t = 4 << 20, value_name = "BYTES", value_parser = clap::value_parser!(u64).range(4096..=1 << 30))]
+    link_events_buffer: u64,
 }
 
 /// `--snat-ports`, or the default range for this node's ephemeral ports (see
@@ -222,15 +246,15 @@ fn settings(a: RunArgs) -> Result<Settings> {
         datapath_log: a.datapath_log,
         socket_lb: a.socket_lb,
         cgroup_path: a.cgroup_path,
+        verify_every: std::time::Duration::from_secs(a.verify_every),
+        link_events_buffer: usize::try_from(a.link_events_buffer)?,
         cluster_cidrs: a
             .cluster_cidr
             .iter()
             .map(|c| {
-                model::Prefix::parse(c)
-                    .map(|p| (p.addr, p.len))
-                    .with_context(|| {
-                        format!("--cluster-cidr {c:?} is no CIDR (e.g. 10.244.0.0/16)")
-                    })
+                model::Prefix::parse(c).with_context(|| {
+                    format!("--cluster-cidr {c:?} is no CIDR (e.g. 10.244.0.0/16)")
+                })
             })
             .collect::<Result<_>>()?,
     })

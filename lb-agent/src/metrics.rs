@@ -5,6 +5,12 @@
 //! counters (per service, per backend, per reason) are read from the per-CPU maps
 //! on each scrape by a collector, so they are always current, and so is the
 //! source's contact, read from the health state.
+//!
+//! A scrape never takes the reconciler's lock (a sync holds it while it writes
+//! the maps, which can take a while with thousands of Services): it reads the
+//! counters through map handles of its own ([`CounterMaps`]) and labels them
+//! with the reconciler's [`SharedIdNames`], a copy of which it takes under a
+//! lock of their own.
 
 use std::{
     net::SocketAddr,
@@ -27,8 +33,9 @@ use prometheus_client::{
 };
 
 use crate::{
+    bpf::CounterMaps,
     health::{self, Health},
-    reconcile::Reconciler,
+    reconcile::SharedIdNames,
 };
 
 type Labels = Vec<(String, String)>;
@@ -47,6 +54,14 @@ pub struct AgentMetrics {
     pub source_errors: Counter,
     /// 1 while the socket programs serve the node's own clients.
     pub socket_lb: Gauge,
+    /// Conntrack entries of UDP flows to removed frontends deleted by the
+    /// janitor (`crate::conntrack`).
+    pub conntrack_cleared: Counter,
+    pub conntrack_expired: Counter,
+    /// Verify-and-repair passes run (`crate::repair`).
+    pub verify_passes: Counter,
+    /// Entries the verify pass found wrong and rewrote, per map.
+    pub map_drift: Family<Labels, Counter>,
 }
 
 impl AgentMetrics {
@@ -70,7 +85,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(reconciler: Arc<Mutex<Reconciler>>, health: Health) -> Self {
+    /// Metrics whose datapath counters come from `counters`, labelled with
+    /// `names`.
+    pub fn new(counters: CounterMaps, names: SharedIdNames, health: Health) -> Self {
         let agent = AgentMetrics {
             syncs: Counter::default(),
             sync_duration: Histogram::new(exponential_buckets(0.000_1, 2.0, 18)),
@@ -81,6 +98,10 @@ impl Metrics {
             maglev_entries_written: Counter::default(),
             source_errors: Counter::default(),
             socket_lb: Gauge::default(),
+            conntrack_cleared: Counter::default(),
+            conntrack_expired: Counter::default(),
+            verify_passes: Counter::default(),
+            map_drift: Family::default(),
         };
         let mut registry = Registry::with_prefix("lb");
         registry.register(
@@ -119,6 +140,16 @@ impl Metrics {
             agent.maglev_entries_written.clone(),
         );
         registry.register(
+            "map_verify_passes",
+            "Passes that compared the maps with the desired state (every --verify-every, sooner after a failure)",
+            agent.verify_passes.clone(),
+        );
+        registry.register(
+            "map_drift_repaired",
+            "Map entries found different from the desired state (a failed write, a change by hand) and rewritten, per map",
+            agent.map_drift.clone(),
+        );
+        registry.register(
             "source_errors",
             "Failed lists and watches of the source (Kubernetes: of the API server; each is retried)",
             agent.source_errors.clone(),
@@ -129,7 +160,22 @@ impl Metrics {
              hostNetwork pods); 0: it is off (--socket-lb=false) or could not attach (see the log)",
             agent.socket_lb.clone(),
         );
-        registry.register_collector(Box::new(DatapathCollector { reconciler }));
+        registry.register(
+            "conntrack_cleared",
+            "Conntrack entries (forward and reply) of UDP flows to removed Service frontends \
+             deleted, as kube-proxy clears the UDP conntrack entries of removed Service IPs \
+             and ports",
+            agent.conntrack_cleared.clone(),
+        );
+        registry.register(
+            "conntrack_expired",
+            "Conntrack entries (forward and reply) of idle flows deleted by the agent's \
+             sweep: unconfirmed flows (a handshake never completed, a UDP flow never \
+             answered) after 5 s, closing ones after 10 s, established TCP after 24 h, \
+             answered UDP after 60 s, and reply entries left without their forward entry",
+            agent.conntrack_expired.clone(),
+        );
+        registry.register_collector(Box::new(DatapathCollector { counters, names }));
         let health = Arc::new(Mutex::new(health));
         registry.register_collector(Box::new(SourceCollector {
             health: health.clone(),
@@ -151,13 +197,8 @@ impl Metrics {
 /// Reads the datapath's counters from the maps at scrape time.
 #[derive(Debug)]
 struct DatapathCollector {
-    reconciler: Arc<Mutex<Reconciler>>,
-}
-
-impl std::fmt::Debug for Reconciler {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Reconciler")
-    }
+    counters: CounterMaps,
+    names: SharedIdNames,
 }
 
 fn counter(
@@ -181,10 +222,8 @@ fn counter(
 
 impl Collector for DatapathCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> std::fmt::Result {
-        let Ok(r) = self.reconciler.lock() else {
-            return Ok(());
-        };
-        let maps = r.maps();
+        let maps = &self.counters;
+        let names = self.names.snapshot();
         let mut reasons_packets = Vec::new();
         let mut reasons_bytes = Vec::new();
         if let Ok(counters) = maps.reason_counters() {
@@ -213,9 +252,9 @@ impl Collector for DatapathCollector {
 
         let mut sp = Vec::new();
         let mut sb = Vec::new();
-        for (key, id) in r.service_ids() {
-            if let Ok(c) = maps.service_counters(id) {
-                let l: Labels = vec![("service".into(), key.to_string())];
+        for (id, name) in &names.services {
+            if let Ok(c) = maps.service_counters(*id) {
+                let l: Labels = vec![("service".into(), name.clone())];
                 sp.push((l.clone(), c.packets));
                 sb.push((l, c.bytes));
             }
@@ -235,8 +274,8 @@ impl Collector for DatapathCollector {
 
         let mut bp = Vec::new();
         let mut bb = Vec::new();
-        for (addr, id) in r.backend_ids() {
-            if let Ok(c) = maps.backend_counters(id) {
+        for (id, addr) in &names.backends {
+            if let Ok(c) = maps.backend_counters(*id) {
                 let l: Labels = vec![("backend".into(), addr.to_string())];
                 bp.push((l.clone(), c.packets));
                 bb.push((l, c.bytes));
@@ -271,7 +310,7 @@ impl Collector for DatapathCollector {
         )?;
 
         let mut xdp_errors = Vec::new();
-        for (_, i) in maps.interfaces.iter().flatten() {
+        for (_, i) in maps.interfaces() {
             if i.hooks & lb_common::iface::HOOK_XDP == 0 {
                 continue;
             }
@@ -293,12 +332,11 @@ impl Collector for DatapathCollector {
             &xdp_errors,
         )?;
 
-        let (_, _, ports) = r.occupancy();
         gauge(
             &mut encoder,
             "service_ports",
             "Service ports programmed",
-            ports as i64,
+            names.services.len() as i64,
         )
     }
 }

@@ -1,7 +1,7 @@
 //! Interfaces and addresses of this node, from rtnetlink: the uplinks and node
 //! addresses when not given, and pod veths as they come and go.
 
-use std::net::IpAddr;
+use std::{net::IpAddr, time::Duration};
 
 use anyhow::{Context as _, Result};
 use futures::{StreamExt as _, TryStreamExt as _};
@@ -24,11 +24,17 @@ pub struct Link {
     pub kind: Option<String>,
 }
 
-/// A link appearing or going away.
+/// A link appearing or going away, or every link at once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum LinkEvent {
     Added(Link),
     Removed(Link),
+    /// Every link there is now: sent when the subscription (re)starts and
+    /// after the kernel dropped events, so that what was missed is repaired.
+    Listed(Vec<Link>),
+    /// The subscription failed; it starts again after a backoff (a `Listed`
+    /// follows).
+    Lost(String),
 }
 
 fn link_of(msg: &LinkMessage) -> Option<Link> {
@@ -101,33 +107,104 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     go(pattern.as_bytes(), name.as_bytes())
 }
 
-/// Sends link additions and removals until `tx` closes. The caller lists the
-/// links after subscribing, so nothing falls between the two.
-pub async fn watch_links(tx: mpsc::Sender<LinkEvent>) -> Result<()> {
+/// The first restart of a failed subscription comes after this; each next
+/// one waits twice as long, up to [`RESTART_AT_MOST`].
+const RESTART_FIRST: Duration = Duration::from_secs(1);
+const RESTART_AT_MOST: Duration = Duration::from_secs(30);
+/// A subscription that lived this long was healthy: the backoff starts over.
+const HEALTHY_AFTER: Duration = Duration::from_secs(60);
+
+/// Follows the node's links until `tx` closes: each subscription lists the
+/// links after subscribing (so nothing falls between) and then sends
+/// additions and removals; a subscription that fails is started again with
+/// backoff, and says so with [`LinkEvent::Lost`]. `buffer` is the socket's
+/// receive buffer: when a burst of changes overflows it the kernel drops
+/// events (ENOBUFS), and the links are listed afresh.
+pub async fn follow_links(tx: mpsc::Sender<LinkEvent>, buffer: usize) {
+    let mut backoff = RESTART_FIRST;
+    loop {
+        let started = tokio::time::Instant::now();
+        let why = match watch_links(&tx, buffer).await {
+            Ok(()) => return,
+            Err(e) => format!("{e:#}"),
+        };
+        if started.elapsed() >= HEALTHY_AFTER {
+            backoff = RESTART_FIRST;
+        }
+        log::warn!("link events stopped: {why}; following them again in {backoff:?}");
+        if tx.send(LinkEvent::Lost(why)).await.is_err() {
+            return;
+        }
+        tokio::time::sleep(backoff).await;
+        backoff = (backoff * 2).min(RESTART_AT_MOST);
+    }
+}
+
+/// Sizes a socket's receive buffer: beyond `net.core.rmem_max` where the
+/// agent may (CAP_NET_ADMIN), else as far as the limit allows.
+fn set_receive_buffer(socket: &netlink_sys::Socket, bytes: usize) -> Result<()> {
+    use std::os::fd::AsRawFd as _;
+    let size = libc::c_int::try_from(bytes).context("--link-events-buffer is too large")?;
+    // SAFETY: setsockopt reads an int from the pointer given, which lives
+    // across the call; the fd is the socket's own.
+    let forced = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUFFORCE,
+            std::ptr::from_ref(&size).cast(),
+            size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    } == 0;
+    if !forced {
+        socket
+            .set_rx_buf_sz(bytes)
+            .context("sizing the link events buffer")?;
+    }
+    Ok(())
+}
+
+/// One subscription: Ok when `tx` closed, an error when the subscription
+/// failed.
+async fn watch_links(tx: &mpsc::Sender<LinkEvent>, buffer: usize) -> Result<()> {
     let (mut conn, _, mut messages) = rtnetlink::new_connection().context("opening rtnetlink")?;
-    conn.socket_mut()
-        .socket_mut()
+    let socket = conn.socket_mut().socket_mut();
+    set_receive_buffer(socket, buffer)?;
+    socket
         .bind(&netlink_sys::SocketAddr::new(0, RTMGRP_LINK))
         .context("subscribing to link events")?;
     let task = tokio::spawn(conn);
-    while let Some((message, _)) = messages.next().await {
-        let event = match message.payload {
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
-                link_of(&l).map(LinkEvent::Added)
-            }
-            NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
-                link_of(&l).map(LinkEvent::Removed)
-            }
-            _ => None,
-        };
-        if let Some(e) = event
-            && tx.send(e).await.is_err()
-        {
-            break;
+    let result = async {
+        if tx.send(LinkEvent::Listed(links().await?)).await.is_err() {
+            return Ok(());
         }
+        while let Some((message, _)) = messages.next().await {
+            let event = match message.payload {
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::NewLink(l)) => {
+                    link_of(&l).map(LinkEvent::Added)
+                }
+                NetlinkPayload::InnerMessage(RouteNetlinkMessage::DelLink(l)) => {
+                    link_of(&l).map(LinkEvent::Removed)
+                }
+                NetlinkPayload::Overrun(_) => {
+                    log::warn!(
+                        "link events overran their buffer (--link-events-buffer): listing the links afresh"
+                    );
+                    Some(LinkEvent::Listed(links().await?))
+                }
+                _ => None,
+            };
+            if let Some(e) = event
+                && tx.send(e).await.is_err()
+            {
+                return Ok(());
+            }
+        }
+        anyhow::bail!("the netlink socket closed")
     }
+    .await;
     task.abort();
-    Ok(())
+    result
 }
 
 #[cfg(test)]

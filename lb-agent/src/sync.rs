@@ -16,14 +16,14 @@
 
 use std::{
     collections::BTreeSet,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Mutex, MutexGuard},
     time::{Duration, Instant},
 };
 
 use crate::{
     cluster::{NodeInfo, Problem},
     model::{Desired, PortKey},
-    reconcile::{Reconciler, Stats},
+    reconcile::{Drift, Reconciler, Stats},
     source::{
         SourceEvent,
         store::{Dirty, Store},
@@ -33,15 +33,19 @@ use crate::{
 pub struct Engine {
     store: Store,
     desired: Desired,
-    /// Shared with the metrics scrape, which reads the maps and the ids from
-    /// another thread; locked only while the maps are written.
-    reconciler: Arc<Mutex<Reconciler>>,
+    /// Locked while the maps are written. Nothing on another thread takes it:
+    /// the metrics read the counters through handles of their own and the
+    /// ids' names from [`Reconciler::id_names`].
+    reconciler: Mutex<Reconciler>,
     /// Services touched since the last sync.
     dirty: Dirty,
     /// Whether the first full sync has happened (and adoption is finished).
     synced_once: bool,
     /// When the oldest event not yet synced arrived.
     pending_since: Option<Instant>,
+    /// The next sync is due even with nothing new: ports that failed are
+    /// tried again ([`Self::retry_failed`]).
+    retry: bool,
 }
 
 /// What taking one source event did.
@@ -94,10 +98,11 @@ impl Engine {
         Self {
             store: Store::new(node),
             desired: Desired::new(),
-            reconciler: Arc::new(Mutex::new(reconciler)),
+            reconciler: Mutex::new(reconciler),
             dirty: Dirty::default(),
             synced_once: false,
             pending_since: None,
+            retry: false,
         }
     }
 
@@ -121,7 +126,23 @@ impl Engine {
     /// (before one, it is partial, and a sync would remove what it lacks) and
     /// something changed since the last sync.
     pub fn is_due(&self) -> bool {
-        self.store.is_synced() && !self.dirty.is_empty()
+        self.store.is_synced() && (!self.dirty.is_empty() || self.retry)
+    }
+
+    /// Makes the next sync try again the ports that could not be written
+    /// (every sync does, this one even if nothing else changed). Returns
+    /// whether there are any.
+    pub fn retry_failed(&mut self) -> bool {
+        let any = !self.reconciler().failed_ports().is_empty();
+        self.retry = any;
+        any
+    }
+
+    /// The verify-and-repair pass (see [`Reconciler::verify`]); None before
+    /// the first sync, while the maps still hold what an earlier agent left.
+    pub fn verify(&self) -> Option<anyhow::Result<Drift>> {
+        self.synced_once
+            .then(|| self.reconciler().verify(&self.desired))
     }
 
     /// Syncs the maps with what the store holds; None if it is not due.
@@ -130,6 +151,7 @@ impl Engine {
             return None;
         }
         let t0 = Instant::now();
+        self.retry = false;
         let dirty = std::mem::take(&mut self.dirty);
         let keys: Vec<_> = if dirty.all {
             self.store.service_keys().cloned().collect()
@@ -191,10 +213,5 @@ impl Engine {
         self.reconciler
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// The reconciler for another thread (the metrics scrape).
-    pub fn shared_reconciler(&self) -> Arc<Mutex<Reconciler>> {
-        self.reconciler.clone()
     }
 }

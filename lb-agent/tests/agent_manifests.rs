@@ -75,6 +75,23 @@ impl Node {
         node
     }
 
+    /// A started node whose manifests hold `web`: ClusterIP 10.96.0.10,
+    /// NodePort 30080, endpoints 10.244.1.10 and .11.
+    fn started_with_web(extra_args: &[&str]) -> Self {
+        let mut node = Self::new(extra_args);
+        node.write(
+            "web.yaml",
+            &service(
+                "web",
+                "10.96.0.10",
+                Some(30080),
+                &["10.244.1.10", "10.244.1.11"],
+            ),
+        );
+        node.start();
+        node
+    }
+
     fn manifests(&self) -> PathBuf {
         self.dir.path().join("m")
     }
@@ -118,6 +135,7 @@ impl Node {
             mounts: Vec::new(),
             ns: self.ns.clone(),
             log: self.log.clone(),
+            confinement: None,
         };
         self.scope
             .start_agent(AGENT_NAME, &spec)
@@ -299,17 +317,7 @@ fn frontend(m: &Maps, addr: &str) -> Option<lb_common::Service> {
 
 #[test]
 fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
-    let mut node = Node::new(&[]);
-    node.write(
-        "web.yaml",
-        &service(
-            "web",
-            "10.96.0.10",
-            Some(30080),
-            &["10.244.1.10", "10.244.1.11"],
-        ),
-    );
-    node.start();
+    let node = Node::started_with_web(&[]);
     let m = node.maps();
     let svc = frontend(&m, "10.96.0.10:80").expect("ClusterIP frontend");
     assert_eq!(svc.backend_count, 2);
@@ -390,6 +398,86 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
     assert!(filtered(&m, "10.244.1.20:8080", FILTER_BACKEND));
 }
 
+/// The value of the metric line starting with `name` and holding `label`.
+fn metric(metrics: &str, name: &str, label: &str) -> Option<f64> {
+    metrics
+        .lines()
+        .find(|l| l.starts_with(name) && l.contains(label))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+/// Entries deleted or changed behind the agent's back (as `bpftool map
+/// delete` or `update` would) are put back by the next verify pass, logged
+/// and counted per map.
+#[test]
+fn what_is_changed_by_hand_in_the_maps_is_put_back_and_counted() {
+    let node = Node::started_with_web(&["--verify-every", "1"]);
+    let m = node.maps();
+    let before = frontend(&m, "10.96.0.10:80").expect("the ClusterIP frontend");
+    let config = m.config.get(&0, 0).unwrap();
+    let pod = *node_interfaces(&node)
+        .iter()
+        .find(|(_, n)| *n == "veth-p0")
+        .expect("the pod interface's entry")
+        .0;
+    drop(m);
+    // One change in each of four maps, two of the reconciler's and two of
+    // the agent's own.
+    {
+        let mut m = node.maps();
+        m.remove_service(&skey("10.96.0.10:80", PROTO_TCP)).unwrap();
+        let row = m.maglev.read_row(before.table).unwrap();
+        m.clear_backend(row[0]).unwrap();
+        let mut wrong = config;
+        wrong.snat_port_min = wrong.snat_port_max;
+        m.config.set(0, wrong, 0).unwrap();
+        m.remove_interface(pod).unwrap();
+    }
+    let took = node.eventually(Duration::from_secs(5), "the maps repaired", |m| {
+        frontend(m, "10.96.0.10:80") == Some(before)
+            && backends(m) == ["10.244.1.10:8080", "10.244.1.11:8080"]
+            && m.config.get(&0, 0).ok() == Some(config)
+            && m.interfaces.get(&pod, 0).is_ok()
+    });
+    println!("repaired after {took:?}");
+    // Each repair counted once, per map (a pass may have come between two of
+    // the changes: the counts add up across passes).
+    let maps = ["services", "backends", "config", "interfaces"];
+    let drift = |metrics: &str, map: &str| {
+        metric(
+            metrics,
+            "lb_map_drift_repaired_total",
+            &format!("map=\"{map}\""),
+        )
+    };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let metrics = loop {
+        let m = node.metrics();
+        if maps.iter().all(|map| drift(&m, map).is_some()) || Instant::now() > deadline {
+            break m;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    for map in maps {
+        assert_eq!(drift(&metrics, map), Some(1.0), "{map}: {metrics}");
+    }
+    assert!(
+        metric(&metrics, "lb_map_verify_passes_total", "").is_some_and(|n| n >= 1.0),
+        "{metrics}"
+    );
+    let log = node.log();
+    assert!(
+        log.contains("verify: the maps had drifted and were repaired: services 1"),
+        "{log}"
+    );
+    // And nothing more: the passes after it find the maps as they should be.
+    std::thread::sleep(Duration::from_millis(2500));
+    let later = node.metrics();
+    for map in maps {
+        assert_eq!(drift(&later, map), Some(1.0), "{map}: {later}");
+    }
+}
+
 #[test]
 fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
     let mut node = Node::new(&["--max-backends", "4"]);
@@ -465,17 +553,7 @@ fn bad_input_is_skipped_and_counted_and_the_rest_keeps_working() {
 
 #[test]
 fn a_restart_adopts_the_pins_and_flushes_nothing() {
-    let mut node = Node::new(&["--uplink-hook", "xdp"]);
-    node.write(
-        "web.yaml",
-        &service(
-            "web",
-            "10.96.0.10",
-            Some(30080),
-            &["10.244.1.10", "10.244.1.11"],
-        ),
-    );
-    node.start();
+    let mut node = Node::started_with_web(&["--uplink-hook", "xdp"]);
     let before = node.maps();
     let svc = frontend(&before, "10.96.0.10:80").unwrap();
     let row = before.maglev.read_row(svc.table).unwrap();
@@ -648,7 +726,7 @@ fn help_explains_every_flag_with_its_default() {
     // (taken from the constants the agent uses where they are shared), the doc
     // comment's for a default worked out at run time, none for a flag without one.
     let d = |s: &str| Some(s.to_string());
-    let expected: [(&str, Option<String>); 23] = [
+    let expected: [(&str, Option<String>); 25] = [
         (
             "--kubeconfig",
             d("in-cluster config, then $KUBECONFIG or ~/.kube/config"),
@@ -686,7 +764,16 @@ fn help_explains_every_flag_with_its_default() {
         ),
         ("--socket-lb", d("true")),
         ("--cgroup-path", d("/sys/fs/cgroup")),
-        ("--cluster-cidr", None),
+        (
+            "--cluster-cidr",
+            d(
+                "every Node's spec.podCIDRs (Kubernetes: the agent then watches all Nodes, not only \
+                 its own; manifests: the Node manifests); with none, clients are told apart by \
+                 neither rule",
+            ),
+        ),
+        ("--verify-every", d("60")),
+        ("--link-events-buffer", d("4194304")),
         ("--help", None),
     ];
     // The options section: a line per flag ("  -h, --help", "      --flag <VALUE>"),
@@ -757,6 +844,26 @@ fn help_explains_every_flag_with_its_default() {
             ),
         }
     }
+    // Why metrics stay on loopback and health does not: what each exposes,
+    // and to whom.
+    let explained = |flag: &str| {
+        entries
+            .iter()
+            .find(|(f, _)| f == flag)
+            .unwrap()
+            .1
+            .to_lowercase()
+    };
+    let metrics = explained("--metrics-addr");
+    assert!(
+        metrics.contains("loopback") && metrics.contains("0.0.0.0:10249"),
+        "{metrics}"
+    );
+    let healthz = explained("--healthz-addr");
+    assert!(
+        healthz.contains("every address") && healthz.contains("kubelet"),
+        "{healthz}"
+    );
 }
 
 /// Sends `frame` out of `dev` in namespace `ns` (a packet socket), so that it
@@ -1096,6 +1203,60 @@ fn pod_interfaces_that_come_and_go_are_attached_and_forgotten() {
 }
 
 /// The `interfaces` map: ifindex -> name.
+/// A burst of interface changes larger than the link events' buffer makes
+/// the kernel drop events (ENOBUFS); the agent lists the links afresh, so that
+/// every pod interface of the burst gets its program, and every one deleted
+/// in the next burst is forgotten.
+#[test]
+fn a_burst_that_overruns_the_link_events_is_repaired_by_a_listing() {
+    const BURST: usize = 60;
+    let mut node = Node::new(&["--link-events-buffer", "4096"]);
+    node.write(
+        "web.yaml",
+        &service("web", "10.96.0.10", None, &["10.244.1.10"]),
+    );
+    node.start();
+    let pods = |node: &Node| -> usize {
+        node_interfaces(node)
+            .values()
+            .filter(|n| n.starts_with("veth-b"))
+            .count()
+    };
+    // One `ip -batch`: the kernel sends the events faster than the agent reads.
+    let batch = |verb: &str| -> String {
+        (0..BURST)
+            .map(|i| match verb {
+                "add" => {
+                    format!("link add veth-b{i} type veth peer name pb{i}\nlink set veth-b{i} up\n")
+                }
+                _ => format!("link del veth-b{i}\n"),
+            })
+            .collect()
+    };
+    for (verb, want) in [("add", BURST), ("del", 0)] {
+        let script = node.dir.path().join(format!("{verb}.batch"));
+        std::fs::write(&script, batch(verb)).unwrap();
+        sh(&format!("ip -n {} -batch {}", node.ns, script.display()));
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while pods(&node) != want {
+            assert!(
+                Instant::now() < deadline,
+                "{verb}: {} of the burst's pod interfaces in the interfaces map, not {want}:\n{}",
+                pods(&node),
+                node.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    let log = node.log();
+    assert!(
+        log.contains("link events overran their buffer"),
+        "the burst did not overrun the buffer, so the listing went untested:\n{log}"
+    );
+    // A listing leaves no other interface behind either.
+    assert_eq!(tcx_programs(&node.ns, "veth-p0"), ["lb_tc"]);
+}
+
 fn node_interfaces(node: &Node) -> std::collections::BTreeMap<u32, String> {
     node.maps()
         .interfaces

@@ -170,15 +170,25 @@ fn truncated_and_malformed_frames_pass_to_the_kernel_untouched() {
 fn fragments_unknown_protocols_and_non_ip_pass() {
     let mut lab = lab();
     let good = ipv4_syn_to_vip();
-    let mut more_fragments = good.clone();
-    more_fragments[20] = 0x20; // MF
+    // A first fragment with the whole TCP header is translated as any
+    // segment (see datapath.rs for fragmented datagrams); one that holds 8
+    // bytes of it (a "tiny fragment") cannot be balanced.
+    let mut first_fragment = good.clone();
+    first_fragment[20] = 0x20; // MF
+    assert_eq!(lab.xdp(&first_fragment).0, XDP_TX, "first fragment");
+    let mut tiny = good[..14 + 20 + 8].to_vec();
+    tiny[16..18].copy_from_slice(&28u16.to_be_bytes());
+    tiny[20] = 0x20;
     passes(
         &mut lab,
-        &more_fragments,
+        &tiny,
         Reason::PassFragment,
-        "first fragment",
+        "first fragment without the whole TCP header",
     );
+    // Of another datagram (identification) than the first fragment above,
+    // whose later fragments are translated like it.
     let mut later_fragment = good.clone();
+    later_fragment[18..20].copy_from_slice(&0x0badu16.to_be_bytes());
     later_fragment[20..22].copy_from_slice(&0x0010u16.to_be_bytes());
     passes(
         &mut lab,
@@ -187,7 +197,8 @@ fn fragments_unknown_protocols_and_non_ip_pass() {
         "non-first fragment",
     );
 
-    // IPv6 fragment header.
+    // IPv6: a first fragment (offset 0, M set) whose fragmentable part holds
+    // only 4 bytes of TCP.
     let mut v6frag = Vec::new();
     PacketBuilder::ethernet2(ROUTER_MAC, UPLINK_MAC)
         .ipv6(
@@ -210,7 +221,7 @@ fn fragments_unknown_protocols_and_non_ip_pass() {
         &mut lab,
         &v6frag,
         Reason::PassFragment,
-        "IPv6 fragment header",
+        "IPv6 first fragment with 4 bytes of the TCP header",
     );
 
     for proto in [47u8, 132] {

@@ -323,7 +323,7 @@ fn snat_ports_run_out_with_a_counted_drop_and_come_back_once_idle() {
     let entries: Vec<_> = lab.maps.conntrack.iter().map(Result::unwrap).collect();
     for (k, mut e) in entries {
         e.flags |= lb_common::CT_F_CLOSING;
-        e.last_seen_ns = 0;
+        e.last_seen_ns = 1;
         lab.maps.conntrack.insert(k, e, 0).unwrap();
     }
     let before = lab.maps.conntrack.keys().count();
@@ -357,6 +357,46 @@ fn ipv6_nodeport_with_snat() {
     ));
     let out = decode(&output);
     assert_eq!((out.src_addr(), out.dst_addr()), (nodeport, client));
+}
+
+#[test]
+fn without_an_address_of_the_family_a_flow_that_needs_source_nat_is_dropped() {
+    // A node without IPv6: config has no IPv6 source-NAT address.
+    let mut lab = Lab::new();
+    lab.maps
+        .set_config(&lb_agent::bpf::NodeConfig {
+            snat_v6: None,
+            ..support::NODE_CONFIG
+        })
+        .unwrap();
+    let v6 = sa("[2001:db8::1]:30444");
+    let v4 = sa("192.0.2.1:30444");
+    for np in [v6, v4] {
+        lab.service(
+            &[np],
+            UDP,
+            &[backend(
+                if np.is_ipv6() {
+                    "[fd00:244:1::41]:8443"
+                } else {
+                    "10.244.1.41:8443"
+                },
+                false,
+            )],
+            NODE_PORT,
+        );
+    }
+    let (action, _) = lab.xdp(&udp(FROM_ROUTER, sa("[2001:db8:100::41]:45000"), v6, b"x"));
+    assert_eq!(action, XDP_DROP, "never sent from ::");
+    assert_eq!(lab.reason(Reason::DropNoSnatAddress), 1);
+    assert_eq!(
+        lab.maps.conntrack.keys().count(),
+        0,
+        "no entry for a flow that was not opened"
+    );
+    // IPv4 is source-NATed as before.
+    let (_, output) = lab.xdp(&udp(FROM_ROUTER, sa("198.51.100.41:45000"), v4, b"x"));
+    assert_eq!(decode(&output).src, support::SNAT_V4);
 }
 
 #[test]
@@ -945,4 +985,272 @@ fn packets_of_unknown_addresses_skip_the_lookups() {
     let (action, output) = lab.xdp(&reply);
     assert_eq!(action, XDP_TX);
     assert_eq!(decode(&output).src_addr(), sa("10.96.0.96:80"));
+}
+
+/// A datagram of `len` bytes, each telling its place (so a piece out of place
+/// shows in the reassembled payload).
+fn pattern(len: usize, seed: u8) -> Vec<u8> {
+    (0..len).map(|i| (i as u8).wrapping_mul(7) ^ seed).collect()
+}
+
+/// Runs each frame through XDP on the uplink, expecting `action` for each.
+fn xdp_all(lab: &mut Lab, frames: &[Vec<u8>], action: u32) -> Vec<Vec<u8>> {
+    frames
+        .iter()
+        .enumerate()
+        .map(|(i, f)| {
+            let (got, out) = lab.xdp(f);
+            assert_eq!(got, action, "fragment {i}: {}", describe(f));
+            out
+        })
+        .collect()
+}
+
+/// Checks that every output fragment goes from `src` to `dst` (addresses)
+/// by Ethernet `eth_dst`, routed (TTL 63), and returns the reassembled datagram.
+fn one_datagram(
+    frames: &[Vec<u8>],
+    src: std::net::IpAddr,
+    dst: std::net::IpAddr,
+    eth_dst: [u8; 6],
+) -> Decoded {
+    for (i, f) in frames.iter().enumerate() {
+        let p = fragment(f).unwrap_or_else(|e| panic!("fragment {i}: {e:#}"));
+        assert_eq!(
+            (p.src, p.dst),
+            (src, dst),
+            "fragment {i} (offset {})",
+            p.offset
+        );
+        assert_eq!((p.eth_dst, p.ttl), (eth_dst, 63), "fragment {i}");
+    }
+    reassemble(frames).unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+/// A UDP datagram larger than the path MTU arrives as IP fragments, and only
+/// the first carries the ports: every fragment must reach the backend the
+/// first was balanced to (of three), so that it can reassemble the datagram,
+/// whose UDP checksum (over all of it) must still hold; the backend's
+/// fragmented answer comes back from the VIP, every fragment of it.
+#[test]
+fn a_fragmented_datagram_reaches_one_backend_and_its_fragmented_answer_comes_from_the_vip() {
+    for (vip, client, pods) in [
+        (
+            "10.96.0.110:53",
+            "198.51.100.110:40110",
+            [
+                "10.244.1.110:5353",
+                "10.244.1.111:5353",
+                "10.244.1.112:5353",
+            ],
+        ),
+        (
+            "[fd00:96::110]:53",
+            "[2001:db8:100::110]:40110",
+            [
+                "[fd00:244:1::110]:5353",
+                "[fd00:244:1::111]:5353",
+                "[fd00:244:1::112]:5353",
+            ],
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let (vip, client) = (sa(vip), sa(client));
+        let svc = lab.service(&[vip], UDP, &pods.map(|p| backend(p, false)), CLUSTER_IP);
+        let chosen = svc.expected_backend(client, vip, UDP);
+        let request = pattern(3000, 1);
+        let frames = udp_fragments(FROM_ROUTER, client, vip, &request, 0x4242, 1232);
+        assert_eq!(frames.len(), 3);
+        let out = xdp_all(&mut lab, &frames, XDP_TX);
+        let whole = one_datagram(&out, client.ip(), chosen.ip(), NODE_B_MAC);
+        assert_eq!(whole.ports(), Some((client, chosen)), "{vip}");
+        assert_eq!(whole.payload, request);
+        // The map holds the datagram as it arrived, and where it went.
+        let entries: Vec<_> = lab.maps.fragments.iter().map(Result::unwrap).collect();
+        assert_eq!(entries.len(), 1, "{entries:?}");
+        let (k, e) = entries[0];
+        let fkey = support::flow_key(client, vip, UDP);
+        assert_eq!(
+            (k.src, k.dst, k.id, k.proto),
+            (fkey.src, fkey.dst, 0x4242, UDP)
+        );
+        let bkey = support::flow_key(client, chosen, UDP);
+        assert_eq!((e.nat_src, e.nat_dst), (bkey.src, bkey.dst));
+        assert_eq!(
+            (e.nat_src_port, e.nat_dst_port),
+            (client.port(), chosen.port())
+        );
+
+        let answer = pattern(2500, 2);
+        let frames = udp_fragments((NODE_B_MAC, UPLINK_MAC), chosen, client, &answer, 7, 1232);
+        let out = xdp_all(&mut lab, &frames, XDP_TX);
+        let whole = one_datagram(&out, vip.ip(), client.ip(), ROUTER_MAC);
+        assert_eq!(whole.ports(), Some((vip, client)), "{vip}");
+        assert_eq!(whole.payload, answer);
+        assert_eq!(lab.reason(Reason::Tx), 6);
+        assert_eq!(lab.reason(Reason::PassFragment), 0);
+        assert_eq!(lab.maps.service_counters(svc.id).unwrap().packets, 6);
+    }
+}
+
+/// The fragments of a source-NATed flow (a NodePort, backend on another
+/// node) all leave with the node's address, and the first with the flow's
+/// port: the whole tuple of the conntrack entry, not just the backend.
+#[test]
+fn fragments_of_a_source_natted_flow_all_leave_from_the_node() {
+    for (nodeport, pod, client, snat) in [
+        (
+            "192.0.2.1:30120",
+            "10.244.1.120:8080",
+            "198.51.100.120:45120",
+            std::net::IpAddr::from(support::SNAT_V4),
+        ),
+        (
+            "[2001:db8::1]:30120",
+            "[fd00:244:1::120]:8080",
+            "[2001:db8:100::120]:45120",
+            support::SNAT_V6.into(),
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let (nodeport, pod, client) = (sa(nodeport), sa(pod), sa(client));
+        lab.service(&[nodeport], UDP, &[(pod, false)], NODE_PORT);
+        let request = pattern(2000, 3);
+        let frames = udp_fragments(FROM_ROUTER, client, nodeport, &request, 0x9abc, 1024);
+        let out = xdp_all(&mut lab, &frames, XDP_TX);
+        let whole = one_datagram(&out, snat, pod.ip(), NODE_B_MAC);
+        let (from, to) = whole.ports().unwrap();
+        assert_eq!(to, pod);
+        assert!(
+            (support::SNAT_PORTS.0..=support::SNAT_PORTS.1).contains(&from.port()),
+            "{from}"
+        );
+        assert_eq!(whole.payload, request);
+        let answer = pattern(1800, 4);
+        let frames = udp_fragments((NODE_B_MAC, UPLINK_MAC), pod, from, &answer, 0x9abc, 1024);
+        let out = xdp_all(&mut lab, &frames, XDP_TX);
+        let whole = one_datagram(&out, nodeport.ip(), client.ip(), ROUTER_MAC);
+        assert_eq!(whole.ports(), Some((nodeport, client)));
+        assert_eq!(whole.payload, answer);
+    }
+}
+
+/// A pod's fragmented datagram to a ClusterIP goes through tc (whose L4
+/// checksum update is the kernel's helper), and the remote backend's
+/// fragmented answer, arriving on the uplink, is handed by XDP to tc (XDP
+/// cannot send into a pod veth) fragment by fragment, untouched, and
+/// translated there.
+#[test]
+fn a_pods_fragmented_datagram_goes_through_tc_and_the_answer_from_xdp_to_tc() {
+    for (vip, pod, backend_addr) in [
+        ("10.96.0.121:53", "10.244.0.5:39121", "10.244.1.121:5353"),
+        (
+            "[fd00:96::121]:53",
+            "[fd00:244::5]:39121",
+            "[fd00:244:1::121]:5353",
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let (vip, pod, remote) = (sa(vip), sa(pod), sa(backend_addr));
+        lab.service(&[vip], UDP, &[(remote, false)], CLUSTER_IP);
+        let request = pattern(3000, 5);
+        let frames = udp_fragments((LOCAL_POD_MAC, POD_GW_MAC), pod, vip, &request, 0x51, 1232);
+        let out: Vec<_> = frames
+            .iter()
+            .map(|f| {
+                let (action, out) = lab.tc(f);
+                assert_eq!(action, support::TC_REDIRECT, "{}", describe(f));
+                out
+            })
+            .collect();
+        let whole = one_datagram(&out, pod.ip(), remote.ip(), NODE_B_MAC);
+        assert_eq!(whole.ports(), Some((pod, remote)), "{vip}");
+        assert_eq!(whole.payload, request);
+
+        let answer = pattern(3000, 6);
+        let frames = udp_fragments((NODE_B_MAC, UPLINK_MAC), remote, pod, &answer, 0x52, 1232);
+        let mut out = Vec::new();
+        for f in &frames {
+            let (action, passed) = lab.xdp(f);
+            assert_eq!((action, &passed), (XDP_PASS, f), "handed to tc untouched");
+            let (action, sent) = lab.tc_on(lab.uplink, &passed);
+            assert_eq!(action, support::TC_REDIRECT, "into the pod veth");
+            out.push(sent);
+        }
+        let whole = one_datagram(&out, vip.ip(), pod.ip(), LOCAL_POD_MAC);
+        assert_eq!(whole.ports(), Some((vip, pod)), "{vip}");
+        assert_eq!(whole.payload, answer);
+        assert_eq!(lab.reason(Reason::PassToTc), 3);
+        assert_eq!(lab.reason(Reason::Redirect), 6);
+    }
+}
+
+/// A later fragment that overtakes its first (or whose first went another
+/// way) has nothing to be translated by: passed to the kernel untouched and
+/// counted under `pass_fragment`; once the first has been translated, the
+/// same fragment is translated too. Fragments of a datagram that is none of
+/// lb's business pass untouched; an entry older than the reassembly timeout
+/// is not used.
+#[test]
+fn a_later_fragment_without_its_first_passes_untranslated_and_counted() {
+    for (vip, client, pod) in [
+        (
+            "10.96.0.122:53",
+            "198.51.100.122:40122",
+            "10.244.1.122:5353",
+        ),
+        (
+            "[fd00:96::122]:53",
+            "[2001:db8:100::122]:40122",
+            "[fd00:244:1::122]:5353",
+        ),
+    ] {
+        let mut lab = Lab::new();
+        let (vip, client, pod) = (sa(vip), sa(client), sa(pod));
+        lab.service(&[vip], UDP, &[(pod, false)], CLUSTER_IP);
+        let frames = udp_fragments(FROM_ROUTER, client, vip, &pattern(2000, 7), 0x77, 1024);
+        assert_eq!(frames.len(), 2);
+        let (action, out) = lab.xdp(&frames[1]);
+        assert_eq!((action, &out), (XDP_PASS, &frames[1]), "{vip}: untouched");
+        assert_eq!(lab.reason(Reason::PassFragment), 1);
+        let out = xdp_all(&mut lab, &frames, XDP_TX);
+        let whole = one_datagram(&out, client.ip(), pod.ip(), NODE_B_MAC);
+        assert_eq!(whole.ports(), Some((client, pod)));
+        assert_eq!(lab.reason(Reason::PassFragment), 1);
+
+        // Another datagram of the same identity, long after: the entry is
+        // too old to be its first fragment's.
+        for (k, mut e) in lab
+            .maps
+            .fragments
+            .iter()
+            .map(Result::unwrap)
+            .collect::<Vec<_>>()
+        {
+            e.first_ns = 0;
+            lab.maps.fragments.insert(k, e, 0).unwrap();
+        }
+        let (action, out) = lab.xdp(&frames[1]);
+        assert_eq!(
+            (action, &out),
+            (XDP_PASS, &frames[1]),
+            "{vip}: a stale entry"
+        );
+        assert_eq!(lab.reason(Reason::PassFragment), 2);
+
+        // None of lb's business: its first fragment is not a Service's, its
+        // later one is not known.
+        let other = sa(if vip.is_ipv4() {
+            "10.96.0.123:53"
+        } else {
+            "[fd00:96::123]:53"
+        });
+        let frames = udp_fragments(FROM_ROUTER, client, other, &pattern(2000, 8), 0x78, 1024);
+        for f in &frames {
+            let (action, out) = lab.xdp(f);
+            assert_eq!((action, &out), (XDP_PASS, f), "{other}: untouched");
+        }
+        assert_eq!(lab.reason(Reason::PassNotService), 1);
+        assert_eq!(lab.reason(Reason::PassFragment), 3);
+    }
 }

@@ -1,10 +1,15 @@
 //! The install files under `deploy/`: every Kubernetes manifest parses into its
 //! k8s-openapi type with no field lost on the way (so a misspelled or misplaced
 //! field fails here, not silently on a cluster), and says what the agent needs:
-//! host network, every node, exactly four capabilities, bpffs from the host,
-//! read-only RBAC on exactly three resources, probes on the healthz port
-//! (liveness on `/livez`, which no API server outage fails). The
-//! systemd unit runs `lb-agent run` and never cleans the datapath up.
+//! host network, every node, exactly three capabilities and nothing privileged
+//! (no escalation, read-only root, the runtime's seccomp and AppArmor
+//! profiles), bpffs from the host where AppArmor lets it be written, metrics on
+//! loopback, read-only RBAC on exactly three resources, probes on the healthz
+//! port (liveness on `/livez`, which no API server outage fails). The opt-in
+//! components patch the DaemonSet into what they say. The systemd unit runs
+//! `lb-agent run` with the same capabilities and never cleans the datapath up.
+//! (That the capabilities suffice, and each is needed, is
+//! `tests/capabilities.rs`'s.)
 
 use std::{
     collections::{BTreeMap, BTreeSet},
@@ -30,7 +35,10 @@ const BPFFS: &str = "/sys/fs/bpf";
 const HEALTHZ_PORT: i32 = 10256;
 const METRICS_PORT: i32 = 10249;
 /// Kubernetes spelling (no `CAP_` prefix).
-const CAPABILITIES: [&str; 4] = ["BPF", "NET_ADMIN", "SYS_ADMIN", "PERFMON"];
+const CAPABILITIES: [&str; 3] = ["BPF", "NET_ADMIN", "PERFMON"];
+/// Where the agent's container mounts the host's bpffs, and pins in it.
+const BPFFS_MOUNT: &str = "/run/lb/bpffs";
+const PIN_PATH: &str = "/run/lb/bpffs/lb";
 
 fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
@@ -176,6 +184,80 @@ fn daemon_set() -> DaemonSet {
     one(&manifests().daemon_sets, "DaemonSet").clone()
 }
 
+/// Applies a JSON patch (RFC 6902) of `add` operations, the only kind the
+/// components use, to `doc`.
+fn apply_patch(doc: &mut Json, ops: &Json) {
+    for op in ops
+        .as_array()
+        .expect("a JSON patch is a list of operations")
+    {
+        assert_eq!(
+            op["op"], "add",
+            "only `add` operations are applied here: {op}"
+        );
+        let path = op["path"].as_str().expect("an operation's path");
+        let (parent, last) = path.rsplit_once('/').expect("a path below the root");
+        let mut target = &mut *doc;
+        for token in parent.split('/').skip(1) {
+            target = match target {
+                Json::Object(o) => o.get_mut(token),
+                Json::Array(a) => a.get_mut(token.parse::<usize>().expect("an array index")),
+                _ => None,
+            }
+            .unwrap_or_else(|| panic!("{path}: nothing at {token}"));
+        }
+        let value = op["value"].clone();
+        match target {
+            Json::Object(o) => {
+                o.insert(last.to_string(), value);
+            }
+            Json::Array(a) if last == "-" => a.push(value),
+            Json::Array(a) => a.insert(last.parse().expect("an array index"), value),
+            other => panic!("{path}: cannot add into {other}"),
+        }
+    }
+}
+
+/// The component `components/<name>`: its patches of the DaemonSet.
+fn component_patches(name: &str) -> Vec<Json> {
+    let dir = kube_dir().join("components").join(name);
+    let k = yaml_file(&dir.join("kustomization.yaml"));
+    assert_eq!(
+        k["apiVersion"], "kustomize.config.k8s.io/v1alpha1",
+        "{name}"
+    );
+    assert_eq!(k["kind"], "Component", "{name}");
+    let keys: BTreeSet<&str> = k.as_object().unwrap().keys().map(String::as_str).collect();
+    assert_eq!(
+        keys,
+        BTreeSet::from(["apiVersion", "kind", "patches"]),
+        "{name}"
+    );
+    k["patches"]
+        .as_array()
+        .expect("patches")
+        .iter()
+        .map(|p| {
+            assert_eq!(
+                p["target"],
+                serde_json::json!({"group": "apps", "version": "v1", "kind": "DaemonSet", "name": NAME}),
+                "{name}: a patch of the lb-agent DaemonSet"
+            );
+            yaml_file(&dir.join(p["path"].as_str().expect("a patch file")))
+        })
+        .collect()
+}
+
+/// The DaemonSet as `kustomize build` makes it with the component `name`.
+fn daemon_set_with(name: &str) -> DaemonSet {
+    let file = kube_dir().join("daemonset.yaml");
+    let mut doc = documents("daemonset.yaml", &read(&file)).remove(0);
+    for patch in component_patches(name) {
+        apply_patch(&mut doc, &patch);
+    }
+    strict(&doc).unwrap_or_else(|e| panic!("the DaemonSet with {name}: {e}"))
+}
+
 fn pod_spec(ds: &DaemonSet) -> &PodSpec {
     ds.spec
         .template
@@ -308,7 +390,6 @@ fn agent_container_runs_the_agent_with_the_node_name() {
         [
             "run",
             "--node-name=$(NODE_NAME)",
-            "--metrics-addr=0.0.0.0:10249",
             "--cgroup-path=/run/lb/host-cgroup"
         ]
     );
@@ -332,6 +413,14 @@ fn agent_container_runs_the_agent_with_the_node_name() {
         Some("/sys/fs/cgroup")
     );
     let env = c.env.as_deref().unwrap_or_default();
+    // The pins go into the host's bpffs (see `bpffs_comes_from_the_host`),
+    // for `run`, `dump` and `cleanup` alike (all read LB_PIN_PATH).
+    let pin_path = env
+        .iter()
+        .find(|e| e.name == "LB_PIN_PATH")
+        .expect("env LB_PIN_PATH");
+    assert_eq!(pin_path.value.as_deref(), Some(PIN_PATH));
+    assert_eq!(Path::new(PIN_PATH).parent(), Some(Path::new(BPFFS_MOUNT)));
     let node_name = env
         .iter()
         .find(|e| e.name == "NODE_NAME")
@@ -361,10 +450,40 @@ fn agent_container_runs_the_agent_with_the_node_name() {
     }
 }
 
+/// Whether the AppArmor profile containerd and moby apply by default
+/// (`deny /sys/[^f]*/** wklx`, `/sys/f[^s]*/**`, `/sys/fs/[^c]*/**`, ...,
+/// `deny @{PROC}/* w` and the like) forbids writing at `path`: under /sys
+/// everything but /sys/fs/cgroup, and /proc.
+fn default_apparmor_denies_writes(path: &str) -> bool {
+    (path.starts_with("/sys/") && !path.starts_with("/sys/fs/cgroup/"))
+        || path.starts_with("/proc/")
+}
+
 #[test]
-fn agent_has_exactly_the_four_capabilities_and_is_not_privileged() {
+fn the_apparmor_rule_is_what_the_default_profile_says() {
+    for denied in [
+        "/sys/fs/bpf",
+        "/sys/fs/bpf/lb",
+        "/sys/kernel/debug",
+        "/proc/sys/net",
+    ] {
+        assert!(default_apparmor_denies_writes(denied), "{denied}");
+    }
+    for allowed in [
+        BPFFS_MOUNT,
+        PIN_PATH,
+        "/sys/fs/cgroup/x",
+        "/run/lb/host-cgroup",
+    ] {
+        assert!(!default_apparmor_denies_writes(allowed), "{allowed}");
+    }
+}
+
+#[test]
+fn agent_has_exactly_three_capabilities_and_nothing_privileged() {
     let ds = daemon_set();
-    let c = agent(pod_spec(&ds));
+    let pod = pod_spec(&ds);
+    let c = agent(pod);
     let sc = c.security_context.as_ref().expect("agent securityContext");
     assert_eq!(sc.privileged, Some(false));
     let caps = sc.capabilities.as_ref().expect("capabilities");
@@ -372,17 +491,65 @@ fn agent_has_exactly_the_four_capabilities_and_is_not_privileged() {
     let add = caps.add.as_deref().unwrap_or_default();
     assert_eq!(add.len(), CAPABILITIES.len(), "capabilities added: {add:?}");
     assert_eq!(strings(&caps.add), BTreeSet::from(CAPABILITIES));
-    // The API server refuses allowPrivilegeEscalation=false with SYS_ADMIN.
-    assert_ne!(sc.allow_privilege_escalation, Some(false));
-    // The runtime's default AppArmor profile denies writes under /sys/fs/bpf.
+    assert_eq!(sc.allow_privilege_escalation, Some(false));
+    assert_eq!(sc.read_only_root_filesystem, Some(true));
     assert_eq!(
-        sc.app_armor_profile.as_ref().map(|p| p.type_.as_str()),
-        Some("Unconfined")
+        sc.seccomp_profile.as_ref().map(|p| p.type_.as_str()),
+        Some("RuntimeDefault")
     );
+    // No profile named: the runtime's default applies where AppArmor is
+    // enabled (RuntimeDefault named explicitly would make the kubelet refuse
+    // the pod on nodes without AppArmor), and the old annotations say none.
+    assert!(sc.app_armor_profile.is_none(), "{:?}", sc.app_armor_profile);
+    let annotations = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
     assert!(
-        pod_spec(&ds).security_context.is_none(),
+        !annotations.keys().any(|k| k.contains("apparmor")),
+        "{annotations:?}"
+    );
+    // Root, as the capabilities need (see the DaemonSet).
+    assert!(
+        matches!(sc.run_as_user, None | Some(0)),
+        "{:?}",
+        sc.run_as_user
+    );
+    assert_ne!(sc.run_as_non_root, Some(true));
+    assert!(
+        pod.security_context.is_none(),
         "no pod-wide securityContext"
     );
+    // Nothing in the pod is privileged.
+    for container in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
+        let sc = container.security_context.as_ref();
+        assert_ne!(
+            sc.and_then(|s| s.privileged),
+            Some(true),
+            "{}",
+            container.name
+        );
+    }
+
+    // What the agent may write: its writable volumes only (the root
+    // filesystem is read-only), that is the bpffs one, where AppArmor's
+    // default profile allows writes.
+    let writable: Vec<&str> = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .filter(|m| m.read_only != Some(true))
+        .map(|m| m.mount_path.as_str())
+        .collect();
+    assert_eq!(writable, [BPFFS_MOUNT]);
+    assert!(!default_apparmor_denies_writes(BPFFS_MOUNT));
 }
 
 #[test]
@@ -414,7 +581,7 @@ fn bpffs_comes_from_the_host() {
             .cloned()
     };
     let agent_mount = mount_of(agent(pod)).expect("the agent mounts bpffs");
-    assert_eq!(agent_mount.mount_path, BPFFS);
+    assert_eq!(agent_mount.mount_path, BPFFS_MOUNT);
     assert_ne!(agent_mount.read_only, Some(true));
     // Sees a bpffs mounted on the host after the container started.
     assert!(
@@ -426,12 +593,20 @@ fn bpffs_comes_from_the_host() {
         agent_mount.mount_propagation
     );
 
-    // Kubernetes refuses Bidirectional propagation in unprivileged containers.
-    let all = pod
+    // bpffs on the host is the host's affair (systemd mounts it at boot):
+    // nothing in the default pod mounts it, nothing has Bidirectional
+    // propagation.
+    assert!(pod.init_containers.is_none(), "{:?}", pod.init_containers);
+    assert_no_unprivileged_bidirectional(pod);
+}
+
+/// Kubernetes refuses Bidirectional propagation in unprivileged containers.
+fn assert_no_unprivileged_bidirectional(pod: &PodSpec) {
+    for c in pod
         .containers
         .iter()
-        .chain(pod.init_containers.iter().flatten());
-    for c in all.clone() {
+        .chain(pod.init_containers.iter().flatten())
+    {
         for m in c.volume_mounts.iter().flatten() {
             if m.mount_propagation.as_deref() == Some("Bidirectional") {
                 assert_eq!(
@@ -443,22 +618,53 @@ fn bpffs_comes_from_the_host() {
             }
         }
     }
-    // Something mounts bpffs on the host when it is missing, so that the pins
-    // outlive the pod.
-    let mounter = all
-        .filter(|c| {
-            mount_of(c).is_some_and(|m| {
-                m.mount_path == BPFFS && m.mount_propagation.as_deref() == Some("Bidirectional")
-            })
-        })
-        .find(|c| {
-            c.command
-                .iter()
-                .chain(c.args.iter())
-                .flatten()
-                .any(|a| a.contains("mount -t bpf bpf /sys/fs/bpf"))
-        });
-    assert!(mounter.is_some(), "no container mounts bpffs on the host");
+}
+
+/// components/mount-bpffs: an init container mounts bpffs on the host (mode
+/// 0700) where it is missing, before the agent starts; it alone is privileged,
+/// because Bidirectional propagation must be.
+#[test]
+fn the_mount_bpffs_component_mounts_bpffs_on_the_host_before_the_agent() {
+    let ds = daemon_set_with("mount-bpffs");
+    let pod = pod_spec(&ds);
+    let inits = pod.init_containers.as_deref().unwrap_or_default();
+    assert_eq!(inits.len(), 1, "{inits:?}");
+    let init = &inits[0];
+    let bpffs = pod
+        .volumes
+        .iter()
+        .flatten()
+        .find(|v| v.host_path.as_ref().is_some_and(|h| h.path == BPFFS))
+        .expect("the bpffs volume");
+    let mount = init
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == bpffs.name)
+        .expect("the init container mounts the bpffs volume");
+    assert_eq!(mount.mount_path, BPFFS);
+    assert_eq!(mount.mount_propagation.as_deref(), Some("Bidirectional"));
+    let command = init
+        .command
+        .iter()
+        .flatten()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" ");
+    assert!(command.contains("mount -t bpf"), "{command}");
+    assert!(command.contains("mode=0700"), "{command}");
+    assert!(command.contains(" /sys/fs/bpf"), "{command}");
+    assert!(
+        init.image
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with(&format!("{IMAGE}:")),
+        "{:?}",
+        init.image
+    );
+    assert_no_unprivileged_bidirectional(pod);
+    // The agent itself is as before.
+    assert_eq!(agent(pod), agent(pod_spec(&daemon_set())));
 }
 
 fn assert_healthz(what: &str, probe: Option<&Probe>, path: &str) {
@@ -488,8 +694,13 @@ fn probes_metrics_and_resources() {
     let ports: BTreeSet<i32> = c.ports.iter().flatten().map(|p| p.container_port).collect();
     assert_eq!(ports, BTreeSet::from([HEALTHZ_PORT, METRICS_PORT]));
 
-    // Metrics bind 127.0.0.1 unless told otherwise: the scrape annotation is
-    // only right with --metrics-addr on every address.
+    // Metrics stay on loopback (the agent's default): no --metrics-addr, and
+    // no scrape annotation, which would send a Prometheus to a closed port.
+    let args = c.args.as_deref().unwrap_or_default();
+    assert!(
+        !args.iter().any(|a| a.starts_with("--metrics-addr")),
+        "{args:?}"
+    );
     let annotations = ds
         .spec
         .template
@@ -497,18 +708,9 @@ fn probes_metrics_and_resources() {
         .as_ref()
         .and_then(|m| m.annotations.clone())
         .unwrap_or_default();
-    assert_eq!(
-        annotations.get("prometheus.io/scrape").map(String::as_str),
-        Some("true")
-    );
-    assert_eq!(
-        annotations.get("prometheus.io/port"),
-        Some(&METRICS_PORT.to_string())
-    );
-    let args = c.args.as_deref().unwrap_or_default();
     assert!(
-        args.contains(&format!("--metrics-addr=0.0.0.0:{METRICS_PORT}")),
-        "{args:?}"
+        !annotations.keys().any(|k| k.starts_with("prometheus.io/")),
+        "{annotations:?}"
     );
 
     let resources = c.resources.as_ref().expect("resources");
@@ -523,6 +725,40 @@ fn probes_metrics_and_resources() {
     assert_eq!(
         resources.limits,
         Some(BTreeMap::from([("memory".into(), q("256Mi"))]))
+    );
+}
+
+/// components/metrics-on-node-address: metrics on every address, and the
+/// scrape annotations for their port.
+#[test]
+fn the_metrics_component_opens_the_metrics_port_and_announces_it() {
+    let ds = daemon_set_with("metrics-on-node-address");
+    let c = agent(pod_spec(&ds));
+    let args = c.args.as_deref().unwrap_or_default();
+    let metrics: Vec<&String> = args
+        .iter()
+        .filter(|a| a.starts_with("--metrics-addr"))
+        .collect();
+    assert_eq!(metrics, [&format!("--metrics-addr=0.0.0.0:{METRICS_PORT}")]);
+    assert_eq!(
+        &args[..args.len() - 1],
+        agent(pod_spec(&daemon_set())).args.as_deref().unwrap(),
+        "the rest of the args as before"
+    );
+    let annotations = ds
+        .spec
+        .template
+        .metadata
+        .as_ref()
+        .and_then(|m| m.annotations.clone())
+        .unwrap_or_default();
+    assert_eq!(
+        annotations,
+        BTreeMap::from([
+            ("prometheus.io/scrape".into(), "true".into()),
+            ("prometheus.io/port".into(), METRICS_PORT.to_string()),
+            ("prometheus.io/path".into(), "/metrics".into()),
+        ])
     );
 }
 
@@ -753,8 +989,15 @@ fn systemd_unit_runs_the_agent_and_never_cleans_up() {
         assert_eq!(caps.len(), expected.len(), "{key}: {caps:?}");
         assert_eq!(caps.into_iter().collect::<BTreeSet<_>>(), expected, "{key}");
     }
+    assert_eq!(single("Service", "NoNewPrivileges"), "yes");
     assert_eq!(single("Service", "LimitMEMLOCK"), "infinity");
     assert_eq!(single("Service", "ProtectSystem"), "strict");
+    // bpffs as systemd mounts it, if the host has none.
+    let pre = single("Service", "ExecStartPre");
+    assert!(
+        pre.starts_with('+') && pre.contains("mount -t bpf") && pre.contains("mode=0700"),
+        "{pre}"
+    );
     assert!(
         all("Service", "ReadWritePaths")
             .iter()
@@ -793,6 +1036,28 @@ fn dockerfile_image_runs_the_agent() {
         assert!(
             text.contains(&format!("COPY {member} {member}\n")),
             "the Dockerfile does not copy workspace member {member}"
+        );
+    }
+}
+
+/// Every component under deploy/kubernetes/components is one the tests
+/// above apply and check.
+#[test]
+fn every_component_is_checked() {
+    let dir = kube_dir().join("components");
+    let found: BTreeSet<String> = fs::read_dir(&dir)
+        .unwrap_or_else(|e| panic!("listing {}: {e}", dir.display()))
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        found,
+        BTreeSet::from(["metrics-on-node-address".into(), "mount-bpffs".into()])
+    );
+    let k = read(&kube_dir().join("kustomization.yaml"));
+    for name in &found {
+        assert!(
+            k.contains(&format!("components/{name}")),
+            "kustomization.yaml does not say how to enable {name}"
         );
     }
 }

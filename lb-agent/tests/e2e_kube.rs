@@ -4,10 +4,14 @@
 //! `shared/tools/kube-control-plane`, on loopback, with TLS, client
 //! certificates and RBAC). The release build of lb-agent runs on both nodes
 //! the way `deploy/kubernetes/daemonset.yaml` runs it: the DaemonSet's own
-//! args (only `--node-name`, `--metrics-addr` and `--cgroup-path`: addresses and uplinks come
-//! from the Node object), in-cluster configuration with a token of the
-//! ServiceAccount that `deploy/kubernetes/rbac.yaml` binds (so the RBAC is
-//! shown to be enough), the node's bpffs at `/sys/fs/bpf`.
+//! args (only `--node-name` and `--cgroup-path`: addresses and uplinks come
+//! from the Node object; metrics on the agent's default, the node's
+//! loopback), in-cluster configuration with a token of the ServiceAccount
+//! that `deploy/kubernetes/rbac.yaml` binds (so the RBAC is shown to be
+//! enough), the container's volumes (the node's bpffs where the container
+//! mounts the host's) and environment, and its securityContext: only the
+//! capabilities it adds, no_new_privs, every mount read-only but the bpffs
+//! volume (so every case below also shows that those privileges suffice).
 //!
 //! Services of every type are created through the API; the real
 //! EndpointSlice controller makes the slices from Pods whose status the
@@ -448,56 +452,138 @@ fn readiness(env: &Env) -> Result<String> {
     ))
 }
 
-/// Case 5: graceful termination during a rolling update: a Pod deleted
-/// without force stays terminating (serving, not ready); its established
-/// TCP stream keeps flowing while new connections go to the other pod; once
-/// it is gone for good (force-deleted, as the kubelet would when it has
-/// stopped) the Service has one backend.
+/// Case 5: graceful termination during a rolling update, both families. A
+/// Pod deleted without force stays terminating (serving, not ready):
+/// - its established TCP streams (the client through node-b's NodePort, to
+///   pod-a0 on node-a) flow on to their end, lossless, and its UDP flows
+///   (one socket each) stay on it, while new flows of either protocol go to
+///   the ready pod-b0 only;
+/// - once pod-b0 is not ready either, new flows go to the terminating pod
+///   (kube-proxy's fallback to serving-terminating endpoints), and back to
+///   pod-b0 when it is ready again;
+/// - once pod-a0 is gone for good (force-deleted, as the kubelet does when
+///   its containers have stopped) its UDP flows move to pod-b0 and the
+///   Service has one backend.
 fn terminating(env: &Env) -> Result<String> {
-    const BYTES: u64 = 3_000_000;
-    const DURATION: Duration = Duration::from_secs(6);
+    const BYTES: u64 = 4_000_000;
+    const DURATION: Duration = Duration::from_secs(10);
     let k = env.kube();
     let sel = k.pod_set("term", &["pod-a0"])?;
     let svc = k.apply_service(
         "term",
         dual_stack("NodePort", sel, ports(80, json!(POD_PORT))),
     )?;
-    let np = node_port(&svc, Tcp)?;
+    let (tcp_port, udp_port) = (node_port(&svc, Tcp)?, node_port(&svc, Udp)?);
     wait_backends(env, "term", 1, NEW_SERVICE_WITHIN)?;
     let client = env.c().client();
-    let to = env.c().node("node-b").sock(false, np);
-    let report = thread::scope(|s| -> Result<_> {
-        let stream = s.spawn(|| lb_testbed::tcp_stream(client.ns(), to, BYTES, DURATION));
-        thread::sleep(Duration::from_millis(1500));
+    let nb = env.c().node("node-b");
+    let targets: Vec<(String, &str, SocketAddr)> = [false, true]
+        .map(|v6| {
+            (
+                format!("TCP client -> node-b NodePort {}", fam(v6)),
+                client.ns(),
+                nb.sock(v6, tcp_port),
+            )
+        })
+        .into();
+    let udp_to = [false, true].map(|v6| nb.sock(v6, udp_port));
+    // New flows of both protocols and families from the client, each
+    // answered by one of `pods`.
+    let new_flows = |pods: &[&str]| -> Result<BTreeMap<String, usize>> {
+        let mut t = BTreeMap::new();
+        for v6 in [false, true] {
+            for (proto, port) in [(Tcp, tcp_port), (Udp, udp_port)] {
+                for (who, n) in answered_by(env, client.ns(), nb.sock(v6, port), proto, 4, pods)? {
+                    *t.entry(who).or_insert(0) += n;
+                }
+            }
+        }
+        Ok(t)
+    };
+    let ((flows, steps), streams, servers) = with_streams(&targets, BYTES, DURATION, || {
+        let mut flows = Vec::new();
+        for to in udp_to {
+            let f = lb_testbed::UdpFlow::open(client.ns(), to)?;
+            let who = f
+                .ask(b"term?\n", FAST * 3)
+                .map_err(|e| anyhow::anyhow!("UDP {to}: {e}"))?;
+            ensure!(who == "pod-a0", "UDP client -> {to} answered by {who}");
+            flows.push((to, f));
+        }
+        let udp_stays = |when: &str| -> Result<()> {
+            for (to, f) in &flows {
+                let who = f
+                    .ask(b"still?\n", FAST * 3)
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                check!(
+                    env,
+                    who == "pod-a0",
+                    "the UDP flow client -> {to} {when} answered by {who}, not pod-a0"
+                );
+            }
+            Ok(())
+        };
+        thread::sleep(Duration::from_millis(1000));
         // A second pod joins, then the first is deleted gracefully.
         k.pod_set("term", &["pod-a0", "pod-b0"])?;
         wait_backends(env, "term", 2, Duration::from_secs(3))?;
         k.cp.delete_pod(NAMESPACE, "pod-a0")?;
-        // The terminating pod takes no new connections.
-        let new = wait_until(Duration::from_secs(3), || {
-            let t = answered_by(env, client.ns(), to, Tcp, 6, &["pod-b0"])?;
+        let moved = wait_until(Duration::from_secs(3), || {
+            let t = new_flows(&["pod-b0"])?;
             ensure!(t.len() == 1, "{}", tally(&t));
             Ok(())
-        })?;
-        let r = stream
-            .join()
-            .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
-        Ok((r, new))
+        })
+        .context("new flows while pod-a0 terminates")?;
+        udp_stays("while pod-a0 terminates")?;
+        // No ready endpoint: the terminating one takes new flows.
+        let b0 = env.c().pod("pod-b0");
+        k.cp.set_pod_ready(NAMESPACE, b0, false)?;
+        let fallback = wait_until(Duration::from_secs(3), || {
+            new_flows(&["pod-a0"]).map(|_| ())
+        })
+        .context("new flows with pod-b0 not ready and pod-a0 terminating")?;
+        udp_stays("with pod-b0 not ready")?;
+        k.cp.set_pod_ready(NAMESPACE, b0, true)?;
+        let back = wait_until(Duration::from_secs(3), || {
+            new_flows(&["pod-b0"]).map(|_| ())
+        })
+        .context("new flows with pod-b0 ready again")?;
+        udp_stays("with pod-b0 ready again")?;
+        Ok((
+            flows,
+            format!(
+                "new flows only to pod-b0 within {}, to the terminating pod-a0 within {} of pod-b0 turning not ready, to pod-b0 again within {}",
+                ms(moved),
+                ms(fallback),
+                ms(back)
+            ),
+        ))
     })?;
-    let (r, new_took) = report;
     check!(
         env,
-        r.server == "pod-a0" && r.lossless(),
-        "the stream to the terminating pod: {r:?}"
+        servers.iter().all(|s| s == "pod-a0"),
+        "the streams went to {servers:?}, not pod-a0"
     );
+    // Gone for good: its UDP flows move on.
     k.cp.force_delete_pod(NAMESPACE, "pod-a0")?;
     wait_backends(env, "term", 1, Duration::from_secs(3))?;
+    let mut moved = Vec::new();
+    for (to, f) in &flows {
+        let mut now = String::new();
+        let took = wait_until(FOLLOW_WITHIN, || {
+            now = f
+                .ask(b"moved?\n", FAST)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            ensure!(now == "pod-b0", "answered by {now}");
+            Ok(())
+        })
+        .with_context(|| format!("the UDP flow client -> {to} after pod-a0 was removed"))?;
+        moved.push(format!("{to} after {}", ms(took)));
+    }
     k.recreate_pod("pod-a0")?;
     Ok(format!(
-        "a {} MB stream to pod-a0 through node-b's NodePort kept flowing after pod-a0 was deleted (terminating): lossless, longest stall {}; new connections only to pod-b0 within {}",
-        BYTES / 1_000_000,
-        ms(r.longest_stall),
-        ms(new_took)
+        "pod-a0 deleted gracefully (terminating): {streams}; its UDP flows stayed; {steps}; once force-deleted its UDP flows moved to pod-b0 ({})",
+        moved.join(", ")
     ))
 }
 
@@ -551,7 +637,8 @@ fn agent_get(env: &Env, node: &str, probe: &AgentProbe) -> Result<(u16, String)>
 }
 
 /// The value of metric `name` (no labels) that the agent on `node` exports
-/// on 10249 (the DaemonSet's `--metrics-addr`).
+/// on 10249 of the node's loopback (the DaemonSet keeps `--metrics-addr` at
+/// its default).
 fn metric(env: &Env, node: &str, name: &str) -> Result<f64> {
     let probe = AgentProbe {
         path: "/metrics".into(),
@@ -565,13 +652,14 @@ fn metric(env: &Env, node: &str, name: &str) -> Result<f64> {
 }
 
 /// Long TCP streams through `targets` while `f` runs; every stream must be
-/// lossless. Returns `f`'s result and a line about the streams.
+/// lossless. Returns `f`'s result, a line about the streams and the pods
+/// that served them.
 fn with_streams<T>(
     targets: &[(String, &str, SocketAddr)],
     bytes: u64,
     duration: Duration,
     f: impl FnOnce() -> Result<T>,
-) -> Result<(T, String)> {
+) -> Result<(T, String, Vec<String>)> {
     thread::scope(|s| {
         let streams: Vec<_> = targets
             .iter()
@@ -579,24 +667,28 @@ fn with_streams<T>(
             .collect();
         let out = f();
         let mut lines = Vec::new();
+        let mut servers = Vec::new();
         let mut broken = Vec::new();
         for ((what, _, _), st) in targets.iter().zip(streams) {
             match st
                 .join()
                 .map_err(|_| anyhow::anyhow!("stream thread panicked"))?
             {
-                Ok(r) if r.lossless() => lines.push(format!(
-                    "{what} to {} lossless (stall {})",
-                    r.server,
-                    ms(r.longest_stall)
-                )),
+                Ok(r) if r.lossless() => {
+                    lines.push(format!(
+                        "{what} to {} lossless (stall {})",
+                        r.server,
+                        ms(r.longest_stall)
+                    ));
+                    servers.push(r.server);
+                }
                 Ok(r) => broken.push(format!("{what}: {r:?}")),
                 Err(e) => broken.push(format!("{what}: {e:#}")),
             }
         }
         let out = out?;
         ensure!(broken.is_empty(), "streams broke: {}", broken.join("; "));
-        Ok((out, lines.join(", ")))
+        Ok((out, lines.join(", "), servers))
     })
 }
 
@@ -646,7 +738,7 @@ fn api_outage(env: &Env) -> Result<String> {
     let vip = targets[2].2;
     let (live, ready) = (&k.shipped.liveness, &k.shipped.readiness);
     let nodes = ["node-a", "node-b"];
-    let ((probes, requests, seen, back), streams) = with_streams(
+    let ((probes, requests, seen, back), streams, _) = with_streams(
         &targets,
         16_000_000,
         OUTAGE + Duration::from_secs(10),
@@ -726,7 +818,7 @@ fn restart_as_shipped(env: &Env) -> Result<String> {
     let targets = fault_streams(env, "restart")?;
     let nodes = ["node-a", "node-b"];
     let before: Vec<_> = nodes.iter().map(|n| env.shape(n)).collect::<Result<_>>()?;
-    let (took, streams) = with_streams(&targets, 12_000_000, Duration::from_secs(16), || {
+    let (took, streams, _) = with_streams(&targets, 12_000_000, Duration::from_secs(16), || {
         thread::sleep(Duration::from_secs(1));
         let mut took = Vec::new();
         for node in nodes {
@@ -859,6 +951,190 @@ fn partition(env: &Env) -> Result<String> {
     ))
 }
 
+/// Case 10: a silent partition: every packet between the agents and the API
+/// server dropped, no connection reset, so the watches just hear nothing.
+/// The agents find out by themselves (an unanswered probe): readiness 503
+/// and `lb_source_connected` 0, while they keep serving. A Service created
+/// meanwhile is in force within seconds of the way being back: the stuck
+/// watches are replaced by a relist.
+fn silent_partition(env: &Env) -> Result<String> {
+    /// The agent's contact check (10 s), its timeout (2 s), readiness'
+    /// grace (10 s), and slack.
+    const NOTICED_WITHIN: Duration = Duration::from_secs(35);
+    let k = env.kube();
+    let ready = &k.shipped.readiness;
+    let nodes = ["node-a", "node-b"];
+    let web = k.service("web")?;
+    // (The case before moved it to another port.)
+    let port = web
+        .spec
+        .as_ref()
+        .and_then(|s| Some(s.ports.as_ref()?.first()?.port))
+        .context("web's port")?;
+    let vip = SocketAddr::new(cluster_ips(&web)?[0], u16::try_from(port)?);
+    env.c().silence_api(true)?;
+    let t0 = Instant::now();
+    let outcome = (|| -> Result<_> {
+        let noticed = wait_until(NOTICED_WITHIN, || {
+            for node in nodes {
+                let (code, body) = agent_get(env, node, ready)?;
+                ensure!(code == 503, "{node}'s readiness {code}: {body}");
+                ensure!(
+                    metric(env, node, "lb_source_connected")? == 0.0,
+                    "{node} still says it is connected"
+                );
+            }
+            Ok(())
+        })
+        .context("the agents noticing the silent partition")?
+        .max(t0.elapsed());
+        // Meanwhile they serve what they knew.
+        let a0 = env.c().pod("pod-a0");
+        answered_by(env, a0.ns(), vip, Tcp, 2, &ALL)?;
+        let mut spec = dual_stack("ClusterIP", json!(null), ports(80, json!(POD_PORT)));
+        spec.as_object_mut().map(|o| o.remove("selector"));
+        let hushed = k.apply_service("hushed", spec)?;
+        k.apply_own_slices("hushed", &["pod-a1"])?;
+        Ok((noticed, hushed))
+    })();
+    env.c().silence_api(false)?;
+    let (noticed, hushed) = outcome?;
+    let t1 = Instant::now();
+    let converged = wait_until(Duration::from_secs(15), || {
+        for node in nodes {
+            let h = backends_on(env, node, "hushed")?;
+            ensure!(
+                h.len() == 4 && h.values().all(|n| *n == 1),
+                "{node}: hushed {h:?}"
+            );
+            ensure!(agent_get(env, node, ready)?.0 == 200, "{node} not ready");
+        }
+        Ok(())
+    })?
+    .max(t1.elapsed());
+    let to = SocketAddr::new(cluster_ips(&hushed)?[0], 80);
+    let t = answered_by(env, env.c().pod("pod-b1").ns(), to, Tcp, 2, &["pod-a1"])?;
+    Ok(format!(
+        "packets to and from the API server dropped: both agents not ready, lb_source_connected 0, after {} (still serving web); hushed, created meanwhile, in force and the agents ready {} after the way was back ({})",
+        ms(noticed),
+        ms(converged),
+        tally(&t)
+    ))
+}
+
+/// Case 10: trafficDistribution PreferClose through the real EndpointSlice
+/// controller. The Nodes are labelled zone-a and zone-b (one node each); the
+/// controller hints every endpoint for its own zone, and each agent reads its
+/// zone from its Node: node-a's clients (a pod, the node's own namespace)
+/// reach node-a's pods only, node-b's pod node-b's, TCP and UDP, both
+/// families. When node-b's pods leave the selection, its clients (no endpoint
+/// for their zone) fall back to every endpoint.
+fn topology(env: &Env) -> Result<String> {
+    let k = env.kube();
+    let sel = k.pod_set("zoned", &ALL)?;
+    let mut spec = dual_stack("ClusterIP", sel, ports(80, json!(POD_PORT)));
+    spec["trafficDistribution"] = json!("PreferClose");
+    let svc = k.apply_service("zoned", spec)?;
+    let vips = cluster_ips(&svc)?;
+    // The controller adds the hints in a write of its own after the slices'
+    // first: in force when each node's tables hold its zone's two pods.
+    let hinted = wait_backends(env, "zoned", 2, NEW_SERVICE_WITHIN)
+        .context("the controller's zone hints taking effect")?;
+    let c = env.c();
+    let clients = [
+        ("pod-a0", c.pod("pod-a0").ns(), ["pod-a0", "pod-a1"]),
+        ("node-a", c.node("node-a").ns(), ["pod-a0", "pod-a1"]),
+        ("pod-b1", c.pod("pod-b1").ns(), ["pod-b0", "pod-b1"]),
+    ];
+    let mut lines = Vec::new();
+    for v6 in [false, true] {
+        let to = SocketAddr::new(vips[usize::from(v6)], 80);
+        for (who, ns, zone_pods) in &clients {
+            for proto in [Tcp, Udp] {
+                let t = answered_by(env, ns, to, proto, 8, zone_pods)?;
+                if proto == Tcp {
+                    lines.push(format!("{who} {}: {}", fam(v6), tally(&t)));
+                }
+            }
+        }
+    }
+    k.pod_set("zoned", &["pod-a0", "pod-a1"])?;
+    let to = SocketAddr::new(vips[0], 80);
+    let fell_back = wait_until(Duration::from_secs(3), || {
+        answered_by(env, c.pod("pod-b1").ns(), to, Tcp, 6, &["pod-a0", "pod-a1"]).map(drop)
+    })
+    .context("node-b's clients falling back to node-a's pods")?;
+    k.delete_service("zoned")?;
+    Ok(format!(
+        "PreferClose (hints in force {} after creation): {}; node-b's pods out of the selection: pod-b1 answered by node-a's pods after {}",
+        ms(hinted),
+        lines.join("; "),
+        ms(fell_back)
+    ))
+}
+
+/// Case 11: the Node's eligibility for external load balancers, as
+/// kube-proxy's `/healthz` reports it: tainted ToBeDeletedByClusterAutoscaler,
+/// node-a's `/healthz` answers 503 with `nodeEligible: false` (node-b's stays
+/// 200); the taint removed, 200 again.
+fn node_eligible(env: &Env) -> Result<String> {
+    let k = env.kube();
+    let healthz = AgentProbe::healthz();
+    let eligible = |node: &str| -> Result<(u16, Value)> {
+        let (code, body) = agent_get(env, node, &healthz)?;
+        let json: Value =
+            serde_json::from_str(&body).with_context(|| format!("{node}'s /healthz: {body:?}"))?;
+        Ok((code, json["nodeEligible"].clone()))
+    };
+    let set = |taints: &[&str], want: (u16, Value)| -> Result<Duration> {
+        k.cp.set_node_taints("node-a", taints)?;
+        wait_until(Duration::from_secs(3), || {
+            let got = eligible("node-a")?;
+            ensure!(got == want, "node-a's /healthz: {got:?}, want {want:?}");
+            Ok(())
+        })
+    };
+    let before = eligible("node-a")?;
+    check!(
+        env,
+        before == (200, json!(true)),
+        "node-a's /healthz before the taint: {before:?}"
+    );
+    let off = set(&["ToBeDeletedByClusterAutoscaler"], (503, json!(false)))?;
+    let other = eligible("node-b")?;
+    check!(
+        env,
+        other == (200, json!(true)),
+        "node-b's /healthz while node-a is drained: {other:?}"
+    );
+    let on = set(&[], (200, json!(true)))?;
+    Ok(format!(
+        "node-a tainted ToBeDeletedByClusterAutoscaler: /healthz 503 nodeEligible false after {} (node-b 200); untainted: 200 after {}",
+        ms(off),
+        ms(on)
+    ))
+}
+
+/// Case 12: the cluster CIDRs come from the Nodes: with no --cluster-cidr
+/// (the DaemonSet passes none) each agent watches every Node and takes their
+/// `spec.podCIDRs`, which `lb-agent dump` shows.
+fn cluster_cidrs_from_nodes(env: &Env) -> Result<String> {
+    let mut shown_all = Vec::new();
+    for node in ["node-a", "node-b"] {
+        let (shown, want) = env.cluster_cidrs(node)?;
+        check!(
+            env,
+            shown.as_ref() == Some(&want),
+            "{node}'s cluster CIDRs {shown:?}, expected the Nodes' pod CIDRs {want:?}"
+        );
+        shown_all = want;
+    }
+    Ok(format!(
+        "both agents' cluster CIDRs are the Nodes' pod CIDRs: {}",
+        shown_all.join(" ")
+    ))
+}
+
 fn main_cases() -> Vec<harness::Case> {
     vec![
         ("clusterip", clusterip),
@@ -870,6 +1146,10 @@ fn main_cases() -> Vec<harness::Case> {
         ("api-server-outage", api_outage),
         ("restart-as-shipped", restart_as_shipped),
         ("partition-and-catch-up", partition),
+        ("silent-partition", silent_partition),
+        ("topology", topology),
+        ("node-eligible", node_eligible),
+        ("cluster-cidrs-from-nodes", cluster_cidrs_from_nodes),
     ]
 }
 
@@ -883,9 +1163,15 @@ fn agents_run_as_the_daemonset_serve_what_the_api_server_says() {
     let agent = release_agent().expect("the release agent");
     let env = Env::up_kube(&agent).expect("bringing up the cluster and its API server");
     println!(
-        "e2e-kube: cluster {} and its API server up, lb-agent (release) on both nodes as the DaemonSet runs it: {:?}, in {:.1}s",
+        "e2e-kube: cluster {} and its API server up, lb-agent (release) on both nodes as the DaemonSet runs it: {:?} with capabilities {:?} only, in {:.1}s",
         env.c().run_id(),
         env.kube().shipped.args,
+        env.kube()
+            .shipped
+            .container
+            .confinement
+            .as_ref()
+            .map(|c| &c.capabilities),
         t0.elapsed().as_secs_f64()
     );
     harness::run_cases(&env, "e2e-kube", &main_cases(), t0);

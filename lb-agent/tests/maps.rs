@@ -2,21 +2,34 @@
 
 mod support;
 
-use std::{collections::BTreeSet, net::SocketAddr};
+use std::{
+    collections::{BTreeMap, BTreeSet, HashMap},
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, mpsc},
+    thread,
+    time::{Duration, Instant},
+};
 
+use aya::maps::{Array, Map, MapData};
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use lb_agent::{
     bpf::{Datapath, LoadOptions, Maps, Sizes},
-    cluster::NodeInfo,
+    cluster::{NodeInfo, ObjectKey},
+    health::Health,
     maglev,
+    metrics::Metrics,
     model::{Frontend, Proto, Slice},
-    reconcile::{Reconciler, encoding::service_key},
+    reconcile::{Drift, Reconciler, encoding::service_key},
     source::SourceEvent,
     sync::Engine,
 };
-use lb_common::ServiceKey;
-use lb_testbed::fib::FibNamespace;
-use support::{Lab, SIZES};
+use lb_common::{Backend, ServiceKey};
+use lb_testbed::{
+    fib::FibNamespace,
+    packet::{decode, syn},
+    test_run,
+};
+use support::{Lab, SIZES, Wired, XDP_TX};
 
 /// Row `r`'s test pattern: non-zero ids no other row has.
 fn pattern(r: usize, len: usize) -> Vec<u32> {
@@ -102,6 +115,7 @@ fn engine(sizes: Sizes, before: impl FnOnce(&mut Maps)) -> (Datapath, Engine) {
         NodeInfo {
             name: "node-a".into(),
             addresses: vec!["192.0.2.1".parse().unwrap()],
+            zone: None,
         },
     );
     (dp, engine)
@@ -267,11 +281,13 @@ fn source_ranges_and_affinities_follow_their_ports() {
         problems: Vec::new(),
     });
     engine.sync().expect("the listing");
-    let id = engine
+    let id = *engine
         .reconciler()
-        .service_ids()
+        .id_names()
+        .snapshot()
+        .services
+        .keys()
         .next()
-        .map(|(_, id)| id)
         .unwrap();
     assert_eq!(
         ranges(&engine),
@@ -330,4 +346,324 @@ fn source_ranges_and_affinities_follow_their_ports() {
     ));
     engine.sync().expect("a deleted Service");
     assert_eq!(engine.reconciler().maps().affinity.keys().count(), 0);
+}
+
+/// The value of the sample `key` (a metric's name and its labels) in `text`.
+fn sample(text: &str, key: &str) -> Option<u64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ')?.parse().ok())
+}
+
+/// A scrape takes neither the reconciler nor its lock: it reads the
+/// datapath's counters through map handles of its own and labels them with
+/// the ids' names, which the reconciler keeps as it hands ids out. So it
+/// completes while the reconciler is locked (as a whole sync holds it), and
+/// still shows what the datapath counted a moment ago, under the right names;
+/// the names follow the Services.
+#[test]
+fn a_scrape_completes_while_the_reconciler_is_locked() {
+    let Wired {
+        mut dp,
+        maps,
+        uplink,
+        fib: _fib,
+        ..
+    } = Wired::new();
+    let mut engine = Engine::new(
+        Reconciler::adopt(maps).unwrap(),
+        NodeInfo {
+            name: "node-a".into(),
+            addresses: vec!["192.0.2.1".parse().unwrap()],
+            zone: None,
+        },
+    );
+    engine.take(SourceEvent::Resync {
+        services: vec![service(1)],
+        slices: vec![slice(1, 2)],
+        problems: Vec::new(),
+    });
+    engine.sync().expect("the listing");
+    let metrics = {
+        let r = engine.reconciler();
+        Arc::new(Metrics::new(
+            r.maps().counter_handles().unwrap(),
+            r.id_names(),
+            Health::new(Instant::now(), None),
+        ))
+    };
+
+    // A client behind the router opens a connection to the ClusterIP: XDP
+    // sends it to one of the two backends (on node B, behind the uplink).
+    let client: SocketAddr = "198.51.100.7:50000".parse().unwrap();
+    let vip: SocketAddr = "10.96.1.1:80".parse().unwrap();
+    let out = test_run::xdp(dp.xdp().unwrap(), &syn(client, vip), uplink, 1).unwrap();
+    assert_eq!(out.ret, XDP_TX);
+    let backend = decode(&out.frame).dst_addr();
+
+    let scrape = |metrics: &Arc<Metrics>| {
+        let (tx, rx) = mpsc::channel();
+        let m = metrics.clone();
+        let scraper = thread::spawn(move || tx.send(m.encode().unwrap()).unwrap());
+        // The scrape of the agent's server runs on a thread of its own, as
+        // here; if it waited for the lock, it would still be waiting.
+        let text = rx
+            .recv_timeout(Duration::from_secs(5))
+            .expect("the scrape did not finish while the reconciler was locked");
+        scraper.join().unwrap();
+        text
+    };
+    let held = engine.reconciler();
+    let text = scrape(&metrics);
+    let names = held.id_names().snapshot();
+    drop(held);
+
+    let port = names.services.values().next().expect("the port's name");
+    let other = names
+        .backends
+        .values()
+        .find(|a| **a != backend)
+        .expect("the other backend");
+    for (key, value) in [
+        (format!("lb_service_packets_total{{service=\"{port}\"}}"), 1),
+        (
+            format!("lb_backend_packets_total{{backend=\"{backend}\"}}"),
+            1,
+        ),
+        (
+            format!("lb_backend_packets_total{{backend=\"{other}\"}}"),
+            0,
+        ),
+        (
+            "lb_datapath_packets_total{reason=\"tx\",verdict=\"pass\"}".into(),
+            1,
+        ),
+        ("lb_service_ports".into(), 1),
+    ] {
+        assert_eq!(sample(&text, &key), Some(value), "{key} in:\n{text}");
+    }
+
+    // The Service goes: its port and its backends are no longer named.
+    engine.take(SourceEvent::ServiceDeleted(ObjectKey::new("t", "s1")));
+    engine.sync().expect("a deleted Service");
+    let held = engine.reconciler();
+    let text = scrape(&metrics);
+    drop(held);
+    assert_eq!(sample(&text, "lb_service_ports"), Some(0), "{text}");
+    assert!(
+        !text.contains("lb_service_packets_total{") && !text.contains("lb_backend_packets_total{"),
+        "{text}"
+    );
+}
+
+/// Everything the reconciler writes, read back from the maps.
+#[derive(Debug, PartialEq)]
+struct Written {
+    services: HashMap<ServiceKey, lb_common::Service>,
+    backends: Vec<Backend>,
+    /// The rows the frontends name, by row.
+    rows: BTreeMap<u32, Vec<u32>>,
+    filter: Vec<u64>,
+    ranges: BTreeSet<(u32, IpAddr, u8)>,
+    names: Vec<String>,
+}
+
+impl Written {
+    fn read(engine: &Engine) -> Self {
+        let r = engine.reconciler();
+        let maps = r.maps();
+        let services: HashMap<_, _> = maps.services.iter().map(Result::unwrap).collect();
+        let rows = services
+            .values()
+            .filter(|s| s.backend_count > 0)
+            .map(|s| (s.table, maps.maglev.read_row(s.table).unwrap()))
+            .collect();
+        Self {
+            services,
+            backends: (0..maps.sizes().backends)
+                .map(|id| maps.backends.get(&id, 0).unwrap())
+                .collect(),
+            rows,
+            filter: (0..lb_common::hash::ADDR_FILTER_WORDS)
+                .map(|i| maps.addr_filter.get(&i, 0).unwrap())
+                .collect(),
+            ranges: maps
+                .source_ranges()
+                .unwrap()
+                .into_iter()
+                .map(|(id, (a, l))| (id, a, l))
+                .collect(),
+            names: (0..maps.sizes().service_ids)
+                .map(|id| maps.service_names.get(&id, 0).unwrap().as_str().to_owned())
+                .collect(),
+        }
+    }
+}
+
+/// Writes one Maglev entry behind the reconciler's back, through a handle
+/// of its own (as `bpftool map update` would).
+fn scribble_on_maglev(maps: &Maps, row: u32, entry: usize, id: u32) {
+    let data = MapData::from_id(maps.maglev.map_id().unwrap()).unwrap();
+    let mut array: Array<MapData, lb_common::MaglevPair> =
+        Array::try_from(Map::Array(data)).unwrap();
+    let per_row = lb_common::maglev_row_elements(maps.sizes().maglev_table_size);
+    let index = row * per_row + (entry / 2) as u32;
+    let mut pair = array.get(&index, 0).unwrap();
+    // A pair holds two ids; `entry`'s is the first or the second.
+    pair.ids[entry % 2] = id;
+    array.set(index, pair, 0).unwrap();
+}
+
+/// Whatever happens to the maps behind the agent's back (a failed write, a
+/// `bpftool map update` or `delete`), the verify pass finds it, puts back
+/// what the desired state says, and counts it per map; a second pass finds
+/// nothing.
+#[test]
+fn the_verify_pass_repairs_what_was_changed_by_hand_and_counts_it_per_map() {
+    let _fib = FibNamespace::enter().unwrap();
+    let (_dp, mut engine) = engine(support::SIZES, |_| {});
+    assert!(engine.verify().is_none(), "no pass before the first sync");
+    engine.take(SourceEvent::Resync {
+        services: vec![
+            service(1),
+            service(2),
+            service(3),
+            firewalled(Some(&["192.0.2.0/24"])),
+        ],
+        slices: vec![
+            slice(1, 2),
+            slice(2, 2),
+            slice(3, 3),
+            fw_slice(&["10.244.9.10"]),
+        ],
+        problems: Vec::new(),
+    });
+    assert!(engine.sync().unwrap().problems.is_empty());
+    assert_eq!(
+        engine.verify().unwrap().unwrap(),
+        Drift::default(),
+        "nothing has drifted yet"
+    );
+    let before = Written::read(&engine);
+    let fw_id = before
+        .ranges
+        .iter()
+        .next()
+        .map(|(id, _, _)| *id)
+        .expect("fw's source range");
+    let filter_bits: u32 = before.filter.iter().map(|w| w.count_ones()).sum();
+    assert!(filter_bits > 0);
+
+    {
+        let mut r = engine.reconciler();
+        let maps = r.maps_mut();
+        // services: one frontend gone, one changed, one nobody's.
+        maps.remove_service(&cluster_ip_key(1)).unwrap();
+        let mut s2 = maps.services.get(&cluster_ip_key(2), 0).unwrap();
+        s2.backend_count = 1;
+        maps.set_service(&cluster_ip_key(2), &s2).unwrap();
+        maps.set_service(&cluster_ip_key(99), &s2).unwrap();
+        // backends: a slot in use cleared, a free one made to look used.
+        let s3 = maps.services.get(&cluster_ip_key(3), 0).unwrap();
+        let row = maps.maglev.read_row(s3.table).unwrap();
+        maps.clear_backend(row[0]).unwrap();
+        let mut stray = maps.backends.get(&row[0], 0).unwrap();
+        stray.flags = lb_common::BACKEND_F_ACTIVE;
+        maps.set_backend(support::SIZES.backends - 1, &stray)
+            .unwrap();
+        // maglev: one entry of s3's row.
+        scribble_on_maglev(maps, s3.table, 5, support::SIZES.backends - 1);
+        // addr_filter: every bit gone (every frontend a black hole).
+        for i in 0..lb_common::hash::ADDR_FILTER_WORDS {
+            maps.set_filter_word(i, 0).unwrap();
+        }
+        // src_ranges4: fw's range gone, another in its place.
+        maps.remove_source_range(fw_id, ("192.0.2.0".parse().unwrap(), 24))
+            .unwrap();
+        maps.add_source_range(fw_id, ("198.51.100.0".parse().unwrap(), 24))
+            .unwrap();
+        // service_names: one renamed.
+        maps.set_service_name(s3.id, "vandalised").unwrap();
+    }
+    assert_ne!(Written::read(&engine), before);
+
+    let drift = engine.verify().unwrap().unwrap();
+    assert_eq!(
+        drift,
+        Drift {
+            services: 3,
+            backends: 2,
+            maglev: 1,
+            addr_filter: filter_bits as usize,
+            source_ranges: 2,
+            service_names: 1,
+            // (The agent's own maps, checked beside: not this pass's.)
+            ..Drift::default()
+        }
+    );
+    assert_eq!(drift.total(), 9 + filter_bits as usize);
+    assert_eq!(Written::read(&engine), before, "every map as it was");
+    assert_eq!(engine.verify().unwrap().unwrap(), Drift::default());
+}
+
+/// A port refused for lack of room is not forgotten: every later pass tries
+/// it again (a retry is a pass of its own when nothing else changes), and the
+/// pass that frees room writes it.
+#[test]
+fn a_port_refused_for_room_is_written_once_room_frees_up() {
+    let _fib = FibNamespace::enter().unwrap();
+    let sizes = Sizes {
+        backends: 4,
+        ..support::SIZES
+    };
+    let (_dp, mut engine) = engine(sizes, |_| {});
+    let present = |engine: &Engine, i: usize| {
+        engine
+            .reconciler()
+            .maps()
+            .services
+            .get(&cluster_ip_key(i), 0)
+            .ok()
+    };
+    engine.take(SourceEvent::Resync {
+        services: vec![service(1), service(2)],
+        slices: vec![slice(1, 3), slice(2, 3)],
+        problems: Vec::new(),
+    });
+    let first = engine.sync().unwrap();
+    assert_eq!(first.problems.len(), 1, "{:?}", first.problems);
+    assert!(
+        first.problems[0].to_string().contains("backends map"),
+        "{}",
+        first.problems[0]
+    );
+    let refused = if present(&engine, 1).is_some() { 2 } else { 1 };
+    let kept = 3 - refused;
+    assert!(present(&engine, kept).is_some());
+    assert!(present(&engine, refused).is_none());
+    assert_eq!(engine.reconciler().failed_ports().len(), 1);
+
+    // Nothing changed: no sync is due until a retry is asked for, and the
+    // retry still finds no room.
+    assert!(!engine.is_due());
+    assert!(engine.retry_failed());
+    assert!(engine.is_due());
+    let retried = engine.sync().unwrap();
+    assert_eq!(retried.problems.len(), 1);
+    assert!(present(&engine, refused).is_none());
+
+    // The other Service goes: its backends are freed at the end of the pass,
+    // and the refused port is written in that same pass.
+    let gone = format!("s{kept}");
+    engine.take(SourceEvent::ServiceDeleted(ObjectKey::new("t", &gone)));
+    engine.take(SourceEvent::SliceDeleted(ObjectKey::new(
+        "t",
+        format!("{gone}-x"),
+    )));
+    let freed = engine.sync().unwrap();
+    assert!(freed.problems.is_empty(), "{:?}", freed.problems);
+    assert!(present(&engine, kept).is_none());
+    assert_eq!(present(&engine, refused).unwrap().backend_count, 3);
+    assert!(engine.reconciler().failed_ports().is_empty());
+    assert!(!engine.retry_failed());
+    assert_eq!(engine.verify().unwrap().unwrap(), Drift::default());
 }

@@ -21,9 +21,10 @@ use http::{Request, Response, StatusCode};
 use kube::{Client, client::Body};
 use lb_agent::{
     cluster::ObjectKey,
+    model::Prefix,
     source::{
         SourceEvent,
-        kube::{SERVICE_LABEL_SELECTOR, SLICE_LABEL_SELECTOR, run},
+        kube::{Nodes, SERVICE_LABEL_SELECTOR, SLICE_LABEL_SELECTOR, run},
     },
 };
 use serde_json::{Value, json};
@@ -399,13 +400,17 @@ struct Running {
     agent: JoinHandle<anyhow::Result<()>>,
 }
 
-/// Starts `run` against the fake for node "n1".
+/// Starts `run` against the fake for node "n1", watching its Node only.
 fn start(fake: &Fake) -> Running {
+    start_watching(fake, Nodes::OwnOnly)
+}
+
+fn start_watching(fake: &Fake, nodes: Nodes) -> Running {
     let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
     tokio::spawn(fake.clone().serve(handle));
     let client = Client::new(service, "default");
     let (tx, rx) = mpsc::channel(64);
-    let agent = tokio::spawn(run(client, "n1".into(), tx));
+    let agent = tokio::spawn(run(client, "n1".into(), nodes, tx));
     Running {
         fake: fake.clone(),
         rx,
@@ -479,7 +484,11 @@ impl Running {
 fn is_independent(e: &SourceEvent) -> bool {
     matches!(
         e,
-        SourceEvent::NodeAddresses(_) | SourceEvent::Connected | SourceEvent::Disconnected { .. }
+        SourceEvent::NodeAddresses(_)
+            | SourceEvent::NodeZone(_)
+            | SourceEvent::ClusterCidrs(_)
+            | SourceEvent::Connected
+            | SourceEvent::Disconnected { .. }
     )
 }
 
@@ -702,6 +711,69 @@ async fn node_addresses_follow_the_node() {
         }
     };
     assert_eq!(second, vec![ip("192.0.2.2")]);
+}
+
+#[tokio::test]
+async fn all_nodes_give_the_cluster_cidrs_and_this_one_its_zone() {
+    let fake = Fake::new();
+    let zoned = |name: &str, zone: &str, cidrs: &[&str]| {
+        let mut n = node(name, &[("InternalIP", "192.0.2.1")]);
+        n["metadata"]["labels"] = json!({"topology.kubernetes.io/zone": zone});
+        n["spec"] = json!({"podCIDR": cidrs[0], "podCIDRs": cidrs});
+        n
+    };
+    fake.put(
+        Res::Nodes,
+        zoned("n1", "z1", &["10.244.1.0/24", "fd00:244:1::/64"]),
+    );
+    fake.put(Res::Nodes, zoned("n2", "z2", &["10.244.2.0/24"]));
+    // A Node whose CIDR is broken still counts with the others.
+    fake.put(Res::Nodes, zoned("n3", "z2", &["10.244.3.0/33"]));
+    fake.db.lock().unwrap().queued.clear();
+    let mut r = start_watching(&fake, Nodes::All);
+    let cidrs =
+        |want: &[&str]| -> Vec<Prefix> { want.iter().map(|c| Prefix::parse(c).unwrap()).collect() };
+    let (mut zone, mut all) = (None, None);
+    while zone.is_none() || all.is_none() {
+        match r.next().await {
+            SourceEvent::NodeZone(z) => zone = Some(z),
+            SourceEvent::ClusterCidrs(c) => all = Some(c),
+            _ => {}
+        }
+    }
+    assert_eq!(zone, Some(Some("z1".to_string())));
+    assert_eq!(
+        all.unwrap(),
+        cidrs(&["10.244.1.0/24", "10.244.2.0/24", "fd00:244:1::/64"])
+    );
+    // Every Node is listed: no field selector.
+    let lists = r.fake.requests(Res::Nodes, false);
+    assert!(
+        !lists[0].query.contains("fieldSelector"),
+        "{}",
+        lists[0].query
+    );
+
+    // Another Node going away takes its CIDR; this one's zone changes.
+    r.fake.delete(Res::Nodes, "", "n2");
+    let next = loop {
+        if let SourceEvent::ClusterCidrs(c) = r.next().await {
+            break c;
+        }
+    };
+    assert_eq!(next, cidrs(&["10.244.1.0/24", "fd00:244:1::/64"]));
+    r.fake.put(
+        Res::Nodes,
+        zoned("n1", "z3", &["10.244.1.0/24", "fd00:244:1::/64"]),
+    );
+    let next = loop {
+        match r.next().await {
+            SourceEvent::NodeZone(z) => break z,
+            SourceEvent::ClusterCidrs(c) => panic!("unchanged CIDRs sent again: {c:?}"),
+            _ => {}
+        }
+    };
+    assert_eq!(next.as_deref(), Some("z3"));
 }
 
 #[tokio::test]

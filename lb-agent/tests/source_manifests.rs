@@ -10,6 +10,7 @@ use std::{
 use k8s_openapi::api::core::v1::Service;
 use lb_agent::{
     cluster::{ObjectKey, Problem, ProblemKind},
+    model::Prefix,
     source::{
         SourceEvent,
         manifests::{Loaded, load_dir, watch},
@@ -242,6 +243,62 @@ fn unparsable_document_is_skipped_and_the_rest_loads() {
     assert_eq!(names(&l).0, strs(&["default/other"]));
     let p = only(&l, ProblemKind::Parse);
     assert_eq!(p.location, loc(dir.path(), "c.json", 4));
+}
+
+#[test]
+fn nodes_give_this_nodes_zone_and_the_cluster_cidrs() {
+    let dir = tempfile::tempdir().unwrap();
+    let node = |name: &str, zone: &str, cidrs: &str| {
+        format!(
+            "apiVersion: v1\nkind: Node\nmetadata:\n  name: {name}\n  labels: {{topology.kubernetes.io/zone: {zone}}}\n\
+             spec:\n  podCIDRs: [{cidrs}]\nstatus:\n  addresses: [{{type: InternalIP, address: 192.0.2.9}}]\n"
+        )
+    };
+    let text = format!(
+        "{}---\n{}---\n{}",
+        node("node-a", "z1", "10.244.1.0/24, 'fd00:244:1::/64'"),
+        node("node-b", "z2", "10.244.2.0/24, 10.244.2.0/24"),
+        node("node-c", "z2", "10.244.3.0/24, 10.244.300.0/24"),
+    );
+    write(dir.path(), "nodes.yaml", &text);
+    let l = load_dir(dir.path());
+    // The CIDR that does not parse is reported where it is.
+    let bad = only(&l, ProblemKind::BadAddress);
+    assert!(bad.message.contains("10.244.300.0/24"), "{}", bad.message);
+    assert_eq!(
+        bad.location,
+        loc(dir.path(), "nodes.yaml", line_of(&text, "name: node-c") - 3)
+    );
+    // The node's facts before the Resync, so the first sync has them.
+    let events = l.clone().into_events("node-a");
+    assert!(
+        matches!(&events[0], SourceEvent::NodeZone(Some(z)) if z == "z1"),
+        "{:?}",
+        events[0]
+    );
+    let want: Vec<Prefix> = [
+        "10.244.1.0/24",
+        "10.244.2.0/24",
+        "10.244.3.0/24",
+        "fd00:244:1::/64",
+    ]
+    .iter()
+    .map(|c| Prefix::parse(c).unwrap())
+    .collect();
+    assert!(
+        matches!(&events[1], SourceEvent::ClusterCidrs(c) if *c == want),
+        "{:?}",
+        events[1]
+    );
+    assert!(matches!(&events[2], SourceEvent::Resync { .. }));
+    // Another node's name: its zone; one without a manifest: none.
+    assert!(
+        matches!(&l.clone().into_events("node-b")[0], SourceEvent::NodeZone(Some(z)) if z == "z2")
+    );
+    assert!(matches!(
+        &l.into_events("node-x")[0],
+        SourceEvent::NodeZone(None)
+    ));
 }
 
 #[test]
@@ -541,7 +598,7 @@ struct Watching {
 
 fn start(dir: &Path) -> Watching {
     let (tx, rx) = mpsc::channel(16);
-    let task = tokio::spawn(watch(dir.to_path_buf(), tx));
+    let task = tokio::spawn(watch(dir.to_path_buf(), "node-a".into(), tx));
     Watching { rx, task }
 }
 
@@ -550,11 +607,26 @@ type Names = (Vec<String>, Vec<String>, usize);
 impl Watching {
     /// The next Resync's service and slice keys and problem count, which must
     /// come within `within`.
-    async fn resync_within(&mut self, within: Duration) -> (Names, Vec<Service>) {
-        let event = timeout(within, self.rx.recv())
+    async fn next_within(&mut self, within: Duration) -> SourceEvent {
+        timeout(within, self.rx.recv())
             .await
-            .unwrap_or_else(|_| panic!("no Resync within {within:?}"))
-            .expect("watch is running");
+            .unwrap_or_else(|_| panic!("nothing sent within {within:?}"))
+            .expect("watch is running")
+    }
+
+    async fn resync_within(&mut self, within: Duration) -> (Names, Vec<Service>) {
+        // The Nodes' facts come before every Resync.
+        for _ in 0..2 {
+            let event = self.next_within(within).await;
+            assert!(
+                matches!(
+                    event,
+                    SourceEvent::NodeZone(_) | SourceEvent::ClusterCidrs(_)
+                ),
+                "expected the node facts first, got {event:?}"
+            );
+        }
+        let event = self.next_within(WITHIN).await;
         let SourceEvent::Resync {
             services,
             slices,
@@ -707,7 +779,7 @@ async fn watch_debounces_bursts() {
 async fn watch_needs_the_directory_and_stops_with_the_receiver() {
     let dir = tempfile::tempdir().unwrap();
     let (tx, _rx) = mpsc::channel(1);
-    let err = watch(dir.path().join("missing"), tx)
+    let err = watch(dir.path().join("missing"), "node-a".into(), tx)
         .await
         .expect_err("a missing directory is an error");
     let msg = format!("{err:#}");

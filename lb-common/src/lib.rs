@@ -51,8 +51,9 @@ pub mod map_names {
     pub const SRC_RANGES6: &str = "src_ranges6";
     pub const CLUSTER_CIDRS4: &str = "cluster_cidrs4";
     pub const CLUSTER_CIDRS6: &str = "cluster_cidrs6";
+    pub const FRAGMENTS: &str = "fragments";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 19] = [
+    pub const ALL: [&str; 20] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -72,6 +73,7 @@ pub mod map_names {
         SRC_RANGES6,
         CLUSTER_CIDRS4,
         CLUSTER_CIDRS6,
+        FRAGMENTS,
     ];
 }
 
@@ -105,6 +107,13 @@ pub mod capacity {
     pub const SOURCE_RANGES: u32 = 16_384;
     /// Cluster (pod) CIDRs, per family.
     pub const CLUSTER_CIDRS: u32 = 1_024;
+    /// Fragmented datagrams being translated (`fragments`, an LRU: one entry
+    /// per datagram whose first fragment was translated, about 150 bytes
+    /// each, as conntrack's). An entry is needed only until the datagram's
+    /// last fragment has passed, milliseconds on a working path, so 8,192
+    /// hold every datagram in flight at thousands of fragmented datagrams a
+    /// second.
+    pub const FRAGMENTS: u32 = 8_192;
 }
 
 /// Key of `services`: one frontend of a Service port.
@@ -253,6 +262,13 @@ pub const CT_F_CLOSING: u16 = 1 << 3;
 /// source-NATed to the frontend address (keeping the client port), because a
 /// packet from its own address would be dropped by the pod as martian.
 pub const CT_F_HAIRPIN: u16 = 1 << 4;
+/// The backend has answered: a packet hit the flow's reply entry (set on the
+/// reply entry, and once on the forward entry too, so that each entry tells
+/// its flow's state on its own).
+pub const CT_F_REPLIED: u16 = 1 << 5;
+/// TCP: the client has acknowledged: a packet with ACK and without SYN hit
+/// the forward entry (the third packet of the handshake, or anything after).
+pub const CT_F_ACKED: u16 = 1 << 6;
 
 /// Value of `conntrack`: the addresses and ports to write into a packet of this flow.
 ///
@@ -276,16 +292,201 @@ pub struct CtEntry {
     /// `bpf_ktime_get_coarse_ns` when the flow was last seen, refreshed at most
     /// every [`CT_REFRESH_NS`].
     pub last_seen_ns: u64,
+    /// Where packets this entry translates may arrive: [`CT_INGRESS_ANY`],
+    /// [`CT_INGRESS_NETWORK`], [`CT_INGRESS_PODS`] or one interface's
+    /// ifindex (see [`CT_INGRESS_ANY`] for the rule).
+    pub ingress: u32,
+    pub _pad2: u32,
+}
+
+/// [`CtEntry::ingress`] of a forward entry: a client's packets may arrive
+/// anywhere (from a pod, from the network on any uplink or tunnel). A
+/// packet that takes a forward entry only goes where a new flow of its tuple
+/// would go anyway.
+///
+/// The rule for reply entries, which translate a backend's packets into the
+/// frontend's (and so would let anyone who can send a reply-shaped packet
+/// speak as the Service):
+/// - a backend on this node answers from its pod, so its replies must arrive
+///   on the interface the flow's forward packets were routed out of, the
+///   pod's veth (tc runs on its host side): that ifindex exactly. Where that
+///   interface is not a pod interface (pods behind a bridge, where the route
+///   names the bridge but the pod's packets arrive on its veth, a bridge
+///   port) or not known (routed by the kernel, an entry migrated from a
+///   layout without the field), any pod interface: [`CT_INGRESS_PODS`];
+/// - a backend on another node answers from the network: XDP on an uplink, or
+///   tc on any interface that is no pod's (uplinks, overlay tunnels, second
+///   NICs): [`CT_INGRESS_NETWORK`]. Not the interface its forward packets
+///   left by: with ECMP routes, several uplinks or asymmetric routing, a
+///   reply may come back on any of them, as the kernel's loose reverse-path
+///   filter allows.
+///
+/// A packet that finds its entry but arrived elsewhere is not translated:
+/// it is passed on untouched (`pass_wrong_side`), so that the kernel's
+/// reverse-path filter and routing decide about it as if lb were not there,
+/// and it does not refresh or change its flow's entry.
+pub const CT_INGRESS_ANY: u32 = 0;
+/// [`CtEntry::ingress`]: from the network, any interface that is not a pod's.
+pub const CT_INGRESS_NETWORK: u32 = u32::MAX;
+/// [`CtEntry::ingress`]: any pod interface (role `iface::ROLE_POD`).
+pub const CT_INGRESS_PODS: u32 = u32::MAX - 1;
+
+impl CtEntry {
+    /// The key of the other entry of this entry's flow (of protocol `proto`,
+    /// family `family`): the tuple this direction leaves with (`nat_*`),
+    /// reversed. For a forward entry that is the reply entry inserted with
+    /// it, in all three shapes the datapath writes: plain (`nat_src` is the
+    /// client), source-NATed (`nat_src` is the node's address and the claimed
+    /// port) and hairpin (`nat_src` is the frontend address with the client's
+    /// port). For a reply entry it is the client's tuple, its forward entry's
+    /// key. Addresses are copied whole, so an IPv4 key keeps its 12 zero bytes.
+    #[inline(always)]
+    pub fn partner_key(&self, proto: u8, family: u8) -> FlowKey {
+        FlowKey {
+            src: self.nat_dst,
+            dst: self.nat_src,
+            src_port: self.nat_dst_port,
+            dst_port: self.nat_src_port,
+            proto,
+            family,
+            _pad: [0; 2],
+        }
+    }
 }
 
 /// How stale `last_seen_ns` may get before a packet refreshes it.
 pub const CT_REFRESH_NS: u64 = 1_000_000_000;
 
-/// Idle time after which a source-NAT port may be given to another flow: a closing
-/// TCP flow, an established TCP flow, a UDP flow.
-pub const SNAT_IDLE_CLOSING_NS: u64 = 10_000_000_000;
-pub const SNAT_IDLE_TCP_NS: u64 = 7_200_000_000_000;
-pub const SNAT_IDLE_UDP_NS: u64 = 60_000_000_000;
+/// How long a flow may stay idle before it expires: the agent's conntrack
+/// sweep deletes it, and its source-NAT port may go to another flow.
+///
+/// - Unconfirmed (a TCP flow whose handshake never completed: the client
+///   never acknowledged the backend's SYN-ACK, or a UDP flow the backend never
+///   answered): 5 s, counted from the client's last packet. Spoofed SYNs are
+///   exactly this: they hold entries and ports for seconds, not hours. (The
+///   kernel's SYN_SENT is 120 s; its NAT can evict unassured entries early
+///   under pressure, which an LRU cannot do selectively.) A real client that
+///   waits longer than that between retransmitted SYNs opens its flow afresh.
+/// - Closing (TCP FIN or RST seen): 10 s.
+/// - Established TCP: 24 h, kube-proxy's `--conntrack-tcp-timeout-established`
+///   default (longer than Linux's 2 h keepalive, so idle pooled connections
+///   with keepalives live on).
+/// - Answered UDP: 60 s.
+pub const CT_UNCONFIRMED_NS: u64 = 5_000_000_000;
+pub const CT_CLOSING_NS: u64 = 10_000_000_000;
+pub const CT_TCP_ESTABLISHED_NS: u64 = 86_400_000_000_000;
+pub const CT_UDP_NS: u64 = 60_000_000_000;
+
+/// Whether a flow whose entries carry `flags` (one entry's, or both ORed) is
+/// confirmed: answered by the backend, and for TCP acknowledged by the client.
+#[inline(always)]
+pub fn ct_confirmed(flags: u16, proto: u8) -> bool {
+    let need = if proto == PROTO_TCP {
+        CT_F_REPLIED | CT_F_ACKED
+    } else {
+        CT_F_REPLIED
+    };
+    flags & need == need
+}
+
+/// How long a flow with `flags` may be idle (see [`CT_UNCONFIRMED_NS`]).
+#[inline(always)]
+pub fn ct_idle_limit_ns(flags: u16, proto: u8) -> u64 {
+    if !ct_confirmed(flags, proto) {
+        CT_UNCONFIRMED_NS
+    } else if flags & CT_F_CLOSING != 0 {
+        CT_CLOSING_NS
+    } else if proto == PROTO_TCP {
+        CT_TCP_ESTABLISHED_NS
+    } else {
+        CT_UDP_NS
+    }
+}
+
+/// Whether a flow has expired at `now`: `flags` are its entries' bits ORed,
+/// `client_seen` the last use of its forward entry (None: it is gone) and
+/// `reply_seen` of its reply entry (None: gone). An unconfirmed flow counts
+/// only the client's packets (a backend retransmitting its SYN-ACK to a
+/// spoofed client must not keep the flow); a confirmed one either side's.
+/// A time of 0 is an entry written before entries carried times: it is taken
+/// as just seen (the next packet stamps it).
+#[inline(always)]
+pub fn ct_expired(
+    flags: u16,
+    proto: u8,
+    client_seen: Option<u64>,
+    reply_seen: Option<u64>,
+    now: u64,
+) -> bool {
+    let last = match (client_seen, reply_seen) {
+        (Some(c), Some(r)) if ct_confirmed(flags, proto) => {
+            if c > r {
+                c
+            } else {
+                r
+            }
+        }
+        (Some(c), _) => c,
+        (None, Some(r)) => r,
+        (None, None) => return true,
+    };
+    if last == 0 {
+        return false;
+    }
+    // Saturating: another CPU may have stamped the entry a tick after `now`.
+    now.saturating_sub(last) >= ct_idle_limit_ns(flags, proto)
+}
+
+/// Key of `fragments`: one fragmented IP datagram, as its fragments carry it
+/// (the IP header alone identifies a fragment: only the first holds the ports).
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FragKey {
+    /// Source address (network order; IPv4 in the first 4 bytes).
+    pub src: [u8; 16],
+    /// Destination address.
+    pub dst: [u8; 16],
+    /// The datagram's identification (host order): IPv4's 16-bit
+    /// Identification field, IPv6's 32-bit Fragment header identification.
+    pub id: u32,
+    /// [`PROTO_TCP`] or [`PROTO_UDP`].
+    pub proto: u8,
+    /// [`FAMILY_V4`] or [`FAMILY_V6`].
+    pub family: u8,
+    pub _pad: [u8; 2],
+}
+
+/// Value of `fragments`: how the datagram's first fragment was translated
+/// (its conntrack entry's tuple), so that the later ones, which carry no
+/// ports to look conntrack up with, get the same addresses and go the same
+/// way.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FragEntry {
+    /// The addresses the first fragment left with: written into every later
+    /// fragment.
+    pub nat_src: [u8; 16],
+    pub nat_dst: [u8; 16],
+    /// The ports it left with (in the first fragment only): the later
+    /// fragments' route lookup uses them, so that it finds the first's route.
+    pub nat_src_port: u16,
+    pub nat_dst_port: u16,
+    /// Backend and service-port ids (for `backend_stats`, `service_stats`).
+    pub backend: u32,
+    pub service: u32,
+    /// Where the later fragments may arrive: the first fragment's conntrack
+    /// entry's [`CtEntry::ingress`] (the same rule applies to them).
+    pub ingress: u32,
+    /// `bpf_ktime_get_coarse_ns` when the first fragment was translated: an
+    /// entry older than [`FRAG_TIMEOUT_NS`] is not used (see there).
+    pub first_ns: u64,
+}
+
+/// How long after its first fragment a datagram's later fragments are
+/// translated: Linux's reassembly timeout (`ipfrag_time`, 30 s). A receiver
+/// has dropped the datagram by then; an older entry can only belong to an
+/// earlier datagram whose identification the sender has since reused.
+pub const FRAG_TIMEOUT_NS: u64 = 30_000_000_000;
 
 /// Value of `service_names` (indexed by service id): which Service port an id is,
 /// as `namespace/name:port-name/proto/family`, NUL-padded. The datapath never
@@ -581,10 +782,85 @@ mod pod {
     unsafe impl aya::Pod for super::Affinity {}
     unsafe impl aya::Pod for super::SourceRange4 {}
     unsafe impl aya::Pod for super::SourceRange6 {}
+    unsafe impl aya::Pod for super::FragKey {}
+    unsafe impl aya::Pod for super::FragEntry {}
 }
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn flows_expire_by_state_and_unconfirmed_ones_by_the_clients_packets_only() {
+        use super::*;
+        const S: u64 = 1_000_000_000;
+        let t0 = 1_000 * S;
+        let syn_only = CT_F_FORWARD | CT_F_REPLIED;
+        let established = CT_F_FORWARD | CT_F_REPLIED | CT_F_ACKED;
+        assert!(!ct_confirmed(syn_only, PROTO_TCP), "answered, never acked");
+        assert!(ct_confirmed(established, PROTO_TCP));
+        assert!(
+            ct_confirmed(CT_F_REPLIED, PROTO_UDP),
+            "UDP needs an answer only"
+        );
+        assert!(!ct_confirmed(CT_F_ACKED, PROTO_UDP));
+        // A spoofed SYN: the backend's SYN-ACK retransmissions keep the reply
+        // entry fresh, but only the client's side counts.
+        let e =
+            |flags, c: Option<u64>, r: Option<u64>, now| ct_expired(flags, PROTO_TCP, c, r, now);
+        assert!(!e(syn_only, Some(t0), Some(t0 + 4 * S), t0 + 4 * S));
+        assert!(e(syn_only, Some(t0), Some(t0 + 4 * S), t0 + 5 * S));
+        // Established: either side keeps it, for a day.
+        assert!(!e(
+            established,
+            Some(t0),
+            Some(t0 + 3600 * S),
+            t0 + 86_400 * S
+        ));
+        assert!(e(established, Some(t0), Some(t0), t0 + 86_400 * S));
+        assert!(!e(established, Some(t0), Some(t0), t0 + 86_399 * S));
+        // Closing: 10 s.
+        assert!(e(
+            established | CT_F_CLOSING,
+            Some(t0),
+            Some(t0),
+            t0 + 10 * S
+        ));
+        assert!(!e(
+            established | CT_F_CLOSING,
+            Some(t0),
+            Some(t0),
+            t0 + 9 * S
+        ));
+        // Answered UDP: 60 s; unanswered: 5 s.
+        assert!(!ct_expired(
+            CT_F_REPLIED,
+            PROTO_UDP,
+            Some(t0),
+            None,
+            t0 + 59 * S
+        ));
+        assert!(ct_expired(
+            CT_F_REPLIED,
+            PROTO_UDP,
+            Some(t0),
+            None,
+            t0 + 60 * S
+        ));
+        assert!(ct_expired(
+            CT_F_FORWARD,
+            PROTO_UDP,
+            Some(t0),
+            None,
+            t0 + 5 * S
+        ));
+        // Only one entry left: its own time; none: expired; an unstamped
+        // entry (written before entries carried times): not expired.
+        assert!(!e(syn_only, None, Some(t0), t0 + 4 * S));
+        assert!(e(0, None, None, t0));
+        assert!(!e(syn_only, Some(0), None, t0));
+        // A stamp a tick ahead of `now` (another CPU): not expired.
+        assert!(!e(syn_only, Some(t0 + 1), None, t0));
+    }
+
     use core::mem::size_of;
 
     use super::*;
@@ -595,7 +871,10 @@ mod tests {
         assert_eq!(size_of::<Service>(), 8 * 4);
         assert_eq!(size_of::<Backend>(), 16 + 2 + 1 + 1 + 4);
         assert_eq!(size_of::<FlowKey>(), 16 + 16 + 2 + 2 + 1 + 1 + 2);
-        assert_eq!(size_of::<CtEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8);
+        assert_eq!(
+            size_of::<CtEntry>(),
+            16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8 + 4 + 4
+        );
         assert_eq!(size_of::<Counters>(), 16);
         assert_eq!(size_of::<Config>(), 4 + 4 + 4 + 2 + 2 + 16);
         assert_eq!(size_of::<Interface>(), 16 + 4 * 4);
@@ -604,6 +883,8 @@ mod tests {
         assert_eq!(size_of::<Affinity>(), 16 + 8 + 4 + 2 + 2);
         assert_eq!(size_of::<SourceRange4>(), 8);
         assert_eq!(size_of::<SourceRange6>(), 20);
+        assert_eq!(size_of::<FragKey>(), 16 + 16 + 4 + 1 + 1 + 2);
+        assert_eq!(size_of::<FragEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 4 + 8);
     }
 
     #[test]

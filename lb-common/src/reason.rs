@@ -14,7 +14,12 @@ pub enum Reason {
     /// Too short or malformed to parse (short frame, bad IHL, bad lengths):
     /// passed to the kernel, which drops and counts it as the stack would.
     PassMalformed,
-    /// An IP fragment: not translated (there are no ports to look up).
+    /// An IP fragment lb does not translate: a later fragment (no ports)
+    /// whose datagram's first fragment was not translated here (it has not
+    /// arrived yet, went another way, or was none of lb's business), or a
+    /// fragment of a protocol other than TCP and UDP. A first fragment is
+    /// treated as any TCP or UDP packet, and a later one of a datagram whose
+    /// first was translated is translated the same way (the `fragments` map).
     PassFragment,
     /// An L4 protocol lb does not balance (SCTP, GRE, ICMP echo, ...).
     PassOtherProtocol,
@@ -59,11 +64,22 @@ pub enum Reason {
     /// A new flow to a LoadBalancer IP from outside its Service's
     /// loadBalancerSourceRanges: dropped.
     DropSourceRange,
+    /// A new flow that needs source NAT in a family this node has no address
+    /// of (`config` without that family's SNAT flag): dropped, never sent
+    /// from the unspecified address.
+    DropNoSnatAddress,
+    /// A packet of a tracked flow that arrived on an interface its flow's
+    /// packets of that direction cannot come from (`CtEntry::ingress`): a
+    /// reply-shaped packet of a local pod's flow from the network, of a
+    /// remote backend's flow from a pod, and ICMP errors and later fragments
+    /// translated like such replies. Passed untouched, not translated, so that
+    /// the kernel's reverse-path filter and routing decide about it.
+    PassWrongSide,
 }
 
 impl Reason {
     /// Number of reasons (size of the `reasons` map).
-    pub const COUNT: u32 = Self::DropSourceRange as u32 + 1;
+    pub const COUNT: u32 = Self::PassWrongSide as u32 + 1;
 
     pub const ALL: [Self; Self::COUNT as usize] = [
         Self::PassNotIp,
@@ -85,6 +101,8 @@ impl Reason {
         Self::IcmpTooBig,
         Self::DropNoLocalEndpoint,
         Self::DropSourceRange,
+        Self::DropNoSnatAddress,
+        Self::PassWrongSide,
     ];
 
     /// The reason with index `i`.
@@ -119,6 +137,8 @@ impl Reason {
             Self::IcmpTooBig => "icmp_too_big",
             Self::DropNoLocalEndpoint => "drop_no_local_endpoint",
             Self::DropSourceRange => "drop_source_range",
+            Self::DropNoSnatAddress => "drop_no_snat_address",
+            Self::PassWrongSide => "pass_wrong_side",
         }
     }
 
@@ -131,6 +151,7 @@ impl Reason {
                 | Self::DropMapError
                 | Self::DropNoLocalEndpoint
                 | Self::DropSourceRange
+                | Self::DropNoSnatAddress
         )
     }
 }

@@ -43,7 +43,9 @@ pub struct Template {
     /// on must have exactly this length (the harness makes sure of it).
     pub len: u32,
     /// 0: restore only. 1: vary the IPv4 source (port, then the low 16 bits
-    /// of the address) by a per-CPU counter, fixing the checksums.
+    /// of the address) by a per-CPU counter, fixing the checksums. 2: vary
+    /// the source address alone (its low 16 bits, then its high 16 bits): a
+    /// client address of its own for every packet.
     pub vary: u32,
     /// With `vary`: distinct flows to cycle through; 0: never repeat (the
     /// counter itself, so up to 2^32 distinct sources).
@@ -146,7 +148,7 @@ fn prepare(ctx: &XdpContext) -> Option<()> {
         }
     }
     if vary != 0 {
-        vary_source(data, end, flows)?;
+        vary_source(data, end, flows, vary)?;
     }
     Some(())
 }
@@ -172,10 +174,11 @@ fn apply(check: u16, d: u64) -> u16 {
 }
 
 /// Gives this packet flow `counter % flows` (or `counter`): adds it to the
-/// source port, and its upper 16 bits to the low half of the source address.
+/// source port (`mode` 1) or the low half of the source address (`mode` 2),
+/// and its upper 16 bits to the low (1) or high (2) half of the address.
 /// IPv4 without options, TCP or UDP, Ethernet without tags.
 #[inline(always)]
-fn vary_source(data: usize, end: usize, flows: u32) -> Option<()> {
+fn vary_source(data: usize, end: usize, flows: u32, mode: u32) -> Option<()> {
     let c = COUNTER.get_ptr_mut(0)?;
     // SAFETY: this CPU's slot.
     let n = unsafe {
@@ -204,25 +207,34 @@ fn vary_source(data: usize, end: usize, flows: u32) -> Option<()> {
             PROTO_UDP => 40,
             _ => return None,
         };
-        let port_p = (data + 34) as *mut u16;
-        let old_port = ptr::read(port_p);
-        let new_port = u16::from_be(old_port).wrapping_add(idx as u16).to_be();
-        let addr_p = (data + 28) as *mut u16;
-        let old_addr = ptr::read(addr_p);
-        let new_addr = u16::from_be(old_addr)
+        // `lo` takes the counter's low 16 bits, `hi` its upper 16 bits.
+        let (lo_off, hi_off) = if mode == 2 { (28, 26) } else { (34, 28) };
+        let lo_p = (data + lo_off) as *mut u16;
+        let old_lo = ptr::read(lo_p);
+        let new_lo = u16::from_be(old_lo).wrapping_add(idx as u16).to_be();
+        let hi_p = (data + hi_off) as *mut u16;
+        let old_hi = ptr::read(hi_p);
+        let new_hi = u16::from_be(old_hi)
             .wrapping_add((idx >> 16) as u16)
             .to_be();
-        ptr::write(port_p, new_port);
-        ptr::write(addr_p, new_addr);
+        ptr::write(lo_p, new_lo);
+        ptr::write(hi_p, new_hi);
+        // The IPv4 header checksum covers the address words; the L4 one
+        // covers both (the address through the pseudo-header).
+        let l4_d = diff(old_lo, new_lo) + diff(old_hi, new_hi);
+        let ip_d = if mode == 2 {
+            l4_d
+        } else {
+            diff(old_hi, new_hi)
+        };
         let ip_check_p = (data + 24) as *mut u16;
-        let addr_d = diff(old_addr, new_addr);
-        ptr::write(ip_check_p, apply(ptr::read(ip_check_p), addr_d));
+        ptr::write(ip_check_p, apply(ptr::read(ip_check_p), ip_d));
         let l4_check_p = (data + csum_off) as *mut u16;
         let check = ptr::read(l4_check_p);
         if csum_off == 40 && check == 0 {
             return Some(());
         }
-        let mut new = apply(check, addr_d + diff(old_port, new_port));
+        let mut new = apply(check, l4_d);
         if csum_off == 40 && new == 0 {
             new = 0xffff;
         }
@@ -247,8 +259,8 @@ pub fn bench_lru(_ctx: XdpContext) -> u32 {
     let words: [u64; 5] = [n, 0, 0, 0, (u64::from(PROTO_TCP) << 32) | (4 << 40)];
     // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
     let key: FlowKey = unsafe { core::mem::transmute(words) };
-    // SAFETY: CtEntry is 56 bytes of plain integers, 8-byte aligned.
-    let value: CtEntry = unsafe { core::mem::transmute([n; 7]) };
+    // SAFETY: CtEntry is 64 bytes of plain integers, 8-byte aligned.
+    let value: CtEntry = unsafe { core::mem::transmute([n; 8]) };
     match LRU.insert(&key, &value, 0) {
         Ok(()) => xdp_action::XDP_TX,
         Err(_) => xdp_action::XDP_ABORTED,

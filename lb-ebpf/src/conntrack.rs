@@ -15,16 +15,17 @@ use aya_ebpf::{
     },
 };
 use lb_common::{
-    Backend, CT_F_CLOSING, CT_F_FORWARD, CT_F_HAIRPIN, CT_F_REPLY, CT_F_SNAT, CT_REFRESH_NS,
-    Config, CtEntry, FlowKey, PROTO_TCP, Reason, SNAT_IDLE_CLOSING_NS, SNAT_IDLE_TCP_NS,
-    SNAT_IDLE_UDP_NS, hash,
+    BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, CT_F_ACKED, CT_F_CLOSING, CT_F_FORWARD,
+    CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CT_INGRESS_ANY, CT_INGRESS_NETWORK,
+    CT_INGRESS_PODS, CT_REFRESH_NS, Config, CtEntry, FlowKey, PROTO_TCP, Reason, ct_expired, hash,
 };
 
 use crate::{
     maps::CONNTRACK,
     mem,
     packet::Packet,
-    scratch::{Headers, Scratch, TCP_FIN, TCP_RST},
+    scratch::{Headers, Scratch, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
+    side,
 };
 
 /// Ports tried for a new source-NAT flow before giving up. The first is the
@@ -48,32 +49,58 @@ pub fn lookup(key: &FlowKey) -> Option<*mut CtEntry> {
     CONNTRACK.get_ptr_mut(key)
 }
 
-/// Bookkeeping for a packet that hit `e`: source-NAT entries remember when they
-/// were last used (their port is reclaimed only once idle), and a TCP FIN or RST
-/// marks the flow as closing. Writes only when something changes.
+/// Bookkeeping for a packet that hit `e`, which decides when the flow expires
+/// (`lb_common::ct_expired`): every entry remembers when it was last used; a
+/// TCP FIN or RST marks the flow as closing; a packet of the client's with
+/// ACK and without SYN marks it acknowledged; the first packet of the
+/// backend's marks it replied. The reply entry's news (replied, closing) is
+/// copied to the forward entry once, so that the forward entry alone tells
+/// the flow's state. Writes only when something changes.
 #[inline(always)]
 pub fn touch(e: *mut CtEntry, h: &Headers) {
     // SAFETY: `e` points into a conntrack value; concurrent writers only store
     // whole fields of the same meaning.
     unsafe {
-        if (*e).flags & CT_F_SNAT != 0 {
-            let t = now();
-            if t.wrapping_sub((*e).last_seen_ns) > CT_REFRESH_NS {
-                (*e).last_seen_ns = t;
+        let t = now();
+        if t.wrapping_sub((*e).last_seen_ns) > CT_REFRESH_NS {
+            (*e).last_seen_ns = t;
+        }
+        let flags = (*e).flags;
+        let mut news = 0;
+        if h.key.proto == PROTO_TCP {
+            if h.flags & (TCP_FIN | TCP_RST) != 0 {
+                news |= CT_F_CLOSING;
+            }
+            if flags & CT_F_FORWARD != 0 && h.flags & (TCP_ACK | TCP_SYN) == TCP_ACK {
+                news |= CT_F_ACKED;
             }
         }
-        if h.key.proto == PROTO_TCP
-            && h.flags & (TCP_FIN | TCP_RST) != 0
-            && (*e).flags & CT_F_CLOSING == 0
-        {
-            (*e).flags |= CT_F_CLOSING;
+        if flags & CT_F_REPLY != 0 {
+            news |= CT_F_REPLIED;
+        }
+        let news = news & !flags;
+        if news == 0 {
+            return;
+        }
+        (*e).flags = flags | news;
+        if flags & CT_F_REPLY != 0 {
+            let forward = (*e).partner_key(h.key.proto, h.key.family);
+            if let Some(f) = CONNTRACK.get_ptr_mut(&forward) {
+                // Only this flow's forward entry (a hairpin's or another
+                // flow's entry under the same key cannot be: the key is the
+                // client's tuple, which the reply entry was made from).
+                (*f).flags |= news & (CT_F_REPLIED | CT_F_CLOSING);
+            }
         }
     }
 }
 
 /// Opens the flow `s.h` to `backend` (id `backend_id`) of service-port `service`:
-/// inserts both entries and leaves the forward one in `s.entry`. With `snat`, the
-/// flow leaves with this node's address and a port chosen from `hash`.
+/// inserts both entries and leaves the forward one in `s.entry`, the reply one
+/// in `s.reply` and its key in `s.key`. With `snat`, the flow leaves with this
+/// node's address and a port chosen from `hash`. The reply entry of a
+/// backend on this node expects its replies from any pod interface until
+/// [`settle_local_reply`] narrows that to the pod's own.
 #[inline(always)]
 pub fn open<P: Packet>(
     pkt: &P,
@@ -85,21 +112,27 @@ pub fn open<P: Packet>(
     hash: u32,
 ) -> Result<(), Reason> {
     let key = &s.h.key;
+    let t = now();
     set_entry(
         &mut s.entry,
         (&key.src, key.src_port),
         (&backend.addr, backend.port),
-        backend_id,
-        service,
-        CT_F_FORWARD,
+        (backend_id, service),
+        (CT_F_FORWARD, CT_INGRESS_ANY),
+        t,
     );
+    let reply_ingress = if backend.flags & BACKEND_F_LOCAL != 0 {
+        CT_INGRESS_PODS
+    } else {
+        CT_INGRESS_NETWORK
+    };
     set_entry(
         &mut s.reply,
         (&key.dst, key.dst_port),
         (&key.src, key.src_port),
-        backend_id,
-        service,
-        CT_F_REPLY,
+        (backend_id, service),
+        (CT_F_REPLY, reply_ingress),
+        t,
     );
     mem::zero(&mut s.key);
     mem::copy_addr(&mut s.key.src, &backend.addr);
@@ -136,11 +169,19 @@ pub fn open<P: Packet>(
             }
         }
         (false, Some(cfg)) => {
-            let t = now();
+            // No address of this family to translate from (a node without
+            // one, or before the agent knows it): drop, counted, rather than
+            // send from 0.0.0.0 or ::.
+            let family_flag = if s.h.is_v4() {
+                CFG_F_SNAT_V4
+            } else {
+                CFG_F_SNAT_V6
+            };
+            if cfg.flags & family_flag == 0 {
+                return Err(Reason::DropNoSnatAddress);
+            }
             s.entry.flags |= CT_F_SNAT;
             s.reply.flags |= CT_F_SNAT;
-            s.entry.last_seen_ns = t;
-            s.reply.last_seen_ns = t;
             if s.h.is_v4() {
                 mem::zero_addr(&mut s.entry.nat_src);
                 s.entry.nat_src[..4].copy_from_slice(&cfg.snat_addr_v4);
@@ -161,16 +202,36 @@ pub fn open<P: Packet>(
     Ok(())
 }
 
+/// Narrows the reply entry of the flow just opened (`s.reply`, under
+/// `s.key`) to a backend on this node to the interface its forward packet
+/// was routed out of (`s.egress`), where that is a pod's (see
+/// `side::local_reply_ingress`). Called once the forward packet's route is
+/// known, before the packet leaves, so before any reply can come.
+#[inline(always)]
+pub fn settle_local_reply(s: &Scratch) {
+    if s.reply.ingress != CT_INGRESS_PODS {
+        return;
+    }
+    let ingress = side::local_reply_ingress(s.egress);
+    if ingress == CT_INGRESS_PODS {
+        return;
+    }
+    if let Some(e) = CONNTRACK.get_ptr_mut(&s.key) {
+        // SAFETY: a conntrack value; a plain field store.
+        unsafe { (*e).ingress = ingress };
+    }
+}
+
 /// Fills a conntrack value field by field (a struct literal would become a
-/// byte-wise `memcpy` on BPF).
+/// byte-wise `memcpy` on BPF), stamped `t`.
 #[inline(always)]
 fn set_entry(
     e: &mut CtEntry,
     src: (&[u8; 16], u16),
     dst: (&[u8; 16], u16),
-    backend: u32,
-    service: u32,
-    flags: u16,
+    (backend, service): (u32, u32),
+    (flags, ingress): (u16, u32),
+    t: u64,
 ) {
     mem::copy_addr(&mut e.nat_src, src.0);
     mem::copy_addr(&mut e.nat_dst, dst.0);
@@ -180,7 +241,9 @@ fn set_entry(
     e.service = service;
     e.flags = flags;
     e._pad = 0;
-    e.last_seen_ns = 0;
+    e.last_seen_ns = t;
+    e.ingress = ingress;
+    e._pad2 = 0;
 }
 
 /// Finds a port in the SNAT range for which the reply key `s.key` (with that port
@@ -295,38 +358,22 @@ fn is_same_flow(reply: &CtEntry, key: &FlowKey) -> bool {
         && reply.nat_src_port == key.dst_port
 }
 
-/// Whether the flow holding a SNAT port has been idle long enough to give the port
-/// away. Looks at both directions: a one-way UDP stream keeps its port.
+/// Whether the flow holding a SNAT port has expired (`lb_common::ct_expired`,
+/// over both its entries: a one-way UDP stream keeps its port), so that the
+/// port may go to another flow.
 #[inline(always)]
 fn is_idle(reply: &CtEntry, key: &FlowKey, t: u64) -> bool {
-    let forward_key = FlowKey {
-        src: reply.nat_dst,
-        dst: reply.nat_src,
-        src_port: reply.nat_dst_port,
-        dst_port: reply.nat_src_port,
-        proto: key.proto,
-        family: key.family,
-        _pad: [0; 2],
-    };
+    let forward_key = reply.partner_key(key.proto, key.family);
     let forward = CONNTRACK.get_ptr(&forward_key);
     let mut flags = reply.flags;
-    let mut last = reply.last_seen_ns;
+    let mut client_seen = None;
     if let Some(f) = forward {
         // SAFETY: the entry stays valid memory for this program run.
         let f = unsafe { &*f };
         flags |= f.flags;
-        if f.last_seen_ns > last {
-            last = f.last_seen_ns;
-        }
+        client_seen = Some(f.last_seen_ns);
     }
-    let limit = if flags & CT_F_CLOSING != 0 {
-        SNAT_IDLE_CLOSING_NS
-    } else if key.proto == PROTO_TCP {
-        SNAT_IDLE_TCP_NS
-    } else {
-        SNAT_IDLE_UDP_NS
-    };
-    if t.wrapping_sub(last) < limit {
+    if !ct_expired(flags, key.proto, client_seen, Some(reply.last_seen_ns), t) {
         return false;
     }
     // The old flow must not come back on the port we are about to give away.

@@ -40,14 +40,18 @@ const AF_INET6: u8 = 10;
 /// Forwards the packet whose headers are at `h`'s offsets to the tuple `k` (what
 /// it has after translation); `fib` is room for the lookup. A `pass_to_tc`
 /// outcome has left the packet untouched; so has `icmp_too_big`, which the
-/// caller answers (the next hop's MTU is in `fib.mtu_result`).
+/// caller answers (the next hop's MTU is in `fib.mtu_result`). `egress` gets
+/// the interface the route leaves by, whether or not this hook sends the
+/// packet there itself, or 0 where the lookup did not name one.
 #[inline(always)]
 pub fn forward<P: Packet>(
     pkt: &mut P,
     h: &Headers,
     k: &FlowKey,
     fib: &mut bpf_fib_lookup,
+    egress: &mut u32,
 ) -> Outcome {
+    *egress = 0;
     // VLAN-tagged: the FIB of the physical port is not the VLAN's; the kernel,
     // which knows the VLAN device, routes it.
     if h.l3 != ETH_HLEN {
@@ -72,6 +76,10 @@ pub fn forward<P: Packet>(
         fib.__bindgen_anon_4.ipv6_dst = words(&k.dst);
     }
     let rc = pkt.fib_lookup(fib, 0);
+    // Only these two results set the egress (the others return before it).
+    if rc == i64::from(BPF_FIB_LKUP_RET_SUCCESS) || rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
+        *egress = fib.ifindex;
+    }
     if rc == i64::from(BPF_FIB_LKUP_RET_NO_NEIGH) {
         return if P::RESOLVES_NEIGHBOURS {
             (Action::RedirectNeigh(fib.ifindex), Reason::RedirectNeigh)

@@ -21,6 +21,7 @@ use crate::{
     packet::{Packet, at, load, store},
     parse,
     scratch::Scratch,
+    side,
 };
 
 /// The error was translated; `s.h` describes its new outer header.
@@ -29,12 +30,20 @@ pub const TRANSLATED: u32 = 0;
 pub const NOT_OURS: u32 = 1;
 /// Rewriting failed half way: drop.
 pub const FAILED: u32 = 2;
+/// The error is about a translated flow, but arrived where packets that
+/// flow's entry translates cannot come from (an error about a forward packet
+/// travels as its reply does; see `side`): pass it on untouched.
+pub const WRONG_SIDE: u32 = 3;
 
-/// Translates the ICMP error in `s.h`; returns [`TRANSLATED`], [`NOT_OURS`] or [`FAILED`].
+/// Translates the ICMP error in `s.h`; returns [`TRANSLATED`], [`NOT_OURS`],
+/// [`FAILED`] or [`WRONG_SIDE`].
 #[inline(always)]
 pub fn translate_error<P: Packet>(pkt: &mut P, s: &mut Scratch) -> u32 {
     if !find_quoted_flow(pkt, s) {
         return NOT_OURS;
+    }
+    if !side::arrived_right(pkt, s.entry.ingress) {
+        return WRONG_SIDE;
     }
     match rewrite(pkt, s) {
         Ok(()) => TRANSLATED,

@@ -21,6 +21,7 @@ mod conntrack;
 mod csum;
 mod datapath;
 mod forward;
+mod fragment;
 mod icmp;
 mod maps;
 mod mem;
@@ -30,6 +31,7 @@ mod parse;
 mod reject;
 mod scratch;
 mod service;
+mod side;
 mod sock;
 
 use aya_ebpf::{

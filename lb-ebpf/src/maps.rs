@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, Config, Counters, CtEntry, FlowKey, Interface, MaglevPair,
-    Reason, Service, ServiceKey, ServiceName, SockEvent, SockOrigin, SourceRange4, SourceRange6,
-    capacity, hash, maglev_row_elements,
+    Affinity, AffinityKey, Backend, Config, Counters, CtEntry, FlowKey, FragEntry, FragKey,
+    Interface, MaglevPair, Reason, Service, ServiceKey, ServiceName, SockEvent, SockOrigin,
+    SourceRange4, SourceRange6, capacity, hash, maglev_row_elements,
 };
 
 use crate::scratch::Scratch;
@@ -40,6 +40,15 @@ pub static MAGLEV: Array<
 /// queue, skewed RSS) would evict live flows while the table is mostly empty.
 #[btf_map(name = "conntrack")]
 pub static CONNTRACK: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }, 0> =
+    LruHashMap::new();
+
+/// Fragmented datagrams whose first fragment was translated, by the identity
+/// every fragment carries (addresses, protocol, IP identification): how the
+/// later fragments, which have no ports to find conntrack with, are
+/// translated (see `fragment`). An LRU: nothing says when a datagram's last
+/// fragment has passed (fragments may come in any order).
+#[btf_map(name = "fragments")]
+pub static FRAGMENTS: LruHashMap<FragKey, FragEntry, { capacity::FRAGMENTS as usize }, 0> =
     LruHashMap::new();
 
 /// sessionAffinity ClientIP: where each client's last new flow to a Service

@@ -1,6 +1,9 @@
 //! Address and port translation of TCP and UDP packets, with incremental checksum
 //! updates: the IPv4 header checksum for the addresses, the L4 checksum for the
-//! addresses (pseudo-header) and the ports.
+//! addresses (pseudo-header) and the ports. A first fragment is translated as a
+//! whole datagram (its L4 checksum covers the whole datagram, and an
+//! incremental update stays right for it); a later fragment has only its
+//! addresses rewritten ([`rewrite_addrs`]): it holds neither ports nor checksum.
 
 use core::ptr;
 
@@ -37,6 +40,21 @@ pub fn addr_offsets(h: &Headers) -> (usize, usize) {
 #[inline(always)]
 pub fn rewrite<P: Packet>(pkt: &mut P, h: &Headers, to: &CtEntry) -> Result<(), ()> {
     let from = &h.key;
+    let addrs = rewrite_addrs(pkt, h, to)?;
+    let mut ports = Diff::default();
+    ports.word(from.src_port.to_be(), to.nat_src_port.to_be());
+    ports.word(from.dst_port.to_be(), to.nat_dst_port.to_be());
+    store(pkt, h.l4, to.nat_src_port.to_be())?;
+    store(pkt, h.l4 + 2, to.nat_dst_port.to_be())?;
+    pkt.update_l4_csum(h.l4_csum(), addrs, ports.folded(), from.proto == PROTO_UDP)
+}
+
+/// Writes the addresses `to.nat_*` into the IP header (`h` describes the
+/// packet now) and fixes the IPv4 header checksum; returns the change of the
+/// addresses, folded, for the L4 pseudo-header.
+#[inline(always)]
+pub fn rewrite_addrs<P: Packet>(pkt: &mut P, h: &Headers, to: &CtEntry) -> Result<u16, ()> {
+    let from = &h.key;
     let mut addrs = Diff::default();
     let (src_off, dst_off) = addr_offsets(h);
     let v4 = h.is_v4();
@@ -48,17 +66,7 @@ pub fn rewrite<P: Packet>(pkt: &mut P, h: &Headers, to: &CtEntry) -> Result<(), 
         let check: u16 = load(pkt, h.l3 + 10).ok_or(())?;
         store(pkt, h.l3 + 10, csum::apply(check, addrs.folded()))?;
     }
-    let mut ports = Diff::default();
-    ports.word(from.src_port.to_be(), to.nat_src_port.to_be());
-    ports.word(from.dst_port.to_be(), to.nat_dst_port.to_be());
-    store(pkt, h.l4, to.nat_src_port.to_be())?;
-    store(pkt, h.l4 + 2, to.nat_dst_port.to_be())?;
-    pkt.update_l4_csum(
-        h.l4_csum(),
-        addrs.folded(),
-        ports.folded(),
-        from.proto == PROTO_UDP,
-    )
+    Ok(addrs.folded())
 }
 
 /// Writes an address of either family at `off`.

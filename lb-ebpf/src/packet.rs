@@ -116,6 +116,9 @@ pub trait Packet: Copy {
     /// (tc: a GSO packet is as long as the segments it stands for, which the
     /// kernel knows) rather than against the IP length given.
     const FIB_CHECKS_SKB: bool;
+    /// Whether the hook runs on uplinks only (XDP), so that every packet it
+    /// sees came from the network (see `side`).
+    const UPLINKS_ONLY: bool;
 
     fn data(&self) -> usize;
     fn data_end(&self) -> usize;
@@ -209,6 +212,7 @@ impl Packet for Xdp {
     const PARTIAL_CSUM: bool = false;
     const RESOLVES_NEIGHBOURS: bool = false;
     const FIB_CHECKS_SKB: bool = false;
+    const UPLINKS_ONLY: bool = true;
 
     #[inline(always)]
     fn data(&self) -> usize {
@@ -305,6 +309,7 @@ impl Packet for Tc {
     const PARTIAL_CSUM: bool = true;
     const RESOLVES_NEIGHBOURS: bool = true;
     const FIB_CHECKS_SKB: bool = true;
+    const UPLINKS_ONLY: bool = false;
 
     #[inline(always)]
     fn data(&self) -> usize {

@@ -1,5 +1,12 @@
 //! Header parsing: Ethernet (with up to two VLAN tags), IPv4 (options allowed),
-//! IPv6 (hop-by-hop and destination-options headers skipped), TCP, UDP and ICMP.
+//! IPv6 (hop-by-hop and destination-options headers skipped, the Fragment
+//! header read), TCP, UDP and ICMP.
+//!
+//! Fragments: the first fragment of a datagram (offset 0, more fragments)
+//! holds the L4 header and parses as a flow, marked [`FRAG_FIRST`]; a later
+//! one (offset > 0) has no ports and is a [`Parsed::Fragment`], which
+//! `fragment` may know the translation of. Fragments of other protocols than
+//! TCP and UDP are passed.
 //!
 //! Every outcome other than a translatable flow is a [`Reason`] to pass the packet
 //! to the kernel untouched; nothing here drops.
@@ -11,7 +18,7 @@ use core::ptr;
 use crate::{
     mem,
     packet::{Packet, at, load},
-    scratch::Headers,
+    scratch::{FRAG_FIRST, FRAG_LATER, FRAG_NONE, Headers},
 };
 
 pub const ETH_HLEN: usize = 14;
@@ -21,6 +28,10 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_8021AD: u16 = 0x88a8;
 const IPV6_HLEN: usize = 40;
 const MAX_IPV6_EXT_HEADERS: usize = 4;
+const IPPROTO_FRAGMENT: u8 = 44;
+/// IPv4 flags and fragment offset: more fragments, offset (in 8-byte units).
+const IP_MF: u16 = 0x2000;
+const IP_OFFSET: u16 = 0x1fff;
 
 /// What the packet in [`Headers`] turned out to be.
 #[repr(u32)]
@@ -29,6 +40,9 @@ pub enum Parsed {
     Flow,
     /// An ICMP or ICMPv6 error: may be about a translated flow.
     IcmpError,
+    /// A later fragment of a TCP or UDP datagram (no ports): translated if its
+    /// first fragment was.
+    Fragment,
     /// Leave it to the kernel.
     Pass(Reason),
 }
@@ -101,10 +115,7 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
     if l3 + usize::from(tot_len) > pkt.total_len() as usize {
         return Parsed::Pass(Reason::PassMalformed);
     }
-    // More-fragments flag or a fragment offset: no ports to balance on.
-    if u16::from_be(word(ip, 6)) & 0x3fff != 0 {
-        return Parsed::Pass(Reason::PassFragment);
-    }
+    let frag = u16::from_be(word(ip, 6));
     let [_, proto] = word(ip, 8).to_ne_bytes();
     mem::zero(&mut h.key);
     h.key.family = FAMILY_V4;
@@ -114,7 +125,27 @@ fn parse_ipv4<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
     h.l3 = l3;
     h.l4 = l3 + ihl;
     h.ip_len = tot_len;
+    h.frag_id = u32::from(u16::from_be(word(ip, 4)));
+    if frag & IP_OFFSET != 0 {
+        return later_fragment(h);
+    }
+    h.frag = if frag & IP_MF != 0 {
+        FRAG_FIRST
+    } else {
+        FRAG_NONE
+    };
     parse_l4(pkt, h, usize::from(tot_len) - ihl)
+}
+
+/// A fragment past the first: IP header and data, no ports.
+#[inline(always)]
+fn later_fragment(h: &mut Headers) -> Parsed {
+    h.frag = FRAG_LATER;
+    h.flags = 0;
+    match h.key.proto {
+        PROTO_TCP | PROTO_UDP => Parsed::Fragment,
+        _ => Parsed::Pass(Reason::PassFragment),
+    }
 }
 
 #[inline(always)]
@@ -134,6 +165,9 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
     h.key.proto = next;
     addr::<16>(ip, 8, &mut h.key.src);
     addr::<16>(ip, 24, &mut h.key.dst);
+    h.frag = FRAG_NONE;
+    h.frag_id = 0;
+    let mut later = false;
     let mut l4 = l3 + IPV6_HLEN;
     for _ in 0..MAX_IPV6_EXT_HEADERS {
         match h.key.proto {
@@ -146,7 +180,30 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
                 h.key.proto = next;
                 l4 += (usize::from(len) + 1) * 8;
             }
-            44 => return Parsed::Pass(Reason::PassFragment),
+            // Fragment header (RFC 8200 4.5): next header, reserved, offset
+            // (13 bits) and M flag, identification. The fragmentable part
+            // (the L4 header, in the first fragment) follows it.
+            IPPROTO_FRAGMENT => {
+                let Some(fh) = at::<P, [u8; 8]>(pkt, l4) else {
+                    return Parsed::Pass(Reason::PassMalformed);
+                };
+                let fh = fh.cast::<u8>().cast_const();
+                let [next, _] = word(fh, 0).to_ne_bytes();
+                let offset_m = u16::from_be(word(fh, 2));
+                h.frag_id = (u32::from(u16::from_be(word(fh, 4))) << 16)
+                    | u32::from(u16::from_be(word(fh, 6)));
+                h.key.proto = next;
+                l4 += 8;
+                if offset_m & 0xfff8 != 0 {
+                    later = true;
+                    break;
+                }
+                // Offset 0 without M is an atomic fragment (RFC 6946): a
+                // whole datagram.
+                if offset_m & 1 != 0 {
+                    h.frag = FRAG_FIRST;
+                }
+            }
             _ => break,
         }
     }
@@ -157,6 +214,9 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
     h.l3 = l3;
     h.l4 = l4;
     h.ip_len = payload_len + IPV6_HLEN as u16;
+    if later {
+        return later_fragment(h);
+    }
     parse_l4(pkt, h, usize::from(payload_len) - ext_len)
 }
 
@@ -164,16 +224,30 @@ fn parse_ipv6<P: Packet>(pkt: &P, l3: usize, h: &mut Headers) -> Parsed {
 #[inline(always)]
 fn parse_l4<P: Packet>(pkt: &P, h: &mut Headers, l4_len: usize) -> Parsed {
     h.flags = 0;
+    let first = h.frag == FRAG_FIRST;
+    if first && h.key.proto != PROTO_TCP && h.key.proto != PROTO_UDP {
+        return Parsed::Pass(Reason::PassFragment);
+    }
+    // A first fragment too short for its L4 header (RFC 1858's tiny
+    // fragments) is a fragment lb cannot balance, not a malformed packet.
+    let short = if first {
+        Reason::PassFragment
+    } else {
+        Reason::PassMalformed
+    };
     match h.key.proto {
         PROTO_TCP => {
             let Some(tcp) = at::<P, [u8; 20]>(pkt, h.l4) else {
-                return Parsed::Pass(Reason::PassMalformed);
+                return Parsed::Pass(short);
             };
             let tcp = tcp.cast::<u8>().cast_const();
             let [doff, flags] = word(tcp, 12).to_ne_bytes();
             let doff = usize::from(doff >> 4) * 4;
-            if doff < 20 || doff > l4_len {
+            if doff < 20 {
                 return Parsed::Pass(Reason::PassMalformed);
+            }
+            if doff > l4_len {
+                return Parsed::Pass(short);
             }
             h.key.src_port = u16::from_be(word(tcp, 0));
             h.key.dst_port = u16::from_be(word(tcp, 2));
@@ -181,11 +255,16 @@ fn parse_l4<P: Packet>(pkt: &P, h: &mut Headers, l4_len: usize) -> Parsed {
         }
         PROTO_UDP => {
             let Some(udp) = at::<P, [u8; 8]>(pkt, h.l4) else {
-                return Parsed::Pass(Reason::PassMalformed);
+                return Parsed::Pass(short);
             };
             let udp = udp.cast::<u8>().cast_const();
+            // A first fragment holds the UDP header and part of the datagram
+            // its length counts.
             let len = usize::from(u16::from_be(word(udp, 4)));
-            if len < 8 || len > l4_len {
+            if l4_len < 8 {
+                return Parsed::Pass(short);
+            }
+            if len < 8 || (len > l4_len && !first) {
                 return Parsed::Pass(Reason::PassMalformed);
             }
             h.key.src_port = u16::from_be(word(udp, 0));

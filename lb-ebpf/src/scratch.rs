@@ -5,12 +5,20 @@
 //! and the maps can use it without an import circle.
 
 use aya_ebpf::bindings::{bpf_fib_lookup, bpf_sock_tuple};
-use lb_common::{CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, PROTO_UDP, Service};
+use lb_common::{CtEntry, FAMILY_V4, FlowKey, FragEntry, FragKey, PROTO_TCP, PROTO_UDP, Service};
 
 pub const TCP_FIN: u8 = 0x01;
 pub const TCP_SYN: u8 = 0x02;
 pub const TCP_RST: u8 = 0x04;
 pub const TCP_ACK: u8 = 0x10;
+
+/// [`Headers::frag`]: a whole datagram (no fragment, or an IPv6 atomic fragment).
+pub const FRAG_NONE: u8 = 0;
+/// The first fragment of a datagram (offset 0, more fragments): it holds the
+/// L4 header, and is translated as a whole datagram would be.
+pub const FRAG_FIRST: u8 = 1;
+/// A later fragment (offset > 0): IP header and data, no ports.
+pub const FRAG_LATER: u8 = 2;
 
 /// Where the headers are and what the 5-tuple is.
 #[repr(C)]
@@ -26,6 +34,11 @@ pub struct Headers {
     pub ip_len: u16,
     /// TCP flags, ICMP type for ICMP, 0 for UDP.
     pub flags: u8,
+    /// [`FRAG_NONE`], [`FRAG_FIRST`] or [`FRAG_LATER`]. For a later fragment
+    /// `key` has no ports and `l4` is where its data starts.
+    pub frag: u8,
+    /// A fragment's datagram identification (IPv4: 16 bits, IPv6: 32), host order.
+    pub frag_id: u32,
 }
 
 impl Headers {
@@ -63,6 +76,11 @@ pub struct Scratch {
     /// The service a new flow is for.
     pub svc: Service,
     pub fib: bpf_fib_lookup,
+    /// The interface the last route lookup left by (0: none named).
+    pub egress: u32,
     /// A socket lookup's tuple (is a source-NAT port a local socket's?).
     pub sock: bpf_sock_tuple,
+    /// A fragmented datagram's `fragments` key and entry (see `fragment`).
+    pub frag_key: FragKey,
+    pub frag: FragEntry,
 }

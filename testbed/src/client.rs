@@ -192,9 +192,80 @@ pub fn tcp_echo(
     r.with_context(|| format!("TCP echo {ns} -> {addr}"))
 }
 
+/// One UDP flow: a socket connected to `addr`, opened in the namespace `ns`
+/// (it stays there), so every datagram has the same source address and
+/// port: what conntrack keys a UDP flow by.
+pub struct UdpFlow {
+    socket: UdpSocket,
+}
+
+impl UdpFlow {
+    /// A connect the node refuses (lb's socket programs refuse a frontend
+    /// without endpoints) is [`ProbeError::Refused`].
+    pub fn open(ns: &str, addr: SocketAddr) -> Result<Self, ProbeError> {
+        Self::open_from(ns, 0, addr)
+    }
+
+    /// [`Self::open`] from the local port `port` (0: any), for a tuple known
+    /// in advance.
+    pub fn open_from(ns: &str, port: u16, addr: SocketAddr) -> Result<Self, ProbeError> {
+        let socket = ns::try_in_netns(ns, || -> io::Result<UdpSocket> {
+            let local: SocketAddr = match addr {
+                SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, port).into(),
+                SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, port).into(),
+            };
+            let s = UdpSocket::bind(local)?;
+            s.connect(addr)?;
+            Ok(s)
+        })
+        .map_err(|e| ProbeError::Other(format!("a UDP socket in {ns}: {e:#}")))??;
+        Ok(Self { socket })
+    }
+
+    /// The flow's own address and port.
+    pub fn local(&self) -> Result<SocketAddr> {
+        Ok(self.socket.local_addr()?)
+    }
+
+    /// Sends `payload` and waits for the answer that echoes it; returns the
+    /// answering server's name. Answers that do not echo it (late ones, to
+    /// an earlier payload of this flow) are skipped. An ICMP port
+    /// unreachable is [`ProbeError::Refused`].
+    pub fn ask(&self, payload: &[u8], timeout: Duration) -> Result<String, ProbeError> {
+        let deadline = Instant::now() + timeout;
+        // An ICMP port unreachable for an earlier datagram fails the next
+        // call on the socket (and is cleared by that): send again, so that
+        // every ask sends its datagram.
+        if let Err(e) = self.socket.send(payload) {
+            if e.kind() != ErrorKind::ConnectionRefused {
+                return Err(e.into());
+            }
+            self.socket.send(payload)?;
+        }
+        let mut buf = vec![0u8; 65536];
+        loop {
+            self.socket.set_read_timeout(Some(remaining(deadline)?))?;
+            match self.socket.recv(&mut buf) {
+                Ok(n) => {
+                    let got = &buf[..n];
+                    let Some(i) = got.iter().position(|&b| b == b'\n') else {
+                        return Err(ProbeError::Other("answer without a newline".into()));
+                    };
+                    if &got[i + 1..] != payload {
+                        continue;
+                    }
+                    return Ok(Hello::parse(&String::from_utf8_lossy(&got[..i])).server);
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
 /// Sends `payload` in one UDP datagram from namespace `ns` (from a connected
-/// socket, so an answer from another address than `addr` is not taken) and
-/// returns the first line of the answer; checks that the rest of the
+/// socket of its own, so an answer from another address than `addr` is not
+/// taken) and returns the first line of the answer, once the rest of an
 /// answer echoes the payload. An ICMP port unreachable is
 /// [`ProbeError::Refused`].
 pub fn udp_probe(
@@ -203,39 +274,7 @@ pub fn udp_probe(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<String, ProbeError> {
-    let deadline = Instant::now() + timeout;
-    ns::try_in_netns(ns, || {
-        let local: SocketAddr = match addr {
-            SocketAddr::V4(_) => (Ipv4Addr::UNSPECIFIED, 0).into(),
-            SocketAddr::V6(_) => (Ipv6Addr::UNSPECIFIED, 0).into(),
-        };
-        let s = UdpSocket::bind(local)?;
-        s.connect(addr)?;
-        s.send(payload)?;
-        let mut buf = vec![0u8; 65536];
-        loop {
-            s.set_read_timeout(Some(remaining(deadline)?))?;
-            match s.recv(&mut buf) {
-                Ok(n) => {
-                    let got = &buf[..n];
-                    let Some(i) = got.iter().position(|&b| b == b'\n') else {
-                        return Err(ProbeError::Other("answer without a newline".into()));
-                    };
-                    if &got[i + 1..] != payload {
-                        return Err(ProbeError::Other(format!(
-                            "answer does not echo the payload ({} bytes back, {} sent)",
-                            n - i - 1,
-                            payload.len()
-                        )));
-                    }
-                    return Ok(Hello::parse(&String::from_utf8_lossy(&got[..i])).server);
-                }
-                Err(e) if e.kind() == ErrorKind::Interrupted => {}
-                Err(e) => return Err(e.into()),
-            }
-        }
-    })
-    .unwrap_or_else(|e| Err(ProbeError::Other(format!("{e:#}"))))
+    UdpFlow::open(ns, addr)?.ask(payload, timeout)
 }
 
 /// [`udp_probe`] with the error as an `anyhow::Error` naming the request.

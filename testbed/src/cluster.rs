@@ -35,7 +35,7 @@ use std::{
 use anyhow::{Context as _, Result, bail, ensure};
 
 use crate::{
-    agent::AgentSpec,
+    agent::{AgentSpec, Confinement},
     client,
     net::{self, IpNet},
     ns::{self, ethtool_in, ip, lock},
@@ -182,10 +182,21 @@ pub struct Node {
     pods: Vec<Pod>,
 }
 
+/// The zone of the node named `node_name` (`node-a` is in `zone-a`): every
+/// node is a zone of its own, so topology hints that keep traffic in the zone
+/// keep it on the node.
+pub fn zone_of(node_name: &str) -> String {
+    format!("zone-{}", node_name.trim_start_matches("node-"))
+}
+
 impl Node {
     /// `node-a`.
     pub fn name(&self) -> &str {
         &self.name
+    }
+    /// Its zone (`topology.kubernetes.io/zone`), see [`zone_of`].
+    pub fn zone(&self) -> String {
+        zone_of(&self.name)
     }
     pub fn ns(&self) -> &str {
         &self.ns
@@ -324,6 +335,77 @@ impl AgentProbe {
 /// Where a kubelet mounts a pod's ServiceAccount token, CA and namespace.
 pub const SERVICE_ACCOUNT_DIR: &str = "/var/run/secrets/kubernetes.io/serviceaccount";
 
+/// What a pod's container puts around the agent's process, as a kubelet and
+/// a container runtime set it up from a DaemonSet's container (see
+/// `kube_cluster::ShippedAgent`).
+#[derive(Debug, Clone)]
+pub struct Container {
+    /// Where the container mounts the host's /sys/fs/bpf (a hostPath
+    /// volume): each node's own bpffs directory ([`Node::bpffs`]) is bound
+    /// there.
+    pub bpffs_mount: PathBuf,
+    /// Its other hostPath volumes: (host path, mount path), bound as a
+    /// kubelet binds them (the host's cgroup hierarchy, for instance).
+    pub host_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Its environment variables with literal values (the kubelet's own,
+    /// `NODE_NAME` and the API server's address, come on top).
+    pub env: Vec<(String, String)>,
+    /// Its securityContext (None: the test's own privileges).
+    pub confinement: Option<Confinement>,
+}
+
+impl Container {
+    /// Where the agent in it pins (`LB_PIN_PATH`, else the agent's default)
+    /// relative to its bpffs volume: the pins of `node` are then at
+    /// [`Node::pin_path`], as the testbed expects them.
+    fn check_pin_path(&self, node: &Node) -> Result<()> {
+        let inside = self
+            .env
+            .iter()
+            .find(|(k, _)| k == "LB_PIN_PATH")
+            .map_or_else(
+                || PathBuf::from(BPFFS).join("lb"),
+                |(_, v)| PathBuf::from(v),
+            );
+        let rel = inside.strip_prefix(&self.bpffs_mount).with_context(|| {
+            format!(
+                "the agent pins at {} in its container, outside its bpffs volume at {}",
+                inside.display(),
+                self.bpffs_mount.display()
+            )
+        })?;
+        ensure!(
+            node.bpffs().join(rel) == node.pin_path,
+            "the agent would pin at {} of {}'s bpffs, not at {}",
+            rel.display(),
+            node.name,
+            node.pin_path.display()
+        );
+        Ok(())
+    }
+
+    /// The bind mounts of `node`'s container, after `first`; creates their
+    /// mount points in the host's tree (empty directories nothing else uses).
+    fn mounts(
+        &self,
+        node: &Node,
+        first: Vec<(PathBuf, PathBuf)>,
+    ) -> Result<Vec<(PathBuf, PathBuf)>> {
+        fs::create_dir_all(node.bpffs())
+            .with_context(|| format!("creating {}", node.bpffs().display()))?;
+        let mounts: Vec<(PathBuf, PathBuf)> = first
+            .into_iter()
+            .chain([(node.bpffs().to_path_buf(), self.bpffs_mount.clone())])
+            .chain(self.host_mounts.iter().cloned())
+            .collect();
+        for (_, target) in &mounts {
+            fs::create_dir_all(target)
+                .with_context(|| format!("creating the mount point {}", target.display()))?;
+        }
+        Ok(mounts)
+    }
+}
+
 /// How a DaemonSet's pod runs the agent (see
 /// [`Cluster::start_agents_in_cluster`]).
 #[derive(Debug, Clone)]
@@ -339,9 +421,8 @@ pub struct InCluster {
     /// The readiness probe: what [`Cluster::start_agents_in_cluster`] and
     /// [`Cluster::restart_agent`] wait for.
     pub ready: AgentProbe,
-    /// The pod's other hostPath volumes: (host path, mount path), bound as
-    /// a kubelet binds them (the host's cgroup hierarchy, for instance).
-    pub host_mounts: Vec<(PathBuf, PathBuf)>,
+    /// The agent's container.
+    pub container: Container,
 }
 
 /// A small cluster of network namespaces; everything it made is removed
@@ -939,47 +1020,20 @@ impl Cluster {
         drop(std::mem::take(&mut *lock(&self.servers)));
     }
 
-    /// Every node's pod CIDRs, both families: the agents' `--cluster-cidr`.
-    pub fn cluster_cidr_arg(&self) -> String {
-        let cidrs: Vec<String> = self
-            .nodes
-            .iter()
-            .flat_map(|n| [n.pod_cidr_v4.to_string(), n.pod_cidr_v6.to_string()])
-            .collect();
-        cidrs.join(",")
-    }
-
-    /// Starts the lb agent on every node:
+    /// Writes the Node manifests (`nodes.yaml`: zones and pod CIDRs, the
+    /// cluster CIDRs) into `manifests_dir`, then starts the lb agent on every
+    /// node:
     /// `<agent_bin> run --manifests <dir> --node-name <node> --node-ip <v4>,<v6>
-    /// --iface <uplink> --pod-ifaces <pattern> --cluster-cidr <pod CIDRs>
-    /// --pin-path <pin path>
+    /// --iface <uplink> --pod-ifaces <pattern> --pin-path <pin path>
     /// --log-level info`, inside the node's namespace, output to
     /// `<run dir>/agent-<node>.log`; then waits for each to answer 200 on
     /// `http://127.0.0.1:10256/healthz` in its namespace.
     pub fn start_agents(&self, agent_bin: &Path, manifests_dir: &Path) -> Result<()> {
+        self.write_nodes_yaml(manifests_dir)?;
         self.start_each(|node| {
-            let mut args: Vec<OsString> = ["run", "--manifests"].map(OsString::from).to_vec();
-            args.push(manifests_dir.into());
-            for (k, v) in [
-                ("--node-name", node.name.clone()),
-                ("--node-ip", node.node_ip_arg()),
-                ("--iface", node.uplink.clone()),
-                (
-                    "--uplink-hook",
-                    match self.opts.uplinks {
-                        Uplinks::Nic => "xdp",
-                        Uplinks::Veth => "auto",
-                    }
-                    .to_string(),
-                ),
-                ("--pod-ifaces", node.pod_iface_pattern()),
-                ("--cluster-cidr", self.cluster_cidr_arg()),
-                ("--pin-path", node.pin_path.display().to_string()),
-                ("--log-level", "info".to_string()),
-            ] {
-                args.push(k.into());
-                args.push(v.into());
-            }
+            let mut args = self.manifest_agent_args(node, manifests_dir);
+            args.push("--pin-path".into());
+            args.push(node.pin_path.clone().into());
             Ok(NodeAgent {
                 spec: AgentSpec {
                     bin: agent_bin.to_path_buf(),
@@ -988,6 +1042,75 @@ impl Cluster {
                     mounts: Vec::new(),
                     ns: node.ns.clone(),
                     log: self.agent_log_path(&node.name),
+                    confinement: None,
+                },
+                ready: AgentProbe::healthz(),
+            })
+        })
+    }
+
+    /// `nodes.yaml` (the Node manifests) in `manifests_dir`.
+    fn write_nodes_yaml(&self, manifests_dir: &Path) -> Result<()> {
+        let nodes = manifests_dir.join("nodes.yaml");
+        std::fs::write(&nodes, self.nodes_yaml())
+            .with_context(|| format!("writing {}", nodes.display()))
+    }
+
+    /// The testbed's manifest-mode agent arguments for `node` (all but
+    /// `--pin-path`): `run --manifests <dir> --node-name --node-ip --iface
+    /// --uplink-hook --pod-ifaces --log-level info`.
+    fn manifest_agent_args(&self, node: &Node, manifests_dir: &Path) -> Vec<OsString> {
+        let mut args: Vec<OsString> = ["run", "--manifests"].map(OsString::from).to_vec();
+        args.push(manifests_dir.into());
+        for (k, v) in [
+            ("--node-name", node.name.clone()),
+            ("--node-ip", node.node_ip_arg()),
+            ("--iface", node.uplink.clone()),
+            (
+                "--uplink-hook",
+                match self.opts.uplinks {
+                    Uplinks::Nic => "xdp",
+                    Uplinks::Veth => "auto",
+                }
+                .to_string(),
+            ),
+            ("--pod-ifaces", node.pod_iface_pattern()),
+            ("--log-level", "info".to_string()),
+        ] {
+            args.push(k.into());
+            args.push(v.into());
+        }
+        args
+    }
+
+    /// Like [`Self::start_agents`], in manifest mode, but each agent in a
+    /// container as `container` describes (a DaemonSet's, see
+    /// `kube_cluster::ShippedAgent`): its volumes bound, its environment, its
+    /// securityContext; the agent pins where the container's environment
+    /// says (no `--pin-path`), which must be [`Node::pin_path`]. `extra_args`
+    /// go after the testbed's (the container's own args, say, but `run` and
+    /// `--node-name`).
+    pub fn start_agents_contained(
+        &self,
+        agent_bin: &Path,
+        manifests_dir: &Path,
+        container: &Container,
+        extra_args: &[String],
+    ) -> Result<()> {
+        self.write_nodes_yaml(manifests_dir)?;
+        self.start_each(|node| {
+            container.check_pin_path(node)?;
+            let mut args = self.manifest_agent_args(node, manifests_dir);
+            args.extend(extra_args.iter().map(OsString::from));
+            Ok(NodeAgent {
+                spec: AgentSpec {
+                    bin: agent_bin.to_path_buf(),
+                    args,
+                    env: container.env.clone(),
+                    mounts: container.mounts(node, Vec::new())?,
+                    ns: node.ns.clone(),
+                    log: self.agent_log_path(&node.name),
+                    confinement: container.confinement.clone(),
                 },
                 ready: AgentProbe::healthz(),
             })
@@ -1010,29 +1133,23 @@ impl Cluster {
 
     /// Starts the lb agent on every node the way the DaemonSet's pod runs it,
     /// in Kubernetes mode: inside the node's network namespace with
-    /// `how.args` only (`$(NODE_NAME)` expanded), the environment a kubelet
-    /// gives it (`NODE_NAME`, `KUBERNETES_SERVICE_HOST` and `_PORT`), and in
-    /// a mount namespace of its own where the ServiceAccount files are at
-    /// [`SERVICE_ACCOUNT_DIR`] and the node's own bpffs ([`Node::bpffs`]) is
-    /// `/sys/fs/bpf`. The API server is reached through a relay listening on
-    /// the node's loopback. Waits for each agent's healthz, as
-    /// [`Self::start_agents`] does.
+    /// `how.args` only (`$(NODE_NAME)` expanded), the container's environment
+    /// and the one a kubelet adds (`NODE_NAME`, `KUBERNETES_SERVICE_HOST` and
+    /// `_PORT`), in a mount namespace of its own where the ServiceAccount
+    /// files are at [`SERVICE_ACCOUNT_DIR`], the node's own bpffs
+    /// ([`Node::bpffs`]) is at the container's bpffs volume and its other
+    /// volumes are bound, confined as its securityContext says. The API
+    /// server is reached through a relay listening on the node's loopback.
+    /// Waits for each agent's readiness probe.
     pub fn start_agents_in_cluster(&self, agent_bin: &Path, how: &InCluster) -> Result<()> {
         fs::create_dir_all(SERVICE_ACCOUNT_DIR)
             .with_context(|| format!("creating the mount point {SERVICE_ACCOUNT_DIR}"))?;
         let api_here = SocketAddr::new(Ipv4Addr::LOCALHOST.into(), how.api.port());
         self.start_each(|node| {
+            how.container.check_pin_path(node)?;
             let relay = crate::relay::Relay::start(&node.ns, api_here, how.api)
                 .with_context(|| format!("relaying {} to the API server", node.name))?;
             lock(&self.relays).push(relay);
-            fs::create_dir_all(node.bpffs())
-                .with_context(|| format!("creating {}", node.bpffs().display()))?;
-            // Bind targets must exist; in the host's tree they are empty
-            // directories nothing else uses.
-            for (_, target) in &how.host_mounts {
-                fs::create_dir_all(target)
-                    .with_context(|| format!("creating the mount point {}", target.display()))?;
-            }
             Ok(NodeAgent {
                 spec: AgentSpec {
                     bin: agent_bin.to_path_buf(),
@@ -1041,23 +1158,27 @@ impl Cluster {
                         .iter()
                         .map(|a| a.replace("$(NODE_NAME)", &node.name).into())
                         .collect(),
-                    env: vec![
-                        ("NODE_NAME".into(), node.name.clone()),
-                        ("KUBERNETES_SERVICE_HOST".into(), api_here.ip().to_string()),
-                        (
-                            "KUBERNETES_SERVICE_PORT".into(),
-                            api_here.port().to_string(),
-                        ),
-                    ],
-                    mounts: [
-                        (how.service_account.clone(), SERVICE_ACCOUNT_DIR.into()),
-                        (node.bpffs().to_path_buf(), BPFFS.into()),
-                    ]
-                    .into_iter()
-                    .chain(how.host_mounts.iter().cloned())
-                    .collect(),
+                    env: how
+                        .container
+                        .env
+                        .iter()
+                        .cloned()
+                        .chain([
+                            ("NODE_NAME".into(), node.name.clone()),
+                            ("KUBERNETES_SERVICE_HOST".into(), api_here.ip().to_string()),
+                            (
+                                "KUBERNETES_SERVICE_PORT".into(),
+                                api_here.port().to_string(),
+                            ),
+                        ])
+                        .collect(),
+                    mounts: how.container.mounts(
+                        node,
+                        vec![(how.service_account.clone(), SERVICE_ACCOUNT_DIR.into())],
+                    )?,
                     ns: node.ns.clone(),
                     log: self.agent_log_path(&node.name),
+                    confinement: how.container.confinement.clone(),
                 },
                 ready: how.ready.clone(),
             })
@@ -1075,6 +1196,15 @@ impl Cluster {
                 r.restore();
             }
         }
+    }
+
+    /// A silent partition between every node and the API server (`on`), or
+    /// its end (see [`crate::relay::Relay::silence`]).
+    pub fn silence_api(&self, on: bool) -> Result<()> {
+        for r in lock(&self.relays).iter() {
+            r.silence(on)?;
+        }
+        Ok(())
     }
 
     fn agent_log_path(&self, node: &str) -> PathBuf {
@@ -1095,11 +1225,35 @@ impl Cluster {
     }
 
     fn wait_agent_ready(&self, node: &str) -> Result<()> {
-        let probe = lock(&self.agents)
+        let (probe, confinement) = lock(&self.agents)
             .get(node)
-            .map(|s| s.ready.clone())
-            .unwrap_or_else(AgentProbe::healthz);
-        self.wait_agent_probe(node, &probe)
+            .map(|s| (s.ready.clone(), s.spec.confinement.clone()))
+            .unwrap_or_else(|| (AgentProbe::healthz(), None));
+        self.wait_agent_probe(node, &probe)?;
+        if let Some(c) = confinement {
+            self.check_confined(node, &c)?;
+        }
+        Ok(())
+    }
+
+    /// Fails unless the (ready) agent on `node` runs with exactly the
+    /// privileges `c` leaves it: a confined agent that came up with more would
+    /// show nothing about the confinement.
+    fn check_confined(&self, node: &str, c: &Confinement) -> Result<()> {
+        let pid = self
+            .agent_pid(node)
+            .with_context(|| format!("no agent runs on {node}"))?;
+        let p = crate::agent::Privileges::of(pid)?;
+        ensure!(
+            p.effective == c.capabilities
+                && p.permitted == c.capabilities
+                && p.bounding == c.capabilities
+                && p.inheritable.is_empty()
+                && p.ambient.is_empty()
+                && p.no_new_privs == c.no_new_privs,
+            "the agent on {node} runs with {p:?}, not confined as {c:?}"
+        );
+        Ok(())
     }
 
     /// Waits until `probe` answers 200, failing early if the agent exits.

@@ -533,7 +533,7 @@ impl ControlPlane {
     pub fn register_nodes(&self, cluster: &Cluster) -> Result<()> {
         for node in cluster.nodes() {
             let name = node.name().to_string();
-            let zone = format!("zone-{}", name.trim_start_matches("node-"));
+            let zone = node.zone();
             let obj: KubeNode = serde_json::from_value(json!({
                 "apiVersion": "v1",
                 "kind": "Node",
@@ -676,6 +676,23 @@ impl ControlPlane {
         self.block_on(api.delete(name, &DeleteParams::default()))
             .with_context(|| format!("deleting Pod {name}"))
             .map(drop)
+    }
+
+    /// Sets a Node's taints (`NoSchedule`, by key; none: untainted), as the
+    /// cluster autoscaler taints a node it is about to remove.
+    pub fn set_node_taints(&self, node: &str, keys: &[&str]) -> Result<()> {
+        let taints: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|k| json!({"key": k, "effect": "NoSchedule"}))
+            .collect();
+        let api: Api<KubeNode> = Api::all(self.client());
+        self.block_on(api.patch(
+            node,
+            &PatchParams::default(),
+            &Patch::Merge(&json!({"spec": {"taints": taints}})),
+        ))
+        .with_context(|| format!("setting the taints of Node {node}"))
+        .map(drop)
     }
 
     /// Removes a Pod at once (what the kubelet does when its containers

@@ -4,7 +4,8 @@
 //! into EndpointSlices), and lb-agent on every node run the way
 //! `deploy/kubernetes/daemonset.yaml` runs it: the DaemonSet's own args, its
 //! ServiceAccount bound by `deploy/kubernetes/rbac.yaml` and nothing wider,
-//! in-cluster configuration, no `--iface` or `--node-ip`.
+//! in-cluster configuration, no `--iface` or `--node-ip`, its container's
+//! volumes and environment, confined as its securityContext says.
 
 use std::{
     collections::BTreeMap,
@@ -14,14 +15,17 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail, ensure};
-use k8s_openapi::api::{apps::v1::DaemonSet, core::v1::Service};
+use k8s_openapi::api::{
+    apps::v1::DaemonSet,
+    core::v1::{SecurityContext, Service},
+};
 use kube::{
     Api,
     api::{DeleteParams, Patch, PatchParams},
 };
 use serde_json::{Value, json};
 
-use crate::{AgentProbe, Cluster, ControlPlane, InCluster, Options};
+use crate::{AgentProbe, Cluster, Container, ControlPlane, InCluster, Options, agent::Confinement};
 
 /// The Kubernetes namespace of the testbed's Pods and Services.
 pub const NAMESPACE: &str = "lb-testbed";
@@ -37,8 +41,9 @@ pub fn deploy_dir() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
 }
 
-/// The lb-agent container of `deploy/kubernetes/daemonset.yaml`: its args
-/// and the paths and ports of its probes.
+/// The lb-agent container of `deploy/kubernetes/daemonset.yaml`: its args,
+/// the paths and ports of its probes, and what the container puts around
+/// the process (volumes, environment, securityContext).
 #[derive(Debug, Clone)]
 pub struct ShippedAgent {
     pub args: Vec<String>,
@@ -46,9 +51,9 @@ pub struct ShippedAgent {
     pub readiness: AgentProbe,
     /// The ServiceAccount the DaemonSet's pods run as (`kube-system/...`).
     pub service_account: (String, String),
-    /// The container's hostPath volumes other than bpffs (whose host side
-    /// is each node's own, see `Node::bpffs`): (host path, mount path).
-    pub host_mounts: Vec<(PathBuf, PathBuf)>,
+    /// Its hostPath volumes (bpffs: each node's own, see `Node::bpffs`),
+    /// literal environment and confinement.
+    pub container: Container,
 }
 
 impl ShippedAgent {
@@ -97,6 +102,8 @@ impl ShippedAgent {
             })
         };
         let mut host_mounts = Vec::new();
+        let mut bpffs_mount = None;
+        let mut writable = Vec::new();
         for m in container.volume_mounts.iter().flatten() {
             let host = spec
                 .volumes
@@ -104,16 +111,35 @@ impl ShippedAgent {
                 .flatten()
                 .find(|v| v.name == m.name)
                 .and_then(|v| v.host_path.as_ref())
-                .map(|h| PathBuf::from(&h.path));
-            if let Some(host) = host
-                && m.mount_path != crate::scope::BPFFS
-            {
+                .map(|h| PathBuf::from(&h.path))
+                .with_context(|| format!("volume {} is no hostPath volume", m.name))?;
+            if m.read_only != Some(true) {
+                writable.push(PathBuf::from(&m.mount_path));
+            }
+            if host == Path::new(crate::scope::BPFFS) {
+                bpffs_mount = Some(PathBuf::from(&m.mount_path));
+            } else {
                 host_mounts.push((host, PathBuf::from(&m.mount_path)));
+            }
+        }
+        let mut env = Vec::new();
+        for e in container.env.iter().flatten() {
+            match (&e.value, &e.value_from) {
+                (Some(v), None) => env.push((e.name.clone(), v.clone())),
+                // The kubelet's own (NODE_NAME), which the testbed sets.
+                (None, Some(_)) => {}
+                _ => bail!("env {}: neither a value nor a valueFrom", e.name),
             }
         }
         let namespace = ds.metadata.namespace.unwrap_or_else(|| "default".into());
         Ok(Self {
-            host_mounts,
+            container: Container {
+                bpffs_mount: bpffs_mount
+                    .context("the lb-agent container mounts no hostPath volume of /sys/fs/bpf")?,
+                host_mounts,
+                env,
+                confinement: Some(confinement(container.security_context.as_ref(), writable)?),
+            },
             args: container.args.clone().unwrap_or_default(),
             liveness: probe(container.liveness_probe.as_ref(), "liveness")?,
             readiness: probe(container.readiness_probe.as_ref(), "readiness")?,
@@ -124,6 +150,38 @@ impl ShippedAgent {
             ),
         })
     }
+}
+
+/// How a runtime confines a root process with `sc` (whose capabilities the
+/// testbed reproduces only as `drop: [ALL]` and a list to `add`), where the
+/// volumes at `writable` are not read-only.
+fn confinement(sc: Option<&SecurityContext>, writable: Vec<PathBuf>) -> Result<Confinement> {
+    let sc = sc.context("the lb-agent container has no securityContext")?;
+    ensure!(
+        sc.privileged != Some(true),
+        "the lb-agent container is privileged: nothing to confine"
+    );
+    ensure!(
+        sc.run_as_user.is_none_or(|u| u == 0),
+        "the testbed runs the agent as root (uid 0) only"
+    );
+    let caps = sc
+        .capabilities
+        .as_ref()
+        .context("the lb-agent container's securityContext lists no capabilities")?;
+    ensure!(
+        caps.drop.as_deref() == Some(&["ALL".to_string()][..]),
+        "the testbed reproduces capabilities as `drop: [ALL]` plus `add` only, not {:?}",
+        caps.drop
+    );
+    let read_only = sc.read_only_root_filesystem == Some(true);
+    Ok(Confinement {
+        capabilities: caps.add.iter().flatten().cloned().collect(),
+        // Unset, escalation is allowed: no_new_privs stays off.
+        no_new_privs: sc.allow_privilege_escalation == Some(false),
+        read_only,
+        writable: if read_only { writable } else { Vec::new() },
+    })
 }
 
 /// A testbed cluster whose agents follow a real API server.
@@ -174,7 +232,7 @@ impl KubeCluster {
                 service_account: sa_dir,
                 api: kc.cp.api_addr(),
                 ready: kc.shipped.readiness.clone(),
-                host_mounts: kc.shipped.host_mounts.clone(),
+                container: kc.shipped.container.clone(),
             },
         )?;
         Ok(kc)

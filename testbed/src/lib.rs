@@ -27,6 +27,7 @@ mod client;
 mod cluster;
 pub mod control_plane;
 pub mod fib;
+pub mod flood;
 pub mod interrupt;
 pub mod kube_cluster;
 pub mod manifests;
@@ -40,12 +41,12 @@ pub mod test_run;
 pub mod xdp;
 
 pub use client::{
-    Hello, ProbeError, StreamReport, curl_in, http_get, socat_udp_in, tcp_echo, tcp_hello,
+    Hello, ProbeError, StreamReport, UdpFlow, curl_in, http_get, socat_udp_in, tcp_echo, tcp_hello,
     tcp_probe, tcp_request, tcp_stream, udp_probe, udp_request,
 };
 pub use cluster::{
-    AGENT_HEALTHZ, AgentProbe, Client, Cluster, InCluster, Node, Options, Pod, PodNetwork,
-    SERVICE_ACCOUNT_DIR, Uplinks,
+    AGENT_HEALTHZ, AgentProbe, Client, Cluster, Container, InCluster, Node, Options, Pod,
+    PodNetwork, SERVICE_ACCOUNT_DIR, Uplinks,
 };
 pub use control_plane::ControlPlane;
 pub use net::IpNet;

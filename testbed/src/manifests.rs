@@ -1,9 +1,10 @@
-//! Service and EndpointSlice manifests for the testbed's pods, as the API server
-//! would serve them (the agent's manifest mode reads exactly that).
+//! Service, EndpointSlice and Node manifests for the testbed's pods and nodes,
+//! as the API server would serve them (the agent's manifest mode reads exactly
+//! that).
 
 use std::{fmt::Write as _, net::IpAddr};
 
-use crate::cluster::{Cluster, Pod};
+use crate::cluster::{Cluster, Pod, zone_of};
 
 /// A Service to write: the fields the demo and the tests vary.
 #[derive(Clone, Debug)]
@@ -27,6 +28,8 @@ pub struct ServiceSpec {
     pub affinity_timeout: Option<u32>,
     /// `loadBalancerSourceRanges`, as written (they need not parse).
     pub source_ranges: Vec<String>,
+    /// `trafficDistribution` (e.g. `PreferClose`).
+    pub traffic_distribution: Option<&'static str>,
 }
 
 impl ServiceSpec {
@@ -44,6 +47,7 @@ impl ServiceSpec {
             health_check_node_port: None,
             affinity_timeout: None,
             source_ranges: Vec::new(),
+            traffic_distribution: None,
         }
     }
 
@@ -112,6 +116,9 @@ pub fn service_yaml(spec: &ServiceSpec, ready: &[&Pod], terminating: &[&Pod]) ->
     if !spec.external_ips.is_empty() {
         let _ = writeln!(y, "  externalIPs: [{}]", join(&spec.external_ips));
     }
+    if let Some(d) = spec.traffic_distribution {
+        let _ = writeln!(y, "  trafficDistribution: {d}");
+    }
     let _ = writeln!(y, "  ports:");
     for (name, port, proto, node_port) in &spec.ports {
         let _ = write!(
@@ -149,8 +156,9 @@ pub fn service_yaml(spec: &ServiceSpec, ready: &[&Pod], terminating: &[&Pod]) ->
                 let addr: IpAddr = if v6 { p.ipv6().into() } else { p.ipv4().into() };
                 let _ = writeln!(
                     y,
-                    "- addresses: [\"{addr}\"]\n  nodeName: {}\n  conditions: {{ready: {is_ready}, serving: true, terminating: {}}}",
+                    "- addresses: [\"{addr}\"]\n  nodeName: {}\n  zone: {}\n  conditions: {{ready: {is_ready}, serving: true, terminating: {}}}",
                     p.node(),
+                    zone_of(p.node()),
                     !is_ready
                 );
             }
@@ -180,6 +188,25 @@ fn join(ips: &[IpAddr]) -> String {
 }
 
 impl Cluster {
+    /// A Node manifest per node: its zone label and its pod CIDRs (as the
+    /// API server serves a Node whose controller allocated them).
+    pub fn nodes_yaml(&self) -> String {
+        let mut y = String::new();
+        for n in self.nodes() {
+            let _ = writeln!(
+                y,
+                "---\napiVersion: v1\nkind: Node\nmetadata:\n  name: {}\n  labels: {{topology.kubernetes.io/zone: {}}}\n\
+                 spec:\n  podCIDR: {}\n  podCIDRs: [\"{}\", \"{}\"]",
+                n.name(),
+                n.zone(),
+                n.pod_cidr_v4(),
+                n.pod_cidr_v4(),
+                n.pod_cidr_v6()
+            );
+        }
+        y
+    }
+
     /// ClusterIP number `n` of each family (10.96.0.n, fd00:96::n).
     pub fn cluster_ips(&self, n: u128) -> Vec<IpAddr> {
         self.cluster_ip_prefixes()

@@ -104,17 +104,49 @@ where
 /// Makes `cmd`'s child enter a mount namespace of its own (after the
 /// network namespace of [`command_in`], if any) in which each `(source,
 /// target)` of `mounts` is bind-mounted: what a container runtime does for
-/// a pod's volumes. Nothing of it shows outside the child.
-pub fn private_mounts(cmd: &mut Command, mounts: &[(PathBuf, PathBuf)]) -> Result<()> {
+/// a pod's volumes. With `read_only_but`, every mount it then sees is made
+/// read-only but those at (or holding) the paths given: a container with a
+/// read-only root filesystem and these writable volumes, stricter (its
+/// /dev, /proc and the like are read-only too). Nothing of it shows outside
+/// the child.
+pub fn private_mounts(
+    cmd: &mut Command,
+    mounts: &[(PathBuf, PathBuf)],
+    read_only_but: Option<&[PathBuf]>,
+) -> Result<()> {
     use std::{ffi::CString, os::unix::ffi::OsStrExt as _};
     let c = |p: &Path| CString::new(p.as_os_str().as_bytes()).context("a path with a NUL byte");
     let pairs: Vec<(CString, CString)> = mounts
         .iter()
         .map(|(s, t)| Ok((c(s)?, c(t)?)))
         .collect::<Result<_>>()?;
-    // SAFETY: between fork and exec the closure only calls unshare and
-    // mount (async-signal-safe) with C strings made before the fork; it
-    // does not allocate.
+    let writable: Option<Vec<CString>> = read_only_but
+        .map(|w| w.iter().map(|p| c(p)).collect::<Result<_>>())
+        .transpose()?;
+    // struct mount_attr (include/uapi/linux/mount.h).
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 1;
+    // SAFETY: mount_setattr(2) on a valid C string with a valid attribute
+    // struct of the size given.
+    let setattr = |path: *const libc::c_char, flags: libc::c_int, attr: &MountAttr| unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            libc::AT_FDCWD,
+            path,
+            flags,
+            std::ptr::from_ref(attr),
+            size_of::<MountAttr>(),
+        )
+    };
+    // SAFETY: between fork and exec the closure only calls unshare, mount
+    // and mount_setattr (async-signal-safe) with C strings made before the
+    // fork; it does not allocate.
     unsafe {
         cmd.pre_exec(move || {
             if libc::unshare(libc::CLONE_NEWNS) != 0 {
@@ -144,6 +176,28 @@ pub fn private_mounts(cmd: &mut Command, mounts: &[(PathBuf, PathBuf)]) -> Resul
                 ) != 0
                 {
                     return Err(io::Error::last_os_error());
+                }
+            }
+            if let Some(writable) = &writable {
+                let ro = MountAttr {
+                    attr_set: MOUNT_ATTR_RDONLY,
+                    attr_clr: 0,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                if setattr(root.as_ptr(), libc::AT_RECURSIVE, &ro) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                let rw = MountAttr {
+                    attr_set: 0,
+                    attr_clr: MOUNT_ATTR_RDONLY,
+                    propagation: 0,
+                    userns_fd: 0,
+                };
+                for path in writable {
+                    if setattr(path.as_ptr(), 0, &rw) != 0 {
+                        return Err(io::Error::last_os_error());
+                    }
                 }
             }
             Ok(())

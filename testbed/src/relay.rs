@@ -26,6 +26,7 @@ const CONNECT: Duration = Duration::from_secs(2);
 
 /// A running relay; dropping it closes the listener and every connection.
 pub struct Relay {
+    ns: String,
     listen: SocketAddr,
     stop: Arc<AtomicBool>,
     /// Cut: every connection is closed and new ones are closed at once.
@@ -63,6 +64,7 @@ impl Relay {
                 .spawn(move || accept_loop(&listener, upstream, &stop, &cut, &open))?
         };
         Ok(Self {
+            ns: ns.to_string(),
             listen,
             stop,
             cut,
@@ -82,6 +84,37 @@ impl Relay {
     /// Lets connections through again.
     pub fn restore(&self) {
         self.cut.store(false, Ordering::SeqCst);
+    }
+
+    /// A silent partition (`on`), or its end: every packet to and from the
+    /// listening port inside the namespace is dropped, so that open
+    /// connections hang without a reset and new ones time out, as behind a
+    /// firewall that drops.
+    pub fn silence(&self, on: bool) -> Result<()> {
+        let port = self.listen.port();
+        let script = if on {
+            format!(
+                "add table inet lb-relay-silence\n\
+                 add chain inet lb-relay-silence out {{ type filter hook output priority 0 ; }}\n\
+                 add rule inet lb-relay-silence out tcp dport {port} drop\n\
+                 add rule inet lb-relay-silence out tcp sport {port} drop\n"
+            )
+        } else {
+            "delete table inet lb-relay-silence\n".to_string()
+        };
+        let mut child = std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns, "nft", "-f", "-"])
+            .stdin(std::process::Stdio::piped())
+            .spawn()
+            .context("running nft")?;
+        io::Write::write_all(
+            child.stdin.as_mut().context("nft's stdin")?,
+            script.as_bytes(),
+        )?;
+        drop(child.stdin.take());
+        let status = child.wait()?;
+        anyhow::ensure!(status.success(), "nft in {}: {status}", self.ns);
+        Ok(())
     }
 
     fn close_all(&self) {

@@ -42,6 +42,7 @@ pub fn require_root(what: &str) -> Result<()> {
 }
 
 pub fn run() -> Result<()> {
+    disk_space();
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
@@ -117,6 +118,46 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
+/// What a clean `cargo xtask test` writes under `target/` (debug and release
+/// builds, the BPF objects, the test binaries), with some room to spare.
+const DISK_NEEDED: u64 = 6 << 30;
+
+/// Warns when the target directory's disk is short of [`DISK_NEEDED`]: a full
+/// disk otherwise shows up ten minutes later as an LLVM I/O error. Only a
+/// warning, since a partly built target needs less.
+fn disk_space() {
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map_or_else(|| workspace().join("target"), PathBuf::from);
+    let existing = target
+        .ancestors()
+        .find(|p| p.exists())
+        .unwrap_or(workspace());
+    let Some(free) = free_bytes(existing) else {
+        return;
+    };
+    if free < DISK_NEEDED {
+        eprintln!(
+            "setup: warning: {:.1} GiB free under {}; a clean build and test run writes about {} GiB \
+             there (set CARGO_TARGET_DIR to a larger disk if it runs out)",
+            free as f64 / f64::from(1 << 30),
+            existing.display(),
+            DISK_NEEDED >> 30,
+        );
+    }
+}
+
+/// The bytes an unprivileged writer may still use on `path`'s filesystem.
+fn free_bytes(path: &Path) -> Option<u64> {
+    let path = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).ok()?;
+    // SAFETY: statvfs only writes the struct it is given; zeroed is a valid one.
+    let mut fs: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `fs` lives across the call.
+    if unsafe { libc::statvfs(path.as_ptr(), &raw mut fs) } != 0 {
+        return None;
+    }
+    Some(fs.f_bavail.saturating_mul(fs.f_frsize))
+}
+
 /// Mounts bpffs on /sys/fs/bpf if it is not mounted (the agent pins there).
 fn bpffs() -> Result<()> {
     let mounts = std::fs::read_to_string("/proc/mounts").context("reading /proc/mounts")?;
@@ -164,4 +205,26 @@ pub fn workspace() -> &'static Path {
 
 pub fn cargo<I: IntoIterator<Item = String>>(args: I) -> Result<()> {
     status(Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into())).args(args))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{path::Path, process::Command};
+
+    /// The free space the set-up warns about is what `df` reports.
+    #[test]
+    fn free_bytes_agrees_with_df() {
+        let ours = super::free_bytes(Path::new("/")).expect("statvfs /");
+        let out = Command::new("df")
+            .args(["--output=avail", "-B1", "/"])
+            .output()
+            .expect("df");
+        let df: u64 = String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .nth(1)
+            .and_then(|l| l.trim().parse().ok())
+            .expect("df's avail column");
+        // Other writers may move it a little between the two reads.
+        assert!(ours.abs_diff(df) < 256 << 20, "statvfs {ours} vs df {df}");
+    }
 }

@@ -10,15 +10,15 @@ use anyhow::{Context as _, Result, anyhow, bail};
 use aya::{
     Ebpf,
     maps::{
-        Array, HashMap, Map, MapData, MapInfo, PerCpuArray,
+        Array, HashMap, IterableMap as _, Map, MapData, MapInfo, PerCpuArray,
         lpm_trie::{Key, LpmTrie},
         xdp::DevMapHash,
     },
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, CFG_F_CLUSTER_CIDRS, CFG_F_SNAT_V4, CFG_F_SNAT_V6, Config,
-    Counters, CtEntry, FlowKey, Interface, Reason, Service, ServiceKey, ServiceName, SockEvent,
-    SourceRange4, SourceRange6, map_names,
+    Counters, CtEntry, FlowKey, FragEntry, FragKey, Interface, Reason, Service, ServiceKey,
+    ServiceName, SockEvent, SourceRange4, SourceRange6, map_names,
 };
 
 use super::Sizes;
@@ -38,6 +38,17 @@ pub struct NodeConfig {
     /// [`Maps::set_cluster_cidrs`]): the datapath then tells clients inside
     /// the cluster from outside ones.
     pub cluster_cidrs: bool,
+}
+
+/// Whether a map operation failed only because the key is not there: aya
+/// says so as `KeyNotFound` for lookups, and passes the kernel's ENOENT on
+/// as a syscall error for deletions.
+pub fn is_not_found(e: &aya::maps::MapError) -> bool {
+    match e {
+        aya::maps::MapError::KeyNotFound => true,
+        aya::maps::MapError::SyscallError(e) => e.io_error.raw_os_error() == Some(libc::ENOENT),
+        _ => false,
+    }
 }
 
 /// An address prefix as the tries take it: (address, prefix length).
@@ -64,6 +75,41 @@ pub struct Maps {
     pub src_ranges6: LpmTrie<MapData, SourceRange6, u32>,
     pub cluster_cidrs4: LpmTrie<MapData, [u8; 4], u32>,
     pub cluster_cidrs6: LpmTrie<MapData, [u8; 16], u32>,
+    /// Written by the datapath only (first fragments' translations); read by
+    /// dumps and tests.
+    pub fragments: HashMap<MapData, FragKey, FragEntry>,
+    /// What this handle last wrote into `config` and the cluster CIDR tries,
+    /// for the verify-and-repair pass ([`Self::repair_node_maps`]).
+    config_written: Option<Config>,
+    cidrs_written: Option<Vec<Cidr>>,
+}
+
+/// The `src_ranges4` or `src_ranges6` key of a prefix allowed for service
+/// id `id`: the id's 32 bits (big-endian, so that they are matched first),
+/// then the prefix's.
+enum RangeKey {
+    V4(Key<SourceRange4>),
+    V6(Key<SourceRange6>),
+}
+
+fn range_key(id: u32, (addr, len): Cidr) -> RangeKey {
+    let (service, bits) = (id.to_be_bytes(), 32 + u32::from(len));
+    match addr {
+        std::net::IpAddr::V4(a) => RangeKey::V4(Key::new(
+            bits,
+            SourceRange4 {
+                service,
+                addr: a.octets(),
+            },
+        )),
+        std::net::IpAddr::V6(a) => RangeKey::V6(Key::new(
+            bits,
+            SourceRange6 {
+                service,
+                addr: a.octets(),
+            },
+        )),
+    }
 }
 
 /// Makes an LPM trie hold exactly `keys` (value 1).
@@ -134,6 +180,9 @@ impl Maps {
             src_ranges6: typed!(ebpf, map_names::SRC_RANGES6),
             cluster_cidrs4: typed!(ebpf, map_names::CLUSTER_CIDRS4),
             cluster_cidrs6: typed!(ebpf, map_names::CLUSTER_CIDRS6),
+            fragments: typed!(ebpf, map_names::FRAGMENTS),
+            config_written: None,
+            cidrs_written: None,
         })
     }
 
@@ -186,6 +235,9 @@ impl Maps {
             src_ranges6: pinned!(map_names::SRC_RANGES6),
             cluster_cidrs4: pinned!(map_names::CLUSTER_CIDRS4),
             cluster_cidrs6: pinned!(map_names::CLUSTER_CIDRS6),
+            fragments: pinned!(map_names::FRAGMENTS),
+            config_written: None,
+            cidrs_written: None,
         })
     }
 
@@ -215,7 +267,38 @@ impl Maps {
         if node.cluster_cidrs {
             config.flags |= CFG_F_CLUSTER_CIDRS;
         }
-        self.config.set(0, config, 0).context("writing config")
+        self.config.set(0, config, 0).context("writing config")?;
+        self.config_written = Some(config);
+        Ok(())
+    }
+
+    /// Puts back what this handle last wrote into `config` and the cluster
+    /// CIDR tries if they hold something else now. Returns how many of the
+    /// two were wrong.
+    pub fn repair_node_maps(&mut self) -> Result<usize> {
+        let mut wrong = 0;
+        if let Some(want) = self.config_written {
+            let have = self.config.get(&0, 0).context("reading config")?;
+            if have != want {
+                log::warn!("verify: config held {have:?}, not {want:?}: rewritten");
+                self.config.set(0, want, 0).context("writing config")?;
+                wrong += 1;
+            }
+        }
+        if let Some(want) = self.cidrs_written.clone() {
+            let mut have = self.cluster_cidrs()?;
+            let mut sorted = want.clone();
+            have.sort_unstable();
+            sorted.sort_unstable();
+            if have != sorted {
+                log::warn!(
+                    "verify: the cluster CIDR tries held {have:?}, not {sorted:?}: rewritten"
+                );
+                self.set_cluster_cidrs(&want)?;
+                wrong += 1;
+            }
+        }
+        Ok(wrong)
     }
 
     /// Makes `cluster_cidrs4/6` hold exactly `cidrs`.
@@ -228,68 +311,59 @@ impl Maps {
             }
         }
         sync_trie(&mut self.cluster_cidrs4, &v4).context("writing cluster_cidrs4")?;
-        sync_trie(&mut self.cluster_cidrs6, &v6).context("writing cluster_cidrs6")
+        sync_trie(&mut self.cluster_cidrs6, &v6).context("writing cluster_cidrs6")?;
+        self.cidrs_written = Some(cidrs.to_vec());
+        Ok(())
     }
 
     /// Allows the clients in `prefix` to open flows to the LoadBalancer
     /// frontends of service id `id` (with `SVC_F_SOURCE_RANGES`).
     pub fn add_source_range(&mut self, id: u32, prefix: Cidr) -> Result<()> {
-        let (service, (addr, len)) = (id.to_be_bytes(), prefix);
-        match addr {
-            std::net::IpAddr::V4(a) => self.src_ranges4.insert(
-                &Key::new(
-                    32 + u32::from(len),
-                    SourceRange4 {
-                        service,
-                        addr: a.octets(),
-                    },
-                ),
-                1,
-                0,
-            ),
-            std::net::IpAddr::V6(a) => self.src_ranges6.insert(
-                &Key::new(
-                    32 + u32::from(len),
-                    SourceRange6 {
-                        service,
-                        addr: a.octets(),
-                    },
-                ),
-                1,
-                0,
-            ),
+        match range_key(id, prefix) {
+            RangeKey::V4(k) => self.src_ranges4.insert(&k, 1, 0),
+            RangeKey::V6(k) => self.src_ranges6.insert(&k, 1, 0),
         }
-        .with_context(|| format!("writing source range {}/{len} of service {id}", prefix.0))
+        .with_context(|| {
+            format!(
+                "writing source range {}/{} of service {id}",
+                prefix.0, prefix.1
+            )
+        })
     }
 
     /// Forgets a prefix of [`Self::add_source_range`] (absent is fine).
     pub fn remove_source_range(&mut self, id: u32, prefix: Cidr) -> Result<()> {
-        let (service, (addr, len)) = (id.to_be_bytes(), prefix);
-        let r = match addr {
-            std::net::IpAddr::V4(a) => self.src_ranges4.remove(&Key::new(
-                32 + u32::from(len),
-                SourceRange4 {
-                    service,
-                    addr: a.octets(),
-                },
-            )),
-            std::net::IpAddr::V6(a) => self.src_ranges6.remove(&Key::new(
-                32 + u32::from(len),
-                SourceRange6 {
-                    service,
-                    addr: a.octets(),
-                },
-            )),
+        let r = match range_key(id, prefix) {
+            RangeKey::V4(k) => self.src_ranges4.remove(&k),
+            RangeKey::V6(k) => self.src_ranges6.remove(&k),
         };
         match r {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
             Err(e) => Err(e).with_context(|| {
-                format!("removing source range {}/{len} of service {id}", prefix.0)
+                format!(
+                    "removing source range {}/{} of service {id}",
+                    prefix.0, prefix.1
+                )
             }),
         }
     }
 
     /// Every source range written: (service id, prefix).
+    /// What `cluster_cidrs4/6` hold (whether the datapath reads them is
+    /// `config`'s `CFG_F_CLUSTER_CIDRS`).
+    pub fn cluster_cidrs(&self) -> Result<Vec<Cidr>> {
+        let mut out = Vec::new();
+        for k in self.cluster_cidrs4.keys() {
+            let k = k.context("reading cluster_cidrs4")?;
+            out.push((k.data().into(), k.prefix_len() as u8));
+        }
+        for k in self.cluster_cidrs6.keys() {
+            let k = k.context("reading cluster_cidrs6")?;
+            out.push((k.data().into(), k.prefix_len() as u8));
+        }
+        Ok(out)
+    }
+
     pub fn source_ranges(&self) -> Result<Vec<(u32, Cidr)>> {
         let mut out = Vec::new();
         for k in self.src_ranges4.keys() {
@@ -325,8 +399,11 @@ impl Maps {
             .collect();
         for k in &doomed {
             match self.affinity.remove(k) {
-                Ok(()) | Err(aya::maps::MapError::KeyNotFound) => {}
-                Err(e) => return Err(e).context("removing an affinity entry"),
+                // The LRU may have evicted it meanwhile.
+                Err(e) if !is_not_found(&e) => {
+                    return Err(e).context("removing an affinity entry");
+                }
+                _ => {}
             }
         }
         Ok(doomed.len())
@@ -397,24 +474,12 @@ impl Maps {
 
     /// Counters per reason, summed over CPUs.
     pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
-        Reason::ALL
-            .iter()
-            .map(|r| Ok((*r, sum_per_cpu(&self.reasons, *r as u32)?)))
-            .collect()
+        reason_counters(&self.reasons)
     }
 
     /// What the socket programs did, summed over CPUs, per event.
     pub fn sock_counters(&self) -> Result<Vec<(SockEvent, u64)>> {
-        SockEvent::ALL
-            .iter()
-            .map(|e| {
-                let values = self
-                    .sock_stats
-                    .get(&(*e as u32), 0)
-                    .with_context(|| format!("reading sock_stats {}", e.as_str()))?;
-                Ok((*e, values.iter().sum()))
-            })
-            .collect()
+        sock_counters(&self.sock_stats)
     }
 
     pub fn service_counters(&self, id: u32) -> Result<Counters> {
@@ -424,6 +489,103 @@ impl Maps {
     pub fn backend_counters(&self, id: u32) -> Result<Counters> {
         sum_per_cpu(&self.backend_stats, id)
     }
+
+    /// Handles of their own on the counter maps and `interfaces`, for a
+    /// reader on another thread (the metrics scrape): the same kernel maps
+    /// through duplicated descriptors, so that the reader needs neither these
+    /// `Maps` nor whoever owns them (the reconciler, behind its lock).
+    pub fn counter_handles(&self) -> Result<CounterMaps> {
+        fn dup<V>(map: &MapData, name: &str) -> Result<V>
+        where
+            V: TryFrom<Map, Error = aya::maps::MapError>,
+        {
+            let fd = map
+                .fd()
+                .as_fd()
+                .try_clone_to_owned()
+                .with_context(|| format!("duplicating the descriptor of map {name}"))?;
+            let data = MapData::from_fd(fd).with_context(|| format!("reopening map {name}"))?;
+            Map::from_map_data(data)
+                .and_then(V::try_from)
+                .with_context(|| format!("map {name} has an unexpected type"))
+        }
+        Ok(CounterMaps {
+            service_stats: dup(self.service_stats.map(), map_names::SERVICE_STATS)?,
+            backend_stats: dup(self.backend_stats.map(), map_names::BACKEND_STATS)?,
+            reasons: dup(self.reasons.map(), map_names::REASONS)?,
+            sock_stats: dup(self.sock_stats.map(), map_names::SOCK_STATS)?,
+            interfaces: dup(self.interfaces.map(), map_names::INTERFACES)?,
+        })
+    }
+}
+
+/// The datapath's counters and its `interfaces` map through handles of their
+/// own (see [`Maps::counter_handles`]): read only, from any thread.
+pub struct CounterMaps {
+    service_stats: PerCpuArray<MapData, Counters>,
+    backend_stats: PerCpuArray<MapData, Counters>,
+    reasons: PerCpuArray<MapData, Counters>,
+    sock_stats: PerCpuArray<MapData, u64>,
+    interfaces: HashMap<MapData, u32, Interface>,
+}
+
+impl CounterMaps {
+    /// Counters per reason, summed over CPUs.
+    pub fn reason_counters(&self) -> Result<Vec<(Reason, Counters)>> {
+        reason_counters(&self.reasons)
+    }
+
+    /// What the socket programs did, summed over CPUs, per event.
+    pub fn sock_counters(&self) -> Result<Vec<(SockEvent, u64)>> {
+        sock_counters(&self.sock_stats)
+    }
+
+    pub fn service_counters(&self, id: u32) -> Result<Counters> {
+        sum_per_cpu(&self.service_stats, id)
+    }
+
+    pub fn backend_counters(&self, id: u32) -> Result<Counters> {
+        sum_per_cpu(&self.backend_stats, id)
+    }
+
+    /// The interfaces the programs run on (entries that cannot be read are
+    /// skipped).
+    pub fn interfaces(&self) -> Vec<(u32, Interface)> {
+        self.interfaces.iter().flatten().collect()
+    }
+}
+
+impl std::fmt::Debug for CounterMaps {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("CounterMaps")
+    }
+}
+
+fn reason_counters(map: &PerCpuArray<MapData, Counters>) -> Result<Vec<(Reason, Counters)>> {
+    Reason::ALL
+        .iter()
+        .map(|r| Ok((*r, sum_per_cpu(map, *r as u32)?)))
+        .collect()
+}
+
+fn sock_counters(map: &PerCpuArray<MapData, u64>) -> Result<Vec<(SockEvent, u64)>> {
+    SockEvent::ALL
+        .iter()
+        .map(|e| {
+            let values = map
+                .get(&(*e as u32), 0)
+                .with_context(|| format!("reading sock_stats {}", e.as_str()))?;
+            Ok((*e, values.iter().sum()))
+        })
+        .collect()
+}
+
+/// A row's fingerprint: a hash of its backend ids in order.
+fn fingerprint(table: &[u32]) -> u64 {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    table.hash(&mut h);
+    h.finish()
 }
 
 fn sum_per_cpu(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Counters> {
@@ -455,6 +617,10 @@ pub struct MaglevRows {
     /// Entries per row: the Maglev table size.
     table_size: usize,
     row_stride: usize,
+    /// A fingerprint of each row as last written, which the verify pass
+    /// compares a row's content with (keeping the tables themselves would
+    /// cost 64 KB per Service port).
+    written: std::collections::HashMap<u32, u64>,
 }
 
 /// One row's pages, mapped; unmapped on drop.
@@ -496,6 +662,7 @@ impl MaglevRows {
             rows: elements / row_elements,
             table_size: table_size as usize,
             row_stride: row_elements * 2,
+            written: std::collections::HashMap::new(),
         };
         // Fail at start, not at the first write, if the map cannot be mapped.
         rows.window(0)?;
@@ -504,6 +671,15 @@ impl MaglevRows {
 
     pub fn rows(&self) -> usize {
         self.rows
+    }
+
+    /// The kernel's id of the array (what `bpftool map show id` takes).
+    pub fn map_id(&self) -> Result<u32> {
+        Ok(self
+            .map
+            .info()
+            .context("reading the maglev map's info")?
+            .id())
     }
 
     /// Entries per row.
@@ -568,7 +744,17 @@ impl MaglevRows {
                 }
             }
         }
+        self.written.insert(row, fingerprint(table));
         Ok(changed)
+    }
+
+    /// Whether `row` holds what [`Self::write_row`] last wrote there (false
+    /// for a row never written through this handle).
+    pub fn intact(&self, row: u32) -> Result<bool> {
+        let Some(expected) = self.written.get(&row) else {
+            return Ok(false);
+        };
+        Ok(fingerprint(&self.read_row(row)?) == *expected)
     }
 
     /// Reads a row back.

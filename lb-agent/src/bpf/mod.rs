@@ -14,7 +14,7 @@ use aya::{
 };
 use lb_common::{capacity, map_names};
 
-pub use self::maps::{Maps, NodeConfig};
+pub use self::maps::{CounterMaps, Maps, NodeConfig};
 
 /// The datapath object built from `lb-ebpf` (see the `lb-objects` crate).
 pub static OBJECT: &[u8] = lb_objects::LB;

@@ -46,36 +46,51 @@ pub fn prepare_dir(dir: &Path) -> Result<()> {
         }
     }
     if !is_bpffs(&existing)? {
-        let target = if dir.starts_with("/sys/fs/bpf") {
-            PathBuf::from("/sys/fs/bpf")
-        } else {
-            dir.to_path_buf()
-        };
-        std::fs::create_dir_all(&target)
-            .with_context(|| format!("creating {}", target.display()))?;
-        log::info!("mounting bpffs on {}", target.display());
-        let t = CString::new(target.as_os_str().as_bytes())?;
-        // SAFETY: mount(2) with valid C strings.
-        let rc = unsafe {
-            libc::mount(
-                c"bpf".as_ptr(),
-                t.as_ptr(),
-                c"bpf".as_ptr(),
-                0,
-                std::ptr::null(),
+        // A DaemonSet's agent has no CAP_SYS_ADMIN and cannot mount: it
+        // must find the host's bpffs where its volume puts it.
+        mount_bpffs(dir).with_context(|| {
+            format!(
+                "{} is not on bpffs and mounting one failed: the pins must be on the host's \
+                 bpffs to outlive the agent; mount it on the host's /sys/fs/bpf (systemd does at \
+                 boot; deploy/README.md says how elsewhere)",
+                dir.display()
             )
-        };
-        if rc != 0 {
-            return Err(std::io::Error::last_os_error()).with_context(|| {
-                format!(
-                    "mounting bpffs on {} (needs CAP_SYS_ADMIN)",
-                    target.display()
-                )
-            });
-        }
+        })?;
     }
     std::fs::create_dir_all(dir.join("links"))
         .with_context(|| format!("creating {}/links", dir.display()))
+}
+
+/// Mounts bpffs for `dir`: on /sys/fs/bpf for a pin path below it, else on
+/// `dir` itself. Only `mode=0700`: the pins are the agent's alone.
+fn mount_bpffs(dir: &Path) -> Result<()> {
+    let target = if dir.starts_with("/sys/fs/bpf") {
+        PathBuf::from("/sys/fs/bpf")
+    } else {
+        dir.to_path_buf()
+    };
+    std::fs::create_dir_all(&target).with_context(|| format!("creating {}", target.display()))?;
+    log::info!("mounting bpffs on {}", target.display());
+    let t = CString::new(target.as_os_str().as_bytes())?;
+    // SAFETY: mount(2) with valid C strings.
+    let rc = unsafe {
+        libc::mount(
+            c"bpf".as_ptr(),
+            t.as_ptr(),
+            c"bpf".as_ptr(),
+            libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+            c"mode=0700".as_ptr().cast(),
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error()).with_context(|| {
+            format!(
+                "mounting bpffs on {} (needs CAP_SYS_ADMIN)",
+                target.display()
+            )
+        });
+    }
+    Ok(())
 }
 
 /// Checks the maps already pinned in `dir` against those this build creates with

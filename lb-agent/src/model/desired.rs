@@ -636,6 +636,7 @@ spec:
         let node = NodeInfo {
             name: "n".into(),
             addresses: vec![],
+            zone: None,
         };
         let mut d = Desired::new();
         let web2 = service_model(&svc("web2", "10.96.0.2"), &[], &node);

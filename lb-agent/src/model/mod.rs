@@ -174,7 +174,7 @@ pub struct Table {
 }
 
 /// An address prefix (a CIDR), its host bits cleared.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, serde::Serialize)]
 pub struct Prefix {
     pub addr: IpAddr,
     pub len: u8,

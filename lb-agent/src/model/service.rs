@@ -14,7 +14,7 @@ use k8s_openapi::api::{
 use super::{
     BackendSpec, Family, Frontend, FrontendKind, FrontendSpec, HealthCheckSpec, PortKey, PortSpec,
     Prefix, Proto, Scope, ServiceModel, Table,
-    slice::{Address, Slice},
+    slice::{Address, EndpointTopology, Slice},
 };
 use crate::cluster::{NodeInfo, ObjectKey, Problem, ProblemKind};
 
@@ -22,6 +22,9 @@ use crate::cluster::{NodeInfo, ObjectKey, Problem, ProblemKind};
 pub const PROXY_NAME_LABEL: &str = "service.kubernetes.io/service-proxy-name";
 /// Services with this label are headless (no virtual IP).
 pub const HEADLESS_LABEL: &str = "service.kubernetes.io/headless";
+/// The annotation that asks the EndpointSlice controller for topology hints
+/// by its own heuristic (`Auto`); it decides them, not `trafficDistribution`.
+pub const TOPOLOGY_MODE_ANNOTATION: &str = "service.kubernetes.io/topology-mode";
 /// `sessionAffinityConfig.clientIP.timeoutSeconds` when unset: 3 hours.
 pub const DEFAULT_AFFINITY_TIMEOUT: u32 = 10_800;
 
@@ -97,9 +100,10 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
             .filter(|t| *t > 0)
             .unwrap_or(DEFAULT_AFFINITY_TIMEOUT)
     });
+    let distribution = Distribution::of(svc, spec, &key, &mut problems);
     let slices: Vec<ParsedSlice<'_>> = slices
         .iter()
-        .filter_map(|s| ParsedSlice::parse(s, node, &mut problems))
+        .filter_map(|s| ParsedSlice::parse(s, node, distribution, &mut problems))
         .collect();
 
     let mut ports = Vec::new();
@@ -190,7 +194,12 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
             }
 
             let endpoints = merge_endpoints(&slices, family, sp, proto);
-            let cluster = choose(endpoints.iter().map(|(a, e)| (*a, e)));
+            // Topology narrows the cluster-wide choice only: a Local policy
+            // already keeps to this node (as kube-proxy does).
+            let cluster = choose(
+                endpoints.iter().map(|(a, e)| (*a, e)),
+                Topology::of(&endpoints),
+            );
             let any_local = frontends.values().any(|f| f.scope == Scope::Local);
             let local = any_local.then(|| {
                 choose(
@@ -198,6 +207,7 @@ pub fn service_model(svc: &Service, slices: &[&Slice], node: &NodeInfo) -> Servi
                         .iter()
                         .filter(|(_, e)| e.local)
                         .map(|(a, e)| (*a, e)),
+                    None,
                 )
             });
             ports.push((
@@ -389,6 +399,124 @@ struct Endpoint {
     serving: bool,
     terminating: bool,
     local: bool,
+    /// Its node hints: None without any, else whether they name this node.
+    for_node: Option<bool>,
+    /// Its zone hints: None without any, else whether they name this node's
+    /// zone.
+    for_zone: Option<bool>,
+}
+
+/// `spec.trafficDistribution`, when the Service's slices may be read by it
+/// (see [`Distribution::hints`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Distribution {
+    /// `PreferClose` (and its newer name `PreferSameZone`).
+    SameZone,
+    /// `PreferSameNode`.
+    SameNode,
+}
+
+impl Distribution {
+    /// None: no trafficDistribution, one lb does not know (reported), or the
+    /// topology-mode annotation, whose controller heuristic decides the
+    /// hints (it may withhold them on purpose).
+    fn of(
+        svc: &Service,
+        spec: &ServiceSpec,
+        key: &ObjectKey,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Self> {
+        let d = match spec.traffic_distribution.as_deref()? {
+            "PreferClose" | "PreferSameZone" => Self::SameZone,
+            "PreferSameNode" => Self::SameNode,
+            other => {
+                problems.push(Problem::new(
+                    ProblemKind::Parse,
+                    Some(key.clone()),
+                    format!(
+                        "trafficDistribution {other:?} is not known (PreferClose, \
+                         PreferSameZone and PreferSameNode are); endpoints are chosen by their \
+                         hints alone"
+                    ),
+                ));
+                return None;
+            }
+        };
+        let annotated = svc
+            .metadata
+            .annotations
+            .as_ref()
+            .is_some_and(|a| a.contains_key(TOPOLOGY_MODE_ANNOTATION));
+        (!annotated).then_some(d)
+    }
+
+    /// The hints an endpoint has, as they concern `node`: (for_node,
+    /// for_zone). An endpoint's own hints are kube-proxy's whole input. One
+    /// without hints, of a Service with a trafficDistribution, gets the hints
+    /// the EndpointSlice controller would give it (its own zone; with
+    /// PreferSameNode also its own node): in Kubernetes mode the controller
+    /// has given them already, a manifest directory has no controller.
+    fn hints(
+        this: Option<Self>,
+        topology: Option<&EndpointTopology>,
+        endpoint_node: Option<&str>,
+        node: &NodeInfo,
+    ) -> (Option<bool>, Option<bool>) {
+        let zone = node.zone.as_deref();
+        let t = topology.cloned().unwrap_or_default();
+        let for_node = if !t.for_nodes.is_empty() {
+            Some(t.for_nodes.iter().any(|n| **n == *node.name))
+        } else if this == Some(Self::SameNode) {
+            endpoint_node.map(|n| n == node.name)
+        } else {
+            None
+        };
+        let for_zone = if !t.for_zones.is_empty() {
+            Some(zone.is_some_and(|z| t.for_zones.iter().any(|h| **h == *z)))
+        } else if this.is_some() {
+            t.zone.as_deref().map(|ez| zone == Some(ez))
+        } else {
+            None
+        };
+        (for_node, for_zone)
+    }
+}
+
+/// How topology narrows a Service port's cluster-wide endpoints
+/// (kube-proxy's `topologyModeFromHints`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Topology {
+    /// Endpoints hinted for this node.
+    SameNode,
+    /// Endpoints hinted for this node's zone.
+    SameZone,
+}
+
+impl Topology {
+    /// Node hints when every ready endpoint has some and one is for this
+    /// node; else zone hints, likewise; else none (all endpoints, as when an
+    /// endpoint lacks hints, the node has no zone, or no endpoint is hinted
+    /// for it).
+    fn of(endpoints: &BTreeMap<SocketAddr, Endpoint>) -> Option<Self> {
+        let ready = || endpoints.values().filter(|e| e.ready);
+        let usable = |hint: fn(&Endpoint) -> Option<bool>| {
+            ready().all(|e| hint(e).is_some()) && ready().any(|e| hint(e) == Some(true))
+        };
+        if usable(|e| e.for_node) {
+            Some(Self::SameNode)
+        } else if usable(|e| e.for_zone) {
+            Some(Self::SameZone)
+        } else {
+            None
+        }
+    }
+
+    fn admits(self, e: &Endpoint) -> bool {
+        match self {
+            Self::SameNode => e.for_node == Some(true),
+            Self::SameZone => e.for_zone == Some(true),
+        }
+    }
 }
 
 impl Endpoint {
@@ -408,7 +536,12 @@ struct ParsedSlice<'a> {
 }
 
 impl<'a> ParsedSlice<'a> {
-    fn parse(slice: &'a Slice, node: &NodeInfo, problems: &mut Vec<Problem>) -> Option<Self> {
+    fn parse(
+        slice: &'a Slice,
+        node: &NodeInfo,
+        distribution: Option<Distribution>,
+        problems: &mut Vec<Problem>,
+    ) -> Option<Self> {
         let family = match &*slice.address_type {
             "IPv4" => Family::V4,
             "IPv6" => Family::V6,
@@ -441,6 +574,12 @@ impl<'a> ParsedSlice<'a> {
             let serving = ep.serving.unwrap_or(ready);
             let terminating = ep.terminating.unwrap_or(false);
             let local = ep.node_name.as_deref() == Some(node.name.as_str());
+            let (for_node, for_zone) = Distribution::hints(
+                distribution,
+                ep.topology.as_deref(),
+                ep.node_name.as_deref(),
+                node,
+            );
             endpoints.push((
                 ip,
                 Endpoint {
@@ -448,6 +587,8 @@ impl<'a> ParsedSlice<'a> {
                     serving,
                     terminating,
                     local,
+                    for_node,
+                    for_zone,
                 },
             ));
         }
@@ -537,9 +678,13 @@ fn draining(
         .collect()
 }
 
-/// kube-proxy's choice: the ready endpoints; when none is ready, the serving
-/// and terminating ones.
-fn choose<'e>(endpoints: impl Iterator<Item = (SocketAddr, &'e Endpoint)> + Clone) -> Table {
+/// kube-proxy's choice: the ready endpoints (those `topology` admits); when
+/// none is ready, the serving and terminating ones (topology was already
+/// given up when none for it is ready, see [`Topology::of`]).
+fn choose<'e>(
+    endpoints: impl Iterator<Item = (SocketAddr, &'e Endpoint)> + Clone,
+    topology: Option<Topology>,
+) -> Table {
     let backend = |(addr, e): (SocketAddr, &Endpoint)| BackendSpec {
         addr,
         local: e.local,
@@ -547,7 +692,7 @@ fn choose<'e>(endpoints: impl Iterator<Item = (SocketAddr, &'e Endpoint)> + Clon
     };
     let ready: BTreeSet<BackendSpec> = endpoints
         .clone()
-        .filter(|(_, e)| e.ready)
+        .filter(|(_, e)| e.ready && topology.is_none_or(|t| t.admits(e)))
         .map(backend)
         .collect();
     if !ready.is_empty() {
@@ -590,6 +735,7 @@ mod tests {
                 "fd00:1::10".parse().unwrap(),
                 "192.168.2.10".parse().unwrap(),
             ],
+            zone: Some("z1".into()),
         }
     }
 
@@ -1166,6 +1312,176 @@ spec:
   internalTrafficPolicy: ITP
   ports: [{name: http, port: 80, nodePort: 30080}]
 ";
+
+    /// Three endpoints: 10.0.1.1 on node-a in z1, 10.0.2.1 on node-b in z1,
+    /// 10.0.3.1 on node-c in z2 (this node is node-a in z1). `HINTS` is
+    /// replaced per endpoint.
+    fn zoned(hints: [&str; 3]) -> EndpointSlice {
+        slice(&format!(
+            "
+metadata: {{name: web-z, namespace: default, labels: {{kubernetes.io/service-name: web}}}}
+addressType: IPv4
+ports: [{{name: http, port: 8080}}]
+endpoints:
+- {{addresses: [10.0.1.1], nodeName: node-a, zone: z1 {}}}
+- {{addresses: [10.0.2.1], nodeName: node-b, zone: z1 {}}}
+- {{addresses: [10.0.3.1], nodeName: node-c, zone: z2 {}}}
+",
+            hints[0], hints[1], hints[2]
+        ))
+    }
+
+    fn distributed(distribution: &str) -> Service {
+        svc(&format!("{WEB}  trafficDistribution: {distribution}\n"))
+    }
+
+    fn cluster_of(svc: &Service, slices: &[EndpointSlice]) -> Vec<String> {
+        let m = model(svc, slices);
+        backends(&port(&m, &key("web", "http", Proto::Tcp, Family::V4)).cluster)
+    }
+
+    const FOR_Z1: &str = ", hints: {forZones: [{name: z1}]}";
+    const FOR_Z2: &str = ", hints: {forZones: [{name: z2}]}";
+
+    #[test]
+    fn zone_hints_keep_cluster_traffic_in_the_zone() {
+        // The hints alone decide (kube-proxy reads no trafficDistribution).
+        assert_eq!(
+            cluster_of(&svc(WEB), &[zoned([FOR_Z1, FOR_Z1, FOR_Z2])]),
+            ["10.0.1.1:8080 L", "10.0.2.1:8080"]
+        );
+        // The ones left out stay for the flows they have.
+        let m = model(&svc(WEB), &[zoned([FOR_Z1, FOR_Z1, FOR_Z2])]);
+        let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
+        assert_eq!(p.draining.len(), 1);
+        // A Local policy keeps to the node's own endpoints, hints or not.
+        let m = model(
+            &policies("Cluster", "Local"),
+            &[zoned([FOR_Z2, FOR_Z2, FOR_Z2])],
+        );
+        let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
+        assert_eq!(backends(p.local.as_ref().unwrap()), ["10.0.1.1:8080 L"]);
+    }
+
+    #[test]
+    fn zone_hints_fall_back_to_all_endpoints() {
+        let all = ["10.0.1.1:8080 L", "10.0.2.1:8080", "10.0.3.1:8080"];
+        // One ready endpoint without hints.
+        assert_eq!(cluster_of(&svc(WEB), &[zoned([FOR_Z1, "", FOR_Z2])]), all);
+        // No endpoint for this zone.
+        assert_eq!(
+            cluster_of(&svc(WEB), &[zoned([FOR_Z2, FOR_Z2, FOR_Z2])]),
+            all
+        );
+        // The node has no zone.
+        let slices: Vec<Slice> = [zoned([FOR_Z1, FOR_Z1, FOR_Z2])]
+            .iter()
+            .map(Slice::from)
+            .collect();
+        let refs: Vec<&Slice> = slices.iter().collect();
+        let zoneless = NodeInfo {
+            zone: None,
+            ..node()
+        };
+        let m = service_model(&svc(WEB), &refs, &zoneless);
+        let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
+        assert_eq!(backends(&p.cluster), all);
+        // An unready endpoint without hints does not count.
+        let mut s = zoned([FOR_Z1, "", FOR_Z2]);
+        s.endpoints.as_mut().unwrap()[1].conditions = Some(Default::default());
+        s.endpoints.as_mut().unwrap()[1]
+            .conditions
+            .as_mut()
+            .unwrap()
+            .ready = Some(false);
+        assert_eq!(cluster_of(&svc(WEB), &[s]), ["10.0.1.1:8080 L"]);
+    }
+
+    #[test]
+    fn zone_hints_give_way_to_terminating_endpoints_only_when_none_is_ready() {
+        let mut s = zoned([FOR_Z1, FOR_Z1, FOR_Z2]);
+        for ep in s.endpoints.as_mut().unwrap() {
+            ep.conditions = Some(k8s_openapi::api::discovery::v1::EndpointConditions {
+                ready: Some(false),
+                serving: Some(true),
+                terminating: Some(true),
+            });
+        }
+        let m = model(&svc(WEB), &[s]);
+        let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
+        assert!(p.cluster.terminating_fallback);
+        assert_eq!(p.cluster.backends.len(), 3);
+    }
+
+    #[test]
+    fn traffic_distribution_hints_unhinted_slices_as_the_controller_would() {
+        // A manifest directory has no EndpointSlice controller: PreferClose
+        // reads each endpoint's zone as its hint.
+        let z1 = ["10.0.1.1:8080 L", "10.0.2.1:8080"];
+        assert_eq!(
+            cluster_of(&distributed("PreferClose"), &[zoned(["", "", ""])]),
+            z1
+        );
+        assert_eq!(
+            cluster_of(&distributed("PreferSameZone"), &[zoned(["", "", ""])]),
+            z1
+        );
+        // PreferSameNode: this node's endpoint.
+        assert_eq!(
+            cluster_of(&distributed("PreferSameNode"), &[zoned(["", "", ""])]),
+            ["10.0.1.1:8080 L"]
+        );
+        // Given hints win over the zone.
+        assert_eq!(
+            cluster_of(
+                &distributed("PreferClose"),
+                &[zoned([FOR_Z2, FOR_Z2, FOR_Z1])]
+            ),
+            ["10.0.3.1:8080"]
+        );
+        // Without trafficDistribution, zones alone mean nothing.
+        assert_eq!(cluster_of(&svc(WEB), &[zoned(["", "", ""])]).len(), 3);
+        // With the topology-mode annotation its heuristic decides the hints.
+        let auto = svc(&format!(
+            "{}  trafficDistribution: PreferClose\n",
+            WEB.replace(
+                "namespace: default}",
+                "namespace: default, annotations: {service.kubernetes.io/topology-mode: Auto}}"
+            )
+        ));
+        assert_eq!(cluster_of(&auto, &[zoned(["", "", ""])]).len(), 3);
+    }
+
+    #[test]
+    fn node_hints_win_over_zone_hints() {
+        let both = |node: &str, zone: &str| -> String {
+            format!(", hints: {{forNodes: [{{name: {node}}}], forZones: [{{name: {zone}}}]}}")
+        };
+        let s = zoned([
+            &both("node-a", "z1"),
+            &both("node-b", "z1"),
+            &both("node-c", "z2"),
+        ]);
+        assert_eq!(cluster_of(&svc(WEB), &[s]), ["10.0.1.1:8080 L"]);
+        // No node hint for this node: the zone hints.
+        let s = zoned([
+            &both("node-x", "z1"),
+            &both("node-b", "z1"),
+            &both("node-c", "z2"),
+        ]);
+        assert_eq!(
+            cluster_of(&svc(WEB), &[s]),
+            ["10.0.1.1:8080 L", "10.0.2.1:8080"]
+        );
+    }
+
+    #[test]
+    fn an_unknown_traffic_distribution_is_reported() {
+        let m = model(&distributed("PreferFar"), &[zoned(["", "", ""])]);
+        assert_eq!(kinds(&m), [ProblemKind::Parse]);
+        let p = port(&m, &key("web", "http", Proto::Tcp, Family::V4));
+        assert_eq!(p.cluster.backends.len(), 3);
+    }
 
     fn policies(etp: &str, itp: &str) -> Service {
         svc(&LOCAL_POLICIES.replace("ETP", etp).replace("ITP", itp))

@@ -8,7 +8,7 @@
 
 use std::net::IpAddr;
 
-use k8s_openapi::api::discovery::v1::{EndpointPort, EndpointSlice};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointPort, EndpointSlice};
 use serde::Serialize;
 
 use crate::cluster::ObjectKey;
@@ -39,6 +39,43 @@ pub struct SliceEndpoint {
     pub serving: Option<bool>,
     pub terminating: Option<bool>,
     pub node_name: Option<Box<str>>,
+    /// Its zone and topology hints, when it has any (boxed: most clusters
+    /// have one zone and no hints, and the endpoint stays small).
+    pub topology: Option<Box<EndpointTopology>>,
+}
+
+/// Where an endpoint is, and where the EndpointSlice controller says it
+/// should be used (`hints`; kube-proxy reads only these, `zone` is for
+/// Services whose slices no controller hints, see the model).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct EndpointTopology {
+    /// `zone`.
+    pub zone: Option<Box<str>>,
+    /// `hints.forZones[].name` (empty: no zone hints).
+    pub for_zones: Box<[Box<str>]>,
+    /// `hints.forNodes[].name` (empty: no node hints).
+    pub for_nodes: Box<[Box<str>]>,
+}
+
+impl EndpointTopology {
+    fn of(ep: &Endpoint) -> Option<Box<Self>> {
+        let hints = ep.hints.as_ref();
+        let names = |v: Option<Box<[Box<str>]>>| v.unwrap_or_default();
+        let t = Self {
+            zone: ep.zone.as_deref().map(Into::into),
+            for_zones: names(
+                hints
+                    .and_then(|h| h.for_zones.as_ref())
+                    .map(|z| z.iter().map(|z| z.name.as_str().into()).collect()),
+            ),
+            for_nodes: names(
+                hints
+                    .and_then(|h| h.for_nodes.as_ref())
+                    .map(|n| n.iter().map(|n| n.name.as_str().into()).collect()),
+            ),
+        };
+        (t != Self::default()).then(|| Box::new(t))
+    }
 }
 
 /// An endpoint address: parsed when it parses, kept as text (for the problem
@@ -77,6 +114,7 @@ impl From<&EndpointSlice> for Slice {
                     serving: cond.and_then(|c| c.serving),
                     terminating: cond.and_then(|c| c.terminating),
                     node_name: ep.node_name.as_deref().map(Into::into),
+                    topology: EndpointTopology::of(ep),
                 }
             })
             .collect();
@@ -110,6 +148,7 @@ endpoints:
   conditions: {ready: false, serving: true, terminating: true}
   nodeName: node-a
   zone: z1
+  hints: {forZones: [{name: z1}, {name: z2}], forNodes: [{name: node-a}]}
   targetRef: {kind: Pod, name: web-1, namespace: shop}
 - addresses: ["10.244.1.300"]
 - addresses: []
@@ -131,6 +170,11 @@ endpoints:
                     serving: Some(true),
                     terminating: Some(true),
                     node_name: Some("node-a".into()),
+                    topology: Some(Box::new(EndpointTopology {
+                        zone: Some("z1".into()),
+                        for_zones: ["z1".into(), "z2".into()].into(),
+                        for_nodes: ["node-a".into()].into(),
+                    })),
                 },
                 SliceEndpoint {
                     address: Address::Unparsed("10.244.1.300".into()),
@@ -138,6 +182,7 @@ endpoints:
                     serving: None,
                     terminating: None,
                     node_name: None,
+                    topology: None,
                 },
                 SliceEndpoint {
                     address: Address::Missing,
@@ -145,6 +190,7 @@ endpoints:
                     serving: None,
                     terminating: None,
                     node_name: None,
+                    topology: None,
                 },
             ]
         );

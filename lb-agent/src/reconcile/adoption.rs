@@ -134,6 +134,7 @@ impl Adoption {
         for (key, svc) in std::mem::take(&mut self.frontends) {
             if !owned(&key) && maps.remove_service(&key).is_ok() {
                 stats.frontends_removed += 1;
+                stats.udp_gone.note(&key);
             }
             filter.remove(maps, FilterKey::frontend(&key));
             if !self.taken_service_ids.contains(&svc.id) {

@@ -15,6 +15,8 @@ pub struct Filter {
     /// The words written so far (read from the map on first touch: an adopted
     /// datapath's bitmap is already set).
     words: HashMap<u32, u64>,
+    /// A write failed since [`Self::take_failed`] last asked.
+    failed: bool,
 }
 
 impl Filter {
@@ -58,6 +60,36 @@ impl Filter {
         }
         if let Err(e) = maps.set_filter_word(index, *word) {
             log::error!("{e:#}");
+            self.failed = true;
         }
+    }
+
+    /// Whether a write failed since the last call.
+    pub(super) fn take_failed(&mut self) -> bool {
+        std::mem::take(&mut self.failed)
+    }
+
+    /// Makes every word of the map what the counts say: a bit set exactly
+    /// where an entry stands behind it. Returns how many bits were wrong.
+    pub(super) fn repair(&mut self, maps: &mut Maps) -> anyhow::Result<usize> {
+        let mut expected: HashMap<u32, u64> = HashMap::new();
+        for bit in self.counts.keys() {
+            *expected.entry(bit / 64).or_insert(0) |= 1 << (bit % 64);
+        }
+        let mut wrong = 0;
+        for index in 0..lb_common::hash::ADDR_FILTER_WORDS {
+            let want = expected.get(&index).copied().unwrap_or(0);
+            let have = maps.addr_filter.get(&index, 0)?;
+            if have != want {
+                wrong += (have ^ want).count_ones() as usize;
+                maps.set_filter_word(index, want)?;
+            }
+            if want == 0 {
+                self.words.remove(&index);
+            } else {
+                self.words.insert(index, want);
+            }
+        }
+        Ok(wrong)
     }
 }

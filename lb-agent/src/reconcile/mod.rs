@@ -22,26 +22,29 @@ pub mod encoding;
 pub mod filter;
 mod ids;
 mod tables;
+mod verify;
 
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     net::SocketAddr,
+    sync::{Arc, Mutex, PoisonError},
 };
 
 use anyhow::Result;
-use lb_common::{Backend, Service, ServiceKey};
+use lb_common::{Backend, PROTO_UDP, Service, ServiceKey};
 
+pub use self::verify::Drift;
 use self::{
     adoption::Adoption,
     encoding::{FilterKey, Rows},
     filter::Filter,
     ids::IdSpaces,
-    tables::Prebuilt,
+    tables::{Prebuilt, RowError},
 };
 use crate::{
     bpf::{Maps, Sizes},
     cluster::{Problem, ProblemKind},
-    model::{Desired, PortKey, PortSpec, Prefix},
+    model::{Desired, PortKey, PortSpec, Prefix, Proto},
 };
 
 /// A backend slot: its id, what is written there, and how many tables use it.
@@ -72,6 +75,91 @@ pub struct Stats {
     pub backends_written: usize,
     pub backends_freed: usize,
     pub maglev_entries_written: usize,
+    /// UDP flows this pass made stale (see [`StaleUdp`]).
+    pub udp_gone: StaleUdp,
+}
+
+/// What makes UDP flows stale, found by a pass. Their conntrack entries
+/// would keep datagrams of open flows going to the old backends, so the agent
+/// hands them to the conntrack janitor, as kube-proxy clears UDP conntrack
+/// entries. TCP is not collected: its connections end by themselves (FIN,
+/// RST, idle), as with kube-proxy, even to a backend that left.
+///
+/// - `frontends`: UDP frontends that no longer lead to the Service port they
+///   led to: removed from `services` (the Service or the port deleted, the
+///   port or nodePort renumbered, a type change or an address that took its
+///   frontends along), or rewritten for another Service port (kube-proxy
+///   clears the Service IPs and ports it removes).
+/// - `backends`: (service id, backend id) of backends that left a UDP port:
+///   gone from its slices or no longer serving, where the backend itself may
+///   live on for other ports (kube-proxy clears the flows of the endpoints
+///   it removes; conformance #21).
+#[derive(Clone, Default, PartialEq, Eq)]
+pub struct StaleUdp {
+    pub frontends: BTreeSet<ServiceKey>,
+    pub backends: BTreeSet<(u32, u32)>,
+}
+
+impl StaleUdp {
+    /// Notes `key` if it is a UDP frontend (address entries, port 0 and
+    /// protocol 0, are none).
+    fn note(&mut self, key: &ServiceKey) {
+        if key.proto == PROTO_UDP {
+            self.frontends.insert(*key);
+        }
+    }
+
+    pub fn extend(&mut self, other: Self) {
+        self.frontends.extend(other.frontends);
+        self.backends.extend(other.backends);
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.frontends.is_empty() && self.backends.is_empty()
+    }
+}
+
+impl std::fmt::Debug for StaleUdp {
+    // A pass that deletes thousands of Services would otherwise print every
+    // key in the sync's debug line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} UDP frontends, {} UDP port backends",
+            self.frontends.len(),
+            self.backends.len()
+        )
+    }
+}
+
+/// The names of the ids in use: what the metrics label each service id's
+/// and backend id's counters with. The reconciler keeps them as it hands
+/// ids out and takes them back; the scrape reads a copy. They sit behind a
+/// lock of their own, held for one insertion or removal, or for the copy,
+/// so that a scrape never waits for the reconciler (whose lock a whole sync
+/// holds) and never holds up a sync for longer than a copy.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct IdNames {
+    /// Service-port ids: the port's name (as written to `service_names`).
+    pub services: BTreeMap<u32, String>,
+    /// Backend ids: the endpoint's address.
+    pub backends: BTreeMap<u32, SocketAddr>,
+}
+
+/// [`IdNames`], shared between the reconciler and the metrics.
+#[derive(Debug, Clone, Default)]
+pub struct SharedIdNames(Arc<Mutex<IdNames>>);
+
+impl SharedIdNames {
+    /// A copy of the names now.
+    pub fn snapshot(&self) -> IdNames {
+        self.lock().clone()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, IdNames> {
+        // Each update is one map operation: a panic cannot leave it half done.
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 pub struct Reconciler {
@@ -96,6 +184,15 @@ pub struct Reconciler {
     /// backends their clients may keep (none: the port is gone, or has no
     /// affinity any more).
     affinity_checks: HashMap<u32, BTreeSet<SocketAddr>>,
+    /// The names of the service and backend ids in `ports` and `backends`.
+    names: SharedIdNames,
+    /// Ports the last pass could not bring to their desired state (no room,
+    /// or a backend write failed): every later pass tries them again.
+    failed: BTreeSet<PortKey>,
+    /// A map write failed since [`Self::take_repair_due`] last asked: what
+    /// the maps hold may differ from what the reconciler believes written
+    /// until a verify pass ([`Self::verify`]) repairs it.
+    repair_due: bool,
 }
 
 impl Reconciler {
@@ -116,6 +213,9 @@ impl Reconciler {
             filter,
             cluster_ips: HashMap::new(),
             affinity_checks: HashMap::new(),
+            names: SharedIdNames::default(),
+            failed: BTreeSet::new(),
+            repair_due: false,
         })
     }
 
@@ -136,16 +236,51 @@ impl Reconciler {
         self.maps.sizes()
     }
 
-    /// Brings the ports in `changed` to their state in `desired`. Problems (full
-    /// maps) are returned; the ports they concern keep their previous state.
+    /// Brings the ports in `changed`, and those that failed before, to their
+    /// state in `desired`. Problems (full maps) are returned; the ports they
+    /// concern keep their previous state and are tried again by every later
+    /// pass, so that they are written once room frees up.
     pub fn apply(
         &mut self,
         desired: &Desired,
         changed: &BTreeSet<PortKey>,
         stats: &mut Stats,
     ) -> Vec<Problem> {
-        let mut problems = Vec::new();
-        let keys: Vec<&PortKey> = changed.iter().collect();
+        let retried = std::mem::take(&mut self.failed);
+        let mut problems = BTreeMap::new();
+        let keys: Vec<&PortKey> = changed.union(&retried).collect();
+        let removed = |s: &Stats| (s.frontends_removed, s.backends_freed);
+        let before = removed(stats);
+        self.apply_ports(desired, &keys, stats, &mut problems);
+        self.free_unused(stats);
+        // Ports refused for room get it in the same pass if the pass removed
+        // something: a port that came before the removal in the pass's
+        // order, or backends (freed last, after every port had its turn).
+        if removed(stats) != before && !self.failed.is_empty() {
+            let again = std::mem::take(&mut self.failed);
+            let keys: Vec<&PortKey> = again.iter().collect();
+            for k in &keys {
+                problems.remove(*k);
+            }
+            self.apply_ports(desired, &keys, stats, &mut problems);
+            self.free_unused(stats);
+        }
+        self.check_affinities();
+        if self.filter.take_failed() {
+            self.repair_due = true;
+        }
+        problems.into_values().collect()
+    }
+
+    /// Brings each of `keys` to its desired state; a port that cannot be is
+    /// noted in `failed`, with its problem.
+    fn apply_ports(
+        &mut self,
+        desired: &Desired,
+        keys: &[&PortKey],
+        stats: &mut Stats,
+        problems: &mut BTreeMap<PortKey, Problem>,
+    ) {
         let table_size = self.sizes().maglev_table_size;
         // Tables of a batch of ports are built ahead on several threads (the
         // builds are most of a full sync's CPU time), a bounded amount at a time.
@@ -158,13 +293,21 @@ impl Reconciler {
                     _ => self.remove(key, stats),
                 };
                 if let Err(p) = result {
-                    problems.push(p);
+                    problems.insert((*key).clone(), p);
+                    self.failed.insert((*key).clone());
                 }
             }
         }
-        self.free_unused(stats);
-        self.check_affinities();
-        problems
+    }
+
+    /// The ports waiting for room (or for a backend write that failed).
+    pub fn failed_ports(&self) -> &BTreeSet<PortKey> {
+        &self.failed
+    }
+
+    /// Whether a map write failed since the last call (a verify pass is due).
+    pub fn take_repair_due(&mut self) -> bool {
+        std::mem::take(&mut self.repair_due)
     }
 
     /// Removes the `affinity` entries of the ports this pass changed whose
@@ -198,7 +341,10 @@ impl Reconciler {
                 Ok(()) => {
                     applied.ranges.insert(*p);
                 }
-                Err(e) => log::error!("{e:#}"),
+                Err(e) => {
+                    log::error!("{e:#}");
+                    self.repair_due = true;
+                }
             }
         }
     }
@@ -212,7 +358,10 @@ impl Reconciler {
                 Ok(()) => {
                     applied.ranges.remove(&p);
                 }
-                Err(e) => log::error!("{e:#}"),
+                Err(e) => {
+                    log::error!("{e:#}");
+                    self.repair_due = true;
+                }
             }
         }
     }
@@ -300,9 +449,12 @@ impl Reconciler {
                         }
                     },
                 };
-                if let Err(e) = self.maps.set_service_name(id, &key.to_string()) {
+                let name = key.to_string();
+                if let Err(e) = self.maps.set_service_name(id, &name) {
                     log::warn!("{e:#}");
+                    self.repair_due = true;
                 }
+                self.names.lock().services.insert(id, name);
                 Applied {
                     id,
                     rows,
@@ -326,12 +478,18 @@ impl Reconciler {
         let local = self.write_table(&mut applied.rows.local, spec.local.as_ref(), pre.local);
         stats.maglev_entries_written +=
             cluster.as_ref().unwrap_or(&0) + local.as_ref().unwrap_or(&0);
-        if cluster.is_err() || local.is_err() {
+        if matches!(cluster, Err(RowError::NoRowLeft)) || matches!(local, Err(RowError::NoRowLeft))
+        {
             self.ports.insert(key.clone(), applied);
             return Err(Self::capacity_problem(
                 key,
                 "no Maglev row left (--max-services)",
             ));
+        }
+        if cluster.is_err() || local.is_err() {
+            // A failed write: the row is the port's, and the verify pass
+            // writes it again.
+            self.repair_due = true;
         }
 
         // 3. Frontends, after the source ranges they name.
@@ -384,6 +542,11 @@ impl Reconciler {
         let gone: Vec<SocketAddr> = applied.backends.difference(&wanted).copied().collect();
         for addr in gone {
             applied.backends.remove(&addr);
+            if key.proto == Proto::Udp
+                && let Some(slot) = self.backends.get(&addr)
+            {
+                stats.udp_gone.backends.insert((applied.id, slot.id));
+            }
             self.drop_backend(addr);
         }
         self.ports.insert(key.clone(), applied);
@@ -406,8 +569,20 @@ impl Reconciler {
         if first && !adopted {
             self.filter.add(&mut self.maps, FilterKey::frontend(&k));
         }
-        if current.as_ref() != Some(v) && self.maps.set_service(&k, v).is_ok() {
-            stats.frontends_written += 1;
+        if current.as_ref() != Some(v) {
+            match self.maps.set_service(&k, v) {
+                Ok(()) => {
+                    stats.frontends_written += 1;
+                    // Flows opened under another Service port's id lead to its backends.
+                    if current.is_some_and(|c| c.id != v.id) {
+                        stats.udp_gone.note(&k);
+                    }
+                }
+                Err(e) => {
+                    log::error!("{e:#}");
+                    self.repair_due = true;
+                }
+            }
         }
         if first && encoding::is_cluster_ip(v) {
             self.use_cluster_ip(&k, stats);
@@ -421,6 +596,7 @@ impl Reconciler {
         self.owners.remove(k);
         if self.maps.remove_service(k).is_ok() {
             stats.frontends_removed += 1;
+            stats.udp_gone.note(k);
         }
         self.filter.remove(&mut self.maps, FilterKey::frontend(k));
         if encoding::is_cluster_ip(v) {
@@ -451,12 +627,12 @@ impl Reconciler {
             return;
         }
         self.filter.add(&mut self.maps, FilterKey::frontend(&a));
-        if self
-            .maps
-            .set_service(&a, &encoding::address_value())
-            .is_ok()
-        {
-            stats.frontends_written += 1;
+        match self.maps.set_service(&a, &encoding::address_value()) {
+            Ok(()) => stats.frontends_written += 1,
+            Err(e) => {
+                log::error!("{e:#}");
+                self.repair_due = true;
+            }
         }
     }
 
@@ -506,6 +682,7 @@ impl Reconciler {
                 users: 1,
             },
         );
+        self.names.lock().backends.insert(id, addr);
         Ok(())
     }
 
@@ -533,8 +710,13 @@ impl Reconciler {
             {
                 let id = slot.id;
                 self.backends.remove(&addr);
-                if self.maps.clear_backend(id).is_ok() {
-                    stats.backends_freed += 1;
+                self.names.lock().backends.remove(&id);
+                match self.maps.clear_backend(id) {
+                    Ok(()) => stats.backends_freed += 1,
+                    Err(e) => {
+                        log::error!("{e:#}");
+                        self.repair_due = true;
+                    }
                 }
                 self.ids.backends.release(id);
                 self.filter.remove(&mut self.maps, FilterKey::backend(addr));
@@ -548,7 +730,7 @@ impl Reconciler {
         row: &mut Option<u32>,
         table: Option<&crate::model::Table>,
         prebuilt: Option<Vec<u32>>,
-    ) -> Result<usize, tables::NoRowLeft> {
+    ) -> Result<usize, RowError> {
         let backends = &self.backends;
         tables::write_row(
             &mut self.maps.maglev,
@@ -579,19 +761,16 @@ impl Reconciler {
             self.ids.rows.release(r);
         }
         self.ids.services.release(applied.id);
+        self.names.lock().services.remove(&applied.id);
         for addr in applied.backends {
             self.drop_backend(addr);
         }
         Ok(())
     }
 
-    /// The service id of a port (for metrics labels).
-    pub fn service_ids(&self) -> impl Iterator<Item = (&PortKey, u32)> {
-        self.ports.iter().map(|(k, a)| (k, a.id))
-    }
-
-    /// Backend ids by address (for metrics labels).
-    pub fn backend_ids(&self) -> impl Iterator<Item = (SocketAddr, u32)> + '_ {
-        self.backends.iter().map(|(a, s)| (*a, s.id))
+    /// The names of the ids in use, kept up to date from now on (for the
+    /// metrics, on another thread).
+    pub fn id_names(&self) -> SharedIdNames {
+        self.names.clone()
     }
 }

@@ -66,9 +66,14 @@ pub(super) fn prebuild(desired: &Desired, keys: &[&PortKey], table_size: u32) ->
     })
 }
 
-/// Every row is in use (`--max-services`).
+/// Why a row was not written.
 #[derive(Debug)]
-pub(super) struct NoRowLeft;
+pub(super) enum RowError {
+    /// Every row is in use (`--max-services`).
+    NoRowLeft,
+    /// The write failed (logged); the verify pass writes it again.
+    Write,
+}
 
 /// Writes (or frees) the row for `table` and returns how many entries changed.
 /// An empty or absent table has no row. `backend_id` gives the id each backend
@@ -82,7 +87,7 @@ pub(super) fn write_row(
     table: Option<&Table>,
     backend_id: impl Fn(&SocketAddr) -> Option<u32>,
     prebuilt: Option<Vec<u32>>,
-) -> Result<usize, NoRowLeft> {
+) -> Result<usize, RowError> {
     let Some(table) = table.filter(|t| !t.backends.is_empty()) else {
         if let Some(r) = row.take() {
             rows.release(r);
@@ -91,7 +96,7 @@ pub(super) fn write_row(
     };
     let r = match *row {
         Some(r) => r,
-        None => rows.alloc().ok_or(NoRowLeft)?,
+        None => rows.alloc().ok_or(RowError::NoRowLeft)?,
     };
     *row = Some(r);
     let entries: Vec<(SocketAddr, u32)> = table
@@ -112,7 +117,7 @@ pub(super) fn write_row(
         Ok(n) => Ok(n),
         Err(e) => {
             log::error!("writing Maglev row {r}: {e:#}");
-            Ok(0)
+            Err(RowError::Write)
         }
     }
 }

@@ -7,17 +7,25 @@
 //!   (`service.kubernetes.io/headless`), as kube-proxy selects them;
 //! - EndpointSlices, except those of headless Services (all nodes' endpoints:
 //!   the model picks what this node needs);
-//! - this node's Node object, whose InternalIP and ExternalIP addresses are the
-//!   addresses NodePorts answer on.
+//! - Nodes: this node's Node object, whose InternalIP and ExternalIP addresses
+//!   are the addresses NodePorts answer on, whose `topology.kubernetes.io/zone`
+//!   label is the zone topology hints are read for, and whose deletion or
+//!   autoscaler taint makes it ineligible; and, unless the cluster CIDRs are
+//!   given (`--cluster-cidr`), every Node, whose `spec.podCIDRs` together are
+//!   the cluster's pod CIDRs (as CNIs such as Flannel and Calico read them).
+//!   With `--cluster-cidr` only this node's object is watched: every Node's
+//!   status updates are the biggest stream a node agent can subscribe to.
 //!
-//! Events: after the first complete listing of both Services and EndpointSlices
-//! one [`SourceEvent::Resync`]; after that `ServiceApplied` / `ServiceDeleted` /
+//! Events: after the first complete listing of Services, EndpointSlices and
+//! Nodes one [`SourceEvent::Resync`], after this node's facts (so the first
+//! sync already knows the node's zone and the cluster CIDRs); after that `ServiceApplied` / `ServiceDeleted` /
 //! `SliceApplied` / `SliceDeleted` for each watch event, and a new `Resync` (with
 //! both kinds: the other kind from the local store) whenever a watcher has
 //! listed again (after a `410 Gone` or a lost connection), so that objects deleted
 //! while it was not watching disappear. `NodeAddresses` when this node's
-//! addresses change. Watch errors are logged and retried with backoff; they never
-//! end [`run`].
+//! addresses change, `NodeZone` when its zone does, `NodeEligible` when its
+//! eligibility does, `ClusterCidrs` when the Nodes' pod CIDRs do. Watch errors
+//! are logged and retried with backoff; they never end [`run`].
 //!
 //! Contact with the API server: the source starts without it; every failed list
 //! or watch sends [`SourceEvent::Disconnected`] (with the time contact was lost),
@@ -49,7 +57,21 @@ use kube::{
 };
 use tokio::sync::mpsc;
 
-use crate::{cluster::ObjectKey, model::Slice, source::SourceEvent};
+use super::node::{node_addresses, node_eligible, node_zone, pod_cidrs};
+use crate::{
+    cluster::ObjectKey,
+    model::{Prefix, Slice},
+    source::SourceEvent,
+};
+
+/// Which Nodes the source watches.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Nodes {
+    /// This node's object only (the cluster CIDRs are known otherwise).
+    OwnOnly,
+    /// Every Node, for their pod CIDRs.
+    All,
+}
 
 /// The Services lb implements (the same selection as kube-proxy's).
 pub const SERVICE_LABEL_SELECTOR: &str =
@@ -61,19 +83,33 @@ pub const SLICE_LABEL_SELECTOR: &str = "!service.kubernetes.io/headless";
 /// contact (the watchers retry on their own backoff, up to 30 s apart, and a
 /// watch that resumes says nothing until an object changes).
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// How often the source asks while in contact. A silent partition (packets
+/// dropped, no reset) leaves the watches waiting for events that cannot come
+/// until the client's read timeout, five minutes; an unanswered probe says
+/// at once that contact is lost, and the relist when it is back replaces the
+/// stuck watches.
+const CHECK_CONTACT_EVERY: Duration = Duration::from_secs(10);
 /// An outage at least this long ends with fresh watchers (a relist) rather
 /// than the watchers' own retries.
 const RELIST_AFTER: Duration = Duration::from_secs(3);
 /// How long a probe waits for the answer.
 const PROBE_TIMEOUT: Duration = Duration::from_secs(2);
 
-/// Watches Services, EndpointSlices and the Node `node_name` and sends what
-/// changes to `tx` (see the module documentation), until `tx` is closed.
-pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
-    let mut w = Watchers::new(&client, &node_name);
-    let mut state = State::new(node_name);
+/// Watches Services, EndpointSlices and Nodes (`nodes`; the Node `node_name`
+/// is this node) and sends what changes to `tx` (see the module
+/// documentation), until `tx` is closed.
+pub async fn run(
+    client: Client,
+    node_name: String,
+    nodes: Nodes,
+    tx: mpsc::Sender<SourceEvent>,
+) -> Result<()> {
+    let mut w = Watchers::new(&client, &node_name, nodes);
+    let mut state = State::new(node_name, nodes);
     let mut probe_every = tokio::time::interval(PROBE_EVERY);
     probe_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut check_every = tokio::time::interval(CHECK_CONTACT_EVERY);
+    check_every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     // The probe in flight, if any (it runs alongside the watchers).
     let mut probe: Option<BoxFuture<'static, bool>> = None;
     loop {
@@ -94,13 +130,17 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
                 probe = Some(api_server_answers(client.clone()).boxed());
                 Vec::new()
             }
+            _ = check_every.tick(), if probe.is_none() && !state.contact.is_lost() => {
+                probe = Some(api_server_answers(client.clone()).boxed());
+                Vec::new()
+            }
             // (Only polled while a probe is in flight.)
             answered = async { probe.as_mut().expect("a probe in flight").await }, if probe.is_some() => {
                 probe = None;
-                if answered {
-                    state.contact.heard()
-                } else {
-                    Vec::new()
+                match (answered, state.contact.is_lost()) {
+                    (true, _) => state.contact.heard(),
+                    (false, false) => vec![state.contact.failed(SystemTime::now())],
+                    (false, true) => Vec::new(),
                 }
             }
             // The watchers retry forever; this does not happen.
@@ -108,7 +148,7 @@ pub async fn run(client: Client, node_name: String, tx: mpsc::Sender<SourceEvent
         };
         if long_outage && !state.contact.is_lost() {
             log::info!("the API server answers again: listing afresh");
-            w = Watchers::new(&client, &state.node_name);
+            w = Watchers::new(&client, &state.node_name, nodes);
         }
         for event in events {
             if tx.send(event).await.is_err() {
@@ -127,7 +167,13 @@ struct Watchers {
 
 impl Watchers {
     /// New watchers: each starts with a listing.
-    fn new(client: &Client, node_name: &str) -> Self {
+    fn new(client: &Client, node_name: &str, nodes: Nodes) -> Self {
+        let node_config = match nodes {
+            Nodes::OwnOnly => {
+                watcher::Config::default().fields(&format!("metadata.name={node_name}"))
+            }
+            Nodes::All => watcher::Config::default(),
+        };
         Self {
             services: watcher(
                 Api::<Service>::all(client.clone()),
@@ -141,12 +187,9 @@ impl Watchers {
             )
             .default_backoff()
             .boxed(),
-            nodes: watcher(
-                Api::<Node>::all(client.clone()),
-                watcher::Config::default().fields(&format!("metadata.name={node_name}")),
-            )
-            .default_backoff()
-            .boxed(),
+            nodes: watcher(Api::<Node>::all(client.clone()), node_config)
+                .default_backoff()
+                .boxed(),
         }
     }
 }
@@ -227,25 +270,45 @@ struct State {
     /// Objects of a listing in progress (between `Init` and `InitDone`).
     service_listing: Option<BTreeMap<ObjectKey, Service>>,
     slice_listing: Option<BTreeMap<ObjectKey, Slice>>,
-    node_listing: Option<Option<Node>>,
+    node_listing: Option<NodeListing>,
     services_listed: bool,
     slices_listed: bool,
+    nodes_listed: bool,
     node_addresses: Option<Vec<IpAddr>>,
     /// The Node is being deleted or drained (a node starts eligible).
     node_ineligible: bool,
+    /// The zone last sent (a node starts without one).
+    node_zone: Option<String>,
+    /// Whether the Nodes' pod CIDRs are wanted (`Nodes::All`).
+    want_pod_cidrs: bool,
+    /// Each Node's pod CIDRs.
+    pod_cidrs: BTreeMap<String, Vec<Prefix>>,
+    /// Their union as last sent.
+    cluster_cidrs: Vec<Prefix>,
+}
+
+/// A Node listing in progress.
+#[derive(Debug, Default)]
+struct NodeListing {
+    own: Option<Node>,
+    pod_cidrs: BTreeMap<String, Vec<Prefix>>,
 }
 
 impl State {
-    fn new(node_name: String) -> Self {
+    fn new(node_name: String, nodes: Nodes) -> Self {
         Self {
             node_name,
+            want_pod_cidrs: nodes == Nodes::All,
             ..Self::default()
         }
     }
 
-    /// Whether both kinds have been listed once (and the first `Resync` sent).
+    /// Whether all three kinds have been listed once (and the first `Resync`
+    /// sent). The Nodes count: a first sync without this node's zone would
+    /// widen every topology-narrowed Service until the Node listing came, and
+    /// one without the cluster CIDRs would masquerade every client.
     fn synced(&self) -> bool {
-        self.services_listed && self.slices_listed
+        self.services_listed && self.slices_listed && self.nodes_listed
     }
 
     /// The events that one update of the Service watcher leads to.
@@ -260,7 +323,11 @@ impl State {
 
     /// The events that one update of the Node watcher leads to.
     fn node(&mut self, update: Result<Event<Node>, watcher::Error>) -> Vec<SourceEvent> {
-        let what = format!("Node {}", self.node_name);
+        let what = if self.want_pod_cidrs {
+            "Nodes".to_owned()
+        } else {
+            format!("Node {}", self.node_name)
+        };
         self.update(&what, update, Self::node_event)
     }
 
@@ -379,47 +446,133 @@ impl State {
         }
     }
 
-    /// The Node's addresses are sent when they differ from the last ones sent.
-    /// A listing without the Node, or its deletion, keeps them: the machine still
-    /// has its addresses, and the kubelet registers the Node again.
+    /// Events of the Node watcher: this node's facts (see [`Self::own_node`])
+    /// and the cluster's pod CIDRs.
     fn node_event(&mut self, event: Event<Node>) -> Vec<SourceEvent> {
-        let node = match event {
+        match event {
             Event::Init => {
-                self.node_listing = Some(None);
-                return Vec::new();
+                self.node_listing = Some(NodeListing::default());
+                Vec::new()
             }
             Event::InitApply(node) => {
-                self.node_listing = Some(Some(node));
-                return Vec::new();
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let cidrs = self.pod_cidrs_of(&node);
+                let listing = self.node_listing.get_or_insert_default();
+                listing.pod_cidrs.insert(name.clone(), cidrs);
+                if name == self.node_name {
+                    listing.own = Some(node);
+                }
+                Vec::new()
             }
-            Event::InitDone => match self.node_listing.take().flatten() {
-                Some(node) => node,
-                None => {
+            Event::InitDone => {
+                let listing = self.node_listing.take().unwrap_or_default();
+                self.pod_cidrs = listing.pod_cidrs;
+                let mut out = match listing.own {
+                    Some(node) => self.own_node(&node),
+                    None => {
+                        log::warn!(
+                            "Node {} not found; its addresses are taken when it appears",
+                            self.node_name
+                        );
+                        Vec::new()
+                    }
+                };
+                out.extend(self.cluster_cidrs_event());
+                // The first complete listing of all three, if this one ends
+                // it: the Resync after the node's facts. (A relist of Nodes
+                // alone needs none: their facts are sent as they change.)
+                if !self.synced() {
+                    self.nodes_listed = true;
+                    if self.synced() {
+                        out.push(self.resync());
+                    }
+                }
+                out
+            }
+            Event::Apply(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                let cidrs = self.pod_cidrs_of(&node);
+                self.pod_cidrs.insert(name.clone(), cidrs);
+                let mut out = if name == self.node_name {
+                    self.own_node(&node)
+                } else {
+                    Vec::new()
+                };
+                out.extend(self.cluster_cidrs_event());
+                out
+            }
+            Event::Delete(node) => {
+                let name = node.metadata.name.clone().unwrap_or_default();
+                self.pod_cidrs.remove(&name);
+                let mut out = Vec::new();
+                if name == self.node_name {
                     log::warn!(
-                        "Node {} not found; its addresses are taken when it appears",
+                        "Node {} was deleted; keeping its last addresses",
                         self.node_name
                     );
-                    return Vec::new();
+                    out = self.eligibility(false);
                 }
-            },
-            Event::Apply(node) => node,
-            Event::Delete(_) => {
-                log::warn!(
-                    "Node {} was deleted; keeping its last addresses",
-                    self.node_name
-                );
-                return self.eligibility(false);
+                out.extend(self.cluster_cidrs_event());
+                out
             }
-        };
-        let mut out = self.eligibility(node_eligible(&node));
-        let addresses = node_addresses(&node);
-        if self.node_addresses.as_ref() == Some(&addresses) {
-            return out;
         }
-        log::info!("Node {} addresses: {addresses:?}", self.node_name);
-        self.node_addresses = Some(addresses.clone());
-        out.push(SourceEvent::NodeAddresses(addresses));
+    }
+
+    /// This node's eligibility, addresses and zone, each sent when it differs
+    /// from the last one sent. Its deletion (see [`Self::node_event`]) keeps
+    /// the addresses: the machine still has them, and the kubelet registers
+    /// the Node again.
+    fn own_node(&mut self, node: &Node) -> Vec<SourceEvent> {
+        let mut out = self.eligibility(node_eligible(node));
+        let addresses = node_addresses(node);
+        if self.node_addresses.as_ref() != Some(&addresses) {
+            log::info!("Node {} addresses: {addresses:?}", self.node_name);
+            self.node_addresses = Some(addresses.clone());
+            out.push(SourceEvent::NodeAddresses(addresses));
+        }
+        let zone = node_zone(node);
+        if zone != self.node_zone {
+            log::info!("Node {} zone: {zone:?}", self.node_name);
+            self.node_zone.clone_from(&zone);
+            out.push(SourceEvent::NodeZone(zone));
+        }
         out
+    }
+
+    /// A Node's pod CIDRs, those that do not parse logged and left out.
+    fn pod_cidrs_of(&self, node: &Node) -> Vec<Prefix> {
+        if !self.want_pod_cidrs {
+            return Vec::new();
+        }
+        let (cidrs, bad) = pod_cidrs(node);
+        for c in bad {
+            log::warn!(
+                "Node {}: pod CIDR {c:?} does not parse; left out of the cluster CIDRs",
+                node.metadata.name.as_deref().unwrap_or("")
+            );
+        }
+        cidrs
+    }
+
+    /// `ClusterCidrs` if the union of the Nodes' pod CIDRs changed (and they
+    /// are wanted).
+    fn cluster_cidrs_event(&mut self) -> Option<SourceEvent> {
+        if !self.want_pod_cidrs {
+            return None;
+        }
+        let mut all: Vec<Prefix> = self.pod_cidrs.values().flatten().copied().collect();
+        all.sort();
+        all.dedup();
+        if all == self.cluster_cidrs {
+            return None;
+        }
+        let listed: Vec<String> = all.iter().map(ToString::to_string).collect();
+        log::info!(
+            "cluster CIDRs (the Nodes' pod CIDRs): [{}]",
+            listed.join(", ")
+        );
+        self.cluster_cidrs.clone_from(&all);
+        Some(SourceEvent::ClusterCidrs(all))
     }
 
     /// `NodeEligible` when the node's eligibility changes (it starts eligible).
@@ -441,43 +594,6 @@ impl State {
     }
 }
 
-/// The taint the cluster autoscaler puts on a node it is about to remove.
-pub const TO_BE_DELETED_TAINT: &str = "ToBeDeletedByClusterAutoscaler";
-
-/// Whether external load balancers should send the node traffic: not while
-/// it is being deleted or the autoscaler is draining it (kube-proxy's
-/// `nodeEligible`, which its `/healthz` reports).
-pub fn node_eligible(node: &Node) -> bool {
-    let deleting = node.metadata.deletion_timestamp.is_some();
-    let drained = node
-        .spec
-        .as_ref()
-        .and_then(|s| s.taints.as_ref())
-        .is_some_and(|t| t.iter().any(|t| t.key == TO_BE_DELETED_TAINT));
-    !deleting && !drained
-}
-
-/// A Node's InternalIP and ExternalIP addresses, in its order, without repeats.
-pub fn node_addresses(node: &Node) -> Vec<IpAddr> {
-    let mut out = Vec::new();
-    let listed = node.status.as_ref().and_then(|s| s.addresses.as_ref());
-    for a in listed.into_iter().flatten() {
-        if a.type_ != "InternalIP" && a.type_ != "ExternalIP" {
-            continue;
-        }
-        match a.address.parse::<IpAddr>() {
-            Ok(ip) if !out.contains(&ip) => out.push(ip),
-            Ok(_) => {}
-            Err(_) => log::warn!(
-                "Node address {:?} ({}) is not an IP address; ignored",
-                a.address,
-                a.type_
-            ),
-        }
-    }
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use k8s_openapi::{
@@ -486,6 +602,7 @@ mod tests {
     };
 
     use super::*;
+    use crate::source::node::TO_BE_DELETED_TAINT;
 
     fn svc(name: &str) -> Service {
         Service {
@@ -550,7 +667,7 @@ mod tests {
     /// A state that has heard from the API server (so that events carry no
     /// `Connected`).
     fn in_contact() -> State {
-        let mut st = State::new("n1".into());
+        let mut st = State::new("n1".into(), Nodes::OwnOnly);
         st.contact.heard();
         st
     }
@@ -567,7 +684,7 @@ mod tests {
         fn failure<K>() -> Result<Event<K>, watcher::Error> {
             Err(watcher::Error::NoResourceVersion)
         }
-        let mut st = State::new("n1".into());
+        let mut st = State::new("n1".into(), Nodes::OwnOnly);
         let started = SystemTime::now();
         assert!(st.contact.is_lost(), "no contact before anything arrived");
         // A failure before any contact: no contact since the start.
@@ -606,9 +723,61 @@ mod tests {
         assert!(!st.contact.is_lost());
     }
 
+    /// Lists this node's Node (addresses, no zone) and returns the events.
+    fn list_node(st: &mut State) -> Vec<SourceEvent> {
+        assert!(st.node(Ok(Event::Init)).is_empty());
+        assert!(
+            st.node(Ok(Event::InitApply(node(&[("InternalIP", "10.0.0.1")]))))
+                .is_empty()
+        );
+        st.node(Ok(Event::InitDone))
+    }
+
     #[test]
-    fn first_resync_waits_for_both_listings_then_relists_replace() {
+    fn first_resync_waits_for_the_node_listing_and_comes_after_the_nodes_facts() {
         let mut st = in_contact();
+        for ev in [Event::Init, Event::InitApply(svc("a")), Event::InitDone] {
+            assert!(st.services(Ok(ev)).is_empty());
+        }
+        for ev in [Event::Init, Event::InitApply(slice("a-1")), Event::InitDone] {
+            assert!(
+                st.slices(Ok(ev)).is_empty(),
+                "no Resync before the Nodes are listed"
+            );
+        }
+        let mut zoned = node(&[("InternalIP", "10.0.0.1")]);
+        zoned.metadata.labels = Some(BTreeMap::from([(
+            crate::source::node::ZONE_LABEL.to_owned(),
+            "z1".to_owned(),
+        )]));
+        st.node(Ok(Event::Init));
+        st.node(Ok(Event::InitApply(zoned.clone())));
+        let out = st.node(Ok(Event::InitDone));
+        assert!(
+            matches!(
+                &out[..],
+                [
+                    SourceEvent::NodeAddresses(_),
+                    SourceEvent::NodeZone(Some(z)),
+                    SourceEvent::Resync { .. }
+                ] if z == "z1"
+            ),
+            "{out:?}"
+        );
+        // A relist of the Nodes alone sends no Resync.
+        st.node(Ok(Event::Init));
+        st.node(Ok(Event::InitApply(zoned)));
+        let out = st.node(Ok(Event::InitDone));
+        assert!(out.is_empty(), "{out:?}");
+    }
+
+    #[test]
+    fn first_resync_waits_for_all_listings_then_relists_replace() {
+        let mut st = in_contact();
+        assert!(
+            matches!(&list_node(&mut st)[..], [SourceEvent::NodeAddresses(_)]),
+            "no Resync before the Services and EndpointSlices are listed"
+        );
         assert!(st.services(Ok(Event::Init)).is_empty());
         assert!(st.services(Ok(Event::InitApply(svc("a")))).is_empty());
         assert!(st.services(Ok(Event::InitApply(svc("b")))).is_empty());

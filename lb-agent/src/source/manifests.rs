@@ -5,15 +5,22 @@
 //! leftovers such as `.foo.swp`, `foo~` and `#foo#` are ignored). A YAML file may
 //! hold several documents separated by `---`; a document (or a JSON file) is one
 //! object or a `kind: List` (or `ServiceList`, `EndpointSliceList`) with `items`.
-//! The objects are v1 Services and discovery.k8s.io/v1 EndpointSlices exactly as
-//! the API serves them: Services must carry their `clusterIP` (there is no
-//! allocator here) and NodePort / LoadBalancer Services their `nodePort`s.
+//! The objects are v1 Services, discovery.k8s.io/v1 EndpointSlices and v1 Nodes
+//! exactly as the API serves them: Services must carry their `clusterIP` (there
+//! is no allocator here) and NodePort / LoadBalancer Services their
+//! `nodePort`s. Of the Nodes, lb reads what it reads from the API server's
+//! except the addresses (which `--node-ip` or the uplinks give in this mode)
+//! and eligibility (no load balancer health-checks a manifest directory): the
+//! zone of the Node named like this node (`--node-name`), and every Node's
+//! `spec.podCIDRs`, which make the cluster CIDRs unless `--cluster-cidr` gives
+//! them.
 //!
 //! Whatever cannot be used is skipped and reported as a [`Problem`] located at
 //! `path:line`; the rest of the file and the other files still load.
 //!
-//! [`watch`] sends the whole directory as one [`SourceEvent::Resync`] at start and
-//! again after every change that alters what was loaded.
+//! [`watch`] sends the whole directory as one [`SourceEvent::Resync`] (after
+//! `NodeZone` and `ClusterCidrs` from the Nodes) at start and again after every
+//! change that alters what was loaded.
 
 use std::{
     collections::HashMap,
@@ -27,7 +34,7 @@ use std::{
 
 use anyhow::{Context, Result, bail};
 use k8s_openapi::api::{
-    core::v1::{Service, ServicePort},
+    core::v1::{Node, Service, ServicePort},
     discovery::v1::EndpointSlice,
 };
 use notify::{
@@ -43,8 +50,8 @@ use tokio::{
 
 use crate::{
     cluster::{ObjectKey, Problem, ProblemKind},
-    model::{SERVICE_NAME_LABEL, Slice},
-    source::SourceEvent,
+    model::{Prefix, SERVICE_NAME_LABEL, Slice},
+    source::{SourceEvent, node},
 };
 
 /// After a change, wait until the directory has been quiet this long...
@@ -60,8 +67,17 @@ pub struct Loaded {
     pub services: Vec<Service>,
     /// In the model's compact form, converted as each is decoded.
     pub slices: Vec<Slice>,
+    pub nodes: Vec<NodeManifest>,
     /// Everything that was skipped, with its `path:line`.
     pub problems: Vec<Problem>,
+}
+
+/// What lb reads of a Node manifest (see the module documentation).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct NodeManifest {
+    pub name: String,
+    pub zone: Option<String>,
+    pub pod_cidrs: Vec<Prefix>,
 }
 
 impl Loaded {
@@ -85,18 +101,41 @@ impl Loaded {
         // Serializing to a hasher cannot fail (no I/O, string-keyed maps only).
         let _ = serde_json::to_writer(&mut sink, &self.services);
         let _ = serde_json::to_writer(&mut sink, &self.slices);
+        let _ = serde_json::to_writer(&mut sink, &self.nodes);
         for p in &self.problems {
             let _ = write!(sink, "{p:?}");
         }
         (u128::from(sink.0.finish()) << 64) | u128::from(sink.1.finish())
     }
 
-    fn into_resync(self) -> SourceEvent {
-        SourceEvent::Resync {
-            services: self.services,
-            slices: self.slices,
-            problems: self.problems,
-        }
+    /// What the source sends for this reading: the zone of the Node named
+    /// `node_name` (none without its manifest), the Nodes' pod CIDRs, and then
+    /// the `Resync`. The node's facts come first so that the sync the `Resync`
+    /// makes due already has them: a restarted agent whose first sync ran
+    /// before its zone arrived would widen every topology-narrowed Service for
+    /// a moment.
+    pub fn into_events(self, node_name: &str) -> Vec<SourceEvent> {
+        let zone = self
+            .nodes
+            .iter()
+            .find(|n| n.name == node_name)
+            .and_then(|n| n.zone.clone());
+        let mut cidrs: Vec<Prefix> = self
+            .nodes
+            .iter()
+            .flat_map(|n| n.pod_cidrs.iter().copied())
+            .collect();
+        cidrs.sort();
+        cidrs.dedup();
+        vec![
+            SourceEvent::NodeZone(zone),
+            SourceEvent::ClusterCidrs(cidrs),
+            SourceEvent::Resync {
+                services: self.services,
+                slices: self.slices,
+                problems: self.problems,
+            },
+        ]
     }
 }
 
@@ -116,6 +155,7 @@ pub fn load_dir(dir: &Path) -> Loaded {
     Loaded {
         services: loader.services,
         slices: loader.slices,
+        nodes: loader.nodes,
         problems: loader.problems,
     }
 }
@@ -257,6 +297,7 @@ enum Decoded {
     },
     Service(Option<ObjectKey>, Result<Box<Service>, (String, usize)>),
     Slice(Option<ObjectKey>, Result<Box<Slice>, (String, usize)>),
+    Node(Option<ObjectKey>, Result<Box<Node>, (String, usize)>),
     Unsupported {
         key: Option<ObjectKey>,
         api_version: String,
@@ -301,6 +342,7 @@ impl Decoded {
                     .decode::<EndpointSlice>(value)
                     .map(|s| Box::new(Slice::from(&s))),
             ),
+            ("v1", "Node") => Self::Node(key, source.decode(value).map(Box::new)),
             _ => Self::Unsupported {
                 key,
                 api_version: api_version.to_string(),
@@ -506,10 +548,10 @@ impl Source<'_> {
 struct Loader {
     services: Vec<Service>,
     slices: Vec<Slice>,
+    nodes: Vec<NodeManifest>,
     problems: Vec<Problem>,
-    /// Where each Service / EndpointSlice key was first seen.
-    seen_services: HashMap<ObjectKey, String>,
-    seen_slices: HashMap<ObjectKey, String>,
+    /// Where each object (by kind and key) was first seen.
+    seen: HashMap<(&'static str, ObjectKey), String>,
 }
 
 impl Loader {
@@ -603,13 +645,18 @@ impl Loader {
                 let message = format!("EndpointSlice does not decode: {e}");
                 self.problem(ProblemKind::Parse, key, source.location(line), message);
             }
+            Decoded::Node(_, Ok(node)) => self.add_node(source, &node),
+            Decoded::Node(key, Err((e, line))) => {
+                let message = format!("Node does not decode: {e}");
+                self.problem(ProblemKind::Parse, key, source.location(line), message);
+            }
             Decoded::Unsupported {
                 key,
                 api_version,
                 kind,
             } => {
                 let message = format!(
-                    "{api_version} {kind} is not read (only v1 Service and discovery.k8s.io/v1 EndpointSlice); skipped"
+                    "{api_version} {kind} is not read (only v1 Service, discovery.k8s.io/v1 EndpointSlice and v1 Node); skipped"
                 );
                 self.problem(ProblemKind::UnsupportedKind, key, location, message);
             }
@@ -618,13 +665,8 @@ impl Loader {
 
     /// Records `key` as seen at `location`; false (with a problem) if it was seen
     /// before: the first file by name keeps it.
-    fn claim(&mut self, is_service: bool, key: &ObjectKey, location: &str) -> bool {
-        let (seen, what) = if is_service {
-            (&mut self.seen_services, "Service")
-        } else {
-            (&mut self.seen_slices, "EndpointSlice")
-        };
-        if let Some(first) = seen.get(key) {
+    fn claim(&mut self, what: &'static str, key: &ObjectKey, location: &str) -> bool {
+        if let Some(first) = self.seen.get(&(what, key.clone())) {
             let message =
                 format!("duplicate {what} {key} (first defined at {first}); this one is skipped");
             self.problem(
@@ -635,7 +677,7 @@ impl Loader {
             );
             return false;
         }
-        seen.insert(key.clone(), location.to_string());
+        self.seen.insert((what, key.clone()), location.to_string());
         true
     }
 
@@ -650,7 +692,7 @@ impl Loader {
             .namespace
             .get_or_insert_with(|| "default".to_string());
         let key = ObjectKey::of(&svc.metadata);
-        if !self.claim(true, &key, &location) {
+        if !self.claim("Service", &key, &location) {
             return;
         }
         let problems = check_service(&svc, source.path);
@@ -672,7 +714,7 @@ impl Loader {
         }
         // (The key's namespace is already "default" when the slice has none.)
         let key = slice.key.clone();
-        if !self.claim(false, &key, &location) {
+        if !self.claim("EndpointSlice", &key, &location) {
             return;
         }
         if slice.service.as_ref().is_some_and(|s| !s.name.is_empty()) {
@@ -683,6 +725,36 @@ impl Loader {
             );
             self.problem(ProblemKind::Parse, Some(key), location, message);
         }
+    }
+
+    fn add_node(&mut self, source: &Source<'_>, n: &Node) {
+        let location = source.location(source.line);
+        let name = n.metadata.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            let message = "Node has no metadata.name".to_string();
+            self.problem(ProblemKind::Parse, None, location, message);
+            return;
+        }
+        // (Nodes have no namespace; the key's is only for the problem report.)
+        let key = ObjectKey::new("", name.clone());
+        if !self.claim("Node", &key, &location) {
+            return;
+        }
+        let (pod_cidrs, bad) = node::pod_cidrs(n);
+        for c in bad {
+            let message = format!("pod CIDR {c:?} does not parse; left out of the cluster CIDRs");
+            self.problem(
+                ProblemKind::BadAddress,
+                Some(key.clone()),
+                location.clone(),
+                message,
+            );
+        }
+        self.nodes.push(NodeManifest {
+            name,
+            zone: node::node_zone(n),
+            pod_cidrs,
+        });
     }
 }
 
@@ -769,7 +841,7 @@ fn port_name(port: &ServicePort) -> String {
 /// reading and one send at a time: changes during them lead to one more reading.
 /// If the directory disappears, the last state is kept (with a warning) until it
 /// is back.
-pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
+pub async fn watch(dir: PathBuf, node_name: String, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
     match tokio::fs::metadata(&dir).await {
         Ok(m) if m.is_dir() => {}
         Ok(_) => bail!("manifest directory {}: not a directory", dir.display()),
@@ -807,8 +879,10 @@ pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
     // Only a digest of what was sent is kept: a copy of every object would
     // double the agent's memory at tens of thousands of Services.
     let mut last = first.digest();
-    if tx.send(first.into_resync()).await.is_err() {
-        return Ok(());
+    for event in first.into_events(&node_name) {
+        if tx.send(event).await.is_err() {
+            return Ok(());
+        }
     }
 
     let mut watching = true;
@@ -851,8 +925,10 @@ pub async fn watch(dir: PathBuf, tx: mpsc::Sender<SourceEvent>) -> Result<()> {
         }
         last = digest;
         log_problems(&loaded);
-        if tx.send(loaded.into_resync()).await.is_err() {
-            return Ok(());
+        for event in loaded.into_events(&node_name) {
+            if tx.send(event).await.is_err() {
+                return Ok(());
+            }
         }
     }
 }

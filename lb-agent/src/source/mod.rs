@@ -4,11 +4,12 @@
 //!
 //! - [`manifests`]: a directory of Service and EndpointSlice manifests (YAML or
 //!   JSON), re-read whole after every change and sent as a full `Resync`.
-//! - [`kube`]: the Kubernetes API: watchers on Services, EndpointSlices and this
-//!   node's Node object, with a `Resync` after every (re)list and
+//! - [`kube`]: the Kubernetes API: watchers on Services, EndpointSlices and
+//!   Nodes, with a `Resync` after every (re)list and
 //!   `Applied`/`Deleted` events in between.
 pub mod kube;
 pub mod manifests;
+pub mod node;
 pub mod store;
 
 use std::{net::IpAddr, time::SystemTime};
@@ -17,7 +18,7 @@ use k8s_openapi::api::core::v1::Service;
 
 use crate::{
     cluster::{ObjectKey, Problem},
-    model::Slice,
+    model::{Prefix, Slice},
 };
 
 /// What a source reports.
@@ -40,6 +41,13 @@ pub enum SourceEvent {
     },
     /// This node's addresses changed (Kubernetes mode: the Node object).
     NodeAddresses(Vec<IpAddr>),
+    /// This node's zone changed (its Node's `topology.kubernetes.io/zone`
+    /// label; None: it has none).
+    NodeZone(Option<String>),
+    /// The cluster's pod CIDRs changed: every Node's `spec.podCIDRs`, as
+    /// listed now (sorted, without repeats; empty: none is known). Only sent
+    /// when they are wanted (no `--cluster-cidr`).
+    ClusterCidrs(Vec<Prefix>),
     /// Whether this node should get traffic from external load balancers
     /// changed: false while its Node is being deleted or is tainted
     /// `ToBeDeletedByClusterAutoscaler` (kube-proxy's `nodeEligible`).

@@ -106,11 +106,18 @@ impl Store {
                 dirty.problems = problems;
             }
             SourceEvent::NodeAddresses(addrs) => self.set_node_addresses(addrs, &mut dirty),
+            SourceEvent::NodeZone(zone) => {
+                if zone != self.node.zone {
+                    self.node.zone = zone;
+                    dirty.all = true;
+                }
+            }
             SourceEvent::Invalid(p) => dirty.problems.push(p),
             // Not cluster state: the agent reports them.
             SourceEvent::Disconnected { .. }
             | SourceEvent::Connected
-            | SourceEvent::NodeEligible(_) => {}
+            | SourceEvent::NodeEligible(_)
+            | SourceEvent::ClusterCidrs(_) => {}
         }
         dirty
     }
@@ -286,6 +293,16 @@ mod tests {
             "192.0.2.1".parse().unwrap(),
         ]));
         assert!(!d.all);
+    }
+
+    #[test]
+    fn node_zone_changes_dirty_everything() {
+        let mut s = Store::default();
+        assert!(!s.apply(SourceEvent::NodeZone(None)).all);
+        assert!(s.apply(SourceEvent::NodeZone(Some("z1".into()))).all);
+        assert_eq!(s.node().zone.as_deref(), Some("z1"));
+        assert!(!s.apply(SourceEvent::NodeZone(Some("z1".into()))).all);
+        assert!(s.apply(SourceEvent::NodeZone(None)).all);
     }
 
     #[test]

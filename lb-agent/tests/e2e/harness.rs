@@ -78,7 +78,7 @@ impl fmt::Display for Answer {
 }
 
 /// Parses `<name> <peer>` (the first line of an answer).
-fn greeting(text: &str) -> Result<Answer> {
+pub fn greeting(text: &str) -> Result<Answer> {
     let line = text.lines().next().unwrap_or_default();
     let (server, peer) = line
         .split_once(' ')
@@ -319,8 +319,34 @@ impl Env {
         Ok(out.stdout)
     }
 
-    /// `lb-agent dump --json` of `node`, every conntrack entry included.
+    /// The cluster CIDRs `lb-agent dump` shows on `node` (None: none in
+    /// force), and every node's pod CIDRs, which they must be.
+    pub fn cluster_cidrs(&self, node: &str) -> Result<(Option<Vec<String>>, Vec<String>)> {
+        let shown = self.dump(node)?["config"]["cluster_cidrs"]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|c| c.as_str().map(String::from))
+                    .collect()
+            });
+        let mut want: Vec<String> = self
+            .c()
+            .nodes()
+            .iter()
+            .flat_map(|n| [n.pod_cidr_v4().to_string(), n.pod_cidr_v6().to_string()])
+            .collect();
+        want.sort();
+        Ok((shown, want))
+    }
+
+    /// `lb-agent dump --json` of `node`, conntrack counted but no flow shown
+    /// (a node with a hundred thousand flows takes seconds to list them).
     pub fn dump(&self, node: &str) -> Result<Value> {
+        self.dump_limited(node, 0)
+    }
+
+    /// `lb-agent dump --json` of `node`, every conntrack entry included.
+    pub fn dump_flows(&self, node: &str) -> Result<Value> {
         self.dump_limited(node, 1_000_000)
     }
 

@@ -22,7 +22,7 @@ use lb_agent::{
         filter::Filter,
     },
 };
-use lb_common::{FlowKey, PROTO_TCP, Reason, hash::flow_hash};
+use lb_common::{FlowKey, Interface, PROTO_TCP, Reason, hash::flow_hash, iface};
 use lb_testbed::{fib::FibNamespace, test_run};
 
 pub const SIZES: Sizes = Sizes {
@@ -202,7 +202,17 @@ pub struct Lab {
     pub fib: FibNamespace,
 }
 
-impl Lab {
+/// A datapath in the one-node namespace, wired as the agent wires a node:
+/// `NODE_CONFIG`, the uplink `up0` in `tx_ports`; `pod0` is the pod veth.
+pub struct Wired {
+    pub dp: Datapath,
+    pub maps: Maps,
+    pub uplink: u32,
+    pub pod: u32,
+    pub fib: FibNamespace,
+}
+
+impl Wired {
     pub fn new() -> Self {
         let fib = FibNamespace::enter().expect("the one-node namespace");
         let mut dp = Datapath::load(&LoadOptions {
@@ -216,6 +226,40 @@ impl Lab {
         let pod = lb_testbed::ifindex("pod0").unwrap();
         maps.set_config(&NODE_CONFIG).unwrap();
         maps.add_tx_port(uplink).unwrap();
+        // The roles the agent records (tc tells pods from the network by them).
+        for (name, role, hooks) in [
+            ("up0", iface::ROLE_UPLINK, iface::HOOK_XDP | iface::HOOK_TC),
+            ("pod0", iface::ROLE_POD, iface::HOOK_TC),
+            ("flannel.1", iface::ROLE_OTHER, iface::HOOK_TC),
+        ] {
+            let mut entry = Interface {
+                role,
+                hooks,
+                ..Interface::default()
+            };
+            entry.name[..name.len()].copy_from_slice(name.as_bytes());
+            let ifindex = lb_testbed::ifindex(name).unwrap();
+            maps.set_interface(ifindex, &entry).unwrap();
+        }
+        Self {
+            dp,
+            maps,
+            uplink,
+            pod,
+            fib,
+        }
+    }
+}
+
+impl Lab {
+    pub fn new() -> Self {
+        let Wired {
+            dp,
+            maps,
+            uplink,
+            pod,
+            fib,
+        } = Wired::new();
         Self {
             dp,
             maps,
