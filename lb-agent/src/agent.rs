@@ -441,11 +441,10 @@ pub async fn run(settings: Settings) -> Result<()> {
         Health::new(Instant::now(), source_lost_since),
     ));
     metrics.agent.socket_lb.set(i64::from(socket_lb));
-    count_conntrack(&settings, &metrics);
     let janitor = crate::conntrack::Janitor::start(
         &settings.pin_path,
-        metrics.agent.conntrack_cleared.clone(),
-        metrics.agent.conntrack_expired.clone(),
+        metrics.agent.clone(),
+        settings.sizes.conntrack,
     );
     let mut server = {
         let m = metrics.clone();
@@ -694,47 +693,6 @@ fn socket_lb(settings: &Settings, dp: &mut Datapath) -> bool {
             false
         }
     }
-}
-
-/// How often conntrack entries are counted (a walk over the whole map).
-const CONNTRACK_COUNT_EVERY: Duration = Duration::from_secs(15);
-
-/// Publishes the number of conntrack entries, counted now and then on a thread
-/// of its own through a second handle to the pinned map, so the walk never holds
-/// up a sync.
-fn count_conntrack(settings: &Settings, metrics: &Arc<Metrics>) {
-    let path = settings.pin_path.join(lb_common::map_names::CONNTRACK);
-    let capacity = settings.sizes.conntrack;
-    let metrics = metrics.clone();
-    std::thread::spawn(move || {
-        let map = match aya::maps::MapData::from_pin(&path)
-            .map_err(anyhow::Error::from)
-            .and_then(|d| {
-                Ok(aya::maps::HashMap::<
-                    _,
-                    lb_common::FlowKey,
-                    lb_common::CtEntry,
-                >::try_from(aya::maps::Map::from_map_data(
-                    d,
-                )?)?)
-            }) {
-            Ok(m) => m,
-            Err(e) => {
-                log::warn!("cannot count conntrack entries: {e:#}");
-                return;
-            }
-        };
-        loop {
-            // Bounded by the map's capacity even if entries churn during the walk.
-            let n = map
-                .keys()
-                .take(capacity as usize)
-                .filter(Result::is_ok)
-                .count();
-            metrics.agent.set_map("conntrack", n, capacity);
-            std::thread::sleep(CONNTRACK_COUNT_EVERY);
-        }
-    });
 }
 
 /// Drains the datapath's log ring buffer into the agent's log as records arrive.

@@ -50,13 +50,12 @@ use std::{
 };
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, IterableMap as _, MapData, MapError};
+use aya::maps::{HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use lb_common::{
-    CT_F_FORWARD, CT_F_REPLY, CtEntry, FlowKey, PROTO_UDP, Service, ServiceKey, ct_expired,
+    CT_F_FORWARD, CT_F_REPLY, CtEntry, CtEvent, FlowKey, PROTO_UDP, Service, ServiceKey, ct_expired,
 };
 
-use crate::{bpf::maps::is_not_found, reconcile::StaleUdp};
-use prometheus_client::metrics::counter::Counter;
+use crate::{bpf::maps::is_not_found, metrics::AgentMetrics, reconcile::StaleUdp};
 
 /// Entries fetched per batched lookup: 4,096 keys and values are about
 /// 400 KB of buffers, and a million-entry map takes some 250 calls.
@@ -489,6 +488,70 @@ fn walk(
     }
 }
 
+/// The datapath's conntrack counts (`ct_stats`), summed over CPUs.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CtCounts {
+    /// Entries inserted under a key the map did not hold.
+    pub created: u64,
+    /// Entries the datapath deleted.
+    pub removed: u64,
+}
+
+impl CtCounts {
+    pub fn read<S: Borrow<MapData>>(stats: &PerCpuArray<S, u64>) -> Result<Self> {
+        let get = |e: CtEvent| -> Result<u64> {
+            Ok(stats
+                .get(&(e as u32), 0)
+                .with_context(|| format!("reading ct_stats {}", e.as_str()))?
+                .iter()
+                .sum())
+        };
+        Ok(Self {
+            created: get(CtEvent::Created)?,
+            removed: get(CtEvent::Removed)?,
+        })
+    }
+}
+
+/// Counts the entries the LRU evicted. The kernel reports neither evictions
+/// nor how many entries an LRU map holds, but every entry that ever was is
+/// either still held (the sweep counts them), deleted (by the datapath, or by
+/// the agent, which knows its own), or evicted: so the entries created, less
+/// those deleted and those held, were evicted. The balance is taken from the
+/// first sweep on (entries of an earlier agent's time are in it), and only
+/// its growth is counted: a balance read low (entries created during a walk)
+/// catches up at the next sweep, and the count never goes back.
+#[derive(Debug, Default)]
+pub struct Pressure {
+    /// The agent's deletions so far.
+    deleted: u64,
+    /// The balance at the first sweep.
+    baseline: Option<i128>,
+    /// Evictions counted so far.
+    counted: u64,
+}
+
+impl Pressure {
+    /// The agent deleted `n` entries.
+    pub fn deleted(&mut self, n: usize) {
+        self.deleted += n as u64;
+    }
+
+    /// A complete sweep found `held` entries, with the datapath's `counts`
+    /// read before it began: returns the evictions not counted yet.
+    pub fn observe(&mut self, counts: CtCounts, held: usize) -> u64 {
+        let balance = i128::from(counts.created)
+            - i128::from(counts.removed)
+            - i128::from(self.deleted)
+            - held as i128;
+        let baseline = *self.baseline.get_or_insert(balance);
+        let evicted = u64::try_from(balance - baseline).unwrap_or(0);
+        let new = evicted.saturating_sub(self.counted);
+        self.counted = self.counted.max(evicted);
+        new
+    }
+}
+
 /// What the janitor's thread does next.
 pub enum Job<'a> {
     /// [`clear`] the UDP flows these make stale.
@@ -506,11 +569,12 @@ pub struct Janitor {
 }
 
 impl Janitor {
-    /// A janitor of the maps pinned in `pin_path`, counting what it deletes
-    /// in `cleared_total` (UDP flows of removed frontends) and
-    /// `expired_total` (idle flows). If they cannot be opened, that is logged
-    /// and the janitor does nothing (entries then leave by LRU eviction only).
-    pub fn start(pin_path: &Path, cleared_total: Counter, expired_total: Counter) -> Self {
+    /// A janitor of the maps pinned in `pin_path`, counting in `metrics` what
+    /// it deletes (UDP flows of removed frontends, idle flows), what the LRU
+    /// evicted, and how full the map (of `capacity` entries) is. If the maps
+    /// cannot be opened, that is logged and the janitor does nothing (entries
+    /// then leave by LRU eviction only).
+    pub fn start(pin_path: &Path, metrics: AgentMetrics, capacity: u32) -> Self {
         let opened = (|| -> Result<_> {
             let open = |name: &str| -> Result<MapData> {
                 let path = pin_path.join(name);
@@ -522,9 +586,12 @@ impl Janitor {
             let svc = HashMap::<_, ServiceKey, Service>::try_from(aya::maps::Map::from_map_data(
                 open(lb_common::map_names::SERVICES)?,
             )?)?;
-            Ok((ct, svc))
+            let stats = PerCpuArray::<_, u64>::try_from(aya::maps::Map::from_map_data(open(
+                lb_common::map_names::CT_STATS,
+            )?)?)?;
+            Ok((ct, svc, stats))
         })();
-        let (mut ct, svc) = match opened {
+        let (mut ct, svc, stats) = match opened {
             Ok(maps) => maps,
             Err(e) => {
                 log::warn!(
@@ -534,18 +601,45 @@ impl Janitor {
                 return Self { tx: None };
             }
         };
-        Self::spawn(SWEEP_EVERY, move |job| {
+        let mut pressure = Pressure::default();
+        // The first sweep runs at once: it counts the entries (the fill gauge)
+        // and sets the baseline evictions are counted from.
+        Self::spawn(Duration::ZERO, SWEEP_EVERY, move |job| {
             let t0 = Instant::now();
             match job {
                 Job::Clear(gone) => {
                     let c = clear(&mut ct, &svc, gone)?;
-                    cleared_total.inc_by(c.entries() as u64);
+                    metrics.conntrack_cleared.inc_by(c.entries() as u64);
+                    pressure.deleted(c.entries());
                     log_walk(gone, &c, t0.elapsed());
                 }
                 Job::Expire => {
+                    // Read before the walk: an entry created during it and
+                    // walked over then counts as held, not as created, which
+                    // only delays its share of the balance to the next sweep.
+                    let counts = CtCounts::read(&stats);
                     let swept = expire(&mut ct, datapath_now())?;
-                    expired_total.inc_by(swept.entries as u64);
+                    metrics.conntrack_expired.inc_by(swept.entries as u64);
+                    pressure.deleted(swept.entries);
                     log_sweep(&swept, t0.elapsed());
+                    if swept.complete {
+                        let held = swept.walked.saturating_sub(swept.entries);
+                        metrics.set_map("conntrack", held, capacity);
+                        match counts {
+                            Ok(counts) => {
+                                let evicted = pressure.observe(counts, held);
+                                if evicted > 0 {
+                                    metrics.conntrack_evicted.inc_by(evicted);
+                                    log::warn!(
+                                        "conntrack: {evicted} entries evicted since the last \
+                                         sweep ({held} of {capacity} held): live flows may \
+                                         have lost their state; raise --conntrack-size"
+                                    );
+                                }
+                            }
+                            Err(e) => log::warn!("conntrack evictions not counted: {e:#}"),
+                        }
+                    }
                 }
             }
             Ok(())
@@ -553,9 +647,10 @@ impl Janitor {
     }
 
     /// A janitor running `work` on its thread: a [`Job::Clear`] once per
-    /// batch of what is handed to it, a [`Job::Expire`] whenever `every`
-    /// has passed without one.
+    /// batch of what is handed to it, a [`Job::Expire`] after `first`, then
+    /// whenever `every` has passed without one.
     pub fn spawn(
+        first: Duration,
         every: Duration,
         mut work: impl FnMut(Job<'_>) -> Result<()> + Send + 'static,
     ) -> Self {
@@ -563,7 +658,7 @@ impl Janitor {
         let spawned = std::thread::Builder::new()
             .name("ct-janitor".into())
             .spawn(move || {
-                let mut next_sweep = Instant::now() + every;
+                let mut next_sweep = Instant::now() + first;
                 loop {
                     let wait = next_sweep.saturating_duration_since(Instant::now());
                     match rx.recv_timeout(wait) {
@@ -841,15 +936,19 @@ mod tests {
         let (go_tx, go_rx) = mpsc::channel::<()>();
         let janitor = {
             let walks = walks.clone();
-            Janitor::spawn(Duration::from_secs(3600), move |job| {
-                let Job::Clear(gone) = job else {
-                    panic!("no sweep is due within the test");
-                };
-                walks.lock().unwrap().push(gone.frontends.clone());
-                started_tx.send(()).unwrap();
-                go_rx.recv_timeout(Duration::from_secs(5)).unwrap();
-                Ok(())
-            })
+            Janitor::spawn(
+                Duration::from_secs(3600),
+                Duration::from_secs(3600),
+                move |job| {
+                    let Job::Clear(gone) = job else {
+                        panic!("no sweep is due within the test");
+                    };
+                    walks.lock().unwrap().push(gone.frontends.clone());
+                    started_tx.send(()).unwrap();
+                    go_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+                    Ok(())
+                },
+            )
         };
         let key = |port| frontend(v4([10, 96, 0, 1]), port, FAMILY_V4);
         janitor.hand(of(&[key(1)]));

@@ -58,6 +58,8 @@ pub struct AgentMetrics {
     /// janitor (`crate::conntrack`).
     pub conntrack_cleared: Counter,
     pub conntrack_expired: Counter,
+    /// Conntrack entries the LRU evicted (`crate::conntrack::Pressure`).
+    pub conntrack_evicted: Counter,
     /// Verify-and-repair passes run (`crate::repair`).
     pub verify_passes: Counter,
     /// Entries the verify pass found wrong and rewrote, per map.
@@ -100,6 +102,7 @@ impl Metrics {
             socket_lb: Gauge::default(),
             conntrack_cleared: Counter::default(),
             conntrack_expired: Counter::default(),
+            conntrack_evicted: Counter::default(),
             verify_passes: Counter::default(),
             map_drift: Family::default(),
         };
@@ -174,6 +177,13 @@ impl Metrics {
              answered) after 5 s, closing ones after 10 s, established TCP after 24 h, \
              answered UDP after 60 s, and reply entries left without their forward entry",
             agent.conntrack_expired.clone(),
+        );
+        registry.register(
+            "conntrack_evicted",
+            "Conntrack entries evicted by the LRU because the map was full (counted at each \
+             sweep: entries the datapath created, less those deleted and those held). A flow \
+             that loses an entry loses its backend or its translation: raise --conntrack-size",
+            agent.conntrack_evicted.clone(),
         );
         registry.register_collector(Box::new(DatapathCollector { counters, names }));
         let health = Arc::new(Mutex::new(health));

@@ -318,3 +318,65 @@ fn the_sweep_expires_each_flow_by_its_state_and_reply_entries_left_alone() {
     assert_eq!((s.flows, s.entries), (1, 2), "{s:?}");
     assert_eq!(lab.maps.conntrack.keys().count(), 0);
 }
+
+/// More flows than conntrack holds: the LRU evicts, and the agent's count of
+/// evictions (`conntrack::Pressure`, from the datapath's `ct_stats` and the
+/// sweep) is exactly the entries created less those the map still holds,
+/// counted independently by walking it. Flows the sweep expires are
+/// deletions, not evictions; and while the map has room nothing is counted.
+#[test]
+fn entries_the_lru_evicts_are_counted_and_deletions_are_not() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.91:53");
+    let pod = "10.244.0.9:5353";
+    lab.service(&[vip], UDP, &[backend(pod, true)], CLUSTER_IP);
+    let capacity = support::SIZES.conntrack as usize;
+    let mut flows = 0u16;
+    let mut flood = |lab: &mut Lab, n: u16| {
+        for _ in 0..n {
+            flows += 1;
+            let client = SocketAddr::from(([198, 51, 100, 7], 20_000 + flows));
+            let (action, _) = lab.tc_on(lab.uplink, &udp(FROM_ROUTER, client, vip, b"q"));
+            assert_eq!(action, support::TC_REDIRECT, "flow {flows}");
+        }
+    };
+    let sweep = |lab: &mut Lab, pressure: &mut conntrack::Pressure, at: u64| {
+        let counts = conntrack::CtCounts::read(&lab.maps.ct_stats).unwrap();
+        let s = conntrack::expire(&mut lab.maps.conntrack, at).unwrap();
+        assert!(s.complete, "{s:?}");
+        pressure.deleted(s.entries);
+        let held = s.walked - s.entries;
+        assert_eq!(held, lab.maps.conntrack.keys().count(), "the sweep's count");
+        (counts, held, pressure.observe(counts, held))
+    };
+    let mut pressure = conntrack::Pressure::default();
+    let now = datapath_now();
+    assert_eq!(sweep(&mut lab, &mut pressure, now).2, 0, "the baseline");
+
+    // Half full: two entries per flow, none evicted.
+    let half = (capacity / 4) as u16;
+    flood(&mut lab, half);
+    let (counts, held, evicted) = sweep(&mut lab, &mut pressure, now);
+    assert_eq!((counts.created, counts.removed), (2 * u64::from(half), 0));
+    assert_eq!((held, evicted), (2 * usize::from(half), 0));
+
+    // Half again as many flows as the map has room for entries.
+    let more = (capacity * 3 / 4) as u16;
+    flood(&mut lab, more);
+    let (counts, held, evicted) = sweep(&mut lab, &mut pressure, now);
+    let created = 2 * u64::from(half + more);
+    assert_eq!(counts.created, created);
+    assert!(held <= capacity, "{held} held");
+    assert_eq!(
+        evicted,
+        created - held as u64,
+        "evicted: created {created}, held {held}"
+    );
+    assert!(evicted >= created - capacity as u64, "{evicted}");
+    // Counted once.
+    assert_eq!(sweep(&mut lab, &mut pressure, now).2, 0);
+
+    // The sweep expires every flow (unanswered UDP): deleted, not evicted.
+    let (_, held, evicted) = sweep(&mut lab, &mut pressure, now + CT_UNCONFIRMED_NS + S);
+    assert_eq!((held, evicted), (0, 0));
+}

@@ -11,10 +11,12 @@
 //!   naturally in a dump (the datapath swaps packet ports once when it builds a key).
 #![no_std]
 
+pub mod ct_stats;
 pub mod hash;
 pub mod reason;
 pub mod sock;
 
+pub use ct_stats::CtEvent;
 pub use reason::Reason;
 pub use sock::{SockEvent, SockOrigin};
 
@@ -52,8 +54,9 @@ pub mod map_names {
     pub const CLUSTER_CIDRS4: &str = "cluster_cidrs4";
     pub const CLUSTER_CIDRS6: &str = "cluster_cidrs6";
     pub const FRAGMENTS: &str = "fragments";
+    pub const CT_STATS: &str = "ct_stats";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 20] = [
+    pub const ALL: [&str; 21] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -74,6 +77,7 @@ pub mod map_names {
         CLUSTER_CIDRS4,
         CLUSTER_CIDRS6,
         FRAGMENTS,
+        CT_STATS,
     ];
 }
 

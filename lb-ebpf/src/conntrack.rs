@@ -17,11 +17,12 @@ use aya_ebpf::{
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CFG_F_SNAT_V4, CFG_F_SNAT_V6, CT_F_ACKED, CT_F_CLOSING, CT_F_FORWARD,
     CT_F_HAIRPIN, CT_F_REPLIED, CT_F_REPLY, CT_F_SNAT, CT_INGRESS_ANY, CT_INGRESS_NETWORK,
-    CT_INGRESS_PODS, CT_REFRESH_NS, Config, CtEntry, FlowKey, PROTO_TCP, Reason, ct_expired, hash,
+    CT_INGRESS_PODS, CT_REFRESH_NS, Config, CtEntry, CtEvent, FlowKey, PROTO_TCP, Reason,
+    ct_expired, hash,
 };
 
 use crate::{
-    maps::CONNTRACK,
+    maps::{CONNTRACK, count_ct},
     mem,
     packet::Packet,
     scratch::{Headers, Scratch, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
@@ -153,21 +154,9 @@ pub fn open<P: Packet>(
             s.reply.flags |= CT_F_HAIRPIN;
             mem::copy_addr(&mut s.entry.nat_src, &key.dst);
             mem::copy_addr(&mut s.key.dst, &key.dst);
-            if CONNTRACK
-                .insert(&s.key, &s.reply, u64::from(BPF_ANY))
-                .is_err()
-            {
-                return Err(Reason::DropMapError);
-            }
+            insert(&s.key, &s.reply)?;
         }
-        (false, None) => {
-            if CONNTRACK
-                .insert(&s.key, &s.reply, u64::from(BPF_ANY))
-                .is_err()
-            {
-                return Err(Reason::DropMapError);
-            }
-        }
+        (false, None) => insert(&s.key, &s.reply)?,
         (false, Some(cfg)) => {
             // No address of this family to translate from (a node without
             // one, or before the agent knows it): drop, counted, rather than
@@ -193,13 +182,22 @@ pub fn open<P: Packet>(
             s.entry.nat_src_port = claim_snat_port(pkt, s, cfg, hash, t)?;
         }
     }
-    if CONNTRACK
-        .insert(&s.h.key, &s.entry, u64::from(BPF_ANY))
-        .is_err()
-    {
-        return Err(Reason::DropMapError);
+    insert(&s.h.key, &s.entry)
+}
+
+/// Inserts or replaces the entry under `key`, counting it as created when the
+/// map did not hold the key (the usual case: a new flow's lookup missed). A
+/// replacement (a UDP flow balanced again, a reply key a flow left behind)
+/// costs a second update.
+#[inline(always)]
+fn insert(key: &FlowKey, entry: &CtEntry) -> Result<(), Reason> {
+    if CONNTRACK.insert(key, entry, u64::from(BPF_NOEXIST)).is_ok() {
+        count_ct(CtEvent::Created);
+        return Ok(());
     }
-    Ok(())
+    CONNTRACK
+        .insert(key, entry, u64::from(BPF_ANY))
+        .map_err(|_| Reason::DropMapError)
 }
 
 /// Narrows the reply entry of the flow just opened (`s.reply`, under
@@ -285,6 +283,7 @@ fn claim_snat_port<P: Packet>(
             .insert(&s.key, &s.reply, u64::from(BPF_NOEXIST))
             .is_ok()
         {
+            count_ct(CtEvent::Created);
             return Ok(port);
         }
         if let Some(existing) = CONNTRACK.get_ptr(&s.key) {
@@ -377,8 +376,8 @@ fn is_idle(reply: &CtEntry, key: &FlowKey, t: u64) -> bool {
         return false;
     }
     // The old flow must not come back on the port we are about to give away.
-    if forward.is_some() {
-        let _ = CONNTRACK.remove(&forward_key);
+    if forward.is_some() && CONNTRACK.remove(&forward_key).is_ok() {
+        count_ct(CtEvent::Removed);
     }
     true
 }

@@ -8,9 +8,9 @@ use aya_ebpf::{
     macros::btf_map,
 };
 use lb_common::{
-    Affinity, AffinityKey, Backend, Config, Counters, CtEntry, FlowKey, FragEntry, FragKey,
-    Interface, MaglevPair, Reason, Service, ServiceKey, ServiceName, SockEvent, SockOrigin,
-    SourceRange4, SourceRange6, capacity, hash, maglev_row_elements,
+    Affinity, AffinityKey, Backend, Config, Counters, CtEntry, CtEvent, FlowKey, FragEntry,
+    FragKey, Interface, MaglevPair, Reason, Service, ServiceKey, ServiceName, SockEvent,
+    SockOrigin, SourceRange4, SourceRange6, capacity, hash, maglev_row_elements,
 };
 
 use crate::scratch::Scratch;
@@ -132,6 +132,11 @@ pub static SOCK_ORIGINS: LruHashMap<
 #[btf_map(name = "sock_stats")]
 pub static SOCK_STATS: PerCpuArray<u64, { SockEvent::COUNT as usize }> = PerCpuArray::new();
 
+/// What the datapath did to `conntrack`, per [`CtEvent`]: with the agent's
+/// deletions and the map's count, how many entries the LRU evicted.
+#[btf_map(name = "ct_stats")]
+pub static CT_STATS: PerCpuArray<u64, { CtEvent::COUNT as usize }> = PerCpuArray::new();
+
 /// When this CPU last logged a dropped flow, and how many it did not log
 /// since: drops are logged once a second per CPU at most (a flood of them
 /// would otherwise flood the agent's log), with the count of the rest.
@@ -174,6 +179,14 @@ pub fn log_drop_now(now_ns: u64) -> Option<u64> {
 #[inline(always)]
 pub fn count_sock(event: SockEvent) {
     if let Some(c) = SOCK_STATS.get_ptr_mut(event as u32) {
+        // SAFETY: a per-CPU array slot, written only by this CPU.
+        unsafe { *c += 1 };
+    }
+}
+
+#[inline(always)]
+pub fn count_ct(event: CtEvent) {
+    if let Some(c) = CT_STATS.get_ptr_mut(event as u32) {
         // SAFETY: a per-CPU array slot, written only by this CPU.
         unsafe { *c += 1 };
     }
