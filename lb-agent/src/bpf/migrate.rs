@@ -212,8 +212,12 @@ impl Pending {
     pub fn start(plan: &Plan, dir: &Path, ebpf: &Ebpf, layout: OwnedFd) -> Result<Self> {
         let started = Instant::now();
         let local = if plan.migrations().any(|(_, c)| c == Conversion::ConntrackV1) {
-            let fd = object_map_fd(ebpf, map_names::BACKENDS)?;
-            backend_locality(&fd)?
+            // The pinned `backends` (the old programs'): a migrated one may
+            // not be filled yet.
+            let path = dir.join(map_names::BACKENDS);
+            let pinned =
+                MapData::from_pin(&path).with_context(|| format!("opening {}", path.display()))?;
+            backend_locality(&dup(&pinned)?)?
         } else {
             Vec::new()
         };

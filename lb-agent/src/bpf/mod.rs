@@ -216,10 +216,18 @@ impl Datapath {
                 if self.attached.contains(&pin) {
                     continue;
                 }
-                self.replace(hook, &pin)
-                    .with_context(|| format!("swapping the program of {}", pin.display()))?;
-                self.attached.insert(pin);
-                swapped += 1;
+                // A link whose device is gone keeps the old program (and
+                // maps) until its pin is removed; nothing reaches it.
+                match self.replace(hook, &pin) {
+                    Ok(()) => {
+                        self.attached.insert(pin);
+                        swapped += 1;
+                    }
+                    Err(e) => log::warn!(
+                        "pinned link {} keeps the previous program: {e:#}",
+                        pin.display()
+                    ),
+                }
             }
             let sock_pins = sock::pinned(links_dir);
             if sock_pins > 0 && !self.attached.contains(&links_dir.join("sock")) {
