@@ -206,6 +206,19 @@ impl Entries {
             .collect())
     }
 
+    /// These entries but those whose key `other` holds.
+    pub fn without_keys_of(&self, other: &Entries) -> Self {
+        let have: std::collections::HashSet<&[u8]> =
+            (0..other.len()).map(|i| other.key(i)).collect();
+        let mut out = Self::new(self.key_size, self.value_size);
+        for i in 0..self.len() {
+            if !have.contains(self.key(i)) {
+                out.push(self.key(i), self.value(i));
+            }
+        }
+        out
+    }
+
     /// Typed pairs as entries.
     pub fn from_typed<K: aya::Pod, V: aya::Pod>(pairs: &[(K, V)]) -> Self {
         let mut e = Self::new(size_of::<K>(), size_of::<V>());
@@ -381,7 +394,13 @@ pub struct Written {
 
 /// Stores `entries` in the map behind `fd` with `flags` ([`BPF_ANY`] or
 /// [`BPF_NOEXIST`]: keys already there are kept as they are, and counted).
+/// The kernel's batch update takes no `BPF_NOEXIST` (only `BPF_F_LOCK`):
+/// those writes go one call per entry, so leave out first what is known to
+/// be there (see [`Entries::without_keys_of`]).
 pub fn write_all(fd: BorrowedFd<'_>, entries: &Entries, flags: u64) -> Result<Written> {
+    if flags != BPF_ANY {
+        return write_each(fd, entries, flags);
+    }
     let (ks, vs) = (entries.key_size, entries.value_size);
     let mut w = Written::default();
     let total = entries.len();

@@ -336,6 +336,12 @@ fn copy(
         // An array keeps its indices: those past the new size must be empty.
         entries = keep_indices_below(&entries, info.max_entries, name)?;
     }
+    if flags == BPF_NOEXIST {
+        // Only what the new map lacks (one call per entry: see
+        // `batch::write_all`), still with NOEXIST: an entry the new
+        // programs made since this read wins.
+        entries = entries.without_keys_of(&batch::read_all(new.as_fd())?);
+    }
     if conversion == Conversion::ConntrackV1 {
         entries = conntrack_v1_to_v2(&entries, local)?;
     }
