@@ -406,6 +406,17 @@ pub async fn run(settings: Settings) -> Result<()> {
         }
     }
     let socket_lb = socket_lb(&settings, &mut dp);
+    // Maps migrated at load (a new layout or size) take their pins only now
+    // that the new programs serve (see `bpf::migrate`).
+    if let Some(report) = dp
+        .finish_migration(&settings.pin_path.join("links"))
+        .context("finishing the migration of the pinned maps")?
+    {
+        log::info!(
+            "pinned maps migrated to layout {}: {report}",
+            lb_common::LAYOUT_VERSION
+        );
+    }
     let awaited = "from the Node object (as pinned until then)";
     log::info!(
         "datapath ready in {:?}: node {} addresses {}, uplinks {}, {} pod and {} other interface(s)",

@@ -2257,6 +2257,222 @@ fn ask_all(
     Ok(lines)
 }
 
+/// The four streams of the upgrade cases, all through node-a's datapath to
+/// e2e-restart's pods on node-b: the client to node-a's NodePort (source-NATed:
+/// their replies come back to a claimed port) and pod-a0 to the ClusterIP, in
+/// each family.
+fn node_a_streams(env: &Env) -> Vec<(String, &str, SocketAddr)> {
+    let a0 = env.c().pod("pod-a0");
+    let client = env.c().client();
+    let na = env.c().node("node-a");
+    let mut targets = Vec::new();
+    for v6 in [false, true] {
+        targets.push((
+            format!("client -> node-a NodePort {}", fam(v6)),
+            client.ns(),
+            na.sock(v6, NODEPORT_RESTART),
+        ));
+        targets.push((
+            format!("pod-a0 -> ClusterIP {}", fam(v6)),
+            a0.ns(),
+            vip(env, RESTART, v6, 80),
+        ));
+    }
+    targets
+}
+
+/// Runs `during` a second into [`node_a_streams`] of `bytes` over `duration`
+/// each; every stream must be lossless and never stall past [`MAX_STALL`].
+/// Returns what `during` returned and a line per stream.
+fn while_streaming<T: Send>(
+    env: &Env,
+    (bytes, duration): (u64, Duration),
+    during: impl FnOnce() -> Result<T> + Send,
+) -> Result<(T, Vec<String>)> {
+    let targets = node_a_streams(env);
+    let t0 = Instant::now();
+    let (out, reports, ended_at) = thread::scope(|s| {
+        let streams: Vec<_> = targets
+            .iter()
+            .map(|(_, ns, to)| s.spawn(move || lb_testbed::tcp_stream(ns, *to, bytes, duration)))
+            .collect();
+        thread::sleep(Duration::from_secs(1));
+        let out = during();
+        let ended_at = t0.elapsed();
+        let reports: Vec<Result<StreamReport>> = streams
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(anyhow!("stream thread panicked")))
+            })
+            .collect();
+        (out, reports, ended_at)
+    });
+    let out = out?;
+    check!(
+        env,
+        ended_at + Duration::from_millis(500) < duration,
+        "the change ended {} after the streams started, not within their {} (the check would be void)",
+        ms(ended_at),
+        ms(duration)
+    );
+    let mut lines = Vec::new();
+    for ((what, _, _), r) in targets.iter().zip(reports) {
+        lines.push(stream_ok(env, what, &r?)?);
+    }
+    Ok((out, lines))
+}
+
+/// The last "pinned maps migrated" line of `node`'s agent log.
+fn migration_line(env: &Env, node: &str) -> Result<String> {
+    env.c()
+        .agent_log(node)
+        .lines()
+        .rev()
+        .find(|l| l.contains("pinned maps migrated to layout"))
+        .map(str::to_string)
+        .with_context(|| format!("{node}'s agent logged no migration"))
+}
+
+/// The number before `what` in a migration line (e.g. "more after the swap").
+fn number_before(line: &str, what: &str) -> Option<u64> {
+    let head = &line[..line.find(what)?];
+    head.split_whitespace().last()?.parse().ok()
+}
+
+/// What node-a's pinned conntrack is: (value size, max entries).
+fn pinned_conntrack_def(env: &Env) -> Result<(u32, u32)> {
+    let path = env
+        .c()
+        .node("node-a")
+        .pin_path()
+        .join(lb_common::map_names::CONNTRACK);
+    let info = aya::maps::MapInfo::from_pin(&path)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok((info.value_size(), info.max_entries()))
+}
+
+/// Case: an upgrade from the previous release's maps (layout 1) while
+/// streams flow. With node-a's agent stopped, its pin set is made the one
+/// the previous release left (`lb_testbed::layout_v1`: conntrack as layout
+/// 1 with what it held, the streams' flows and their source-NAT ports among
+/// them, plus 1,500 entries of 750 other flows; no `layout` or `fragments`
+/// map); the programs attached serve on. The new agent migrates conntrack
+/// to layout 2 before its programs take over, then replaces the pins: the
+/// four streams are lossless, every entry is in the new conntrack, and
+/// the pins say layout 2.
+fn upgrade(env: &Env) -> Result<String> {
+    use lb_common::{CT_F_FORWARD, CtEntry, FlowKey, map_names};
+    use lb_testbed::layout_v1;
+    const FLOWS: usize = 750;
+    let pins = env.c().node("node-a").pin_path().to_path_buf();
+    let flows = layout_v1::tcp_flows(
+        FLOWS,
+        ([10, 96, 200, 1], 80),
+        (1, [10, 244, 200, 10], 8080),
+        1,
+        layout_v1::now_ns(),
+    );
+    let ((made, took), streams) =
+        while_streaming(env, (8_000_000, Duration::from_secs(12)), || {
+            env.c().stop_agent("node-a")?;
+            let made = layout_v1::make_v1(&pins, &flows)?;
+            let (r, took) = timed(|| env.c().start_agent_with("node-a", |_| {}));
+            r.context("starting node-a's agent on the layout-1 pins")?;
+            Ok((made, took))
+        })?;
+    let (value_size, _) = pinned_conntrack_def(env)?;
+    check!(
+        env,
+        value_size == size_of::<CtEntry>() as u32,
+        "node-a's pinned conntrack has {value_size}-byte values after the upgrade"
+    );
+    let ct: aya::maps::HashMap<aya::maps::MapData, FlowKey, CtEntry> = aya::maps::Map::LruHashMap(
+        aya::maps::MapData::from_pin(pins.join(map_names::CONNTRACK))?,
+    )
+    .try_into()?;
+    let missing = flows
+        .iter()
+        .filter(|(k, old)| match ct.get(k, 0) {
+            Ok(new) => {
+                (
+                    new.nat_dst,
+                    new.nat_dst_port,
+                    new.backend,
+                    new.flags & CT_F_FORWARD,
+                ) != (
+                    old.nat_dst,
+                    old.nat_dst_port,
+                    old.backend,
+                    old.flags & CT_F_FORWARD,
+                )
+            }
+            Err(_) => true,
+        })
+        .count();
+    check!(
+        env,
+        missing == 0,
+        "{missing} of the {} layout-1 entries added are not in node-a's conntrack as they were",
+        flows.len()
+    );
+    let layout = lb_agent::bpf::layout::read_layout(&pins)?.context("no layout map pinned")?;
+    check!(
+        env,
+        layout.version == lb_common::LAYOUT_VERSION && layout.migrations == 1,
+        "node-a's layout map says {layout:?}"
+    );
+    let line = migration_line(env, "node-a")?;
+    let late = number_before(&line, "more after the swap").context("no late count")?;
+    Ok(format!(
+        "node-a upgraded from a layout-1 pin set ({} entries of its own flows carried, {} added) \
+         in {} while 4 TCP streams ran: {}; the agent: {}; {late} entries came over after the swap",
+        made.carried,
+        made.added,
+        ms(took),
+        streams.join("; "),
+        line.split("migrated to layout 2: ").nth(1).unwrap_or(&line)
+    ))
+}
+
+/// Case: `--conntrack-size` changed under live flows: node-a's agent
+/// restarted with 262,144 entries, then with 524,288 again, each a
+/// migration of conntrack into a map of the new size (no `cleanup`), while
+/// four TCP streams run through node-a: lossless.
+fn conntrack_resize(env: &Env) -> Result<String> {
+    let mut done = Vec::new();
+    let ((), streams) = while_streaming(env, (8_000_000, Duration::from_secs(14)), || {
+        for size in [262_144u32, 524_288] {
+            env.c().stop_agent("node-a")?;
+            let (r, took) = timed(|| {
+                env.c().start_agent_with("node-a", |args| {
+                    if let Some(i) = args.iter().position(|a| a == "--conntrack-size") {
+                        args.drain(i..i + 2);
+                    }
+                    args.push("--conntrack-size".into());
+                    args.push(size.to_string().into());
+                })
+            });
+            r.with_context(|| format!("restarting node-a's agent with --conntrack-size {size}"))?;
+            let (_, entries) = pinned_conntrack_def(env)?;
+            check!(
+                env,
+                entries == size,
+                "node-a's conntrack holds {entries} entries after --conntrack-size {size}"
+            );
+            let line = migration_line(env, "node-a")?;
+            let copied = number_before(&line, " of ").unwrap_or(0);
+            done.push(format!("{size} in {} ({copied} entries copied)", ms(took)));
+        }
+        Ok(())
+    })?;
+    Ok(format!(
+        "node-a's conntrack resized to {} by migration while 4 TCP streams ran: {}",
+        done.join(", then "),
+        streams.join("; ")
+    ))
+}
+
 /// The suites share the machine's two cores: one cluster at a time.
 static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
 
@@ -2342,6 +2558,8 @@ fn suite(name: &str, uplinks: Uplinks, pod_network: PodNetwork) {
         ("udp-conntrack", udp_conntrack),
         ("fragments", fragmented_datagrams),
         ("syn-flood", syn_flood),
+        ("upgrade", upgrade),
+        ("conntrack-resize", conntrack_resize),
     ];
     match pod_network {
         PodNetwork::Vxlan => cases.push(("overlay", overlay_carried_the_traffic)),

@@ -55,8 +55,10 @@ pub mod map_names {
     pub const CLUSTER_CIDRS6: &str = "cluster_cidrs6";
     pub const FRAGMENTS: &str = "fragments";
     pub const CT_STATS: &str = "ct_stats";
+    /// The layout version of the pinned maps (see [`super::Layout`]).
+    pub const LAYOUT: &str = "layout";
     /// Every map the agent pins, in dump order.
-    pub const ALL: [&str; 21] = [
+    pub const ALL: [&str; 22] = [
         SERVICES,
         BACKENDS,
         MAGLEV,
@@ -78,7 +80,61 @@ pub mod map_names {
         CLUSTER_CIDRS6,
         FRAGMENTS,
         CT_STATS,
+        LAYOUT,
     ];
+}
+
+/// The layout of the maps this build creates: bumped whenever a pinned map's
+/// key or value changes size or meaning (a field added, a flag or a field's
+/// unit changed), so that an agent never reads a map pinned by another build
+/// as its own without knowing what it holds.
+///
+/// - 1: the first release's maps (no `layout` map was pinned then): a
+///   conntrack value of 56 bytes, without `ingress`, and without the
+///   `CT_F_REPLIED` / `CT_F_ACKED` bits; no `fragments` map.
+/// - 2: [`CtEntry`] gained `ingress` (64 bytes) and the confirmation bits;
+///   `fragments` and `layout` were added.
+pub const LAYOUT_VERSION: u32 = 2;
+
+/// The maps of layout version 1 that differ from this build's: what an
+/// upgrade converts from (lb-agent's `bpf::migrate`) and what a test builds
+/// a previous release's pin set with.
+pub mod v1 {
+    /// Layout 1's `conntrack` value: [`super::CtEntry`] without `ingress`
+    /// (56 bytes), whose flags never carried `CT_F_REPLIED` / `CT_F_ACKED`.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct CtEntry {
+        pub nat_src: [u8; 16],
+        pub nat_dst: [u8; 16],
+        pub nat_src_port: u16,
+        pub nat_dst_port: u16,
+        pub backend: u32,
+        pub service: u32,
+        pub flags: u16,
+        pub _pad: u16,
+        pub last_seen_ns: u64,
+    }
+}
+
+/// The single entry (index 0) of `layout`: what the pinned maps are, written
+/// by the agent that created them (the datapath never reads it). `bpftool
+/// map dump pinned <pin-path>/layout` shows it by name.
+#[repr(C, align(8))]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Layout {
+    /// [`LAYOUT_VERSION`] of the agent that created (or migrated) the maps.
+    pub version: u32,
+    /// The size of a conntrack value (`CtEntry`) in that layout, for a
+    /// reader that knows no version numbers.
+    pub conntrack_value_size: u32,
+    /// Conntrack entries the pinned map was created with (`--conntrack-size`).
+    pub conntrack_entries: u32,
+    /// How many times these maps were migrated to a new layout or size
+    /// (0: as first created).
+    pub migrations: u32,
+    /// Wall-clock seconds (UNIX time) when the maps took this layout.
+    pub since_unix_s: u64,
 }
 
 /// Default capacities; the agent can override them at load time.
@@ -788,6 +844,8 @@ mod pod {
     unsafe impl aya::Pod for super::SourceRange6 {}
     unsafe impl aya::Pod for super::FragKey {}
     unsafe impl aya::Pod for super::FragEntry {}
+    unsafe impl aya::Pod for super::Layout {}
+    unsafe impl aya::Pod for super::v1::CtEntry {}
 }
 
 #[cfg(test)]
@@ -889,6 +947,11 @@ mod tests {
         assert_eq!(size_of::<SourceRange6>(), 20);
         assert_eq!(size_of::<FragKey>(), 16 + 16 + 4 + 1 + 1 + 2);
         assert_eq!(size_of::<FragEntry>(), 16 + 16 + 2 + 2 + 4 + 4 + 4 + 8);
+        assert_eq!(size_of::<Layout>(), 4 * 4 + 8);
+        assert_eq!(
+            size_of::<v1::CtEntry>(),
+            16 + 16 + 2 + 2 + 4 + 4 + 2 + 2 + 8
+        );
     }
 
     #[test]

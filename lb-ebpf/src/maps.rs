@@ -9,7 +9,7 @@ use aya_ebpf::{
 };
 use lb_common::{
     Affinity, AffinityKey, Backend, Config, Counters, CtEntry, CtEvent, FlowKey, FragEntry,
-    FragKey, Interface, MaglevPair, Reason, Service, ServiceKey, ServiceName, SockEvent,
+    FragKey, Interface, Layout, MaglevPair, Reason, Service, ServiceKey, ServiceName, SockEvent,
     SockOrigin, SourceRange4, SourceRange6, capacity, hash, maglev_row_elements,
 };
 
@@ -142,6 +142,12 @@ pub static CT_STATS: PerCpuArray<u64, { CtEvent::COUNT as usize }> = PerCpuArray
 /// would otherwise flood the agent's log), with the count of the rest.
 #[btf_map(name = "log_limit")]
 pub static LOG_LIMIT: PerCpuArray<[u64; 2], 1> = PerCpuArray::new();
+
+/// The layout version of the pinned maps (index 0, see `lb_common::Layout`).
+/// The datapath never reads it; it lives here so that it is created, pinned
+/// and typed (BTF, for `bpftool`) like the rest.
+#[btf_map(name = "layout")]
+pub static LAYOUT: Array<Layout, 1> = Array::new();
 
 /// Per-packet working state, kept off the 512-byte BPF stack. Not pinned: it
 /// holds nothing between packets.

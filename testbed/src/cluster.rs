@@ -1298,6 +1298,26 @@ impl Cluster {
         self.wait_agent_ready(node)
     }
 
+    /// Starts the agent on `node` again (after [`Self::stop_agent`]) with its
+    /// arguments changed by `edit` (kept for later restarts), waiting until
+    /// it is ready: an upgrade or a new setting, with whatever the test did
+    /// to the node while no agent ran.
+    pub fn start_agent_with(
+        &self,
+        node: &str,
+        edit: impl FnOnce(&mut Vec<OsString>),
+    ) -> Result<()> {
+        {
+            let mut agents = lock(&self.agents);
+            let agent = agents
+                .get_mut(node)
+                .with_context(|| format!("no agent was started on {node}"))?;
+            edit(&mut agent.spec.args);
+        }
+        self.spawn_agent(node)?;
+        self.wait_agent_ready(node)
+    }
+
     /// Like [`Self::restart_agent`], waiting for `probe` instead of the
     /// readiness probe (e.g. the liveness probe, while the API server is
     /// away and the agent cannot be ready).

@@ -30,6 +30,7 @@ pub mod fib;
 pub mod flood;
 pub mod interrupt;
 pub mod kube_cluster;
+pub mod layout_v1;
 pub mod manifests;
 pub mod net;
 mod ns;

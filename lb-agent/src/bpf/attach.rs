@@ -95,7 +95,10 @@ impl Datapath {
         let pin = link_pin(links_dir, hook, ifindex);
         if pin.exists() {
             match self.replace(hook, &pin) {
-                Ok(()) => return Ok(Attached::Replaced),
+                Ok(()) => {
+                    self.attached.insert(pin);
+                    return Ok(Attached::Replaced);
+                }
                 Err(e) => {
                     // The device behind an old link is gone (or the pin is not a
                     // link of ours): drop it and attach afresh.
@@ -136,10 +139,11 @@ impl Datapath {
         };
         link.pin(&pin)
             .with_context(|| format!("pinning {}", pin.display()))?;
+        self.attached.insert(pin);
         Ok(Attached::New)
     }
 
-    fn replace(&mut self, hook: Hook, pin: &Path) -> Result<()> {
+    pub(super) fn replace(&mut self, hook: Hook, pin: &Path) -> Result<()> {
         let fd: FdLink = PinnedLink::from_pin(pin)?.into();
         match hook {
             Hook::Xdp => {

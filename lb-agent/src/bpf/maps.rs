@@ -143,6 +143,15 @@ fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
         .with_context(|| format!("{} is not a map of a known type", path.display()))
 }
 
+/// The Maglev table size the agent that pinned `dir` wrote into `config`
+/// (0: none was written).
+pub fn pinned_maglev_size(dir: &std::path::Path) -> Result<u32> {
+    let config: Array<MapData, Config> = from_pin(dir, map_names::CONFIG)?
+        .try_into()
+        .context("map config has an unexpected type")?;
+    Ok(config.get(&0, 0).context("reading config")?.maglev_size)
+}
+
 fn take(ebpf: &mut Ebpf, name: &str) -> Result<Map> {
     ebpf.take_map(name)
         .ok_or_else(|| anyhow!("the datapath object has no map {name} (or it was taken)"))

@@ -1,18 +1,24 @@
 //! The datapath object, embedded at build time, and its loading.
 
 pub mod attach;
+pub mod batch;
+pub mod layout;
 pub mod maps;
+pub mod migrate;
 pub mod pins;
 pub mod sock;
 
-use std::path::PathBuf;
+use std::{
+    collections::HashSet,
+    path::{Path, PathBuf},
+};
 
 use anyhow::{Context as _, Result};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
 };
-use lb_common::{capacity, map_names};
+use lb_common::{LAYOUT_VERSION, Layout, capacity, map_names};
 
 pub use self::maps::{CounterMaps, Maps, NodeConfig};
 
@@ -82,7 +88,8 @@ impl Sizes {
 #[derive(Clone, Debug, Default)]
 pub struct LoadOptions {
     /// Directory (on bpffs) to pin the maps in; maps already pinned there are
-    /// reused as they are, so state survives agent restarts. None: unpinned.
+    /// reused as they are, so state survives agent restarts, or migrated
+    /// where their layout or size changed (see [`layout`]). None: unpinned.
     pub pin_path: Option<PathBuf>,
     pub sizes: Sizes,
     /// Datapath log level (aya-log): None keeps only warnings and errors; per-flow
@@ -94,6 +101,13 @@ pub struct LoadOptions {
 pub struct Datapath {
     ebpf: Ebpf,
     sizes: Sizes,
+    /// What was done with each pinned map (None: no pin path).
+    plan: Option<layout::Plan>,
+    /// Maps migrated at load whose pins are not replaced yet (see
+    /// [`Self::finish_migration`]).
+    pending: Option<migrate::Pending>,
+    /// Link pins this datapath attached or took over.
+    attached: HashSet<PathBuf>,
 }
 
 impl Datapath {
@@ -115,20 +129,45 @@ impl Datapath {
                 loader.map_max_entries(name, n);
             }
         }
-        let pins: Vec<(&str, PathBuf)> = match &opts.pin_path {
+        let plan = match &opts.pin_path {
             Some(dir) => {
                 pins::prepare_dir(dir)?;
-                pins::check_pinned_maps(dir, sizes)?;
-                pins::all_map_names().map(|n| (n, dir.join(n))).collect()
+                let plan = layout::plan(dir, sizes)?;
+                log::info!("pinned maps: {plan}");
+                for m in &plan.maps {
+                    let path = dir.join(m.name);
+                    match m.action {
+                        layout::Action::Create | layout::Action::Reuse => {
+                            loader.map_pin_path(m.name, path);
+                        }
+                        // Made unpinned, pinned when ready.
+                        layout::Action::Migrate(_) => {}
+                        layout::Action::Replace if m.name == map_names::LAYOUT => {}
+                        layout::Action::Replace => {
+                            std::fs::remove_file(&path)
+                                .with_context(|| format!("replacing {}", path.display()))?;
+                            loader.map_pin_path(m.name, path);
+                        }
+                    }
+                }
+                Some(plan)
             }
-            None => Vec::new(),
+            None => None,
         };
-        for (name, path) in &pins {
-            loader.map_pin_path(name, path.as_path());
-        }
         let mut ebpf = loader
             .load(OBJECT)
             .context("loading the datapath object (maps and BTF)")?;
+        let layout_fd = write_layout(&mut ebpf, sizes, plan.as_ref())?;
+        let pending = match (&opts.pin_path, &plan) {
+            (Some(dir), Some(plan)) if plan.migrates() => {
+                Some(migrate::Pending::start(plan, dir, &ebpf, layout_fd)?)
+            }
+            (Some(dir), Some(_)) => {
+                migrate::replace_pin(dir, map_names::LAYOUT, &layout_fd)?;
+                None
+            }
+            _ => None,
+        };
         program_mut::<Xdp>(&mut ebpf, XDP_PROGRAM)?
             .load()
             .context("loading the XDP program")?;
@@ -143,7 +182,63 @@ impl Datapath {
         Ok(Self {
             ebpf,
             sizes: opts.sizes,
+            plan,
+            pending,
+            attached: HashSet::new(),
         })
+    }
+
+    /// What was done with each pinned map at load.
+    pub fn plan(&self) -> Option<&layout::Plan> {
+        self.plan.as_ref()
+    }
+
+    /// The maps migrated at load whose pins still name the old ones.
+    pub fn migrating(&self) -> Vec<&'static str> {
+        self.pending
+            .as_ref()
+            .map(migrate::Pending::names)
+            .unwrap_or_default()
+    }
+
+    /// Ends a migration begun at load (see [`migrate`]), once the programs
+    /// are attached where the agent wants them: swaps the program of every
+    /// pinned link in `links_dir` it has not attached itself, copies what the
+    /// old programs added meanwhile and replaces the pins. None: nothing was
+    /// migrated.
+    pub fn finish_migration(&mut self, links_dir: &Path) -> Result<Option<migrate::Report>> {
+        let Some(pending) = self.pending.take() else {
+            return Ok(None);
+        };
+        let report = pending.finish(|| {
+            let mut swapped = 0;
+            for (hook, _, pin) in attach::pinned_links(links_dir) {
+                if self.attached.contains(&pin) {
+                    continue;
+                }
+                // A link whose device is gone keeps the old program (and
+                // maps) until its pin is removed; nothing reaches it.
+                match self.replace(hook, &pin) {
+                    Ok(()) => {
+                        self.attached.insert(pin);
+                        swapped += 1;
+                    }
+                    Err(e) => log::warn!(
+                        "pinned link {} keeps the previous program: {e:#}",
+                        pin.display()
+                    ),
+                }
+            }
+            let sock_pins = sock::pinned(links_dir);
+            if sock_pins > 0 && !self.attached.contains(&links_dir.join("sock")) {
+                log::warn!(
+                    "{sock_pins} socket program link(s) of the previous run stay on the maps it had \
+                     (this run did not attach its own)"
+                );
+            }
+            Ok(swapped)
+        })?;
+        Ok(Some(report))
     }
 
     pub fn xdp(&mut self) -> Result<&mut Xdp> {
@@ -164,6 +259,37 @@ impl Datapath {
     pub fn take_maps(&mut self) -> Result<Maps> {
         Maps::take(&mut self.ebpf, self.sizes)
     }
+}
+
+/// Writes this build's [`Layout`] into the object's `layout` map (made
+/// unpinned: see [`migrate::replace_pin`]); returns its descriptor.
+fn write_layout(
+    ebpf: &mut Ebpf,
+    sizes: &Sizes,
+    plan: Option<&layout::Plan>,
+) -> Result<std::os::fd::OwnedFd> {
+    let previous = plan.and_then(|p| p.pinned_layout);
+    let migrates = plan.is_some_and(layout::Plan::migrates);
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let value = Layout {
+        version: LAYOUT_VERSION,
+        conntrack_value_size: size_of::<lb_common::CtEntry>() as u32,
+        conntrack_entries: sizes.conntrack,
+        migrations: previous.map_or(0, |l| l.migrations) + u32::from(migrates),
+        since_unix_s: match previous {
+            Some(l) if !migrates => l.since_unix_s,
+            _ => now,
+        },
+    };
+    let map = ebpf
+        .map_mut(map_names::LAYOUT)
+        .context("the datapath object has no layout map")?;
+    let mut array: aya::maps::Array<&mut aya::maps::MapData, Layout> =
+        aya::maps::Array::try_from(map).context("map layout has an unexpected type")?;
+    array.set(0, value, 0).context("writing layout")?;
+    migrate::object_map_fd(ebpf, map_names::LAYOUT)
 }
 
 fn program_mut<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T>

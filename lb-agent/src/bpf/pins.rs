@@ -9,10 +9,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, bail};
-use aya::maps::MapInfo;
 use lb_common::map_names;
-
-use super::{OBJECT, Sizes};
 
 /// The per-packet scratch map: holds nothing between packets, so a pinned one of
 /// another layout is simply replaced.
@@ -93,64 +90,6 @@ fn mount_bpffs(dir: &Path) -> Result<()> {
     Ok(())
 }
 
-/// Checks the maps already pinned in `dir` against those this build creates with
-/// `sizes`. A pinned state map of another shape is an error (reusing it would
-/// break the program or lose state silently); a pinned scratch map is replaced.
-/// Returns the names of the maps that will be reused.
-pub fn check_pinned_maps(dir: &Path, sizes: &Sizes) -> Result<Vec<&'static str>> {
-    let obj = aya_obj::Object::parse(OBJECT).context("parsing the embedded datapath object")?;
-    let mut reused = Vec::new();
-    let mut problems = Vec::new();
-    for name in all_map_names() {
-        let path = dir.join(name);
-        if !path.exists() {
-            continue;
-        }
-        let Some(def) = obj.maps.get(name) else {
-            bail!("the datapath object has no map {name}");
-        };
-        let max_entries = sizes
-            .max_entries(name)?
-            .unwrap_or_else(|| def.max_entries());
-        let info = MapInfo::from_pin(&path)
-            .with_context(|| format!("reading pinned map {}", path.display()))?;
-        // The kernel adds BPF_F_RDONLY_PROG to devmaps itself: not a difference.
-        const RDONLY_PROG: u32 = 1 << 7;
-        let found = (
-            info.key_size(),
-            info.value_size(),
-            info.max_entries(),
-            info.map_flags() & !RDONLY_PROG,
-        );
-        let want = (
-            def.key_size(),
-            def.value_size(),
-            max_entries,
-            def.map_flags() & !RDONLY_PROG,
-        );
-        if found == want {
-            reused.push(name);
-        } else if name == SCRATCH {
-            std::fs::remove_file(&path).with_context(|| format!("replacing {}", path.display()))?;
-        } else {
-            problems.push(format!(
-                "{}: key {} value {} bytes, {} entries, flags {:#x}; this agent needs key {} value {} bytes, {} entries, flags {:#x}",
-                path.display(), found.0, found.1, found.2, found.3, want.0, want.1, want.2, want.3
-            ));
-        }
-    }
-    if !problems.is_empty() {
-        bail!(
-            "maps pinned by an earlier run do not fit this agent's settings (different sizes or \
-             an incompatible version):\n  {}\nStart with the sizes they were created with, or run \
-             `lb-agent cleanup --pin-path {}` to remove them (flushes connection tracking).",
-            problems.join("\n  "),
-            dir.display()
-        );
-    }
-    Ok(reused)
-}
-
 /// Removes every pin the agent made in `dir` (detaching the programs) and the
 /// directory itself. Missing pins are fine.
 pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
@@ -165,10 +104,12 @@ pub fn remove_all(dir: &Path) -> Result<Vec<PathBuf>> {
         let _ = std::fs::remove_dir(&links);
     }
     for name in all_map_names() {
-        let p = dir.join(name);
-        if p.exists() {
-            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
-            removed.push(p);
+        // (`<name>-new`: a migration's pin not yet renamed, see `super::migrate`.)
+        for p in [dir.join(name), dir.join(format!("{name}-new"))] {
+            if p.exists() {
+                std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+                removed.push(p);
+            }
         }
     }
     let _ = std::fs::remove_dir(dir);

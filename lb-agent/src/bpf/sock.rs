@@ -145,6 +145,8 @@ impl Datapath {
             std::fs::rename(&fresh, &pin)
                 .with_context(|| format!("moving {} to {}", fresh.display(), pin.display()))?;
         }
+        // (What `finish_migration` asks: the socket programs are this run's.)
+        self.attached.insert(links_dir.join("sock"));
         Ok(())
     }
 }

@@ -154,8 +154,16 @@ impl Reconciler {
             .map(|slot| (slot.id, slot.value))
             .collect();
         let mut wrong = 0;
-        for id in 0..self.sizes().backends {
-            let have = self.maps.backends.get(&id, 0).context("reading backends")?;
+        // Every slot in one batched walk (a few system calls for 65,536
+        // slots, where a read per slot took one each).
+        let slots: Vec<(u32, Backend)> = {
+            use aya::maps::IterableMap as _;
+            use std::os::fd::AsFd as _;
+            crate::bpf::batch::read_all(self.maps.backends.map().fd().as_fd())
+                .and_then(|e| e.typed())
+                .context("reading backends")?
+        };
+        for (id, have) in slots {
             match expected.get(&id) {
                 Some(want) if *want == have => {}
                 Some(want) => {
