@@ -36,7 +36,7 @@ use lb_common::ServiceKey;
 use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 
-/// Room for everything an input can ask for (5 Services, 3 ports each, two
+/// Room for everything an input can ask for (3 Services, 3 ports each, two
 /// families, two rows per port), so that no port is ever refused for room.
 const SIZES: Sizes = Sizes {
     services: 1024,
@@ -49,14 +49,17 @@ const SIZES: Sizes = Sizes {
 const NODE: &str = "node-a";
 /// Addresses Services use (ClusterIPs, externalIPs, ingress IPs): few, so
 /// that they collide. The node's own addresses are among them.
+/// Addresses Services use (ClusterIPs, externalIPs, ingress IPs): few, and
+/// the common ones twice, so that they collide. The node's own address is
+/// among them.
 const SERVICE_ADDRS: [&str; 8] = [
     "10.96.0.1",
+    "10.96.0.1",
     "10.96.0.2",
-    "10.96.0.3",
+    "10.96.0.2",
     "192.0.2.1",
     "fd00:96::1",
-    "fd00:96::2",
-    "2001:db8::1",
+    "fd00:96::1",
     "not-an-ip",
 ];
 const NODE_ADDRS: [&str; 4] = ["192.0.2.1", "192.0.2.2", "2001:db8::1", "10.96.0.3"];
@@ -70,9 +73,20 @@ const ENDPOINT_ADDRS: [&str; 8] = [
     "10.244.0.300",
     "192.0.2.1",
 ];
-const PORTS: [i32; 5] = [80, 443, 53, 8080, 0];
+/// Service ports (number, protocol): the common ones twice; a bad number
+/// and protocols lb does not serve.
+const PORTS: [(i32, &str); 8] = [
+    (80, "TCP"),
+    (80, "TCP"),
+    (53, "UDP"),
+    (53, "UDP"),
+    (80, "UDP"),
+    (0, "TCP"),
+    (80, "SCTP"),
+    (443, "tcp"),
+];
+const TARGET_PORTS: [i32; 3] = [8080, 53, 0];
 const NODE_PORTS: [i32; 4] = [30080, 30081, 30053, 80];
-const PROTOCOLS: [&str; 4] = ["TCP", "UDP", "SCTP", "tcp"];
 const PORT_NAMES: [&str; 3] = ["", "http", "dns"];
 const TYPES: [&str; 4] = ["ClusterIP", "NodePort", "LoadBalancer", "ExternalName"];
 const RANGES: [&str; 4] = [
@@ -90,7 +104,6 @@ fn pick<T: Copy>(pool: &[T], i: u8) -> T {
 #[derive(Arbitrary, Debug)]
 struct Port {
     name: u8,
-    protocol: u8,
     port: u8,
     target: u8,
     node_port: Option<u8>,
@@ -142,6 +155,7 @@ enum Op {
     Relist,
     NodeAddresses(Vec<u8>),
     NodeZone(Option<u8>),
+    /// The op after this one is synced together with the one after it.
     Sync,
 }
 
@@ -152,7 +166,7 @@ struct Input {
 
 /// Service names: their order decides who owns a contested frontend.
 fn service_name(i: u8) -> String {
-    format!("s{}", i % 5)
+    format!("s{}", i % 3)
 }
 
 fn service(i: u8, s: &ServiceSpec) -> Service {
@@ -163,11 +177,12 @@ fn service(i: u8, s: &ServiceSpec) -> Service {
         .iter()
         .take(3)
         .map(|p| {
+            let (port, protocol) = pick(&PORTS, p.port);
             let mut v = json!({
                 "name": pick(&PORT_NAMES, p.name),
-                "protocol": pick(&PROTOCOLS, p.protocol),
-                "port": pick(&PORTS, p.port),
-                "targetPort": pick(&PORTS, p.target),
+                "protocol": protocol,
+                "port": port,
+                "targetPort": pick(&TARGET_PORTS, p.target),
             });
             if let Some(n) = p.node_port {
                 v["nodePort"] = json!(pick(&NODE_PORTS, n));
@@ -242,8 +257,8 @@ fn slice(i: u8, s: &SliceSpec) -> Slice {
         .map(|p| {
             json!({
                 "name": pick(&PORT_NAMES, p.name),
-                "protocol": pick(&PROTOCOLS, p.protocol),
-                "port": pick(&PORTS, p.target),
+                "protocol": pick(&PORTS, p.port).1,
+                "port": pick(&TARGET_PORTS, p.target),
             })
         })
         .collect();
@@ -468,7 +483,13 @@ fuzz_target!(|input: Input| {
                     z.map(|z| pick(&ZONES, z).to_string()),
                 ));
             }
-            Op::Sync => sync(&mut engine, &format!("after op {n}")),
+            Op::Sync => {}
+        }
+        // Most ops are synced at once (and checked); after a `Sync` op
+        // the next two ops go into one sync.
+        let batched = n > 0 && matches!(input.ops.get(n - 1), Some(Op::Sync));
+        if !batched {
+            sync(&mut engine, &format!("after op {n} ({op:?})"));
         }
     }
     sync(&mut engine, "at the end");

@@ -80,6 +80,12 @@ fn libfuzzer_args(target: Target, seconds: u64) -> Vec<String> {
         // An input that takes this long is a hang: reported as a failure.
         "-timeout=30".to_string(),
         "-print_final_stats=1".to_string(),
+        // Inputs of any length from the start: the model's and the packets'
+        // are structured (a few ops or frames take a few hundred bytes), and
+        // libFuzzer's slow growth from 4 bytes spends a short run on inputs
+        // too small to hold one.
+        "-len_control=0".to_string(),
+        "-max_len=4096".to_string(),
     ];
     let dict = fuzz_dir()
         .join("dicts")
