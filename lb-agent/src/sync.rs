@@ -154,7 +154,11 @@ impl Engine {
         self.retry = false;
         let dirty = std::mem::take(&mut self.dirty);
         let keys: Vec<_> = if dirty.all {
-            self.store.service_keys().cloned().collect()
+            // Every Service the store holds, and those deleted since the
+            // last sync: gone from the store, still in the desired tables.
+            let mut keys = dirty.services;
+            keys.extend(self.store.service_keys().cloned());
+            keys.into_iter().collect()
         } else {
             dirty.services.into_iter().collect()
         };

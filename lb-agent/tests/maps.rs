@@ -221,6 +221,170 @@ fn the_engine_waits_for_a_listing_finishes_adoption_once_and_then_syncs_changes(
     assert!(!engine.is_due());
 }
 
+/// Service `name` in namespace `t`: ClusterIP `cluster_ip`, these
+/// externalIPs, TCP port 80 to 8080.
+fn with_external_ips(name: &str, cluster_ip: &str, external_ips: &[&str]) -> Service {
+    serde_yaml_ng::from_str(&format!(
+        "metadata: {{name: {name}, namespace: t}}\n\
+         spec: {{clusterIP: {cluster_ip}, externalIPs: [{}], ports: [{{port: 80, targetPort: 8080}}]}}",
+        external_ips.join(", ")
+    ))
+    .unwrap()
+}
+
+/// A ClusterIP's address entry (port 0: its other ports are refused) stands
+/// exactly while some ClusterIP frontend is on the address, also when a
+/// frontend changes kind under the same key: a Service's ClusterIP that
+/// becomes its externalIP, another Service's externalIP taking over a
+/// ClusterIP's frontend (the smaller Service owns a contested frontend) and
+/// giving it back, and a ClusterIP taking over an externalIP's frontend.
+/// (Found by the model fuzz target: the entry's reference went with the
+/// first owner's kind only, so it was left behind, or missing.)
+#[test]
+fn the_address_entry_follows_a_frontend_that_changes_kind() {
+    let _fib = FibNamespace::enter().unwrap();
+    let (_dp, mut engine) = engine(support::SIZES, |_| {});
+    let address = |ip: &str| {
+        lb_agent::reconcile::encoding::address_key(&service_key(&Frontend {
+            addr: ip.parse().unwrap(),
+            port: 80,
+            proto: Proto::Tcp,
+        }))
+    };
+    let sync = |engine: &mut Engine, events: Vec<SourceEvent>| {
+        for e in events {
+            engine.take(e);
+        }
+        let report = engine.sync().expect("a sync is due");
+        assert!(
+            report
+                .problems
+                .iter()
+                .all(|p| p.kind != lb_agent::cluster::ProblemKind::Capacity)
+        );
+        assert_eq!(engine.verify().unwrap().unwrap(), Drift::default());
+    };
+    let has = |engine: &Engine, ip: &str| {
+        engine
+            .reconciler()
+            .maps()
+            .services
+            .get(&address(ip), 0)
+            .is_ok()
+    };
+    let applied = |s: Service| SourceEvent::ServiceApplied(Box::new(s));
+    let deleted = |name: &str| SourceEvent::ServiceDeleted(ObjectKey::new("t", name));
+    sync(
+        &mut engine,
+        vec![SourceEvent::Resync {
+            services: vec![with_external_ips("one", "10.96.3.1", &[])],
+            slices: Vec::new(),
+            problems: Vec::new(),
+        }],
+    );
+    assert!(has(&engine, "10.96.3.1"));
+
+    // Its ClusterIP becomes its externalIP: no ClusterIP is left on 10.96.3.1.
+    sync(
+        &mut engine,
+        vec![applied(with_external_ips(
+            "one",
+            "10.96.3.2",
+            &["10.96.3.1"],
+        ))],
+    );
+    assert!(has(&engine, "10.96.3.2"));
+    assert!(!has(&engine, "10.96.3.1"), "address entry left behind");
+    sync(&mut engine, vec![deleted("one")]);
+    assert!(!has(&engine, "10.96.3.2"));
+
+    // `b` has ClusterIP 10.96.3.3; `a`, which sorts first, claims the same
+    // frontend as an externalIP and takes it over, then lets it go again.
+    sync(
+        &mut engine,
+        vec![applied(with_external_ips("b", "10.96.3.3", &[]))],
+    );
+    assert!(has(&engine, "10.96.3.3"));
+    sync(
+        &mut engine,
+        vec![applied(with_external_ips("a", "10.96.3.4", &["10.96.3.3"]))],
+    );
+    assert!(
+        !has(&engine, "10.96.3.3"),
+        "address entry of a frontend now external"
+    );
+    sync(&mut engine, vec![deleted("a")]);
+    assert!(
+        has(&engine, "10.96.3.3"),
+        "address entry of the ClusterIP back"
+    );
+    assert!(!has(&engine, "10.96.3.4"));
+    sync(&mut engine, vec![deleted("b")]);
+    assert!(!has(&engine, "10.96.3.3"), "address entry left behind");
+
+    // `d` has externalIP 10.96.3.5; `c`, which sorts first, gets it as its
+    // ClusterIP and takes the frontend over as a ClusterIP.
+    sync(
+        &mut engine,
+        vec![applied(with_external_ips("d", "10.96.3.6", &["10.96.3.5"]))],
+    );
+    assert!(!has(&engine, "10.96.3.5"));
+    sync(
+        &mut engine,
+        vec![applied(with_external_ips("c", "10.96.3.5", &[]))],
+    );
+    assert!(
+        has(&engine, "10.96.3.5"),
+        "address entry of the new ClusterIP missing"
+    );
+    sync(&mut engine, vec![deleted("c"), deleted("d")]);
+    let left: Vec<ServiceKey> = engine
+        .reconciler()
+        .maps()
+        .services
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert!(left.is_empty(), "entries left: {left:?}");
+}
+
+/// A Service deleted in the same sync as a change of the node (its zone or
+/// addresses, which recomputes every Service) is removed with its entries.
+/// (Found by the model fuzz target: the sync recomputed the Services the
+/// store still held, so a deleted one stayed in the desired tables and its
+/// frontends in the maps.)
+#[test]
+fn a_service_deleted_while_the_node_changes_leaves_nothing_behind() {
+    let _fib = FibNamespace::enter().unwrap();
+    let (_dp, mut engine) = engine(support::SIZES, |_| {});
+    engine.take(SourceEvent::Resync {
+        services: vec![service(1)],
+        slices: vec![slice(1, 1)],
+        problems: Vec::new(),
+    });
+    engine.sync().expect("the listing is due");
+    assert!(
+        engine
+            .reconciler()
+            .maps()
+            .services
+            .get(&cluster_ip_key(1), 0)
+            .is_ok()
+    );
+    engine.take(SourceEvent::ServiceDeleted(ObjectKey::new("t", "s1")));
+    engine.take(SourceEvent::NodeZone(Some("zone-b".into())));
+    engine.sync().expect("a sync is due");
+    let left: Vec<ServiceKey> = engine
+        .reconciler()
+        .maps()
+        .services
+        .keys()
+        .map(Result::unwrap)
+        .collect();
+    assert!(left.is_empty(), "entries left: {left:?}");
+    assert_eq!(engine.desired().len(), 0);
+}
+
 /// A LoadBalancer Service `fw` (ClusterIP 10.96.2.1, ingress 203.0.113.1)
 /// with these loadBalancerSourceRanges (none: the field left out) and
 /// sessionAffinity ClientIP.

@@ -6,6 +6,7 @@
 //! through cargo (`tests/closure.rs` holds it to that).
 
 mod bench;
+mod fuzz;
 mod setup;
 
 use anyhow::Result;
@@ -22,7 +23,8 @@ struct Cli {
 enum Task {
     /// Install what building and testing lb needs (skipping what is there):
     /// Debian packages (llvm-22-dev, bpftool, iproute2, ...), rust-src for the
-    /// nightly toolchain, bpf-linker built against LLVM 22; mounts bpffs.
+    /// nightly toolchain, bpf-linker built against LLVM 22, cargo-fuzz; mounts
+    /// bpffs.
     Setup,
     /// The main job: set up, build lb, bring up a two-node cluster on network
     /// namespaces (nodes, pods with real servers, an external client), run
@@ -40,10 +42,35 @@ enum Task {
         kube: bool,
     },
     /// Set up, then run the whole test suite (as root: it loads BPF programs
-    /// and builds network namespaces).
+    /// and builds network namespaces), and then each fuzz target for 10 s
+    /// (see `fuzz`).
     Test {
-        /// Extra arguments for `cargo test` (e.g. a test name filter).
+        /// Extra arguments for `cargo test` (e.g. a test name filter). With
+        /// any, only `cargo test` runs (no fuzz runs).
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Fuzz lb with libFuzzer (cargo-fuzz, nightly) for a while: `manifests`
+    /// (the manifest reader on arbitrary files), `model` (Service and
+    /// EndpointSlice events through the model and the reconciler into real
+    /// maps, checked against the desired tables) and `packets` (arbitrary
+    /// frames through the XDP and tc programs with BPF_PROG_TEST_RUN, the
+    /// output parsed and its checksums checked). As root for model and
+    /// packets. A failure leaves its input under fuzz/artifacts/<target>/;
+    /// new inputs collect in fuzz/corpus/<target>/.
+    Fuzz {
+        /// The target to run; all three, one after the other, when left out.
+        #[arg(value_enum)]
+        target: Option<fuzz::Target>,
+        /// How long to run each target, in seconds.
+        #[arg(long, default_value_t = 300)]
+        time: u64,
+        /// Build with AddressSanitizer (a longer build; `cargo xtask test`'s
+        /// runs go without it).
+        #[arg(long)]
+        asan: bool,
+        /// Extra arguments for libFuzzer after `--` (e.g. `-- -jobs=2`).
+        #[arg(last = true)]
         args: Vec<String>,
     },
     /// Benchmark lb against kube-proxy (iptables, nftables) in one run, as root;
@@ -64,6 +91,20 @@ fn main() -> Result<()> {
         Task::Demo { once, kube } => demo(once, kube),
         Task::Bench { quick, args } => bench::run(quick, args),
         Task::Test { args } => test(args),
+        Task::Fuzz {
+            target,
+            time,
+            asan,
+            args,
+        } => {
+            let targets = target.map_or(fuzz::Target::ALL.to_vec(), |t| vec![t]);
+            let build = if asan {
+                fuzz::Build::Asan
+            } else {
+                fuzz::Build::Plain
+            };
+            fuzz::task(&targets, time, build, &args)
+        }
     }
 }
 
@@ -89,11 +130,17 @@ fn test(args: Vec<String>) -> Result<()> {
     let mut cargo_args: Vec<String> = ["test", "--workspace", "--exclude", "lb-ebpf"]
         .map(String::from)
         .to_vec();
-    if !args.is_empty() {
+    let filtered = !args.is_empty();
+    if filtered {
         cargo_args.push("--".into());
         cargo_args.extend(args);
     }
-    setup::cargo(cargo_args)
+    setup::cargo(cargo_args)?;
+    if filtered {
+        eprintln!("test: a filter was given: no fuzz runs");
+        return Ok(());
+    }
+    fuzz::bounded()
 }
 
 #[cfg(test)]
@@ -118,11 +165,12 @@ mod tests {
             ("demo", "two-node cluster on network namespaces"),
             ("test", "run the whole test suite"),
             ("bench", "Benchmark lb against kube-proxy"),
+            ("fuzz", "Fuzz lb with libFuzzer"),
         ] {
             assert!(about(task).contains(says), "{task}: {:?}", about(task));
         }
         let texts: std::collections::BTreeSet<String> =
-            ["setup", "demo", "test", "bench"].map(about).into();
-        assert_eq!(texts.len(), 4, "two tasks share a help text: {texts:?}");
+            ["setup", "demo", "test", "bench", "fuzz"].map(about).into();
+        assert_eq!(texts.len(), 5, "two tasks share a help text: {texts:?}");
     }
 }

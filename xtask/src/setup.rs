@@ -46,6 +46,7 @@ pub fn run() -> Result<()> {
     apt_packages()?;
     rust_src()?;
     bpf_linker()?;
+    cargo_fuzz()?;
     bpffs()?;
     Ok(())
 }
@@ -116,6 +117,25 @@ fn bpf_linker() -> Result<()> {
                 "llvm-22",
             ]),
     )
+}
+
+/// cargo-fuzz, for the fuzz targets (`cargo xtask fuzz`, and the bounded
+/// runs of `cargo xtask test`); 0.13.1 builds with rustc 1.95 and drives
+/// nightly 1.97's libFuzzer flags.
+const CARGO_FUZZ: &str = "cargo-fuzz@0.13.1";
+
+fn cargo_fuzz() -> Result<()> {
+    let works = Command::new("cargo")
+        .args(["fuzz", "--version"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if works {
+        return Ok(());
+    }
+    eprintln!("setup: installing {CARGO_FUZZ} (about a minute)");
+    status(Command::new("cargo").args(["install", CARGO_FUZZ, "--locked"]))
 }
 
 /// What a clean `cargo xtask test` writes under `target/` (debug and release

@@ -566,6 +566,12 @@ impl Reconciler {
     ) {
         let adopted = self.adoption.frontends.remove(&k).is_some();
         let first = !self.owners.contains_key(&k);
+        // The entry holds a reference on its address entry while its owner's
+        // last write is a ClusterIP's: a frontend that changes kind (its
+        // Service's ClusterIP turned externalIP, or taken over by another
+        // Service's externalIP, or the other way round) takes or gives it
+        // back here, whichever port owned it.
+        let was_cluster_ip = !first && current.as_ref().is_some_and(encoding::is_cluster_ip);
         if first && !adopted {
             self.filter.add(&mut self.maps, FilterKey::frontend(&k));
         }
@@ -584,8 +590,10 @@ impl Reconciler {
                 }
             }
         }
-        if first && encoding::is_cluster_ip(v) {
-            self.use_cluster_ip(&k, stats);
+        match (was_cluster_ip, encoding::is_cluster_ip(v)) {
+            (false, true) => self.use_cluster_ip(&k, stats),
+            (true, false) => self.release_cluster_ip(&k, stats),
+            _ => {}
         }
         self.owners.insert(k, port.clone());
     }
@@ -600,16 +608,22 @@ impl Reconciler {
         }
         self.filter.remove(&mut self.maps, FilterKey::frontend(k));
         if encoding::is_cluster_ip(v) {
-            let a = encoding::address_key(k);
-            if let Some(n) = self.cluster_ips.get_mut(&a) {
-                *n -= 1;
-                if *n == 0 {
-                    self.cluster_ips.remove(&a);
-                    if self.maps.remove_service(&a).is_ok() {
-                        stats.frontends_removed += 1;
-                    }
-                    self.filter.remove(&mut self.maps, FilterKey::frontend(&a));
+            self.release_cluster_ip(k, stats);
+        }
+    }
+
+    /// One ClusterIP frontend fewer on this address (gone, or no longer a
+    /// ClusterIP): the last removes the address entry.
+    fn release_cluster_ip(&mut self, k: &ServiceKey, stats: &mut Stats) {
+        let a = encoding::address_key(k);
+        if let Some(n) = self.cluster_ips.get_mut(&a) {
+            *n -= 1;
+            if *n == 0 {
+                self.cluster_ips.remove(&a);
+                if self.maps.remove_service(&a).is_ok() {
+                    stats.frontends_removed += 1;
                 }
+                self.filter.remove(&mut self.maps, FilterKey::frontend(&a));
             }
         }
     }
