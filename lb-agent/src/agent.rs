@@ -452,10 +452,15 @@ pub async fn run(settings: Settings) -> Result<()> {
         Health::new(Instant::now(), source_lost_since),
     ));
     metrics.agent.socket_lb.set(i64::from(socket_lb));
+    // The janitor's sweeps tell the reconciler which backends still have
+    // flows: one that leaves every port keeps its filter bit until they end.
+    let flows = crate::reconcile::departed::SharedFlowBackends::default();
+    engine.reconciler().follow_flows(flows.clone());
     let janitor = crate::conntrack::Janitor::start(
         &settings.pin_path,
         metrics.agent.clone(),
         settings.sizes.conntrack,
+        flows,
     );
     let mut server = {
         let m = metrics.clone();

@@ -41,21 +41,30 @@
 
 use std::{
     borrow::{Borrow, BorrowMut},
-    collections::{BTreeSet, HashMap as StdHashMap},
+    collections::{BTreeSet, HashMap as StdHashMap, HashSet},
     io,
+    net::SocketAddr,
     os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
     path::Path,
-    sync::mpsc,
+    sync::{PoisonError, mpsc},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context as _, Result};
 use aya::maps::{HashMap, IterableMap as _, MapData, MapError, PerCpuArray};
 use lb_common::{
-    CT_F_FORWARD, CT_F_REPLY, CtEntry, CtEvent, FlowKey, PROTO_UDP, Service, ServiceKey, ct_expired,
+    CT_F_FORWARD, CT_F_REPLY, CtEntry, CtEvent, FlowKey, PROTO_UDP, Service, ServiceKey,
+    ct_expired, socket_addr,
 };
 
-use crate::{bpf::maps::is_not_found, metrics::AgentMetrics, reconcile::StaleUdp};
+use crate::{
+    bpf::maps::is_not_found,
+    metrics::AgentMetrics,
+    reconcile::{
+        StaleUdp,
+        departed::{FlowBackends, SharedFlowBackends},
+    },
+};
 
 /// Entries fetched per batched lookup: 4,096 keys and values are about
 /// 400 KB of buffers, and a million-entry map takes some 250 calls.
@@ -247,7 +256,7 @@ fn delete_flow<C: BorrowMut<MapData>>(
 }
 
 /// What one expiry sweep found and deleted.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Swept {
     /// Flows expired (their forward entry deleted, and their reply entry).
     pub flows: usize,
@@ -257,6 +266,9 @@ pub struct Swept {
     pub walked: usize,
     /// The walk reached the end of the map.
     pub complete: bool,
+    /// The backends (address and port) whose reply entries it left in place:
+    /// the backends that still have flows (see `reconcile::departed`).
+    pub backends: HashSet<SocketAddr>,
 }
 
 /// The monotonic coarse clock the datapath stamps entries with
@@ -290,8 +302,20 @@ pub fn expire<C: BorrowMut<MapData>>(
         } else {
             (None, Some(v.last_seen_ns))
         };
-        if ct_expired(v.flags, k.proto, alone.0, alone.1, now) {
-            expire_entry(conntrack, k, now, &mut swept)?;
+        let fate = if ct_expired(v.flags, k.proto, alone.0, alone.1, now) {
+            expire_entry(conntrack, k, now, &mut swept)?
+        } else {
+            Expiry::Kept
+        };
+        // What stays holds its backend: a forward entry's is where it
+        // leads, a reply entry's where its key comes from.
+        if fate == Expiry::Kept {
+            let backend = if v.flags & CT_F_FORWARD != 0 {
+                socket_addr(&v.nat_dst, k.family, v.nat_dst_port)
+            } else {
+                socket_addr(&k.src, k.family, k.src_port)
+            };
+            swept.backends.extend(backend);
         }
         Ok(())
     })?;
@@ -308,9 +332,9 @@ fn expire_entry<C: BorrowMut<MapData>>(
     k: &FlowKey,
     now: u64,
     swept: &mut Swept,
-) -> Result<()> {
+) -> Result<Expiry> {
     let Some(v) = lookup(conntrack, k)? else {
-        return Ok(());
+        return Ok(Expiry::Deleted);
     };
     if v.flags & CT_F_FORWARD != 0 {
         let rk = v.partner_key(k.proto, k.family);
@@ -318,7 +342,7 @@ fn expire_entry<C: BorrowMut<MapData>>(
         let flags = v.flags | reply.map_or(0, |r| r.flags);
         let reply_seen = reply.map(|r| r.last_seen_ns);
         if !ct_expired(flags, k.proto, Some(v.last_seen_ns), reply_seen, now) {
-            return Ok(());
+            return Ok(Expiry::Kept);
         }
         if delete(conntrack, k)? {
             swept.flows += 1;
@@ -327,17 +351,33 @@ fn expire_entry<C: BorrowMut<MapData>>(
         if reply.is_some() && delete(conntrack, &rk)? {
             swept.entries += 1;
         }
+        return Ok(Expiry::Deleted);
     } else if v.flags & CT_F_REPLY != 0 {
         let fk = v.partner_key(k.proto, k.family);
         let has_forward = lookup(conntrack, &fk)?.is_some_and(|f| is_reply_of(&v, &fk, &f));
-        if !has_forward
-            && ct_expired(v.flags, k.proto, None, Some(v.last_seen_ns), now)
-            && delete(conntrack, k)?
-        {
-            swept.entries += 1;
+        if has_forward {
+            return Ok(Expiry::ForwardDecides);
+        }
+        if ct_expired(v.flags, k.proto, None, Some(v.last_seen_ns), now) {
+            if delete(conntrack, k)? {
+                swept.entries += 1;
+            }
+            return Ok(Expiry::Deleted);
         }
     }
-    Ok(())
+    Ok(Expiry::Kept)
+}
+
+/// What became of an entry the sweep looked at closer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Expiry {
+    /// It is gone (deleted now, or already).
+    Deleted,
+    /// It stays.
+    Kept,
+    /// A reply entry whose flow's forward entry is there: the flow lives or
+    /// goes by that entry (whether walked already or still to come).
+    ForwardDecides,
 }
 
 fn lookup<C: Borrow<MapData>>(
@@ -573,8 +613,14 @@ impl Janitor {
     /// it deletes (UDP flows of removed frontends, idle flows), what the LRU
     /// evicted, and how full the map (of `capacity` entries) is. If the maps
     /// cannot be opened, that is logged and the janitor does nothing (entries
-    /// then leave by LRU eviction only).
-    pub fn start(pin_path: &Path, metrics: AgentMetrics, capacity: u32) -> Self {
+    /// then leave by LRU eviction only). After each complete sweep it tells
+    /// `flows` which backends still have flows.
+    pub fn start(
+        pin_path: &Path,
+        metrics: AgentMetrics,
+        capacity: u32,
+        flows: SharedFlowBackends,
+    ) -> Self {
         let opened = (|| -> Result<_> {
             let open = |name: &str| -> Result<MapData> {
                 let path = pin_path.join(name);
@@ -618,11 +664,16 @@ impl Janitor {
                     // walked over then counts as held, not as created, which
                     // only delays its share of the balance to the next sweep.
                     let counts = CtCounts::read(&stats);
+                    let swept_from = Instant::now();
                     let swept = expire(&mut ct, datapath_now())?;
                     metrics.conntrack_expired.inc_by(swept.entries as u64);
                     pressure.deleted(swept.entries);
                     log_sweep(&swept, t0.elapsed());
                     if swept.complete {
+                        *flows.lock().unwrap_or_else(PoisonError::into_inner) = FlowBackends {
+                            swept_from: Some(swept_from),
+                            held: swept.backends.clone(),
+                        };
                         let held = swept.walked.saturating_sub(swept.entries);
                         metrics.set_map("conntrack", held, capacity);
                         match counts {

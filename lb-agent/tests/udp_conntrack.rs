@@ -760,3 +760,111 @@ fn one_walk_over_200_000_entries_clears_exactly_the_stale_flows() {
         cleared.reply
     );
 }
+
+/// A TCP connection outlives its backend's leaving every Service port (a pod
+/// turned not Ready, or taken out of its slices while it runs), as with
+/// kube-proxy's conntrack: the backend keeps its `addr_filter` bit, so its
+/// replies are still looked up and translated, until a sweep of conntrack
+/// finds no flow of it; then the bit is released.
+#[test]
+fn a_tcp_flow_outlives_its_backend_leaving_every_port_until_its_flows_end() {
+    use lb_agent::reconcile::{departed::FlowBackends, encoding::FilterKey};
+
+    let mut node = Node::new(
+        vec![service("dns", DNS_IPS, 53, None)],
+        slices("dns", DNS_POD, "node-b"),
+    );
+    let flows = lb_agent::reconcile::departed::SharedFlowBackends::default();
+    node.engine.reconciler().follow_flows(flows.clone());
+    let tcp_flows: Vec<Flow> = (0..2)
+        .map(|i| node.open(From::Pod, TCP, at(LOCAL_POD[i], 42_000), at(DNS_IPS[i], 53)))
+        .collect();
+    let bit_set = |node: &Node, backend: SocketAddr| {
+        let bit = FilterKey::backend(backend).bit();
+        let word = node
+            .engine
+            .reconciler()
+            .maps()
+            .addr_filter
+            .get(&(bit / 64), 0)
+            .unwrap();
+        word & (1 << (bit % 64)) != 0
+    };
+    // The backend's SYN-ACK, from node-b through XDP on the uplink.
+    let answer = |node: &mut Node, f: &Flow| {
+        let frame = tcp(
+            (NODE_B_MAC, UPLINK_MAC),
+            f.backend,
+            f.leaves_from,
+            SYN | ACK,
+            5000,
+            1001,
+            &[],
+        );
+        match node.xdp(&frame) {
+            Fate::Sent(out) => out.ports(),
+            _ => None,
+        }
+    };
+    for f in &tcp_flows {
+        assert_eq!(answer(&mut node, f), Some((f.frontend, f.client)), "{f:?}");
+    }
+
+    // DNS_POD leaves dns's slices (OTHER_POD takes its place): it is a
+    // backend of no port now.
+    for s in slices("dns", OTHER_POD, "node-b") {
+        node.sync(SourceEvent::SliceApplied(Box::new(s)));
+    }
+    assert_eq!(node.engine.reconciler().departed_backends(), 2);
+    for f in &tcp_flows {
+        assert!(
+            bit_set(&node, f.backend),
+            "{} lost its filter bit",
+            f.backend
+        );
+        assert_eq!(
+            answer(&mut node, f),
+            Some((f.frontend, f.client)),
+            "the reply of {f:?} after its backend left"
+        );
+        assert!(node.reaches_backend(f), "{f:?}");
+    }
+
+    // A sweep finds the flows: the bits stay, also through a verify pass.
+    let now = conntrack::datapath_now();
+    let sweep = |node: &mut Node, at: u64| {
+        let from = std::time::Instant::now();
+        let s = {
+            let mut r = node.engine.reconciler();
+            conntrack::expire(&mut r.maps_mut().conntrack, at).unwrap()
+        };
+        assert!(s.complete);
+        *flows.lock().unwrap() = FlowBackends {
+            swept_from: Some(from),
+            held: s.backends.clone(),
+        };
+        let drift = node.engine.verify().expect("synced").unwrap();
+        assert_eq!(drift.total(), 0, "{drift:?}");
+        s
+    };
+    let s = sweep(&mut node, now);
+    for f in &tcp_flows {
+        assert!(s.backends.contains(&f.backend), "{s:?}");
+        assert!(bit_set(&node, f.backend));
+        assert_eq!(answer(&mut node, f), Some((f.frontend, f.client)));
+    }
+    assert_eq!(node.engine.reconciler().departed_backends(), 2);
+
+    // The flows end (expired, as if idle past their state's limit): the next
+    // sweep finds none of them, and the bits go.
+    let s = sweep(&mut node, now + 2 * lb_common::CT_TCP_ESTABLISHED_NS);
+    assert_eq!(s.flows, 2, "{s:?}");
+    assert_eq!(node.engine.reconciler().departed_backends(), 0);
+    for f in &tcp_flows {
+        assert!(!bit_set(&node, f.backend), "{} kept its bit", f.backend);
+    }
+    // The new backend's bits are untouched.
+    for p in OTHER_POD {
+        assert!(bit_set(&node, at(p, 5353)), "{p}");
+    }
+}

@@ -18,6 +18,7 @@
 //! last, once nothing points at them.
 
 mod adoption;
+pub mod departed;
 pub mod encoding;
 pub mod filter;
 mod ids;
@@ -178,6 +179,8 @@ pub struct Reconciler {
     /// Backends whose last user went away during the current pass.
     unused: Vec<SocketAddr>,
     filter: Filter,
+    /// Backends in no port that keep their filter bit for their flows.
+    departed: departed::Departed,
     /// ClusterIP address entries (port 0) and how many ClusterIP frontends use each.
     cluster_ips: HashMap<ServiceKey, u32>,
     /// Service ids whose `affinity` entries this pass must check, with the
@@ -211,6 +214,7 @@ impl Reconciler {
             adoption,
             unused: Vec::new(),
             filter,
+            departed: departed::Departed::default(),
             cluster_ips: HashMap::new(),
             affinity_checks: HashMap::new(),
             names: SharedIdNames::default(),
@@ -266,6 +270,7 @@ impl Reconciler {
             self.free_unused(stats);
         }
         self.check_affinities();
+        self.settle_departed();
         if self.filter.take_failed() {
             self.repair_due = true;
         }
@@ -679,8 +684,11 @@ impl Reconciler {
                     .alloc()
                     .ok_or("no backend id left (--max-backends)")?;
                 // The filter bit goes first: replies from the backend must not be
-                // skipped once a table points at it.
-                self.filter.add(&mut self.maps, FilterKey::backend(addr));
+                // skipped once a table points at it. A departed backend still
+                // holds its reference.
+                if !self.departed.returned(&addr) {
+                    self.filter.add(&mut self.maps, FilterKey::backend(addr));
+                }
                 (id, None)
             }
         };
@@ -698,6 +706,27 @@ impl Reconciler {
         );
         self.names.lock().backends.insert(id, addr);
         Ok(())
+    }
+
+    /// Follows the backends conntrack holds flows of (the janitor's
+    /// sweeps): a backend that leaves every port keeps its filter bit while
+    /// they last (see [`departed`]).
+    pub fn follow_flows(&mut self, flows: departed::SharedFlowBackends) {
+        self.departed.follow(flows);
+    }
+
+    /// Departed backends still holding their filter bit for their flows.
+    pub fn departed_backends(&self) -> usize {
+        self.departed.count()
+    }
+
+    fn settle_departed(&mut self) {
+        let backends = &self.backends;
+        self.departed.settle(
+            |a| backends.contains_key(a),
+            &mut self.filter,
+            &mut self.maps,
+        );
     }
 
     fn write_backend(&mut self, id: u32, value: &Backend) -> Result<(), String> {
@@ -733,7 +762,8 @@ impl Reconciler {
                     }
                 }
                 self.ids.backends.release(id);
-                self.filter.remove(&mut self.maps, FilterKey::backend(addr));
+                // Its TCP flows go on: their replies must still be looked up.
+                self.departed.left(addr, &mut self.filter, &mut self.maps);
             }
         }
     }

@@ -105,6 +105,8 @@ impl Reconciler {
         };
         drift.source_ranges = self.verify_source_ranges()?;
         drift.service_names = self.verify_service_names()?;
+        // Departed backends whose flows have ended let go of their bits.
+        self.settle_departed();
         // Last: the entries behind the bits are in place by now.
         drift.addr_filter = self.filter.repair(&mut self.maps)?;
         Ok(drift)
