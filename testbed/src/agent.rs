@@ -258,10 +258,16 @@ impl Agent {
 
     /// Peak resident set (VmHWM) in bytes.
     pub fn peak_rss(&self) -> Option<u64> {
+        self.status_bytes("VmHWM")
+    }
+
+    /// A size field of its `/proc/<pid>/status` (`VmRSS`, `VmHWM`, ...,
+    /// given in kB there) in bytes.
+    pub fn status_bytes(&self, field: &str) -> Option<u64> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmHWM:"))?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))?
             .split_whitespace()
             .next()?
             .parse()

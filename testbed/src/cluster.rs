@@ -1020,6 +1020,31 @@ impl Cluster {
         drop(std::mem::take(&mut *lock(&self.servers)));
     }
 
+    /// Stops the servers of pod `pod` (as its containers stop: connections
+    /// to it are refused from then on); returns once they are closed.
+    /// Nothing if none run.
+    pub fn stop_pod_server(&self, pod: &str) {
+        let stopped: Vec<Servers> = {
+            let mut all = lock(&self.servers);
+            let (gone, kept) = std::mem::take(&mut *all)
+                .into_iter()
+                .partition(|s| s.ns() == self.pod(pod).ns());
+            *all = kept;
+            gone
+        };
+        drop(stopped);
+    }
+
+    /// Starts the servers of pod `pod` on `ports` again (as
+    /// [`Self::start_pod_servers`] does for every pod), after
+    /// [`Self::stop_pod_server`].
+    pub fn start_pod_server(&self, pod: &str, ports: &[u16]) -> Result<()> {
+        let p = self.pod(pod);
+        let s = serve_in(&p.ns, &p.name, &p.addrs(), ports)?;
+        lock(&self.servers).push(s);
+        Ok(())
+    }
+
     /// Writes the Node manifests (`nodes.yaml`: zones and pod CIDRs, the
     /// cluster CIDRs) into `manifests_dir`, then starts the lb agent on every
     /// node:
@@ -1330,6 +1355,11 @@ impl Cluster {
     /// The pid of the agent running on `node`, if one is.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         self.scope.agent_pid(node)
+    }
+
+    /// The resident set (VmRSS) of the agent running on `node`, in bytes.
+    pub fn agent_rss(&self, node: &str) -> Option<u64> {
+        self.scope.agent_status_bytes(node, "VmRSS")
     }
 
     /// Everything the agent on `node` has logged (across restarts).

@@ -59,6 +59,9 @@ const UP_TIMEOUT: Duration = Duration::from_secs(300);
 /// How often the nodes' Leases are renewed (the node lifecycle controller
 /// waits 40 s before it marks a silent node unknown).
 const HEARTBEAT: Duration = Duration::from_secs(2);
+/// How long the kubelet stand-in may take over reading and putting back one
+/// Pod's status.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// Field manager of every patch the testbed makes.
 const MANAGER: &str = "lb-testbed";
 
@@ -118,8 +121,20 @@ fn remove_stale(tools: &Path) {
     }
 }
 
-/// Pods by (namespace, name): the testbed pod and whether it should be Ready.
+/// Pods by (namespace, Pod name): the testbed pod it runs in and whether
+/// it should be Ready. (A Pod's name is its testbed pod's, or another for a
+/// replica run in that pod's namespace: see [`ControlPlane::run_pod_as`].)
 type PodRegistry = BTreeMap<(String, String), (Pod, bool)>;
+
+/// The registry of Pods and what serializes the writes of their status: the
+/// test's and the kubelet stand-in's. Without it the stand-in, acting on what
+/// it read of the registry a moment before, could put back a Ready condition
+/// the test has just changed.
+#[derive(Default)]
+struct Pods {
+    registry: Mutex<PodRegistry>,
+    writes: tokio::sync::Mutex<()>,
+}
 
 /// What stands in for the nodes' kubelets, every [`HEARTBEAT`]: renews the
 /// nodes' Leases, posts their Ready condition again, and puts back the Ready
@@ -130,7 +145,7 @@ type PodRegistry = BTreeMap<(String, String), (Pod, bool)>;
 struct Kubelet {
     client: Client,
     nodes: Vec<crate::Node>,
-    pods: Arc<Mutex<PodRegistry>>,
+    pods: Arc<Pods>,
 }
 
 impl Kubelet {
@@ -168,30 +183,38 @@ impl Kubelet {
                     )
                     .await;
             }
-            let pods: Vec<_> = lock(&self.pods)
-                .iter()
-                .map(|((ns, _), (pod, ready))| (ns.clone(), pod.clone(), *ready))
-                .collect();
-            for (ns, pod, ready) in pods {
-                let api: Api<KubePod> = Api::namespaced(self.client.clone(), &ns);
-                let Ok(Some(now)) = api.get_opt(pod.name()).await else {
+            let pods: Vec<_> = lock(&self.pods.registry).keys().cloned().collect();
+            for key in pods {
+                let (ns, name) = &key;
+                let api: Api<KubePod> = Api::namespaced(self.client.clone(), ns);
+                let _writing = self.pods.writes.lock().await;
+                // What the test wants now (it may have changed it, or removed
+                // the Pod, since the list above was taken).
+                let Some((pod, ready)) = lock(&self.pods.registry).get(&key).cloned() else {
                     continue;
                 };
-                let is_ready = now
-                    .status
-                    .and_then(|s| s.conditions)
-                    .into_iter()
-                    .flatten()
-                    .any(|c| c.type_ == "Ready" && c.status == "True");
-                if is_ready != ready {
-                    let _ = api
-                        .patch_status(
-                            pod.name(),
-                            &PatchParams::default(),
-                            &Patch::Merge(&pod_status(&pod, ready)),
-                        )
-                        .await;
-                }
+                // Bounded: the test waits for this to write a status.
+                let _ = tokio::time::timeout(WRITE_TIMEOUT, async {
+                    let Ok(Some(now)) = api.get_opt(name).await else {
+                        return;
+                    };
+                    let is_ready = now
+                        .status
+                        .and_then(|s| s.conditions)
+                        .into_iter()
+                        .flatten()
+                        .any(|c| c.type_ == "Ready" && c.status == "True");
+                    if is_ready != ready {
+                        let _ = api
+                            .patch_status(
+                                name,
+                                &PatchParams::default(),
+                                &Patch::Merge(&pod_status(&pod, ready)),
+                            )
+                            .await;
+                    }
+                })
+                .await;
             }
             tokio::time::sleep(HEARTBEAT).await;
         }
@@ -299,7 +322,7 @@ pub struct ControlPlane {
     rt: tokio::runtime::Runtime,
     client: Client,
     /// The Pods made by [`Self::run_pod`] and whether they should be Ready.
-    pods: Arc<Mutex<PodRegistry>>,
+    pods: Arc<Pods>,
     kubeconfig: PathBuf,
     procs: Processes,
 }
@@ -585,9 +608,25 @@ impl ControlPlane {
         ports: &[(&str, u16)],
         ready: bool,
     ) -> Result<()> {
+        self.run_pod_as(namespace, pod.name(), pod, labels, ports, ready)
+    }
+
+    /// [`Self::run_pod`] under another name: Pod `name` runs in testbed pod
+    /// `pod` (its node, its addresses), as one replica after another of a
+    /// Deployment may be given the same addresses. Only one Pod should run
+    /// in a testbed pod at a time.
+    pub fn run_pod_as(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &Pod,
+        labels: &BTreeMap<String, String>,
+        ports: &[(&str, u16)],
+        ready: bool,
+    ) -> Result<()> {
         let obj = KubePod {
             metadata: ObjectMeta {
-                name: Some(pod.name().into()),
+                name: Some(name.into()),
                 namespace: Some(namespace.into()),
                 labels: Some(labels.clone()),
                 ..ObjectMeta::default()
@@ -643,28 +682,43 @@ impl ControlPlane {
                     std::thread::sleep(Duration::from_millis(200));
                 }
                 Err(e) => {
-                    return Err(e).with_context(|| format!("creating Pod {}", pod.name()));
+                    return Err(e).with_context(|| format!("creating Pod {name}"));
                 }
             }
         }
-        self.set_pod_ready(namespace, pod, ready)
+        self.set_pod_ready_as(namespace, name, pod, ready)
     }
 
     /// Sets a Pod's status as a kubelet would: Running, its addresses, and
     /// its Ready condition.
     /// The kubelet stand-in (see [`Self::register_nodes`]) keeps it so.
     pub fn set_pod_ready(&self, namespace: &str, pod: &Pod, ready: bool) -> Result<()> {
-        lock(&self.pods).insert(
-            (namespace.to_string(), pod.name().to_string()),
-            (pod.clone(), ready),
-        );
+        self.set_pod_ready_as(namespace, pod.name(), pod, ready)
+    }
+
+    /// [`Self::set_pod_ready`] of Pod `name`, which runs in testbed pod `pod`.
+    pub fn set_pod_ready_as(
+        &self,
+        namespace: &str,
+        name: &str,
+        pod: &Pod,
+        ready: bool,
+    ) -> Result<()> {
         let api: Api<KubePod> = Api::namespaced(self.client(), namespace);
-        self.block_on(api.patch_status(
-            pod.name(),
-            &PatchParams::default(),
-            &Patch::Merge(&pod_status(pod, ready)),
-        ))
-        .with_context(|| format!("setting the status of Pod {}", pod.name()))
+        self.block_on(async {
+            let _writing = self.pods.writes.lock().await;
+            lock(&self.pods.registry).insert(
+                (namespace.to_string(), name.to_string()),
+                (pod.clone(), ready),
+            );
+            api.patch_status(
+                name,
+                &PatchParams::default(),
+                &Patch::Merge(&pod_status(pod, ready)),
+            )
+            .await
+        })
+        .with_context(|| format!("setting the status of Pod {name}"))
         .map(drop)
     }
 
@@ -698,9 +752,14 @@ impl ControlPlane {
     /// Removes a Pod at once (what the kubelet does when its containers
     /// have stopped).
     pub fn force_delete_pod(&self, namespace: &str, name: &str) -> Result<()> {
-        lock(&self.pods).remove(&(namespace.to_string(), name.to_string()));
         let api: Api<KubePod> = Api::namespaced(self.client(), namespace);
-        match self.block_on(api.delete(name, &DeleteParams::default().grace_period(0))) {
+        let deleted = self.block_on(async {
+            let _writing = self.pods.writes.lock().await;
+            lock(&self.pods.registry).remove(&(namespace.to_string(), name.to_string()));
+            api.delete(name, &DeleteParams::default().grace_period(0))
+                .await
+        });
+        match deleted {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
             Err(e) => Err(e).with_context(|| format!("force-deleting Pod {name}")),

@@ -279,7 +279,7 @@ impl KubeCluster {
     /// `lb-testbed/set-<set>` and takes the label off every other testbed
     /// Pod. Returns the selector of the set, for a Service's spec.
     pub fn pod_set(&self, set: &str, pods: &[&str]) -> Result<Value> {
-        let key = format!("lb-testbed/set-{set}");
+        let key = set_label(set);
         let api: Api<k8s_openapi::api::core::v1::Pod> =
             Api::namespaced(self.cp.client(), NAMESPACE);
         for pod in self.cluster.pods() {
@@ -327,10 +327,35 @@ impl KubeCluster {
         )
     }
 
-    /// The ready endpoint addresses of Service `name` in its EndpointSlices,
-    /// as the API server has them now (what the EndpointSlice controller made
-    /// of the Pods).
-    pub fn ready_endpoints(&self, name: &str) -> Result<Vec<String>> {
+    /// Runs Pod `name` in testbed pod `pod`'s namespace (its node, its
+    /// addresses, its servers), in the sets `sets` (see [`Self::pod_set`]),
+    /// Ready or not: a replica of a workload, as one Deployment's Pods come
+    /// and go. Only one Pod at a time should run in a testbed pod (delete the
+    /// one before, [`ControlPlane::force_delete_pod`], first).
+    pub fn run_replica(&self, name: &str, pod: &str, sets: &[&str], ready: bool) -> Result<()> {
+        let mut labels = pod_labels();
+        labels.extend(sets.iter().map(|s| (set_label(s), "true".to_string())));
+        self.cp.run_pod_as(
+            NAMESPACE,
+            name,
+            self.cluster.pod(pod),
+            &labels,
+            &[(POD_PORT_NAME, POD_PORT)],
+            ready,
+        )
+    }
+
+    /// Sets the Ready condition of replica `name` (run in testbed pod `pod`
+    /// by [`Self::run_replica`]), as its kubelet would.
+    pub fn set_replica_ready(&self, name: &str, pod: &str, ready: bool) -> Result<()> {
+        self.cp
+            .set_pod_ready_as(NAMESPACE, name, self.cluster.pod(pod), ready)
+    }
+
+    /// The endpoints of Service `name` in its EndpointSlices, as the API
+    /// server has them now (what the EndpointSlice controller made of the
+    /// Pods), sorted by address.
+    pub fn endpoints(&self, name: &str) -> Result<Vec<Endpoint>> {
         use k8s_openapi::api::discovery::v1::EndpointSlice;
         let api: Api<EndpointSlice> = Api::namespaced(self.cp.client(), NAMESPACE);
         let lp =
@@ -339,15 +364,40 @@ impl KubeCluster {
             .cp
             .block_on(api.list(&lp))
             .with_context(|| format!("listing the EndpointSlices of {name}"))?;
-        let mut out: Vec<String> = slices
+        let mut out: Vec<Endpoint> = slices
             .items
             .iter()
             .flat_map(|s| s.endpoints.iter().flatten())
-            .filter(|e| e.conditions.as_ref().and_then(|c| c.ready) != Some(false))
-            .flat_map(|e| e.addresses.iter().cloned())
+            .flat_map(|e| {
+                let c = e.conditions.clone().unwrap_or_default();
+                // Unset: ready is true, serving is ready, terminating false.
+                let ready = c.ready != Some(false);
+                let serving = c.serving.unwrap_or(ready);
+                let terminating = c.terminating == Some(true);
+                let pod = e.target_ref.as_ref().and_then(|r| r.name.clone());
+                e.addresses.iter().map(move |a| Endpoint {
+                    address: a.clone(),
+                    pod: pod.clone(),
+                    ready,
+                    serving,
+                    terminating,
+                })
+            })
             .collect();
-        out.sort();
+        out.sort_by(|a, b| a.address.cmp(&b.address));
         Ok(out)
+    }
+
+    /// The ready endpoint addresses of Service `name` in its EndpointSlices,
+    /// as the API server has them now (what the EndpointSlice controller made
+    /// of the Pods).
+    pub fn ready_endpoints(&self, name: &str) -> Result<Vec<String>> {
+        Ok(self
+            .endpoints(name)?
+            .into_iter()
+            .filter(|e| e.ready)
+            .map(|e| e.address)
+            .collect())
     }
 
     /// Waits until the controller manager acts on changes again (after an
@@ -451,6 +501,37 @@ impl KubeCluster {
             .block_on(api.get(name))
             .with_context(|| format!("reading Service {name}"))
     }
+}
+
+/// An endpoint of a Service's EndpointSlices: an address, the Pod it is
+/// (the slice's `targetRef`), and its conditions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Endpoint {
+    pub address: String,
+    pub pod: Option<String>,
+    pub ready: bool,
+    pub serving: bool,
+    pub terminating: bool,
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} ({}){}{}{}",
+            self.address,
+            self.pod.as_deref().unwrap_or("no pod"),
+            if self.ready { " ready" } else { "" },
+            if self.serving { " serving" } else { "" },
+            if self.terminating { " terminating" } else { "" },
+        )
+    }
+}
+
+/// The label that puts a testbed Pod in set `set` (see
+/// [`KubeCluster::pod_set`]).
+fn set_label(set: &str) -> String {
+    format!("lb-testbed/set-{set}")
 }
 
 /// A testbed Pod's own labels: [`ALL_PODS`].

@@ -242,6 +242,12 @@ impl Scope {
         lock(&self.shared.agents).get(name)?.peak_rss()
     }
 
+    /// A size field of its `/proc/<pid>/status` in bytes (see
+    /// [`Agent::status_bytes`]).
+    pub fn agent_status_bytes(&self, name: &str, field: &str) -> Option<u64> {
+        lock(&self.shared.agents).get(name)?.status_bytes(field)
+    }
+
     /// Fails if the agent `name` is not running: it was never started, or it
     /// has exited (then it is forgotten, and the error has its status).
     pub fn check_agent(&self, name: &str) -> Result<()> {
