@@ -390,11 +390,15 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
     println!("file deleted: gone from the maps after {took:?}");
     assert_eq!(backends(&node.maps()), ["10.244.1.20:8080"]);
     assert!(frontend(&node.maps(), "10.96.0.20:80").is_some());
-    // And their bits are cleared (these addresses share no bit with what is left).
+    // And the frontends' bits are cleared (these addresses share no bit with
+    // what is left). The backend that left keeps its bit until a conntrack
+    // sweep begun after it left finds no flow of it (a TCP connection to it
+    // goes on; `tests/udp_conntrack.rs` holds the release), which no pass
+    // has seen yet.
     let m = node.maps();
     assert!(!filtered(&m, "10.96.0.10:80", FILTER_FRONTEND));
     assert!(!filtered(&m, "10.96.0.10", FILTER_CLUSTER_IP));
-    assert!(!filtered(&m, "10.244.1.11:8080", FILTER_BACKEND));
+    assert!(filtered(&m, "10.244.1.11:8080", FILTER_BACKEND));
     assert!(filtered(&m, "10.244.1.20:8080", FILTER_BACKEND));
 }
 
@@ -1222,7 +1226,7 @@ fn a_burst_that_overruns_the_link_events_is_repaired_by_a_listing() {
             .filter(|n| n.starts_with("veth-b"))
             .count()
     };
-    // One `ip -batch`: the kernel sends the events faster than the agent reads.
+    // One `ip -batch` of events, more than the buffer holds.
     let batch = |verb: &str| -> String {
         (0..BURST)
             .map(|i| match verb {
@@ -1233,10 +1237,22 @@ fn a_burst_that_overruns_the_link_events_is_repaired_by_a_listing() {
             })
             .collect()
     };
+    let pid = node.scope.agent_pid(AGENT_NAME).expect("the agent's pid") as i32;
     for (verb, want) in [("add", BURST), ("del", 0)] {
         let script = node.dir.path().join(format!("{verb}.batch"));
         std::fs::write(&script, batch(verb)).unwrap();
+        // The add burst comes while the agent is stopped, so that it cannot
+        // keep up however idle the machine: the events overrun its buffer.
+        let hold = verb == "add";
+        if hold {
+            // SAFETY: signals to the agent this test started.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGSTOP) }, 0);
+        }
         sh(&format!("ip -n {} -batch {}", node.ns, script.display()));
+        if hold {
+            // SAFETY: as above.
+            assert_eq!(unsafe { libc::kill(pid, libc::SIGCONT) }, 0);
+        }
         let deadline = Instant::now() + Duration::from_secs(10);
         while pods(&node) != want {
             assert!(

@@ -291,6 +291,34 @@ fn value_len(info: &RawMapInfo) -> Result<usize> {
 /// Entries the datapath adds or removes meanwhile may or may not be seen,
 /// as with any walk of a live map.
 pub fn read_all(fd: BorrowedFd<'_>) -> Result<Entries> {
+    let mut out: Option<Entries> = None;
+    for_each_batch(fd, |batch| {
+        match &mut out {
+            None => out = Some(batch.clone()),
+            Some(all) => {
+                all.keys.extend_from_slice(&batch.keys);
+                all.values.extend_from_slice(&batch.values);
+            }
+        }
+        Ok(())
+    })?;
+    match out {
+        Some(all) => Ok(all),
+        None => {
+            let info = map_info(fd)?;
+            Ok(Entries::new(info.key_size as usize, value_len(&info)?))
+        }
+    }
+}
+
+/// Hands every entry of the map behind `fd` to `each`, a batch of up to
+/// `CHUNK` at a time, holding no more than one batch: a walk of a big map
+/// (the verify pass reads all 65,536 `backends` slots every minute) costs
+/// its buffers once, not the map's size in memory.
+pub fn for_each_batch(
+    fd: BorrowedFd<'_>,
+    mut each: impl FnMut(&Entries) -> Result<()>,
+) -> Result<()> {
     let info = map_info(fd)?;
     let (ks, vs) = (info.key_size as usize, value_len(&info)?);
     let mut out = Entries::new(ks, vs);
@@ -317,18 +345,22 @@ pub fn read_all(fd: BorrowedFd<'_>) -> Result<Entries> {
         };
         let r = sys_bpf(BPF_MAP_LOOKUP_BATCH, &mut attr);
         let n = attr.count as usize;
-        match r {
-            Ok(_) => {}
-            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                out.keys.extend_from_slice(&keys[..n * ks]);
-                out.values.extend_from_slice(&values[..n * vs]);
-                return Ok(out);
-            }
-            Err(e) if first && no_batch(&e) => return read_each(fd, ks, vs),
+        let done = match r {
+            Ok(_) => false,
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
+            Err(e) if first && no_batch(&e) => return each(&read_each(fd, ks, vs)?),
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
-        }
+        };
+        out.keys.clear();
+        out.values.clear();
         out.keys.extend_from_slice(&keys[..n * ks]);
         out.values.extend_from_slice(&values[..n * vs]);
+        if n > 0 {
+            each(&out)?;
+        }
+        if done {
+            return Ok(());
+        }
         token_in = token_out;
         first = false;
     }

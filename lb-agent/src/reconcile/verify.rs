@@ -156,30 +156,38 @@ impl Reconciler {
             .map(|slot| (slot.id, slot.value))
             .collect();
         let mut wrong = 0;
-        // Every slot in one batched walk (a few system calls for 65,536
-        // slots, where a read per slot took one each).
-        let slots: Vec<(u32, Backend)> = {
+        // Every slot in batched reads (a few system calls for 65,536 slots,
+        // where a read per slot took one each), one batch in memory at a
+        // time; what differs is put right once the walk is done.
+        let mut differ = Vec::new();
+        {
             use aya::maps::IterableMap as _;
             use std::os::fd::AsFd as _;
-            crate::bpf::batch::read_all(self.maps.backends.map().fd().as_fd())
-                .and_then(|e| e.typed())
-                .context("reading backends")?
-        };
-        for (id, have) in slots {
+            crate::bpf::batch::for_each_batch(self.maps.backends.map().fd().as_fd(), |batch| {
+                for (id, have) in batch.typed::<u32, Backend>()? {
+                    match expected.get(&id) {
+                        Some(want) if *want == have => {}
+                        Some(_) => differ.push((id, have)),
+                        None if have.is_active() => differ.push((id, have)),
+                        None => {}
+                    }
+                }
+                Ok(())
+            })
+            .context("reading backends")?;
+        }
+        for (id, have) in differ {
             match expected.get(&id) {
-                Some(want) if *want == have => {}
                 Some(want) => {
                     log::warn!("verify: backend {id} held {have:?}, not {want:?}: rewritten");
                     self.maps.set_backend(id, want)?;
-                    wrong += 1;
                 }
-                None if have.is_active() => {
+                None => {
                     log::warn!("verify: backend slot {id} is no endpoint's: cleared");
                     self.maps.clear_backend(id)?;
-                    wrong += 1;
                 }
-                None => {}
             }
+            wrong += 1;
         }
         Ok(wrong)
     }

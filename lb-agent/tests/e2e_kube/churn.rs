@@ -31,7 +31,7 @@ use std::{
 
 use anyhow::{Context as _, Result, ensure};
 use lb_testbed::{
-    ProbeError, UdpFlow,
+    UdpFlow,
     kube_cluster::{NAMESPACE, POD_PORT},
 };
 use serde_json::json;
@@ -74,19 +74,6 @@ const SLICES_WITHIN: Duration = Duration::from_secs(1);
 const STOP_AFTER: Duration = Duration::from_secs(1);
 /// A new connection must be answered within this.
 const CONNECT_WITHIN: Duration = Duration::from_secs(2);
-/// A known defect of the agent, not of the churn: a TCP connection whose
-/// backend turns not serving while it is open stops being answered (seen
-/// from pod-a1 through the ClusterIP to a replica on node-b: an established
-/// stream to a pod turned not Ready stalls at once, whether or not its
-/// address is also another Service's backend). A new connection sent to a
-/// replica just before the agents follow its turn can so time out, about
-/// one in several thousand here (each seen so far: pod-a1 through the
-/// ClusterIP over IPv6, a replica on node-b turning not Ready within the
-/// connection's 2 s; why its first SYN went unanswered is not known yet).
-/// Such timeouts, of TCP connections during which a replica turned not
-/// Ready, are reported rather than failed, this many at most per client;
-/// any other failure fails.
-const CUT_AT_MOST: usize = 2;
 /// Pause between one client's new connections.
 const CONNECT_GAP: Duration = Duration::from_millis(20);
 /// A long-lived UDP flow asks this often, and must be answered within
@@ -159,17 +146,6 @@ impl Timeline {
             || lock(&self.ready).iter().any(|(slot, _, from, until)| {
                 *slot == who && *from <= t1 && until.is_none_or(|u| u + FOLLOW_WITHIN >= t0)
             })
-    }
-
-    /// Whether a replica turned not Ready from 500 ms before `t0` to `t1`:
-    /// a connection made then may have been sent to it before the agents
-    /// followed, and been in flight when they did.
-    fn turned_not_ready_while(&self, t0: Instant, t1: Instant) -> bool {
-        let lo = t0.checked_sub(Duration::from_millis(500)).unwrap_or(t0);
-        let hi = t1;
-        lock(&self.ready)
-            .iter()
-            .any(|(_, _, _, until)| until.is_some_and(|u| (lo..=hi).contains(&u)))
     }
 
     /// What the churn did from 1.5 s before `t` to 0.5 s after.
@@ -306,9 +282,6 @@ struct Connections {
     bad: Vec<String>,
     /// The failures by kind: what answered or what went wrong, by protocol.
     kinds: BTreeMap<String, usize>,
-    /// TCP connections that timed out while a replica turned not Ready
-    /// (see [`CUT_AT_MOST`]).
-    cut: Vec<String>,
 }
 
 /// New connections from `ns` to `targets` in turn until `stop`: each must
@@ -337,17 +310,6 @@ fn connections(
                     .or_insert(0) += 1;
                 c.bad.push(format!(
                     "{proto} {ns} -> {to} at {} answered by {who}, not ready then (the churn: {})",
-                    tl.at(t0),
-                    tl.around(t0)
-                ));
-            }
-            Err(ProbeError::TimedOut)
-                if *proto == Tcp
-                    && c.cut.len() < CUT_AT_MOST
-                    && tl.turned_not_ready_while(t0, t1) =>
-            {
-                c.cut.push(format!(
-                    "{proto} {ns} -> {to} at {} (the churn: {})",
                     tl.at(t0),
                     tl.around(t0)
                 ));
@@ -667,21 +629,8 @@ fn soak(env: &Env, churn: &mut Churn) -> Result<String> {
         kib(i64::try_from(before[1])?)
     );
     let slowest = conns.iter().map(|c| c.slowest).max().unwrap_or_default();
-    let cut: Vec<&String> = conns.iter().flat_map(|c| &c.cut).collect();
-    let cut_line = if cut.is_empty() {
-        String::new()
-    } else {
-        format!(
-            " ({} TCP connection(s) timed out as a replica turned not Ready, the agent's known defect: {})",
-            cut.len(),
-            cut.iter()
-                .map(|s| s.as_str())
-                .collect::<Vec<_>>()
-                .join("; ")
-        )
-    };
     Ok(format!(
-        "{replacements} replacements ({WARM_UP} warm-up, then {REPLACEMENTS} in {:.1}s, each begun at most {} late; the replica going shown terminating and not serving in the slices in each, within {}); {} streams lossless: {}; {} long-lived UDP flows answered {asks} times by their own pod; {made} new connections answered by ready pods (slowest {}): {}{cut_line}; agents' RSS {} -> {} (node-a), {} -> {} (node-b): growth {} and {}; {:.1}s in all",
+        "{replacements} replacements ({WARM_UP} warm-up, then {REPLACEMENTS} in {:.1}s, each begun at most {} late; the replica going shown terminating and not serving in the slices in each, within {}); {} streams lossless: {}; {} long-lived UDP flows answered {asks} times by their own pod; {made} new connections answered by ready pods (slowest {}): {}; agents' RSS {} -> {} (node-a), {} -> {} (node-b): growth {} and {}; {:.1}s in all",
         took.as_secs_f64(),
         ms(late),
         ms(churn.slowest_slices),
