@@ -57,7 +57,11 @@ impl Departed {
     /// are followed.
     pub fn left(&mut self, addr: SocketAddr, filter: &mut Filter, maps: &mut Maps) {
         if self.flows.is_some() {
-            self.since.insert(addr, Instant::now());
+            // One that held a departed reference already (its flows were
+            // found before it was taken over at start) keeps that one.
+            if self.since.insert(addr, Instant::now()).is_some() {
+                filter.remove(maps, FilterKey::backend(addr));
+            }
         } else {
             filter.remove(maps, FilterKey::backend(addr));
         }
