@@ -42,9 +42,8 @@
 use std::{
     borrow::{Borrow, BorrowMut},
     collections::{BTreeSet, HashMap as StdHashMap, HashSet},
-    io,
     net::SocketAddr,
-    os::fd::{AsFd as _, AsRawFd as _, BorrowedFd},
+    os::fd::{AsFd as _, BorrowedFd},
     path::Path,
     sync::{PoisonError, mpsc},
     time::{Duration, Instant},
@@ -65,10 +64,6 @@ use crate::{
         departed::{FlowBackends, SharedFlowBackends},
     },
 };
-
-/// Entries fetched per batched lookup: 4,096 keys and values are about
-/// 400 KB of buffers, and a million-entry map takes some 250 calls.
-const BATCH: usize = 4096;
 
 /// A walk stops here even if the map has not said it is done (it cannot
 /// hold more than its capacity, but the bound must not depend on that).
@@ -427,7 +422,7 @@ fn walk_deleting<C: BorrowMut<MapData>>(
         .context("duplicating the conntrack map's descriptor")?;
     walk(
         fd.as_fd(),
-        capacity + BATCH,
+        capacity + crate::bpf::batch::CHUNK,
         WALK_TIME_LIMIT,
         |keys, values| {
             for (k, v) in keys.iter().zip(values) {
@@ -447,85 +442,31 @@ struct Walked {
 }
 
 /// Calls `each` on the entries of the hash map `fd` (keys `FlowKey`, values
-/// `CtEntry`), a batch of up to [`BATCH`] at a time, with `BPF_MAP_LOOKUP_BATCH` (aya 0.14 has
-/// no batched operations; the kernel has them for (LRU) hashes since 5.6,
-/// and lb needs 6.6). The kernel's cursor is a bucket index, so entries the
-/// datapath inserts or evicts meanwhile do not restart the walk, as they
-/// can a `BPF_MAP_GET_NEXT_KEY` walk (a key evicted under it sends it back
-/// to the first bucket). Bounded by `max_entries` and `max_time`.
+/// `CtEntry`), a batch at a time ([`crate::bpf::batch::for_each_batch`]),
+/// bounded by `max_entries` and `max_time`.
 fn walk(
     fd: BorrowedFd<'_>,
     max_entries: usize,
     max_time: Duration,
     mut each: impl FnMut(&[FlowKey], &[CtEntry]) -> Result<()>,
 ) -> Result<Walked> {
-    use aya_obj::generated::{bpf_attr, bpf_cmd};
-
     let started = Instant::now();
-    let mut keys = vec![FlowKey::default(); BATCH];
-    let mut values = vec![CtEntry::default(); BATCH];
-    // The kernel's cursor for hash maps is a u32 bucket index; 8 bytes of
-    // room either way.
-    let (mut cursor, mut next) = (0u64, 0u64);
-    let mut first = true;
-    let mut entries = 0;
-    loop {
-        // SAFETY: bpf_attr is a union of plain integers; all zero is the
-        // "unused" value of every field.
-        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
-        // SAFETY: writing plain integer fields of the union's batch member.
-        let batch = unsafe { &mut attr.batch };
-        batch.in_batch = if first {
-            0
-        } else {
-            std::ptr::from_ref(&cursor) as u64
-        };
-        batch.out_batch = std::ptr::from_mut(&mut next) as u64;
-        batch.keys = keys.as_mut_ptr() as u64;
-        batch.values = values.as_mut_ptr() as u64;
-        batch.count = BATCH as u32;
-        batch.map_fd = fd.as_raw_fd() as u32;
-        // SAFETY: the attribute names buffers of BATCH keys and values of the
-        // map's key and value sizes (aya checked them when the typed map was
-        // made) and 8 bytes for the cursor, all live across the call.
-        let rc = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                bpf_cmd::BPF_MAP_LOOKUP_BATCH as libc::c_long,
-                std::ptr::from_mut(&mut attr),
-                size_of::<bpf_attr>(),
-            )
-        };
-        let err = (rc < 0).then(io::Error::last_os_error);
-        // SAFETY: the kernel wrote back how many entries it copied (also on
-        // ENOENT, with the last ones).
-        let n = (unsafe { attr.batch.count } as usize).min(BATCH);
-        if err
-            .as_ref()
-            .is_none_or(|e| e.raw_os_error() == Some(libc::ENOENT))
-        {
-            each(&keys[..n], &values[..n])?;
-            entries += n;
+    let mut walked = Walked {
+        entries: 0,
+        complete: true,
+    };
+    crate::bpf::batch::for_each_batch(fd, |batch| {
+        let (keys, values): (Vec<FlowKey>, Vec<CtEntry>) =
+            batch.typed::<FlowKey, CtEntry>()?.into_iter().unzip();
+        each(&keys, &values)?;
+        walked.entries += keys.len();
+        if walked.entries >= max_entries || started.elapsed() >= max_time {
+            walked.complete = false;
+            return Ok(std::ops::ControlFlow::Break(()));
         }
-        match err {
-            None => {}
-            Some(e) if e.raw_os_error() == Some(libc::ENOENT) => {
-                return Ok(Walked {
-                    entries,
-                    complete: true,
-                });
-            }
-            Some(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
-        }
-        if entries >= max_entries || started.elapsed() >= max_time {
-            return Ok(Walked {
-                entries,
-                complete: false,
-            });
-        }
-        cursor = next;
-        first = false;
-    }
+        Ok(std::ops::ControlFlow::Continue(()))
+    })?;
+    Ok(walked)
 }
 
 /// The datapath's conntrack counts (`ct_stats`), summed over CPUs.

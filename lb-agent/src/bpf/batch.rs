@@ -10,6 +10,8 @@
 
 use std::os::fd::{AsRawFd as _, BorrowedFd, FromRawFd as _, OwnedFd};
 
+use std::ops::ControlFlow;
+
 use anyhow::{Context as _, Result, bail};
 
 const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
@@ -24,8 +26,9 @@ const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 pub const BPF_ANY: u64 = 0;
 pub const BPF_NOEXIST: u64 = 1;
 
-/// Entries asked for per batch call.
-const CHUNK: usize = 4096;
+/// Entries asked for per batch call: for conntrack, 4,096 keys and values
+/// are about 400 KB of buffers, and a million-entry map takes some 250 calls.
+pub const CHUNK: usize = 4096;
 
 fn sys_bpf<T>(cmd: libc::c_long, attr: &mut T) -> std::io::Result<i64> {
     // SAFETY: bpf(2) with an attribute struct of the size given, laid out as
@@ -300,7 +303,7 @@ pub fn read_all(fd: BorrowedFd<'_>) -> Result<Entries> {
                 all.values.extend_from_slice(&batch.values);
             }
         }
-        Ok(())
+        Ok(ControlFlow::Continue(()))
     })?;
     match out {
         Some(all) => Ok(all),
@@ -313,11 +316,15 @@ pub fn read_all(fd: BorrowedFd<'_>) -> Result<Entries> {
 
 /// Hands every entry of the map behind `fd` to `each`, a batch of up to
 /// `CHUNK` at a time, holding no more than one batch: a walk of a big map
-/// (the verify pass reads all 65,536 `backends` slots every minute) costs
-/// its buffers once, not the map's size in memory.
+/// (the verify pass reads all 65,536 `backends` slots every minute, the
+/// conntrack janitor millions of entries) costs its buffers once, not the
+/// map's size in memory. `each` may stop the walk early. The kernel's
+/// cursor is a bucket index, so entries the datapath inserts or evicts
+/// meanwhile do not restart the walk, as they can a `BPF_MAP_GET_NEXT_KEY`
+/// walk (a key evicted under it sends it back to the first bucket).
 pub fn for_each_batch(
     fd: BorrowedFd<'_>,
-    mut each: impl FnMut(&Entries) -> Result<()>,
+    mut each: impl FnMut(&Entries) -> Result<ControlFlow<()>>,
 ) -> Result<()> {
     let info = map_info(fd)?;
     let (ks, vs) = (info.key_size as usize, value_len(&info)?);
@@ -348,15 +355,15 @@ pub fn for_each_batch(
         let done = match r {
             Ok(_) => false,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => true,
-            Err(e) if first && no_batch(&e) => return each(&read_each(fd, ks, vs)?),
+            Err(e) if first && no_batch(&e) => return each(&read_each(fd, ks, vs)?).map(drop),
             Err(e) => return Err(e).context("BPF_MAP_LOOKUP_BATCH"),
         };
         out.keys.clear();
         out.values.clear();
         out.keys.extend_from_slice(&keys[..n * ks]);
         out.values.extend_from_slice(&values[..n * vs]);
-        if n > 0 {
-            each(&out)?;
+        if n > 0 && each(&out)?.is_break() {
+            return Ok(());
         }
         if done {
             return Ok(());

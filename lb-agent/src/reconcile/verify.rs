@@ -172,7 +172,7 @@ impl Reconciler {
                         None => {}
                     }
                 }
-                Ok(())
+                Ok(std::ops::ControlFlow::Continue(()))
             })
             .context("reading backends")?;
         }
