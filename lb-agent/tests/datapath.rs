@@ -7,8 +7,8 @@ mod support;
 use lb_agent::bpf::NodeConfig;
 use lb_common::Reason;
 use support::{
-    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, fib::*, packet::*,
-    sa,
+    CLUSTER_IP, Lab, NODE_PORT, TCP, UDP, XDP_DROP, XDP_PASS, XDP_TX, backend, fib::*, flow_key,
+    packet::*, sa,
 };
 
 #[test]
@@ -164,6 +164,81 @@ fn a_flow_stays_on_its_backend_when_the_backend_set_changes() {
             sa("10.244.1.20:80"),
             "flow from {c} moved"
         );
+    }
+}
+
+/// A client that closed a connection (by RST: no TIME_WAIT stops it from
+/// reusing the port at once) and connects again from the same port gets a
+/// new connection, balanced afresh, not the closed one's backend, which may
+/// be gone (the kernel's conntrack, too, opens a new connection on a SYN in
+/// its closing states). The old flow's reply entry goes with it. A SYN that
+/// was never answered follows a removed backend no more than a UDP stream;
+/// an established connection keeps its backend whatever it receives.
+#[test]
+fn a_syn_reusing_a_closed_connections_port_is_balanced_afresh() {
+    let mut lab = Lab::new();
+    let vip = sa("10.96.0.25:80");
+    let (a, b) = (sa("10.244.1.25:80"), sa("10.244.1.26:80"));
+    let mut svc = lab.service(&[vip], TCP, &[backend(&a.to_string(), false)], CLUSTER_IP);
+    let (closed, established, unanswered) = (
+        sa("198.51.100.25:40000"),
+        sa("198.51.100.25:40001"),
+        sa("198.51.100.25:40002"),
+    );
+    for c in [closed, established] {
+        let (_, out) = lab.xdp(&syn(c, vip));
+        assert_eq!(decode(&out).dst_addr(), a);
+        lab.xdp(&tcp(
+            (NODE_B_MAC, UPLINK_MAC),
+            a,
+            c,
+            SYN | ACK,
+            7,
+            1001,
+            &[],
+        ));
+        lab.xdp(&tcp(FROM_ROUTER, c, vip, ACK, 1001, 8, &[]));
+    }
+    lab.xdp(&tcp(FROM_ROUTER, closed, vip, RST | ACK, 1001, 8, &[]));
+    let (_, out) = lab.xdp(&syn(unanswered, vip));
+    assert_eq!(decode(&out).dst_addr(), a);
+    // The only backend is replaced.
+    lab.add_backend(&mut svc, b, false);
+    lab.remove_backend(&mut svc, a);
+
+    for c in [closed, unanswered] {
+        let (action, out) = lab.xdp(&syn(c, vip));
+        assert_eq!(action, XDP_TX);
+        assert_eq!(
+            decode(&out).dst_addr(),
+            b,
+            "the SYN from {c} must go to the live backend"
+        );
+        let (_, out) = lab.xdp(&tcp(
+            (NODE_B_MAC, UPLINK_MAC),
+            b,
+            c,
+            SYN | ACK,
+            9,
+            1001,
+            &[],
+        ));
+        let out = decode(&out);
+        assert_eq!((out.src_addr(), out.dst_addr()), (vip, c));
+    }
+    // The closed connection's reply entry went with it; the established
+    // one's stays.
+    let reply_of = |c| lab.maps.conntrack.get(&flow_key(a, c, TCP), 0).is_ok();
+    assert!(
+        !reply_of(closed),
+        "the closed connection's reply entry stays"
+    );
+    assert!(reply_of(established));
+    // The established connection stays where it was, even when its client
+    // sends a SYN on it (the backend answers that with a challenge ACK).
+    for flags in [SYN, ACK] {
+        let (_, out) = lab.xdp(&tcp(FROM_ROUTER, established, vip, flags, 1001, 8, &[]));
+        assert_eq!(decode(&out).dst_addr(), a, "flags {flags:#x}");
     }
 }
 

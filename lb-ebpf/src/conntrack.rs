@@ -26,7 +26,7 @@ use crate::{
     mem,
     packet::Packet,
     scratch::{Headers, Scratch, TCP_ACK, TCP_FIN, TCP_RST, TCP_SYN},
-    side,
+    service, side,
 };
 
 /// Ports tried for a new source-NAT flow before giving up. The first is the
@@ -93,6 +93,47 @@ pub fn touch(e: *mut CtEntry, h: &Headers) {
                 (*f).flags |= news & (CT_F_REPLIED | CT_F_CLOSING);
             }
         }
+    }
+}
+
+/// Whether the client's packet `h`, which hit forward entry `e`, starts its
+/// flow afresh instead of following `e` (the caller then opens it as new):
+///
+/// - UDP: the backend is gone; the stream is balanced again, to a live
+///   backend, instead of black-holing (as kube-proxy clears UDP conntrack).
+/// - TCP: a SYN without ACK on a closing connection. The client reuses the
+///   port of a connection it closed (one that ended by RST leaves no
+///   TIME_WAIT to stop it); the kernel's conntrack, too, opens a new
+///   connection on a SYN in its closing states. The old backend may have
+///   stopped since, and would refuse it.
+/// - TCP: a SYN without ACK that was never acknowledged, to a backend that is
+///   gone: a retransmitted SYN goes to a live backend.
+#[inline(always)]
+pub fn starts_afresh(e: &CtEntry, h: &Headers) -> bool {
+    if h.key.proto != PROTO_TCP {
+        return !service::still_serves(e);
+    }
+    if h.flags & (TCP_SYN | TCP_ACK) != TCP_SYN {
+        return false;
+    }
+    e.flags & CT_F_CLOSING != 0 || (e.flags & CT_F_ACKED == 0 && !service::still_serves(e))
+}
+
+/// Deletes the reply entry of forward entry `e` (of the client's tuple
+/// `key`) if it is still that flow's: the flow is opened afresh, maybe to
+/// another backend or source-NAT port, and the old reply must not hold its
+/// key. (A source-NAT port given away after the flow idled belongs to
+/// another flow now, and stays.)
+#[inline(always)]
+pub fn forget_reply(e: &CtEntry, key: &FlowKey) {
+    let reply_key = e.partner_key(key.proto, key.family);
+    let Some(r) = CONNTRACK.get_ptr(&reply_key) else {
+        return;
+    };
+    // SAFETY: the entry stays valid memory for this program run.
+    let r = unsafe { &*r };
+    if r.flags & CT_F_REPLY != 0 && is_same_flow(r, key) && CONNTRACK.remove(&reply_key).is_ok() {
+        count_ct(CtEvent::Removed);
     }
 }
 

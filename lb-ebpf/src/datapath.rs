@@ -179,14 +179,14 @@ enum Tracked {
     WrongSide,
 }
 
-/// Copies the conntrack entry of an existing flow into `s.entry`, unless it is a
-/// UDP forward entry whose backend is gone: that stream is balanced again, to a
-/// live backend, instead of black-holing (as kube-proxy clears UDP conntrack).
-/// A TCP connection keeps its backend until it ends, by FIN/RST or idle timeout,
-/// as kube-proxy's conntrack keeps it: a pod that left its EndpointSlice (a
-/// rolling update) may still be finishing it. A packet from the wrong side
-/// leaves the entry as it was: a spoofed RST must not close the flow, nor
-/// spoofed replies keep it alive.
+/// Copies the conntrack entry of an existing flow into `s.entry`, unless the
+/// packet starts the flow afresh (see [`conntrack::starts_afresh`]): a UDP
+/// stream whose backend is gone, or a TCP SYN reusing the tuple of a closing
+/// connection. A TCP connection otherwise keeps its backend until it ends,
+/// by FIN/RST or idle timeout, as kube-proxy's conntrack keeps it: a pod that
+/// left its EndpointSlice (a rolling update) may still be finishing it. A
+/// packet from the wrong side leaves the entry as it was: a spoofed RST must
+/// not close the flow, nor spoofed replies keep it alive.
 #[inline(always)]
 fn established<P: Packet>(pkt: P, s: &mut Scratch) -> Tracked {
     let Some(ptr) = conntrack::lookup(&s.h.key) else {
@@ -197,10 +197,10 @@ fn established<P: Packet>(pkt: P, s: &mut Scratch) -> Tracked {
     if !side_stage(pkt, s) {
         return Tracked::WrongSide;
     }
-    if s.entry.flags & CT_F_FORWARD != 0
-        && s.h.key.proto != PROTO_TCP
-        && !service::still_serves(&s.entry)
-    {
+    if s.entry.flags & CT_F_FORWARD != 0 && conntrack::starts_afresh(&s.entry, &s.h) {
+        if s.h.key.proto == PROTO_TCP {
+            conntrack::forget_reply(&s.entry, &s.h.key);
+        }
         return Tracked::No;
     }
     conntrack::touch(ptr, &s.h);
