@@ -30,6 +30,9 @@
 #[path = "e2e/harness.rs"]
 mod harness;
 
+#[path = "e2e_kube/churn.rs"]
+mod churn;
+
 use std::{
     collections::{BTreeMap, BTreeSet},
     net::{IpAddr, SocketAddr},
@@ -43,7 +46,7 @@ use anyhow::{Context as _, Result, bail, ensure};
 use harness::{Env, Proto, Tcp, Udp, fam, ms, probe, wait_until};
 use k8s_openapi::api::core::v1::Service;
 use lb_testbed::{
-    AgentProbe, http_get,
+    AgentProbe, Options, http_get,
     kube_cluster::{NAMESPACE, POD_PORT},
 };
 use serde_json::{Value, json};
@@ -1150,6 +1153,7 @@ fn main_cases() -> Vec<harness::Case> {
         ("topology", topology),
         ("node-eligible", node_eligible),
         ("cluster-cidrs-from-nodes", cluster_cidrs_from_nodes),
+        ("churn-soak", churn::churn_soak),
     ]
 }
 
@@ -1161,7 +1165,11 @@ fn agents_run_as_the_daemonset_serve_what_the_api_server_says() {
     }
     let t0 = Instant::now();
     let agent = release_agent().expect("the release agent");
-    let env = Env::up_kube(&agent).expect("bringing up the cluster and its API server");
+    let opts = Options {
+        pods_per_node: churn::PODS_PER_NODE,
+        ..Options::default()
+    };
+    let env = Env::up_kube(opts, &agent).expect("bringing up the cluster and its API server");
     println!(
         "e2e-kube: cluster {} and its API server up, lb-agent (release) on both nodes as the DaemonSet runs it: {:?} with capabilities {:?} only, in {:.1}s",
         env.c().run_id(),

@@ -5,6 +5,7 @@ use std::{
     fmt,
     io::{self, ErrorKind, Read as _, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpStream, UdpSocket},
+    os::fd::AsRawFd as _,
     process::Stdio,
     sync::{Mutex, mpsc},
     thread,
@@ -12,6 +13,7 @@ use std::{
 };
 
 use anyhow::{Context as _, Result, anyhow, bail};
+use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::ns::{self, command_in};
 
@@ -138,6 +140,56 @@ pub fn tcp_probe(
         read_line(&mut s, deadline).map(|(line, _)| Hello::parse(&line).server)
     })
     .unwrap_or_else(|e| Err(ProbeError::Other(format!("{e:#}"))))
+}
+
+/// [`tcp_probe`], also telling the local address the connection left from
+/// (None if it never began), so that a failure can be looked up in
+/// conntrack. The port is the kernel's choice at `connect`, as for any
+/// client: it is read while the handshake is under way, since a refused
+/// socket gives its port back.
+pub fn tcp_probe_traced(
+    ns: &str,
+    addr: SocketAddr,
+    payload: &[u8],
+    timeout: Duration,
+) -> (Result<String, ProbeError>, Option<SocketAddr>) {
+    let deadline = Instant::now() + timeout;
+    ns::try_in_netns(ns, || {
+        let mut local = None;
+        let r = (|| {
+            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+            sock.set_nonblocking(true)?;
+            match sock.connect(&addr.into()) {
+                Ok(()) => {}
+                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+                Err(e) => return Err(e.into()),
+            }
+            local = sock.local_addr().ok().and_then(|a| a.as_socket());
+            let mut pending = libc::pollfd {
+                fd: sock.as_raw_fd(),
+                events: libc::POLLOUT,
+                revents: 0,
+            };
+            let wait = i32::try_from(remaining(deadline)?.as_millis()).unwrap_or(i32::MAX);
+            // SAFETY: one pollfd of an open socket.
+            match unsafe { libc::poll(&mut pending, 1, wait) } {
+                0 => return Err(ProbeError::TimedOut),
+                n if n < 0 => return Err(io::Error::last_os_error().into()),
+                _ => {}
+            }
+            if let Some(e) = sock.take_error()? {
+                return Err(e.into());
+            }
+            sock.set_nonblocking(false)?;
+            let mut s: TcpStream = sock.into();
+            s.set_nodelay(true)?;
+            s.set_write_timeout(Some(remaining(deadline)?))?;
+            s.write_all(payload)?;
+            read_line(&mut s, deadline).map(|(line, _)| Hello::parse(&line).server)
+        })();
+        (r, local)
+    })
+    .unwrap_or_else(|e| (Err(ProbeError::Other(format!("{e:#}"))), None))
 }
 
 /// Connects over TCP and returns the server's greeting: who answered, and

@@ -1362,6 +1362,14 @@ impl Cluster {
         self.scope.agent_status_bytes(node, "VmRSS")
     }
 
+    /// The anonymous part of that resident set (RssAnon: heap, stacks,
+    /// anonymous mappings), in bytes: what a leak grows. The rest is pages
+    /// of the binary and of memory-mapped BPF maps, which the agent's RSS
+    /// gains as code paths and map rows are first touched.
+    pub fn agent_anon_memory(&self, node: &str) -> Option<u64> {
+        self.scope.agent_status_bytes(node, "RssAnon")
+    }
+
     /// Everything the agent on `node` has logged (across restarts).
     pub fn agent_log(&self, node: &str) -> String {
         ns::read_lossy(&self.agent_log_path(node))

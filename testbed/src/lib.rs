@@ -43,7 +43,7 @@ pub mod xdp;
 
 pub use client::{
     Hello, ProbeError, StreamReport, UdpFlow, curl_in, http_get, socat_udp_in, tcp_echo, tcp_hello,
-    tcp_probe, tcp_request, tcp_stream, udp_probe, udp_request,
+    tcp_probe, tcp_probe_traced, tcp_request, tcp_stream, udp_probe, udp_request,
 };
 pub use cluster::{
     AGENT_HEALTHZ, AgentProbe, Client, Cluster, Container, InCluster, Node, Options, Pod,

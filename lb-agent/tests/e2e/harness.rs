@@ -235,10 +235,11 @@ impl Env {
         })
     }
 
-    /// A cluster driven through a real API server, with `agent` running on
-    /// every node as the DaemonSet runs it (see `lb_testbed::kube_cluster`).
-    pub fn up_kube(agent: &std::path::Path) -> Result<Self> {
-        let k = KubeCluster::up(Options::default(), agent)?;
+    /// A cluster built as `opts` say, driven through a real API server, with
+    /// `agent` running on every node as the DaemonSet runs it (see
+    /// `lb_testbed::kube_cluster`).
+    pub fn up_kube(opts: Options, agent: &std::path::Path) -> Result<Self> {
+        let k = KubeCluster::up(opts, agent)?;
         let dir = k.cluster.run_dir().to_path_buf();
         Ok(Env {
             source: Source::Kube(Box::new(k)),
