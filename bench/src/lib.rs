@@ -2,6 +2,8 @@
 //! iptables and nftables modes on the same machine, in one run, interleaved.
 //!
 //! - [`perpacket`]: per-packet cost of `lb_xdp` under BPF_PROG_TEST_RUN;
+//! - [`ct_maps`]: conntrack's map shape (LRU flavour, key size) against the
+//!   alternatives, under BPF_PROG_TEST_RUN;
 //! - [`maglev_bench`]: Maglev table builds and disruption;
 //! - [`control`]: full sync and single-change latency, agent memory, and
 //!   kube-proxy's rule loads for the same Services;
@@ -16,6 +18,7 @@ pub mod agent;
 pub mod connrate;
 pub mod control;
 pub mod cpu;
+pub mod ct_maps;
 pub mod forwarding;
 pub mod kubeproxy;
 pub mod maglev_bench;
@@ -53,7 +56,14 @@ impl Profile {
 }
 
 /// The parts of a run, in the order they run.
-pub const PARTS: [&str; 5] = ["per-packet", "maglev", "control", "forwarding", "connrate"];
+pub const PARTS: [&str; 6] = [
+    "per-packet",
+    "ct-maps",
+    "maglev",
+    "control",
+    "forwarding",
+    "connrate",
+];
 
 #[derive(Clone, Debug)]
 pub struct Options {
@@ -113,6 +123,7 @@ pub fn expected_keys(profile: Profile) -> Vec<String> {
         k.push(format!("per_packet.{c}.ratio"));
     }
     k.extend(perpacket::feature_figure_keys());
+    k.extend(ct_maps::keys());
     k.extend(maglev_bench::keys());
     k.extend(control::keys_for(quick));
     k.extend(forwarding::keys());
@@ -170,6 +181,8 @@ pub fn run(opts: &Options) -> Result<Report> {
             flow_check: 20_000,
         })
     });
+    // Pins its own threads: one run per CPU at once, or one on the bench CPU.
+    part("ct-maps", &mut || ct_maps::run(quick));
     part("maglev", &mut || maglev_bench::run(quick));
     part("control", &mut || control::run(quick, &opts.agent));
     part("forwarding", &mut || forwarding::run(quick, &opts.agent));

@@ -554,9 +554,11 @@ impl Lab {
     }
 
     /// Checks that `bench_lru` inserted the key of its last iteration (as it
-    /// builds it: its counter in the first bytes of `src`, TCP, IPv4).
+    /// builds it: its counter in the first bytes of `src`, the CPU in the
+    /// next, TCP, IPv4).
     fn check_lru_insert(&self) -> Result<()> {
-        let n: u64 = self.counter.get(&1, 0)?.iter().sum();
+        let cpu = cpu::bench_cpu();
+        let n: u64 = self.counter.get(&1, 0)?[cpu];
         ensure!(n > 0, "bench_lru inserted nothing");
         let mut key = FlowKey {
             proto: PROTO_TCP,
@@ -564,6 +566,7 @@ impl Lab {
             ..FlowKey::default()
         };
         key.src[..8].copy_from_slice(&(n - 1).to_ne_bytes());
+        key.src[8..16].copy_from_slice(&(cpu as u64).to_ne_bytes());
         let v = self
             .lru
             .get(&key, 0)

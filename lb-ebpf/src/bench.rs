@@ -19,15 +19,20 @@
 //! - `bench_lru`: inserts one new key into an LRU hash with conntrack's key,
 //!   value and size, then XDP_TX: the kernel's own cost for what a new flow does
 //!   twice (forward and reply entry), shown next to lb's new-flow cost.
+//! - `bench_lru_nc`, `bench_lru16`: the same insert into a table with per-CPU
+//!   LRU lists (`BPF_F_NO_COMMON_LRU`), and into one with a 16-byte IPv4 key
+//!   and a 40-byte value; `bench_hit40`, `bench_hit16`: a lookup that hits,
+//!   with either key. The shapes conntrack could take, measured side by side
+//!   (the bench's `ct_maps` part).
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
 
 use core::{ffi::c_void, mem::size_of, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
+    bindings::{BPF_F_NO_COMMON_LRU, BPF_FIB_LKUP_RET_SUCCESS, bpf_fib_lookup, xdp_action},
     btf_maps::{Array, DevMapHash, LruHashMap, PerCpuArray, ProgramArray},
-    helpers::generated::bpf_fib_lookup as fib_lookup_helper,
+    helpers::generated::{bpf_fib_lookup as fib_lookup_helper, bpf_get_smp_processor_id},
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
@@ -58,13 +63,59 @@ pub struct Template {
 static TMPL: Array<Template, 1> = Array::new();
 
 /// Index 0: packets `bench_wrap` / `bench_gen` varied (the per-packet flow counter).
-/// Index 1: keys `bench_lru` inserted.
+/// Index 1: keys `bench_lru` inserted. Indices 2 and 3: keys `bench_lru_nc`
+/// and `bench_lru16` inserted. Index 4: lookups `bench_hit40` and
+/// `bench_hit16` made.
 #[btf_map(name = "bench_cnt")]
-static COUNTER: PerCpuArray<u64, 2> = PerCpuArray::new();
+static COUNTER: PerCpuArray<u64, 5> = PerCpuArray::new();
 
 /// `bench_lru`'s table: conntrack's key, value, size and flags.
 #[btf_map(name = "bench_lru_tbl")]
 static LRU: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+
+/// `bench_lru_nc`'s table: the same with an LRU list per CPU.
+#[btf_map(name = "bench_lru_nc_tbl")]
+static LRU_NC: LruHashMap<
+    FlowKey,
+    CtEntry,
+    { capacity::CONNTRACK as usize },
+    { BPF_F_NO_COMMON_LRU as usize },
+> = LruHashMap::new();
+
+/// An IPv4-only conntrack key: addresses, ports, protocol (16 bytes where
+/// [`FlowKey`] takes 40 for both families).
+#[repr(C)]
+#[derive(Clone, Copy)]
+pub struct FlowKey4 {
+    pub src: u32,
+    pub dst: u32,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub proto: u8,
+    pub _pad: [u8; 3],
+}
+
+/// An IPv4-only conntrack value's size: translated addresses and ports,
+/// ids, flags, time and ingress, as [`CtEntry`] holds them for both
+/// families in 64 bytes.
+pub type CtEntry4 = [u64; 5];
+
+/// `bench_lru16`'s table: conntrack's size with the IPv4 key and value.
+#[btf_map(name = "bench_lru16_tbl")]
+static LRU16: LruHashMap<FlowKey4, CtEntry4, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+
+/// Keys `bench_hit40` and `bench_hit16` cycle through (the harness inserts
+/// them, `[n, 0, 0, 0, tcp/v4]` and `{ n, 0, 0, 0, tcp }` for n below this,
+/// among as many others as fill the tables).
+pub const HIT_KEYS: u64 = 10_000;
+
+/// `bench_hit40`'s table: conntrack's shape, filled by the harness.
+#[btf_map(name = "bench_hit40_tbl")]
+static HIT40: LruHashMap<FlowKey, CtEntry, { capacity::CONNTRACK as usize }> = LruHashMap::new();
+
+/// `bench_hit16`'s table: the IPv4 shape, filled by the harness.
+#[btf_map(name = "bench_hit16_tbl")]
+static HIT16: LruHashMap<FlowKey4, CtEntry4, { capacity::CONNTRACK as usize }> = LruHashMap::new();
 
 /// Index 0: the program `bench_wrap` tail-calls.
 #[btf_map(name = "bench_jmp")]
@@ -243,27 +294,115 @@ fn vary_source(data: usize, end: usize, flows: u32, mode: u32) -> Option<()> {
     Some(())
 }
 
-#[xdp]
-pub fn bench_lru(_ctx: XdpContext) -> u32 {
-    let Some(c) = COUNTER.get_ptr_mut(1) else {
-        return xdp_action::XDP_ABORTED;
-    };
+/// This CPU's counter `i`, advanced by one: its value before.
+#[inline(always)]
+fn next(i: u32) -> Option<u64> {
+    let c = COUNTER.get_ptr_mut(i)?;
     // SAFETY: this CPU's slot.
-    let n = unsafe {
+    unsafe {
         let n = *c;
         *c = n + 1;
-        n
-    };
-    // Key: the counter in the first 8 bytes of `src`, TCP, IPv4; the rest zero.
-    // Built as words: a struct literal would cost a byte-wise memset here.
-    let words: [u64; 5] = [n, 0, 0, 0, (u64::from(PROTO_TCP) << 32) | (4 << 40)];
+        Some(n)
+    }
+}
+
+/// Conntrack's key for insert `n` on CPU `cpu`: the counter in the first 8
+/// bytes of `src`, the CPU in the next (so that CPUs inserting at once make
+/// distinct keys), TCP, IPv4; the rest zero. Built as words: a struct
+/// literal would cost a byte-wise memset here.
+#[inline(always)]
+fn key40(n: u64, cpu: u32) -> FlowKey {
+    let words: [u64; 5] = [
+        n,
+        u64::from(cpu),
+        0,
+        0,
+        (u64::from(PROTO_TCP) << 32) | (4 << 40),
+    ];
     // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
-    let key: FlowKey = unsafe { core::mem::transmute(words) };
-    // SAFETY: CtEntry is 64 bytes of plain integers, 8-byte aligned.
-    let value: CtEntry = unsafe { core::mem::transmute([n; 8]) };
-    match LRU.insert(&key, &value, 0) {
+    unsafe { core::mem::transmute(words) }
+}
+
+/// The IPv4 key for insert `n` on CPU `cpu`: the counter's low 32 bits as
+/// the source address and its next 16 as the source port, the CPU as the
+/// destination.
+#[inline(always)]
+fn key16(n: u64, cpu: u32) -> FlowKey4 {
+    FlowKey4 {
+        src: n as u32,
+        dst: cpu,
+        src_port: (n >> 32) as u16,
+        dst_port: 0,
+        proto: PROTO_TCP,
+        _pad: [0; 3],
+    }
+}
+
+#[inline(always)]
+fn cpu() -> u32 {
+    // SAFETY: helper without arguments.
+    unsafe { bpf_get_smp_processor_id() }
+}
+
+#[inline(always)]
+fn done(r: Result<(), i32>) -> u32 {
+    match r {
         Ok(()) => xdp_action::XDP_TX,
         Err(_) => xdp_action::XDP_ABORTED,
+    }
+}
+
+#[xdp]
+pub fn bench_lru(_ctx: XdpContext) -> u32 {
+    let Some(n) = next(1) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: CtEntry is 64 bytes of plain integers, 8-byte aligned.
+    let value: CtEntry = unsafe { core::mem::transmute([n; 8]) };
+    done(LRU.insert(&key40(n, cpu()), &value, 0))
+}
+
+#[xdp]
+pub fn bench_lru_nc(_ctx: XdpContext) -> u32 {
+    let Some(n) = next(2) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    // SAFETY: as in `bench_lru`.
+    let value: CtEntry = unsafe { core::mem::transmute([n; 8]) };
+    done(LRU_NC.insert(&key40(n, cpu()), &value, 0))
+}
+
+#[xdp]
+pub fn bench_lru16(_ctx: XdpContext) -> u32 {
+    let Some(n) = next(3) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    done(LRU16.insert(&key16(n, cpu()), &[n; 5], 0))
+}
+
+/// A lookup of one of the [`HIT_KEYS`] in turn, which must hit.
+#[xdp]
+pub fn bench_hit40(_ctx: XdpContext) -> u32 {
+    let Some(n) = next(4) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    match HIT40.get_ptr(&key40(n % HIT_KEYS, 0)) {
+        // SAFETY: a map value, read once (as a hit's entry copy would).
+        Some(v) if unsafe { (*v).backend } != u32::MAX => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_ABORTED,
+    }
+}
+
+/// [`bench_hit40`] with the IPv4 key.
+#[xdp]
+pub fn bench_hit16(_ctx: XdpContext) -> u32 {
+    let Some(n) = next(4) else {
+        return xdp_action::XDP_ABORTED;
+    };
+    match HIT16.get_ptr(&key16(n % HIT_KEYS, 0)) {
+        // SAFETY: as above.
+        Some(v) if unsafe { (*v)[2] } != u64::MAX => xdp_action::XDP_TX,
+        _ => xdp_action::XDP_ABORTED,
     }
 }
 
