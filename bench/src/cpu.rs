@@ -15,10 +15,15 @@ pub fn pin_thread(cpu: usize) -> Result<()> {
     Ok(())
 }
 
-/// The CPU benchmarks pin to: the last one.
+/// The CPUs online (not the calling thread's affinity, which a pinned
+/// caller has narrowed to one).
+pub fn online_cpus() -> usize {
+    // SAFETY: sysconf has no preconditions.
+    let n = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) };
+    usize::try_from(n).unwrap_or(1).max(1)
+}
+
+/// The CPU benchmarks pin to: the last one online.
 pub fn bench_cpu() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
-        .saturating_sub(1)
+    online_cpus() - 1
 }

@@ -220,11 +220,7 @@ pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
     let mut lab = Lab::load()?;
     lab.fill_hit_tables()?;
     let one = [cpu::bench_cpu()];
-    // The CPUs online (not this thread's affinity, which a caller may have
-    // narrowed).
-    // SAFETY: sysconf has no preconditions.
-    let online = unsafe { libc::sysconf(libc::_SC_NPROCESSORS_ONLN) }.max(1) as usize;
-    let all: Vec<usize> = (0..online).collect();
+    let all: Vec<usize> = (0..cpu::online_cpus()).collect();
     let (repeat, rounds) = if quick { (200_000, 3) } else { (1_000_000, 7) };
     // Fill the insert tables first: every measured insert then evicts.
     for p in [INSERT_COMMON, INSERT_PER_CPU, INSERT_KEY16] {
