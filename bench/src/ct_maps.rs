@@ -16,35 +16,22 @@ use aya::{
     maps::{HashMap, MapData, PerCpuArray},
     programs::Xdp,
 };
-use lb_common::{CtEntry, FAMILY_V4, FlowKey, PROTO_TCP, capacity::CONNTRACK};
+use lb_common::{
+    CtEntry, FlowKey,
+    bench_keys::{CtEntry4, FlowKey4, HIT_KEYS, SLOT_LRU, SLOT_LRU_NC, SLOT_LRU16, key16, key40},
+    capacity::CONNTRACK,
+};
 
-use crate::{BENCH_OBJECT, Figure, cpu};
+use crate::{Figure, cpu};
 
 const SECTION: &str = "Conntrack map shapes (BPF_PROG_TEST_RUN, tables of 524288 entries, full)";
 const XDP_TX: u32 = 3;
-/// `bench_hit*` cycle through these keys (lb-ebpf's `bench::HIT_KEYS`).
-const HIT_KEYS: u64 = 10_000;
 /// The programs, and the `bench_cnt` slot each counts in.
-const INSERT_COMMON: (&str, u32) = ("bench_lru", 1);
-const INSERT_PER_CPU: (&str, u32) = ("bench_lru_nc", 2);
-const INSERT_KEY16: (&str, u32) = ("bench_lru16", 3);
+const INSERT_COMMON: (&str, u32) = ("bench_lru", SLOT_LRU);
+const INSERT_PER_CPU: (&str, u32) = ("bench_lru_nc", SLOT_LRU_NC);
+const INSERT_KEY16: (&str, u32) = ("bench_lru16", SLOT_LRU16);
 const HIT_KEY40: &str = "bench_hit40";
 const HIT_KEY16: &str = "bench_hit16";
-
-/// The IPv4 key of lb-ebpf's `bench::FlowKey4`.
-#[repr(C)]
-#[derive(Clone, Copy)]
-struct FlowKey4 {
-    src: u32,
-    dst: u32,
-    src_port: u16,
-    dst_port: u16,
-    proto: u8,
-    _pad: [u8; 3],
-}
-
-// SAFETY: plain integers, no padding left uninitialised (the pad is a field).
-unsafe impl aya::Pod for FlowKey4 {}
 
 pub fn keys() -> Vec<String> {
     [
@@ -65,29 +52,6 @@ pub fn keys() -> Vec<String> {
     .collect()
 }
 
-/// The key `bench_lru` / `bench_lru_nc` built for insert `n` on `cpu`.
-fn key40(n: u64, cpu: u32) -> FlowKey {
-    let mut k = FlowKey {
-        proto: PROTO_TCP,
-        family: FAMILY_V4,
-        ..FlowKey::default()
-    };
-    k.src[..8].copy_from_slice(&n.to_ne_bytes());
-    k.src[8..16].copy_from_slice(&u64::from(cpu).to_ne_bytes());
-    k
-}
-
-fn key16(n: u64, cpu: u32) -> FlowKey4 {
-    FlowKey4 {
-        src: n as u32,
-        dst: cpu,
-        src_port: (n >> 32) as u16,
-        dst_port: 0,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    }
-}
-
 struct Lab {
     bench: Ebpf,
     counter: PerCpuArray<MapData, u64>,
@@ -95,30 +59,19 @@ struct Lab {
 
 impl Lab {
     fn load() -> Result<Self> {
-        let mut bench = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
-        for name in [
+        let mut bench = crate::load_bench(&[
             INSERT_COMMON.0,
             INSERT_PER_CPU.0,
             INSERT_KEY16.0,
             HIT_KEY40,
             HIT_KEY16,
-        ] {
-            let p: &mut Xdp = bench
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
+        ])?;
         let counter = PerCpuArray::try_from(bench.take_map("bench_cnt").context("bench_cnt")?)?;
         Ok(Self { bench, counter })
     }
 
     fn prog(&self, name: &str) -> Result<&Xdp> {
-        Ok(self
-            .bench
-            .program(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?)
+        crate::bench_prog(&self.bench, name)
     }
 
     /// Fills the hit tables: the keys the programs look up, then others up
@@ -137,7 +90,7 @@ impl Lab {
             t40.insert(key40(n, 0), entry, 0)
                 .context("filling bench_hit40_tbl")?;
         }
-        let mut t16: HashMap<_, FlowKey4, [u64; 5]> = HashMap::try_from(
+        let mut t16: HashMap<_, FlowKey4, CtEntry4> = HashMap::try_from(
             self.bench
                 .map_mut("bench_hit16_tbl")
                 .context("bench_hit16_tbl")?,
@@ -162,7 +115,7 @@ impl Lab {
         let table = format!("{prog}_tbl");
         let map = self.bench.map(&table).with_context(|| table.clone())?;
         let found = if slot == INSERT_KEY16.1 {
-            let t: HashMap<_, FlowKey4, [u64; 5]> = HashMap::try_from(map)?;
+            let t: HashMap<_, FlowKey4, CtEntry4> = HashMap::try_from(map)?;
             t.get(&key16(n - 1, cpu), 0).map(|v| v[0] == n - 1)
         } else {
             let t: HashMap<_, FlowKey, CtEntry> = HashMap::try_from(map)?;

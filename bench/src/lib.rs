@@ -37,6 +37,27 @@ pub use report::{Figure, Report, Target};
 /// The benchmark programs (lb-ebpf/src/bench.rs; see the `lb-objects` crate).
 pub static BENCH_OBJECT: &[u8] = lb_objects::BENCH;
 
+/// The bench object with the XDP programs `names` loaded.
+pub fn load_bench(names: &[&str]) -> Result<aya::Ebpf> {
+    let mut bench = aya::Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
+    for &name in names {
+        let p: &mut aya::programs::Xdp = bench
+            .program_mut(name)
+            .with_context(|| format!("no program {name}"))?
+            .try_into()?;
+        p.load().with_context(|| format!("loading {name}"))?;
+    }
+    Ok(bench)
+}
+
+/// The loaded XDP program `name` of `bench`.
+pub fn bench_prog<'a>(bench: &'a aya::Ebpf, name: &str) -> Result<&'a aya::programs::Xdp> {
+    Ok(bench
+        .program(name)
+        .with_context(|| format!("no program {name}"))?
+        .try_into()?)
+}
+
 /// How much to measure.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Profile {

@@ -56,9 +56,9 @@ use lb_agent::{
     sync::Engine,
 };
 use lb_common::{
-    AffinityKey, CFG_F_CLUSTER_CIDRS, CT_F_FORWARD, CT_F_SNAT, CtEntry, FAMILY_V4, FlowKey,
-    PROTO_TCP, Reason, SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SNAT_REMOTE,
-    SVC_F_SOURCE_RANGES, Service, ServiceKey,
+    AffinityKey, CFG_F_CLUSTER_CIDRS, CT_F_FORWARD, CT_F_SNAT, CtEntry, FAMILY_V4, FlowKey, Reason,
+    SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SNAT_REMOTE, SVC_F_SOURCE_RANGES, Service,
+    ServiceKey,
 };
 
 use lb_testbed::{
@@ -68,7 +68,7 @@ use lb_testbed::{
 };
 
 use crate::{
-    BENCH_OBJECT, cpu,
+    cpu,
     report::{Figure, Target},
 };
 
@@ -337,14 +337,8 @@ impl Lab {
         let uplink = lb_testbed::ifindex("up0")?;
         maps.set_config(&node_config(false)?)?;
         maps.add_tx_port(uplink)?;
-        let mut bench = Ebpf::load(BENCH_OBJECT).context("loading the bench object")?;
-        for name in ["bench_floor", "bench_nop", "bench_wrap", "bench_lru"] {
-            let p: &mut Xdp = bench
-                .program_mut(name)
-                .with_context(|| format!("no program {name}"))?
-                .try_into()?;
-            p.load().with_context(|| format!("loading {name}"))?;
-        }
+        let mut bench =
+            crate::load_bench(&["bench_floor", "bench_nop", "bench_wrap", "bench_lru"])?;
         let tmpl = Array::try_from(bench.take_map("bench_tmpl").context("bench_tmpl")?)?;
         let jmp = ProgramArray::try_from(bench.take_map("bench_jmp").context("bench_jmp")?)?;
         let counter = PerCpuArray::try_from(bench.take_map("bench_cnt").context("bench_cnt")?)?;
@@ -526,11 +520,7 @@ impl Lab {
     }
 
     fn prog(&self, name: &str) -> Result<&Xdp> {
-        Ok(self
-            .bench
-            .program(name)
-            .with_context(|| format!("no program {name}"))?
-            .try_into()?)
+        crate::bench_prog(&self.bench, name)
     }
 
     /// Points the wrapper at lb (true) or at `bench_nop`.
@@ -558,15 +548,9 @@ impl Lab {
     /// next, TCP, IPv4).
     fn check_lru_insert(&self) -> Result<()> {
         let cpu = cpu::bench_cpu();
-        let n: u64 = self.counter.get(&1, 0)?[cpu];
+        let n: u64 = self.counter.get(&lb_common::bench_keys::SLOT_LRU, 0)?[cpu];
         ensure!(n > 0, "bench_lru inserted nothing");
-        let mut key = FlowKey {
-            proto: PROTO_TCP,
-            family: FAMILY_V4,
-            ..FlowKey::default()
-        };
-        key.src[..8].copy_from_slice(&(n - 1).to_ne_bytes());
-        key.src[8..16].copy_from_slice(&(cpu as u64).to_ne_bytes());
+        let key = lb_common::bench_keys::key40(n - 1, cpu as u32);
         let v = self
             .lru
             .get(&key, 0)

@@ -11,6 +11,7 @@
 //!   naturally in a dump (the datapath swaps packet ports once when it builds a key).
 #![no_std]
 
+pub mod bench_keys;
 pub mod ct_stats;
 pub mod hash;
 pub mod reason;
@@ -828,6 +829,7 @@ mod pod {
     // SAFETY: each type is repr(C), has no padding the compiler may leave
     // uninitialised (padding is explicit), and is valid for any bit pattern.
     unsafe impl aya::Pod for super::ServiceKey {}
+    unsafe impl aya::Pod for super::bench_keys::FlowKey4 {}
     unsafe impl aya::Pod for super::Service {}
     unsafe impl aya::Pod for super::Backend {}
     unsafe impl aya::Pod for super::FlowKey {}

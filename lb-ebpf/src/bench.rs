@@ -36,7 +36,13 @@ use aya_ebpf::{
     macros::{btf_map, xdp},
     programs::XdpContext,
 };
-use lb_common::{CtEntry, FlowKey, capacity};
+use lb_common::{
+    CtEntry, FlowKey,
+    bench_keys::{
+        CtEntry4, FlowKey4, HIT_KEYS, SLOT_HITS, SLOT_LRU, SLOT_LRU_NC, SLOT_LRU16, key16, key40,
+    },
+    capacity,
+};
 
 /// Largest frame the template holds.
 const TMPL_BYTES: usize = 128;
@@ -62,10 +68,8 @@ pub struct Template {
 #[btf_map(name = "bench_tmpl")]
 static TMPL: Array<Template, 1> = Array::new();
 
-/// Index 0: packets `bench_wrap` / `bench_gen` varied (the per-packet flow counter).
-/// Index 1: keys `bench_lru` inserted. Indices 2 and 3: keys `bench_lru_nc`
-/// and `bench_lru16` inserted. Index 4: lookups `bench_hit40` and
-/// `bench_hit16` made.
+/// Index 0: packets `bench_wrap` / `bench_gen` varied (the per-packet flow
+/// counter); the others: `lb_common::bench_keys::SLOT_*`.
 #[btf_map(name = "bench_cnt")]
 static COUNTER: PerCpuArray<u64, 5> = PerCpuArray::new();
 
@@ -82,32 +86,9 @@ static LRU_NC: LruHashMap<
     { BPF_F_NO_COMMON_LRU as usize },
 > = LruHashMap::new();
 
-/// An IPv4-only conntrack key: addresses, ports, protocol (16 bytes where
-/// [`FlowKey`] takes 40 for both families).
-#[repr(C)]
-#[derive(Clone, Copy)]
-pub struct FlowKey4 {
-    pub src: u32,
-    pub dst: u32,
-    pub src_port: u16,
-    pub dst_port: u16,
-    pub proto: u8,
-    pub _pad: [u8; 3],
-}
-
-/// An IPv4-only conntrack value's size: translated addresses and ports,
-/// ids, flags, time and ingress, as [`CtEntry`] holds them for both
-/// families in 64 bytes.
-pub type CtEntry4 = [u64; 5];
-
 /// `bench_lru16`'s table: conntrack's size with the IPv4 key and value.
 #[btf_map(name = "bench_lru16_tbl")]
 static LRU16: LruHashMap<FlowKey4, CtEntry4, { capacity::CONNTRACK as usize }> = LruHashMap::new();
-
-/// Keys `bench_hit40` and `bench_hit16` cycle through (the harness inserts
-/// them, `[n, 0, 0, 0, tcp/v4]` and `{ n, 0, 0, 0, tcp }` for n below this,
-/// among as many others as fill the tables).
-pub const HIT_KEYS: u64 = 10_000;
 
 /// `bench_hit40`'s table: conntrack's shape, filled by the harness.
 #[btf_map(name = "bench_hit40_tbl")]
@@ -306,38 +287,6 @@ fn next(i: u32) -> Option<u64> {
     }
 }
 
-/// Conntrack's key for insert `n` on CPU `cpu`: the counter in the first 8
-/// bytes of `src`, the CPU in the next (so that CPUs inserting at once make
-/// distinct keys), TCP, IPv4; the rest zero. Built as words: a struct
-/// literal would cost a byte-wise memset here.
-#[inline(always)]
-fn key40(n: u64, cpu: u32) -> FlowKey {
-    let words: [u64; 5] = [
-        n,
-        u64::from(cpu),
-        0,
-        0,
-        (u64::from(PROTO_TCP) << 32) | (4 << 40),
-    ];
-    // SAFETY: FlowKey is 40 bytes of plain integers, 8-byte aligned.
-    unsafe { core::mem::transmute(words) }
-}
-
-/// The IPv4 key for insert `n` on CPU `cpu`: the counter's low 32 bits as
-/// the source address and its next 16 as the source port, the CPU as the
-/// destination.
-#[inline(always)]
-fn key16(n: u64, cpu: u32) -> FlowKey4 {
-    FlowKey4 {
-        src: n as u32,
-        dst: cpu,
-        src_port: (n >> 32) as u16,
-        dst_port: 0,
-        proto: PROTO_TCP,
-        _pad: [0; 3],
-    }
-}
-
 #[inline(always)]
 fn cpu() -> u32 {
     // SAFETY: helper without arguments.
@@ -354,7 +303,7 @@ fn done(r: Result<(), i32>) -> u32 {
 
 #[xdp]
 pub fn bench_lru(_ctx: XdpContext) -> u32 {
-    let Some(n) = next(1) else {
+    let Some(n) = next(SLOT_LRU) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: CtEntry is 64 bytes of plain integers, 8-byte aligned.
@@ -364,7 +313,7 @@ pub fn bench_lru(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn bench_lru_nc(_ctx: XdpContext) -> u32 {
-    let Some(n) = next(2) else {
+    let Some(n) = next(SLOT_LRU_NC) else {
         return xdp_action::XDP_ABORTED;
     };
     // SAFETY: as in `bench_lru`.
@@ -374,7 +323,7 @@ pub fn bench_lru_nc(_ctx: XdpContext) -> u32 {
 
 #[xdp]
 pub fn bench_lru16(_ctx: XdpContext) -> u32 {
-    let Some(n) = next(3) else {
+    let Some(n) = next(SLOT_LRU16) else {
         return xdp_action::XDP_ABORTED;
     };
     done(LRU16.insert(&key16(n, cpu()), &[n; 5], 0))
@@ -383,7 +332,7 @@ pub fn bench_lru16(_ctx: XdpContext) -> u32 {
 /// A lookup of one of the [`HIT_KEYS`] in turn, which must hit.
 #[xdp]
 pub fn bench_hit40(_ctx: XdpContext) -> u32 {
-    let Some(n) = next(4) else {
+    let Some(n) = next(SLOT_HITS) else {
         return xdp_action::XDP_ABORTED;
     };
     match HIT40.get_ptr(&key40(n % HIT_KEYS, 0)) {
@@ -396,7 +345,7 @@ pub fn bench_hit40(_ctx: XdpContext) -> u32 {
 /// [`bench_hit40`] with the IPv4 key.
 #[xdp]
 pub fn bench_hit16(_ctx: XdpContext) -> u32 {
-    let Some(n) = next(4) else {
+    let Some(n) = next(SLOT_HITS) else {
         return xdp_action::XDP_ABORTED;
     };
     match HIT16.get_ptr(&key16(n % HIT_KEYS, 0)) {
