@@ -118,7 +118,49 @@ fn read_line(s: &mut TcpStream, deadline: Instant) -> Result<(String, Vec<u8>), 
 }
 
 fn tcp_connect(addr: SocketAddr, deadline: Instant) -> Result<TcpStream, ProbeError> {
-    let s = TcpStream::connect_timeout(&addr, remaining(deadline)?)?;
+    tcp_connect_noting(addr, deadline, &mut None)
+}
+
+/// Connects to `addr` by `deadline`. `local` gets the local address the
+/// kernel chose at `connect`, while the handshake is under way: a refused
+/// socket gives its port back.
+fn tcp_connect_noting(
+    addr: SocketAddr,
+    deadline: Instant,
+    local: &mut Option<SocketAddr>,
+) -> Result<TcpStream, ProbeError> {
+    let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    sock.set_nonblocking(true)?;
+    match sock.connect(&addr.into()) {
+        Ok(()) => {}
+        Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
+        Err(e) => return Err(e.into()),
+    }
+    *local = sock.local_addr().ok().and_then(|a| a.as_socket());
+    loop {
+        let mut pending = libc::pollfd {
+            fd: sock.as_raw_fd(),
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        let wait = i32::try_from(remaining(deadline)?.as_millis()).unwrap_or(i32::MAX);
+        // SAFETY: one pollfd of an open socket.
+        match unsafe { libc::poll(&mut pending, 1, wait) } {
+            0 => return Err(ProbeError::TimedOut),
+            n if n > 0 => break,
+            _ => {
+                let e = io::Error::last_os_error();
+                if e.kind() != ErrorKind::Interrupted {
+                    return Err(e.into());
+                }
+            }
+        }
+    }
+    if let Some(e) = sock.take_error()? {
+        return Err(e.into());
+    }
+    sock.set_nonblocking(false)?;
+    let s: TcpStream = sock.into();
     s.set_nodelay(true)?;
     s.set_write_timeout(Some(remaining(deadline)?))?;
     Ok(s)
@@ -133,20 +175,12 @@ pub fn tcp_probe(
     payload: &[u8],
     timeout: Duration,
 ) -> Result<String, ProbeError> {
-    let deadline = Instant::now() + timeout;
-    ns::try_in_netns(ns, || {
-        let mut s = tcp_connect(addr, deadline)?;
-        s.write_all(payload)?;
-        read_line(&mut s, deadline).map(|(line, _)| Hello::parse(&line).server)
-    })
-    .unwrap_or_else(|e| Err(ProbeError::Other(format!("{e:#}"))))
+    tcp_probe_traced(ns, addr, payload, timeout).0
 }
 
 /// [`tcp_probe`], also telling the local address the connection left from
 /// (None if it never began), so that a failure can be looked up in
-/// conntrack. The port is the kernel's choice at `connect`, as for any
-/// client: it is read while the handshake is under way, since a refused
-/// socket gives its port back.
+/// conntrack.
 pub fn tcp_probe_traced(
     ns: &str,
     addr: SocketAddr,
@@ -156,37 +190,10 @@ pub fn tcp_probe_traced(
     let deadline = Instant::now() + timeout;
     ns::try_in_netns(ns, || {
         let mut local = None;
-        let r = (|| {
-            let sock = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            sock.set_nonblocking(true)?;
-            match sock.connect(&addr.into()) {
-                Ok(()) => {}
-                Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => {}
-                Err(e) => return Err(e.into()),
-            }
-            local = sock.local_addr().ok().and_then(|a| a.as_socket());
-            let mut pending = libc::pollfd {
-                fd: sock.as_raw_fd(),
-                events: libc::POLLOUT,
-                revents: 0,
-            };
-            let wait = i32::try_from(remaining(deadline)?.as_millis()).unwrap_or(i32::MAX);
-            // SAFETY: one pollfd of an open socket.
-            match unsafe { libc::poll(&mut pending, 1, wait) } {
-                0 => return Err(ProbeError::TimedOut),
-                n if n < 0 => return Err(io::Error::last_os_error().into()),
-                _ => {}
-            }
-            if let Some(e) = sock.take_error()? {
-                return Err(e.into());
-            }
-            sock.set_nonblocking(false)?;
-            let mut s: TcpStream = sock.into();
-            s.set_nodelay(true)?;
-            s.set_write_timeout(Some(remaining(deadline)?))?;
+        let r = tcp_connect_noting(addr, deadline, &mut local).and_then(|mut s| {
             s.write_all(payload)?;
             read_line(&mut s, deadline).map(|(line, _)| Hello::parse(&line).server)
-        })();
+        });
         (r, local)
     })
     .unwrap_or_else(|e| (Err(ProbeError::Other(format!("{e:#}"))), None))
