@@ -1,4 +1,5 @@
-//! Control plane: N Services × 10 endpoints.
+//! Control plane: N Services × 10 endpoints, and 10,000 Services of skewed
+//! sizes (most 1 to 10 endpoints, a few 1,000 to 5,000).
 //!
 //! - full sync: `lb-agent run --manifests` on a directory holding them, from
 //!   process start to its "first sync done" log line (and from "datapath
@@ -59,6 +60,10 @@ pub fn keys_for(quick: bool) -> Vec<String> {
             k.push(format!("control.{n}.{f}"));
         }
     }
+    if !quick {
+        k.push("control.skewed.agent_sync.s".into());
+        k.push("control.skewed.agent_rss.mb".into());
+    }
     k.push("control.change.p50_ms".into());
     k.push("control.change.p99_ms".into());
     k.push("control.pod_patch.p50_ms".into());
@@ -70,40 +75,66 @@ pub fn keys() -> Vec<String> {
     keys_for(false)
 }
 
-/// Map sizes for `n` Services: the default table size up to 1,000 Services,
-/// 1021 beyond (memory: rows × table size × 4 bytes).
-fn sizes(n: usize) -> Sizes {
-    let big = n > 1000;
+/// Endpoints of Service `i` in the uniform runs.
+fn uniform(_: usize) -> usize {
+    EPS
+}
+
+/// Endpoints of Service `i` of the skewed run's 10,000: per 1,000, one of
+/// 1,000 to 5,000, 9 of 100 to 999, 90 of 11 to 99, and 900 of 1 to 10
+/// (178,000 endpoints in all).
+fn skewed(i: usize) -> usize {
+    let spread = |lo: usize, hi: usize| lo + (i.wrapping_mul(7919) % (hi - lo + 1));
+    match i % 1000 {
+        0 => spread(1000, 5000),
+        1..=9 => spread(100, 999),
+        10..=99 => spread(11, 99),
+        _ => spread(1, 10),
+    }
+}
+
+/// Map sizes for `n` Services of `eps(i)` endpoints: room for every table
+/// at the size its endpoints get, and the default service ids up to 1,000.
+fn sizes(n: usize, eps: fn(usize) -> usize) -> Sizes {
+    let tables: u64 = (0..n)
+        .map(|i| {
+            u64::from(lb_common::maglev_row_elements(
+                lb_agent::maglev::table_size_for(eps(i)),
+            )) * 2
+        })
+        .sum();
+    let endpoints: usize = (0..n).map(eps).sum();
     Sizes {
         services: 65_536,
-        service_ids: if big { 20_000 } else { 1024 },
-        backends: 131_072,
-        maglev_table_size: if big {
-            1021
-        } else {
-            lb_common::capacity::MAGLEV_TABLE_SIZE
-        },
+        service_ids: if n > 1000 { 20_000 } else { 1024 },
+        backends: (endpoints as u32 + 1024).next_power_of_two().max(131_072),
+        maglev_entries: u32::try_from(tables + (1 << 20))
+            .unwrap_or(u32::MAX)
+            .max(lb_common::capacity::MAGLEV_ENTRIES),
         conntrack: 65_536,
     }
 }
 
-/// Writes N Services with their slices, 100 per file.
-fn write_manifests(dir: &Path, n: usize) -> Result<()> {
+/// Writes N Services with their slices (`eps(i)` endpoints for Service i),
+/// 100 per file.
+fn write_manifests(dir: &Path, n: usize, eps: fn(usize) -> usize) -> Result<()> {
     let _ = std::fs::remove_dir_all(dir);
     std::fs::create_dir_all(dir)?;
     let mut file = String::new();
+    let mut pod = 0;
     for i in 0..n {
         let _ = write!(
             file,
             "apiVersion: v1\nkind: Service\nmetadata: {{name: svc-{i}, namespace: bench}}\nspec:\n  type: ClusterIP\n  clusterIP: {ip}\n  clusterIPs: [{ip}]\n  ipFamilies: [IPv4]\n  ports: [{{name: http, port: 80, protocol: TCP, targetPort: 8080}}]\n---\napiVersion: discovery.k8s.io/v1\nkind: EndpointSlice\nmetadata:\n  name: svc-{i}-1\n  namespace: bench\n  labels: {{kubernetes.io/service-name: svc-{i}}}\naddressType: IPv4\nports: [{{name: http, port: 8080, protocol: TCP}}]\nendpoints:\n",
             ip = kubeproxy::cluster_ip(i)
         );
-        for j in 0..EPS {
+        for _ in 0..eps(i) {
             let _ = writeln!(
                 file,
                 "- {{addresses: [\"{}\"], nodeName: node-b, conditions: {{ready: true}}}}",
-                kubeproxy::pod_ip(i * EPS + j)
+                kubeproxy::pod_ip(pod)
             );
+            pod += 1;
         }
         file.push_str("---\n");
         if (i + 1) % 100 == 0 || i + 1 == n {
@@ -114,14 +145,13 @@ fn write_manifests(dir: &Path, n: usize) -> Result<()> {
     Ok(())
 }
 
-fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
+fn agent_sync(bin: &Path, dir: &Path, n: usize, s: Sizes) -> Result<(f64, f64, f64)> {
     let scope = Scope::new()?;
     let ns = scope.add_netns(&format!("cp{n}"), &[])?;
     ip(Some(&ns), "link add u0 type veth peer name u1")?;
     ip(Some(&ns), "link set u0 up")?;
     ip(Some(&ns), "link set u1 up")?;
     ip(Some(&ns), "addr add 192.0.2.1/24 dev u0")?;
-    let s = sizes(n);
     let args: Vec<String> = [
         "run".to_string(),
         "--manifests".into(),
@@ -134,8 +164,8 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
         "127.0.0.1:10249".into(),
         "--healthz-addr".into(),
         "127.0.0.1:10256".into(),
-        "--maglev-table-size".into(),
-        s.maglev_table_size.to_string(),
+        "--maglev-entries".into(),
+        s.maglev_entries.to_string(),
         "--max-services".into(),
         s.service_ids.to_string(),
         "--max-backends".into(),
@@ -165,12 +195,51 @@ fn agent_sync(bin: &Path, dir: &Path, n: usize) -> Result<(f64, f64, f64)> {
     ))
 }
 
+/// The skewed run (see [`skewed`]): the agent's full sync and peak RSS.
+fn skewed_run(bin: &Path, files: &Scope) -> Result<Vec<Figure>> {
+    const N: usize = 10_000;
+    let dir = files.run_dir().join("cp-skewed-manifests");
+    write_manifests(&dir, N, skewed)?;
+    let s = sizes(N, skewed);
+    let (mut sync, mut rss) = (Vec::new(), Vec::new());
+    for _ in 0..3 {
+        let (a, _, c) = agent_sync(bin, &dir, N, s).context("agent with 10,000 skewed Services")?;
+        sync.push(a);
+        rss.push(c);
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    let what = "10,000 skewed Services";
+    Ok(vec![
+        Figure::new(
+            SECTION,
+            "control.skewed.agent_sync.s",
+            &format!("{what}: full sync into the maps (agent)"),
+            "s",
+            sync,
+        )
+        .note(format!(
+            "{} endpoints, {} MB of Maglev tables",
+            (0..N).map(skewed).sum::<usize>(),
+            (s.maglev_entries as u64 - (1 << 20)) * 4 / 1_000_000
+        ))
+        .target(Target::AtMost(3.0)),
+        Figure::new(
+            SECTION,
+            "control.skewed.agent_rss.mb",
+            &format!("{what}: agent peak RSS (VmHWM)"),
+            "MB",
+            rss,
+        )
+        .target(Target::AtMost(300.0)),
+    ])
+}
+
 /// The sync and single-change latencies in-process, through the agent's sync
 /// engine (store, model, desired tables, reconcile) on real maps.
 fn inproc(dir: &Path, n: usize, changes: usize) -> Result<(f64, Vec<f64>)> {
     let mut dp = Datapath::load(&LoadOptions {
         pin_path: None,
-        sizes: sizes(n),
+        sizes: sizes(n, uniform),
         log_level: None,
     })?;
     let mut engine = Engine::new(
@@ -269,13 +338,13 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
     let files = Scope::new()?;
     for n in counts(quick) {
         let dir = files.run_dir().join(format!("cp{n}-manifests"));
-        write_manifests(&dir, n)?;
+        write_manifests(&dir, n, uniform)?;
         let runs = if quick { 1 } else { 3 };
         let (mut sync, mut start, mut rss, mut inproc_sync) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for _ in 0..runs {
-            let (a, b, c) =
-                agent_sync(bin, &dir, n).with_context(|| format!("agent with {n} Services"))?;
+            let (a, b, c) = agent_sync(bin, &dir, n, sizes(n, uniform))
+                .with_context(|| format!("agent with {n} Services"))?;
             sync.push(a);
             start.push(b);
             rss.push(c);
@@ -305,7 +374,7 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
             kubeproxy::nft_script(&svcs, &node),
             cap,
         )?;
-        let s = sizes(n);
+        let s = sizes(n, uniform);
         let what = format!("{n} Services");
         let mut f = Figure::new(
             SECTION,
@@ -315,8 +384,10 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
             sync,
         )
         .note(format!(
-            "table size {}, max-services {}",
-            s.maglev_table_size, s.service_ids
+            "{} tables of {} entries, max-services {}",
+            n,
+            lb_agent::maglev::table_size_for(EPS),
+            s.service_ids
         ));
         if n == 10_000 {
             f = f.target(Target::AtMost(2.0));
@@ -363,6 +434,9 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
             });
         }
     }
+    if !quick {
+        figs.extend(skewed_run(bin, &files)?);
+    }
     let last = *counts(quick).last().unwrap();
     figs.push(Figure::new(
         SECTION,
@@ -402,8 +476,11 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
     notes.push(format!(
         "Control plane: Services are ClusterIP, one TCP port, 10 ready endpoints on another node. \
          Agent sync = from its `datapath ready` to its `first sync done` log line (reading and \
-         parsing the manifests included); start-to-sync adds loading the datapath. 10,000 Services \
-         run with --maglev-table-size 1021 --max-services 20000 (1,000 with the default 16381). \
+         parsing the manifests included); start-to-sync adds loading the datapath. Each Service's \
+         Maglev table has the size its endpoints get (8,191 entries for 10); 10,000 Services run \
+         with --max-services 20000 and --maglev-entries sized to hold every table. The skewed \
+         run: 10,000 Services whose endpoints are, per 1,000, one of 1,000-5,000, 9 of 100-999, \
+         90 of 11-99 and 900 of 1-10 (178,000 endpoints). \
          Change latency: {} single EndpointSlice changes (one endpoint's address), each timed \
          through the agent loop's steps in-process (store, model, desired state, reconcile with \
          map writes); the manifest watcher's 100 ms debounce is left out. iptables-restore \

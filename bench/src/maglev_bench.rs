@@ -1,4 +1,5 @@
-//! Maglev: table build time at the default table size, and the share of flows
+//! Maglev: table build time at each Service's table size (chosen from its
+//! backend count, `lb_agent::maglev::table_size_for`), and the share of flows
 //! that move when one backend is removed (`lb_agent::maglev::build`).
 
 use std::{
@@ -8,12 +9,11 @@ use std::{
 
 use anyhow::Result;
 use lb_agent::maglev;
-use lb_common::capacity::MAGLEV_TABLE_SIZE;
 
 use crate::{Figure, Target};
 
-const SIZES: [usize; 3] = [10, 100, 1000];
-const SECTION: &str = "Maglev (table size 16381)";
+const SIZES: [usize; 4] = [10, 100, 1000, 5000];
+const SECTION: &str = "Maglev (per-Service table sizes)";
 
 pub fn keys() -> Vec<String> {
     SIZES
@@ -24,9 +24,7 @@ pub fn keys() -> Vec<String> {
                 format!("maglev.moved_{n}.pct"),
             ]
         })
-        .chain(std::iter::once(
-            "maglev.moved_100_larger_table.pct".to_string(),
-        ))
+        .chain(std::iter::once("maglev.moved_9_to_8.pct".to_string()))
         .collect()
 }
 
@@ -39,33 +37,42 @@ fn backends(n: usize) -> Vec<(SocketAddr, u32)> {
         .collect()
 }
 
-/// A larger prime table size, to show what `--maglev-table-size` buys.
-const LARGER_TABLE_SIZE: u32 = 32_749;
-
-/// Removes each of a few backends in turn; the share (%) of table entries
-/// (flows) whose backend changes each time.
-fn moved_shares(b: &[(SocketAddr, u32)], m: u32) -> Vec<f64> {
+/// Removes each of 8 backends in turn; the share (%) of flows whose backend
+/// changes each time, each table at the size its backend count gets (as the
+/// agent builds them: the two sizes differ where the removal crosses a class
+/// boundary).
+fn moved_shares(b: &[(SocketAddr, u32)]) -> Vec<f64> {
     let n = b.len();
-    let full = maglev::build(b, m);
-    [0, n / 3, n / 2, n - 1]
+    let before = maglev::table_size_for(n);
+    let after = maglev::table_size_for(n - 1);
+    let full = maglev::build(b, before);
+    [0, n / 5, n / 4, n / 3, n / 2, 2 * n / 3, 4 * n / 5, n - 1]
         .into_iter()
         .map(|k| {
             let mut less = b.to_vec();
             less.remove(k);
-            let t = maglev::build(&less, m);
-            let changed = full.iter().zip(&t).filter(|(a, b)| a != b).count();
-            100.0 * changed as f64 / f64::from(m)
+            let t = maglev::build(&less, after);
+            // A flow of hash h reads entry h % size: count over a common
+            // range of hashes (the product would be exact; the larger size
+            // times a few is close enough and cheap).
+            let span = u64::from(before.max(after)) * 7;
+            let changed = (0..span)
+                .filter(|h| {
+                    full[(*h % u64::from(before)) as usize] != t[(*h % u64::from(after)) as usize]
+                })
+                .count();
+            100.0 * changed as f64 / span as f64
         })
         .collect()
 }
 
 pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
     let rounds = if quick { 5 } else { 15 };
-    let m = MAGLEV_TABLE_SIZE;
     let mut figs = Vec::new();
     let mut notes = Vec::new();
     for n in SIZES {
         let b = backends(n);
+        let m = maglev::table_size_for(n);
         let mut times = Vec::new();
         for _ in 0..rounds {
             let t = Instant::now();
@@ -76,36 +83,35 @@ pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
         figs.push(Figure::new(
             SECTION,
             &format!("maglev.build_{n}.ms"),
-            &format!("build, {n} backends"),
+            &format!("build, {n} backends ({m} entries)"),
             "ms",
             times,
         ));
-        let moved = moved_shares(&b, m);
         figs.push(
             Figure::new(
                 SECTION,
                 &format!("maglev.moved_{n}.pct"),
                 &format!("flows moved when 1 of {n} backends goes"),
                 "%",
-                moved,
+                moved_shares(&b),
             )
             .target(Target::AtMost(100.0 / n as f64 + 1.0)),
         );
     }
-    // The table size is the knob for disruption: Maglev moves more than the
-    // removed backend's share, less so the larger the table is per backend.
-    let big = LARGER_TABLE_SIZE;
+    // The price of sizes by class: a removal that crosses a boundary gets a
+    // table of another size, which moves most flows' choice.
+    let (from, to) = (maglev::table_size_for(9), maglev::table_size_for(8));
     figs.push(Figure::new(
         SECTION,
-        "maglev.moved_100_larger_table.pct",
-        &format!("  same, --maglev-table-size {big}"),
+        "maglev.moved_9_to_8.pct",
+        &format!("  across a size boundary: 1 of 9 goes ({from} -> {to} entries)"),
         "%",
-        moved_shares(&backends(100), big),
+        moved_shares(&backends(9)),
     ));
     notes.push(format!(
-        "Maglev: build time of one table of {m} entries ({rounds} builds each); flows moved = \
-         share of table entries whose backend changes when one backend is removed (4 different \
-         backends removed in turn), including the removed backend's own 1/N."
+        "Maglev: build time of one table at the size its backend count gets ({rounds} builds \
+         each); flows moved = share of flows whose backend changes when one backend is removed \
+         (8 different backends removed in turn), including the removed backend's own 1/N."
     ));
     Ok((figs, notes))
 }

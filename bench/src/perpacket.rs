@@ -324,7 +324,7 @@ impl Lab {
             services: 1024,
             service_ids: 16,
             backends: 256,
-            maglev_table_size: lb_common::capacity::MAGLEV_TABLE_SIZE,
+            maglev_entries: lb_common::capacity::MAGLEV_ENTRIES,
             conntrack: lb_common::capacity::CONNTRACK,
         };
         let mut dp = Datapath::load(&LoadOptions {

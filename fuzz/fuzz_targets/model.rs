@@ -37,12 +37,12 @@ use libfuzzer_sys::fuzz_target;
 use serde_json::{Value, json};
 
 /// Room for everything an input can ask for (3 Services, 3 ports each, two
-/// families, two rows per port), so that no port is ever refused for room.
+/// families, two tables per port), so that no port is ever refused for room.
 const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 128,
     backends: 256,
-    maglev_table_size: 31,
+    maglev_entries: 1 << 20,
     conntrack: 1024,
 };
 

@@ -50,7 +50,7 @@ const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 16,
     backends: 256,
-    maglev_table_size: 251,
+    maglev_entries: 1 << 20,
     conntrack: 4096,
 };
 

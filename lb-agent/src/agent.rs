@@ -286,11 +286,11 @@ impl NodeFacts {
     }
 
     /// Whether `config` may be written, `pinned` being what it holds: once the
-    /// addresses are known, or at once into a fresh datapath (nothing uses its
-    /// source-NAT addresses before there are services, and `lb-agent dump`
-    /// reads the Maglev size from it).
+    /// addresses are known, or at once into a fresh datapath (all zeros:
+    /// nothing uses its source-NAT addresses before there are services, and
+    /// `lb-agent dump` shows the ports from the start).
     fn may_write_config(self, pinned: &Config) -> bool {
-        self.addresses_known() || pinned.maglev_size == 0
+        self.addresses_known() || *pinned == Config::default()
     }
 
     /// Whether the maps may be synced: the first sync removes every frontend
@@ -646,6 +646,11 @@ pub async fn run(settings: Settings) -> Result<()> {
         metrics
             .agent
             .set_map("service_ids", o.ports, sizes.service_ids);
+        metrics.agent.set_map(
+            lb_common::map_names::MAGLEV,
+            o.maglev_elements,
+            sizes.maglev_elements(),
+        );
         report_problems(&metrics, &mut known_problems, sync.problems);
         serve_health_checks(&engine, &mut health_checks, &metrics, &mut known_problems);
         metrics.agent.syncs.inc();
@@ -790,7 +795,8 @@ mod tests {
     /// A datapath an earlier run configured.
     fn pinned() -> Config {
         Config {
-            maglev_size: 16381,
+            snat_port_min: 30_000,
+            snat_port_max: 60_000,
             ..Config::default()
         }
     }

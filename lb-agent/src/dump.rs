@@ -40,7 +40,9 @@ pub struct SocketLbDump {
 
 #[derive(Serialize)]
 pub struct ConfigDump {
-    pub maglev_table_size: u32,
+    /// Entries of the `maglev` map, and those its tables take.
+    pub maglev_entries: u64,
+    pub maglev_entries_used: u64,
     pub snat_v4: Option<String>,
     pub snat_v6: Option<String>,
     pub snat_ports: String,
@@ -90,8 +92,8 @@ pub struct FrontendDump {
     pub table: u32,
     pub backends: u32,
     pub flags: Vec<&'static str>,
-    /// A Local external frontend: the row and backends of clients inside
-    /// the cluster.
+    /// A Local external frontend: the table (its first element) and
+    /// backends of clients inside the cluster.
     pub in_cluster: Option<(u32, u32)>,
 }
 
@@ -105,7 +107,9 @@ pub struct BackendDump {
 
 #[derive(Serialize)]
 pub struct TableDump {
-    pub row: u32,
+    /// First element in `maglev` (what frontends' `table` says), and entries.
+    pub start: u32,
+    pub size: u32,
     /// Entries owned by each backend id.
     pub shares: BTreeMap<u32, u32>,
 }
@@ -168,8 +172,9 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
     let maps = Maps::open_pinned(dir)
         .with_context(|| format!("no datapath pinned at {}", dir.display()))?;
     let cfg = maps.config.get(&0, 0).context("reading config")?;
-    let config = ConfigDump {
-        maglev_table_size: cfg.maglev_size,
+    let mut config = ConfigDump {
+        maglev_entries: 0,
+        maglev_entries_used: 0,
         snat_v4: (cfg.flags & lb_common::CFG_F_SNAT_V4 != 0)
             .then(|| std::net::Ipv4Addr::from(cfg.snat_addr_v4).to_string()),
         snat_v6: (cfg.flags & lb_common::CFG_F_SNAT_V6 != 0)
@@ -214,7 +219,7 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
 
     let mut by_id: BTreeMap<u32, Vec<FrontendDump>> = BTreeMap::new();
     let mut affinity_timeouts: BTreeMap<u32, u32> = BTreeMap::new();
-    let mut rows = BTreeMap::new();
+    let mut tables = BTreeMap::new();
     let mut cluster_ips = Vec::new();
     for entry in maps.services.iter() {
         let (k, v) = entry.context("reading services")?;
@@ -240,14 +245,14 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
             }
         }
         if v.backend_count > 0 {
-            rows.insert(v.table, ());
+            tables.insert(v.table, v.table_size);
         }
         let in_cluster = (v.flags & SVC_F_LOCAL != 0 && v.flags & SVC_F_EXTERNAL != 0)
             .then_some((v.cluster_table, v.cluster_backend_count));
-        if let Some((row, n)) = in_cluster
+        if let Some((start, n)) = in_cluster
             && n > 0
         {
-            rows.insert(row, ());
+            tables.insert(start, v.table_size);
         }
         if v.flags & SVC_F_AFFINITY != 0 {
             affinity_timeouts.insert(v.id, v.affinity_timeout);
@@ -309,13 +314,22 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
         });
     }
     let mut maglev = Vec::new();
-    for row in rows.keys() {
+    for (start, size) in tables {
         let mut shares = BTreeMap::new();
-        for id in maps.maglev.read_row(*row)? {
+        for id in maps.maglev.read(start, size as usize)? {
             *shares.entry(id).or_insert(0) += 1;
         }
-        maglev.push(TableDump { row: *row, shares });
+        maglev.push(TableDump {
+            start,
+            size,
+            shares,
+        });
     }
+    config.maglev_entries = u64::from(maps.maglev.elements()) * 2;
+    config.maglev_entries_used = maglev
+        .iter()
+        .map(|t| u64::from(lb_common::maglev_row_elements(t.size)) * 2)
+        .sum();
     let names: BTreeMap<u32, String> = interfaces
         .iter()
         .map(|i| (i.ifindex, i.name.clone()))
@@ -397,8 +411,9 @@ pub fn render(d: &Dump) -> String {
     let c = &d.config;
     let _ = writeln!(
         o,
-        "config: maglev table size {}, SNAT {} {} ports {}",
-        c.maglev_table_size,
+        "config: maglev {} of {} entries in tables, SNAT {} {} ports {}",
+        c.maglev_entries_used,
+        c.maglev_entries,
         c.snat_v4.as_deref().unwrap_or("-"),
         c.snat_v6.as_deref().unwrap_or("-"),
         c.snat_ports
@@ -512,7 +527,13 @@ pub fn render(d: &Dump) -> String {
                 )
             })
             .collect();
-        let _ = writeln!(o, "  row {}: {}", t.row, shares.join(", "));
+        let _ = writeln!(
+            o,
+            "  at {} ({} entries): {}",
+            t.start,
+            t.size,
+            shares.join(", ")
+        );
     }
     let _ = writeln!(
         o,

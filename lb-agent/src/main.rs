@@ -5,7 +5,7 @@ use std::{
     path::PathBuf,
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use clap::{Args, Parser, Subcommand};
 use lb_agent::{
     agent::{self, Settings, SourceConfig},
@@ -120,12 +120,20 @@ struct RunArgs {
     /// in contact with its source.
     #[arg(long, default_value = "0.0.0.0:10256")]
     healthz_addr: SocketAddr,
-    /// Entries per Maglev table: a prime, at least 100 x the backends of the
-    /// largest service for an even spread.
-    #[arg(long, default_value_t = capacity::MAGLEV_TABLE_SIZE)]
-    maglev_table_size: u32,
-    /// Service ports (and Maglev rows) the maps hold; each row takes
-    /// 4 x maglev-table-size bytes.
+    /// Maglev entries (4 bytes each) for every Service port's tables. Each
+    /// port's tables are sized from its backends: 1 entry for one backend,
+    /// 4,093 for 2 to 7, 8,191 up to 10, 16,381 up to 30, 32,749 up to 100,
+    /// 65,521 up to 6,552, and larger primes beyond; a port with
+    /// externalTrafficPolicy Local has two. A port that finds no room keeps
+    /// its previous tables and is retried (lb_errors_total{kind="capacity"}).
+    /// The default, 64 MiB, holds 4,096 tables of 2 to 7 backends.
+    #[arg(long, default_value_t = capacity::MAGLEV_ENTRIES)]
+    maglev_entries: u32,
+    /// Gone: tables are sized per Service port from its backends (see
+    /// --maglev-entries). Refused, with that explanation.
+    #[arg(long, hide = true)]
+    maglev_table_size: Option<u32>,
+    /// Service ports the maps hold (per-port counters and names).
     #[arg(long, default_value_t = capacity::SERVICE_IDS)]
     max_services: u32,
     /// Frontends (VIP, NodePort per node address, LB and external IPs) the maps hold.
@@ -217,6 +225,14 @@ fn settings(a: RunArgs) -> Result<Settings> {
         (Some(dir), _) => SourceConfig::Manifests(dir),
         (None, kc) => SourceConfig::Kubernetes(kc),
     };
+    if let Some(size) = a.maglev_table_size {
+        bail!(
+            "--maglev-table-size {size}: the flag is gone. Each Service port's Maglev tables are \
+             sized from its backend count now (a fixed list, so that nodes agree); size the space \
+             they share with --maglev-entries (default {})",
+            capacity::MAGLEV_ENTRIES
+        );
+    }
     Ok(Settings {
         source,
         node_name: match a.node_name {
@@ -237,7 +253,7 @@ fn settings(a: RunArgs) -> Result<Settings> {
             services: a.max_frontends,
             service_ids: a.max_services,
             backends: a.max_backends,
-            maglev_table_size: a.maglev_table_size,
+            maglev_entries: a.maglev_entries,
             conntrack: a.conntrack_size,
         },
         snat_ports: snat_range(a.snat_ports.as_deref())?,

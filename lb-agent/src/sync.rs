@@ -68,6 +68,9 @@ pub struct Occupancy {
     pub backends: usize,
     /// Service ports (service ids).
     pub ports: usize,
+    /// `maglev` elements the tables take (space given up but not yet
+    /// free included).
+    pub maglev_elements: usize,
 }
 
 /// What one sync did.
@@ -187,6 +190,7 @@ impl Engine {
                 frontends,
                 backends,
                 ports,
+                maglev_elements: r.maglev_elements_used() as usize,
             }
         };
         self.synced_once = true;

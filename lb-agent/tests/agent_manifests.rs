@@ -116,8 +116,8 @@ impl Node {
             "veth*",
             "--pin-path",
             self.pins.to_str().unwrap(),
-            "--maglev-table-size",
-            "251",
+            "--maglev-entries",
+            "1048576",
             "--max-services",
             "64",
             "--conntrack-size",
@@ -365,7 +365,7 @@ fn files_added_edited_and_deleted_reach_the_maps_within_a_second() {
     let row = node
         .maps()
         .maglev
-        .read_row(frontend(&node.maps(), "10.96.0.10:80").unwrap().table)
+        .read_table(&frontend(&node.maps(), "10.96.0.10:80").unwrap())
         .unwrap();
     let distinct: std::collections::BTreeSet<u32> = row.iter().copied().collect();
     assert_eq!(distinct.len(), 3);
@@ -430,7 +430,7 @@ fn what_is_changed_by_hand_in_the_maps_is_put_back_and_counted() {
     {
         let mut m = node.maps();
         m.remove_service(&skey("10.96.0.10:80", PROTO_TCP)).unwrap();
-        let row = m.maglev.read_row(before.table).unwrap();
+        let row = m.maglev.read_table(&before).unwrap();
         m.clear_backend(row[0]).unwrap();
         let mut wrong = config;
         wrong.snat_port_min = wrong.snat_port_max;
@@ -560,7 +560,7 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
     let mut node = Node::started_with_web(&["--uplink-hook", "xdp"]);
     let before = node.maps();
     let svc = frontend(&before, "10.96.0.10:80").unwrap();
-    let row = before.maglev.read_row(svc.table).unwrap();
+    let row = before.maglev.read_table(&svc).unwrap();
     let ids = backends(&before);
     // A live connection, as the datapath would have recorded it.
     let mut key = FlowKey {
@@ -606,7 +606,7 @@ fn a_restart_adopts_the_pins_and_flushes_nothing() {
         (svc.id, svc.table, svc.backend_count)
     );
     assert_eq!(
-        after.maglev.read_row(svc2.table).unwrap(),
+        after.maglev.read_table(&svc2).unwrap(),
         row,
         "Maglev row rewritten"
     );
@@ -750,8 +750,8 @@ fn help_explains_every_flag_with_its_default() {
         ("--metrics-addr", d("127.0.0.1:10249")),
         ("--healthz-addr", d("0.0.0.0:10256")),
         (
-            "--maglev-table-size",
-            Some(capacity::MAGLEV_TABLE_SIZE.to_string()),
+            "--maglev-entries",
+            Some(capacity::MAGLEV_ENTRIES.to_string()),
         ),
         ("--max-services", Some(capacity::SERVICE_IDS.to_string())),
         ("--max-frontends", Some(capacity::SERVICES.to_string())),
@@ -848,6 +848,27 @@ fn help_explains_every_flag_with_its_default() {
             ),
         }
     }
+    // A flag of an earlier release that means nothing now is refused, and
+    // says what replaced it (silently ignoring it would leave an operator
+    // believing the tables have the size asked for).
+    let old = Command::new(AGENT)
+        .args([
+            "run",
+            "--manifests",
+            "/nonexistent",
+            "--maglev-table-size",
+            "1021",
+        ])
+        .env("RUST_BACKTRACE", "0")
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&old.stderr);
+    assert!(!old.status.success());
+    assert!(
+        err.contains("--maglev-table-size 1021: the flag is gone")
+            && err.contains("--maglev-entries"),
+        "{err}"
+    );
     // Why metrics stay on loopback and health does not: what each exposes,
     // and to whom.
     let explained = |flag: &str| {

@@ -18,7 +18,8 @@ use lb_agent::bpf::{
 use lb_common::{
     BACKEND_F_ACTIVE, BACKEND_F_LOCAL, Backend, CT_F_ACKED, CT_F_FORWARD, CT_F_REPLIED,
     CT_INGRESS_ANY, CT_INGRESS_NETWORK, CT_INGRESS_PODS, CtEntry, FAMILY_V4, FlowKey,
-    LAYOUT_VERSION, Layout, PROTO_UDP, map_names, v1,
+    LAYOUT_VERSION, Layout, PROTO_TCP, PROTO_UDP, SVC_F_ADDRESS, SVC_F_EXTERNAL, SVC_F_LOCAL,
+    ServiceKey, map_names, v1, v2,
 };
 use lb_testbed::{Scope, layout_v1};
 
@@ -26,7 +27,7 @@ const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 16,
     backends: 256,
-    maglev_table_size: 251,
+    maglev_entries: lb_agent::bpf::MIN_MAGLEV_ENTRIES,
     conntrack: 8192,
 };
 
@@ -303,6 +304,116 @@ fn the_previous_releases_conntrack_is_migrated_entry_by_entry() {
     drop(dp);
     let dp = load(&p.dir, SIZES).unwrap();
     assert!(!dp.plan().unwrap().migrates());
+}
+
+/// A layout-2 pin set's `services` (tables as rows of one size, the size in
+/// `config`) comes over as layout 3's: each table at its row's first element
+/// with the size it had, so the tables already in `maglev` read as they did.
+/// A pin set whose `services` was converted already (an upgrade stopped
+/// before `layout` was replaced) is not converted again.
+#[test]
+fn layout_2_services_come_over_with_their_rows_as_tables() {
+    const M: u32 = 251;
+    let p = pins();
+    let mut dp = load(&p.dir, SIZES).unwrap();
+    let mut maps = dp.take_maps().unwrap();
+    let row = |r: u32| r * lb_common::maglev_row_elements(M);
+    let t0: Vec<u32> = (0..M).map(|i| 1 + i % 3).collect();
+    let t3: Vec<u32> = (0..M).map(|i| 4 + i % 2).collect();
+    maps.maglev.write(row(0), &t0).unwrap();
+    maps.maglev.write(row(3), &t3).unwrap();
+    drop((maps, dp));
+    let key = |last: u8, port: u16| ServiceKey {
+        addr: v4([10, 96, 0, last]),
+        port,
+        proto: PROTO_TCP,
+        family: FAMILY_V4,
+        _pad: [0; 4],
+    };
+    let cluster_ip = v2::Service {
+        id: 7,
+        table: 0,
+        backend_count: 3,
+        ..v2::Service::default()
+    };
+    // A Local NodePort: its own row 3 (this node's endpoints), row 0 for
+    // clients inside the cluster.
+    let node_port = v2::Service {
+        id: 7,
+        table: 3,
+        backend_count: 2,
+        flags: SVC_F_EXTERNAL | SVC_F_LOCAL,
+        cluster_table: 0,
+        cluster_backend_count: 3,
+        ..v2::Service::default()
+    };
+    let address = v2::Service {
+        flags: SVC_F_ADDRESS,
+        ..v2::Service::default()
+    };
+    layout_v1::make_v2_services(
+        &p.dir,
+        &[
+            (key(1, 80), cluster_ip),
+            (key(2, 30080), node_port),
+            (key(1, 0), address),
+        ],
+        M,
+    )
+    .unwrap();
+
+    let mut dp = load(&p.dir, SIZES).unwrap();
+    let plan = dp.plan().unwrap();
+    assert_eq!(plan.pinned_version, Some(2));
+    assert_eq!(
+        plan.get(map_names::SERVICES).unwrap().action,
+        Action::Migrate(Conversion::ServicesV2 { table_size: M })
+    );
+    assert_eq!(plan.get(map_names::MAGLEV).unwrap().action, Action::Reuse);
+    assert_eq!(
+        plan.get(map_names::CONNTRACK).unwrap().action,
+        Action::Reuse
+    );
+    dp.finish_migration(&p.dir.join("links"))
+        .unwrap()
+        .expect("a migration");
+    drop(dp);
+    let mut dp = load(&p.dir, SIZES).unwrap();
+    assert!(!dp.plan().unwrap().migrates(), "{}", dp.plan().unwrap());
+    let maps = dp.take_maps().unwrap();
+    let a = maps.services.get(&key(1, 80), 0).unwrap();
+    assert_eq!((a.id, a.table, a.table_size, a.backend_count), (7, 0, M, 3));
+    assert_eq!(maps.maglev.read_table(&a).unwrap(), t0);
+    let b = maps.services.get(&key(2, 30080), 0).unwrap();
+    assert_eq!((b.table, b.cluster_table, b.table_size), (row(3), 0, M));
+    assert_eq!(maps.maglev.read_table(&b).unwrap(), t3);
+    assert_eq!(maps.maglev.read(b.cluster_table, M as usize).unwrap(), t0);
+    let addr = maps.services.get(&key(1, 0), 0).unwrap();
+    assert_eq!(
+        (addr.table, addr.table_size, addr.flags),
+        (0, 0, SVC_F_ADDRESS)
+    );
+    drop((maps, dp));
+
+    // `layout` still saying 2 over a converted `services`: its BTF is this
+    // build's, so it is taken as layout 3's and reused as it is.
+    {
+        let data = MapData::from_pin(p.dir.join(map_names::LAYOUT)).unwrap();
+        let mut layout: Array<MapData, Layout> = Map::Array(data).try_into().unwrap();
+        let mut l = layout.get(&0, 0).unwrap();
+        l.version = 2;
+        layout.set(0, l, 0).unwrap();
+    }
+    let mut dp = load(&p.dir, SIZES).unwrap();
+    let plan = dp.plan().unwrap();
+    assert_eq!(plan.pinned_version, Some(2));
+    assert_eq!(
+        plan.get(map_names::SERVICES).unwrap().action,
+        Action::Reuse,
+        "{plan}"
+    );
+    let maps = dp.take_maps().unwrap();
+    assert_eq!(maps.services.get(&key(2, 30080), 0).unwrap().table, row(3));
 }
 
 /// `--conntrack-size` down and up again: each a migration that keeps every

@@ -31,40 +31,65 @@ use lb_testbed::{
 };
 use support::{Lab, SIZES, Wired, XDP_TX};
 
-/// Row `r`'s test pattern: non-zero ids no other row has.
+/// Table `r`'s test pattern: non-zero ids no other table has.
 fn pattern(r: usize, len: usize) -> Vec<u32> {
     (0..len).map(|i| (r * 100_000 + i + 1) as u32).collect()
 }
 
 #[test]
-fn maglev_rows_read_back_what_was_written_at_every_row() {
+fn maglev_tables_of_every_size_read_back_what_was_written_where_it_was() {
     let mut lab = Lab::new();
     let maglev = &mut lab.maps.maglev;
-    let (rows, len) = (maglev.rows(), maglev.table_size());
-    assert_eq!(rows, SIZES.service_ids as usize);
-    // Rows of 251 ids (1008 bytes with the pair padding) straddle page
-    // boundaries: each write maps just the pages of its row.
-    for r in 0..rows {
-        assert_eq!(maglev.write_row(r as u32, &pattern(r, len)).unwrap(), len);
+    let elements = maglev.elements();
+    assert_eq!(elements, SIZES.maglev_elements());
+    // Tables of odd sizes back to back: 251 ids (1008 bytes with the pair
+    // padding) straddle page boundaries, a single entry takes one element,
+    // 4093 several pages; each write maps just the pages of its table.
+    let sizes = [251usize, 1, 4093, 7, 251, 8191];
+    let mut at = Vec::new();
+    let mut start = 0u32;
+    for (r, len) in sizes.iter().enumerate() {
+        at.push(start);
+        assert_eq!(maglev.write(start, &pattern(r, *len)).unwrap(), *len);
+        start += lb_common::maglev_row_elements(*len as u32);
     }
-    // Written all, then read all: no row overlaps another.
-    for r in 0..rows {
+    // Written all, then read all: no table overlaps another.
+    for (r, len) in sizes.iter().enumerate() {
         assert_eq!(
-            maglev.read_row(r as u32).unwrap(),
-            pattern(r, len),
-            "row {r}"
+            maglev.read(at[r], *len).unwrap(),
+            pattern(r, *len),
+            "table {r}"
         );
+        assert!(maglev.intact(at[r]).unwrap());
     }
     // Only changed entries are stored (and counted).
-    let mut t = pattern(3, len);
-    t[len - 1] = 7;
-    assert_eq!(maglev.write_row(3, &t).unwrap(), 1);
-    assert_eq!(maglev.read_row(3).unwrap(), t);
-    assert_eq!(maglev.read_row(4).unwrap(), pattern(4, len));
-    // Out of range and wrong lengths are errors, not writes elsewhere.
-    assert!(maglev.write_row(rows as u32, &t).is_err());
-    assert!(maglev.read_row(rows as u32).is_err());
-    assert!(maglev.write_row(0, &t[..len - 1]).is_err());
+    let mut t = pattern(2, 4093);
+    t[4092] = 7;
+    assert_eq!(maglev.write(at[2], &t).unwrap(), 1);
+    assert_eq!(maglev.read(at[2], 4093).unwrap(), t);
+    assert_eq!(maglev.read(at[3], 7).unwrap(), pattern(3, 7));
+    // A write elsewhere shows in the fingerprint; a forgotten table is
+    // intact no more (nothing to compare with).
+    let mut u = pattern(4, 251);
+    u[0] = 1;
+    maglev.write(at[4] - 1, &[9, 9, 9]).unwrap();
+    assert!(
+        !maglev.intact(at[4]).unwrap(),
+        "its first entries were overwritten"
+    );
+    maglev.write(at[4], &u).unwrap();
+    assert!(maglev.intact(at[4]).unwrap());
+    maglev.forget(at[4]);
+    assert!(!maglev.intact(at[4]).unwrap());
+    // Past the end, or empty: errors, not writes elsewhere.
+    assert!(maglev.write(elements - 1, &[1, 2, 3]).is_err());
+    assert!(maglev.read(elements, 1).is_err());
+    assert!(maglev.write(0, &[]).is_err());
+    assert_eq!(
+        maglev.write(elements - 1, &[1, 2]).unwrap(),
+        2,
+        "the last element"
+    );
 }
 
 /// Service `s<i>` in namespace `t`: ClusterIP 10.96.1.<i>, TCP port 80 to 8080.
@@ -130,7 +155,7 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
         services: 1024,
         service_ids: 64,
         backends: 1024,
-        maglev_table_size: 1021,
+        maglev_entries: 1 << 20,
         conntrack: 4096,
     };
     let _fib = FibNamespace::enter().unwrap();
@@ -150,9 +175,10 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
     let maps = reconciler.maps();
     for i in 0..n {
         let svc = maps.services.get(&cluster_ip_key(i), 0).unwrap();
-        let row = maps.maglev.read_row(svc.table).unwrap();
+        let row = maps.maglev.read_table(&svc).unwrap();
         let ids: BTreeSet<u32> = row.iter().copied().collect();
         assert_eq!(ids.len(), endpoints(i), "service {i}");
+        assert_eq!(svc.table_size, maglev::table_size_for(endpoints(i)));
         let entries: Vec<(SocketAddr, u32)> = ids
             .iter()
             .map(|id| {
@@ -161,11 +187,7 @@ fn rows_written_by_a_full_sync_are_the_maglev_tables_of_their_backends() {
                 (SocketAddr::from((ip, b.port)), *id)
             })
             .collect();
-        assert_eq!(
-            row,
-            maglev::build(&entries, sizes.maglev_table_size),
-            "service {i}"
-        );
+        assert_eq!(row, maglev::build(&entries, svc.table_size), "service {i}");
     }
 }
 
@@ -639,7 +661,7 @@ impl Written {
         let rows = services
             .values()
             .filter(|s| s.backend_count > 0)
-            .map(|s| (s.table, maps.maglev.read_row(s.table).unwrap()))
+            .map(|s| (s.table, maps.maglev.read_table(s).unwrap()))
             .collect();
         Self {
             services,
@@ -665,12 +687,11 @@ impl Written {
 
 /// Writes one Maglev entry behind the reconciler's back, through a handle
 /// of its own (as `bpftool map update` would).
-fn scribble_on_maglev(maps: &Maps, row: u32, entry: usize, id: u32) {
+fn scribble_on_maglev(maps: &Maps, table: u32, entry: usize, id: u32) {
     let data = MapData::from_id(maps.maglev.map_id().unwrap()).unwrap();
     let mut array: Array<MapData, lb_common::MaglevPair> =
         Array::try_from(Map::Array(data)).unwrap();
-    let per_row = lb_common::maglev_row_elements(maps.sizes().maglev_table_size);
-    let index = row * per_row + (entry / 2) as u32;
+    let index = table + (entry / 2) as u32;
     let mut pair = array.get(&index, 0).unwrap();
     // A pair holds two ids; `entry`'s is the first or the second.
     pair.ids[entry % 2] = id;
@@ -728,7 +749,7 @@ fn the_verify_pass_repairs_what_was_changed_by_hand_and_counts_it_per_map() {
         maps.set_service(&cluster_ip_key(99), &s2).unwrap();
         // backends: a slot in use cleared, a free one made to look used.
         let s3 = maps.services.get(&cluster_ip_key(3), 0).unwrap();
-        let row = maps.maglev.read_row(s3.table).unwrap();
+        let row = maps.maglev.read_table(&s3).unwrap();
         maps.clear_backend(row[0]).unwrap();
         let mut stray = maps.backends.get(&row[0], 0).unwrap();
         stray.flags = lb_common::BACKEND_F_ACTIVE;
@@ -829,5 +850,144 @@ fn a_port_refused_for_room_is_written_once_room_frees_up() {
     assert_eq!(present(&engine, refused).unwrap().backend_count, 3);
     assert!(engine.reconciler().failed_ports().is_empty());
     assert!(!engine.retry_failed());
+    assert_eq!(engine.verify().unwrap().unwrap(), Drift::default());
+}
+
+/// Each port's tables have the size its backends get. A table that outgrows
+/// its place moves to a new one (the frontend follows; the old space is free
+/// from the next pass on), one that shrinks stays where it is. A port that
+/// finds no room keeps what it had and is written by a retry once room has
+/// been freed.
+#[test]
+fn tables_follow_their_backend_count_and_a_full_maglev_map_is_retried() {
+    let _fib = FibNamespace::enter().unwrap();
+    // 32,768 elements: 16 tables of 4,093 entries (2,047 elements), or 4 of
+    // 16,381 (8,191).
+    let sizes = Sizes {
+        maglev_entries: lb_agent::bpf::MIN_MAGLEV_ENTRIES,
+        ..support::SIZES
+    };
+    let (_dp, mut engine) = engine(sizes, |_| {});
+    // Service i's frontend, checked: its table has the size of `n` backends
+    // and is the Maglev table of the backends it names.
+    let checked = |engine: &Engine, i: usize, n: usize| -> lb_common::Service {
+        let r = engine.reconciler();
+        let maps = r.maps();
+        let svc = maps.services.get(&cluster_ip_key(i), 0).unwrap();
+        assert_eq!(
+            (svc.backend_count, svc.table_size),
+            (n as u32, maglev::table_size_for(n)),
+            "service {i}"
+        );
+        let table = maps.maglev.read_table(&svc).unwrap();
+        let ids: BTreeSet<u32> = table.iter().copied().collect();
+        let entries: Vec<(SocketAddr, u32)> = ids
+            .iter()
+            .map(|id| {
+                let b = maps.backends.get(id, 0).unwrap();
+                let ip: [u8; 4] = b.addr[..4].try_into().unwrap();
+                (SocketAddr::from((ip, b.port)), *id)
+            })
+            .collect();
+        assert_eq!(entries.len(), n, "service {i}: every backend has entries");
+        assert_eq!(
+            table,
+            maglev::build(&entries, svc.table_size),
+            "service {i}"
+        );
+        svc
+    };
+    let used = |engine: &Engine| engine.reconciler().maglev_elements_used();
+    let sync = |engine: &mut Engine| {
+        let s = engine.sync().expect("a sync is due");
+        s.problems
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+    };
+
+    engine.take(SourceEvent::Resync {
+        services: vec![service(1)],
+        slices: vec![slice(1, 1)],
+        problems: Vec::new(),
+    });
+    assert!(sync(&mut engine).is_empty());
+    let one = checked(&engine, 1, 1);
+    assert_eq!(used(&engine), 1, "one backend: one entry");
+    // 1 -> 5 -> 9 backends: each a larger size, each a new place.
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 5))));
+    assert!(sync(&mut engine).is_empty());
+    let five = checked(&engine, 1, 5);
+    assert_ne!(five.table, one.table);
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 9))));
+    assert!(sync(&mut engine).is_empty());
+    let nine = checked(&engine, 1, 9);
+    assert!(nine.table != five.table && nine.table != one.table);
+    // 9 -> 3: smaller, in place; the rest is given up.
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 3))));
+    assert!(sync(&mut engine).is_empty());
+    let three = checked(&engine, 1, 3);
+    assert_eq!(three.table, nine.table);
+    assert_eq!(
+        used(&engine),
+        2047 + 2049,
+        "the shrunk table's tail waits a pass (the tables given up before are free)"
+    );
+
+    // Four Services of 20 endpoints (8,191 elements each): three fit in
+    // what is left, the fourth finds no room and keeps nothing written.
+    for i in 2..=5 {
+        engine.take(SourceEvent::ServiceApplied(Box::new(service(i))));
+        engine.take(SourceEvent::SliceApplied(Box::new(slice(i, 20))));
+    }
+    let problems = sync(&mut engine);
+    assert_eq!(used(&engine), 2047 + 3 * 8191, "space given up is free now");
+    assert_eq!(problems.len(), 1, "{problems:?}");
+    assert!(problems[0].contains("--maglev-entries"), "{}", problems[0]);
+    let placed: Vec<usize> = (2..=5)
+        .filter(|i| {
+            engine
+                .reconciler()
+                .maps()
+                .services
+                .get(&cluster_ip_key(*i), 0)
+                .is_ok()
+        })
+        .collect();
+    assert_eq!(placed.len(), 3);
+    let refused = (2..=5).find(|i| !placed.contains(i)).unwrap();
+    for i in &placed {
+        checked(&engine, *i, 20);
+    }
+    // A port that grows past what is free keeps its table and its size.
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 12))));
+    let problems = sync(&mut engine);
+    assert_eq!(problems.len(), 2, "{problems:?}");
+    assert_eq!(checked(&engine, 1, 3).table, three.table);
+
+    // Service 1 shrinks back (in place), and one of the three goes: its
+    // space is free from the next pass, which the retry is.
+    let gone = placed[0];
+    engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 3))));
+    engine.take(SourceEvent::ServiceDeleted(ObjectKey::new(
+        "t",
+        format!("s{gone}"),
+    )));
+    engine.take(SourceEvent::SliceDeleted(ObjectKey::new(
+        "t",
+        format!("s{gone}-x"),
+    )));
+    let problems = sync(&mut engine);
+    assert_eq!(
+        problems.len(),
+        1,
+        "not in the pass that freed it: {problems:?}"
+    );
+    assert_eq!(checked(&engine, 1, 3).table, three.table);
+    assert!(engine.retry_failed());
+    let problems = sync(&mut engine);
+    assert!(problems.is_empty(), "{problems:?}");
+    checked(&engine, refused, 20);
+    assert!(engine.reconciler().failed_ports().is_empty());
     assert_eq!(engine.verify().unwrap().unwrap(), Drift::default());
 }

@@ -95,7 +95,12 @@ pub mod map_names {
 ///   `CT_F_REPLIED` / `CT_F_ACKED` bits; no `fragments` map.
 /// - 2: [`CtEntry`] gained `ingress` (64 bytes) and the confirmation bits;
 ///   `fragments` and `layout` were added.
-pub const LAYOUT_VERSION: u32 = 2;
+/// - 3: Maglev tables are sized per Service port: [`Service::table`] and
+///   `cluster_table` became element offsets into `maglev` (they were row
+///   numbers of one table size, [`Config::maglev_size`]), and
+///   [`Service::table_size`] took the place of `_reserved`. `maglev` became
+///   an element budget (`--maglev-entries`) instead of rows.
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// The maps of layout version 1 that differ from this build's: what an
 /// upgrade converts from (lb-agent's `bpf::migrate`) and what a test builds
@@ -115,6 +120,25 @@ pub mod v1 {
         pub flags: u16,
         pub _pad: u16,
         pub last_seen_ns: u64,
+    }
+}
+
+/// The maps of layout version 2 (and 1) that differ from this build's.
+pub mod v2 {
+    /// Layout 2's `services` value: `table` and `cluster_table` are rows of
+    /// `Config::maglev_size` entries (row `r` starts at element
+    /// `r * maglev_row_elements(maglev_size)`), and the last field is unused.
+    #[repr(C)]
+    #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+    pub struct Service {
+        pub id: u32,
+        pub table: u32,
+        pub backend_count: u32,
+        pub flags: u32,
+        pub affinity_timeout: u32,
+        pub cluster_table: u32,
+        pub cluster_backend_count: u32,
+        pub _reserved: u32,
     }
 }
 
@@ -146,9 +170,10 @@ pub mod capacity {
     pub const SERVICE_IDS: u32 = 1_024;
     /// Backend slots.
     pub const BACKENDS: u32 = 65_536;
-    /// Default Maglev table size per row: a prime, at least 100 x the backends of the
-    /// largest service it is sized for (163 backends at 16381).
-    pub const MAGLEV_TABLE_SIZE: u32 = 16_381;
+    /// Maglev entries (4 bytes each) shared by every Service port's tables,
+    /// each sized from its backend count: 64 MiB, room for 4,096 tables of
+    /// 4,093 entries (2 to 7 backends) or 256 of 65,521 (101 to 6,552).
+    pub const MAGLEV_ENTRIES: u32 = 1 << 24;
     /// Connection-tracking entries, one per direction of a flow (preallocated by the
     /// kernel: about 150 bytes each).
     pub const CONNTRACK: u32 = 524_288;
@@ -232,8 +257,9 @@ pub struct Service {
     /// Service-port id: index into `service_stats` (and the scope of affinity and
     /// source-range entries). Shared by every frontend of the Service port.
     pub id: u32,
-    /// Maglev row in `maglev` (entries `table * maglev_size ..`). Frontends of one
-    /// Service port share a row unless a traffic policy (Local) gives them their own.
+    /// First element of the frontend's Maglev table in `maglev` (see
+    /// [`MaglevPair`]). Frontends of one Service port share a table unless a
+    /// traffic policy (Local) gives them their own.
     pub table: u32,
     /// Usable backends in the row; 0 means the service exists but has none, and
     /// new connections are refused (TCP RST / ICMP port unreachable).
@@ -242,25 +268,29 @@ pub struct Service {
     pub flags: u32,
     /// sessionAffinity ClientIP timeout in seconds (with `SVC_F_AFFINITY`).
     pub affinity_timeout: u32,
-    /// With `SVC_F_LOCAL` on an external frontend: the row (and its usable
+    /// With `SVC_F_LOCAL` on an external frontend: the table (and its usable
     /// backends) over every endpoint, for clients inside the cluster.
     pub cluster_table: u32,
     pub cluster_backend_count: u32,
-    pub _reserved: u32,
+    /// Entries of `table` and of `cluster_table` (a prime, or 1 for a single
+    /// backend), chosen from the Service port's backend count
+    /// (lb-agent's `maglev::table_size_for`); 0 with no table.
+    pub table_size: u32,
 }
 
 /// Value of `maglev`: two consecutive entries of a Maglev row (backend ids).
 ///
 /// BPF arrays store values at an 8-byte stride, so two 4-byte ids share an element
-/// to use all the memory. Row `r` (of `maglev_size` M entries) starts at element
-/// `r * maglev_row_elements(M)`; entry `j` is lane `j % 2` of element `start + j / 2`.
+/// to use all the memory. A table of M entries (`Service::table_size`) starting
+/// at element `t` (`Service::table`) takes `maglev_row_elements(M)` elements;
+/// entry `j` is lane `j % 2` of element `t + j / 2`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct MaglevPair {
     pub ids: [u32; 2],
 }
 
-/// Elements of `maglev` one row of `maglev_size` entries takes.
+/// Elements of `maglev` a table of `maglev_size` entries takes.
 pub const fn maglev_row_elements(maglev_size: u32) -> u32 {
     maglev_size.div_ceil(2)
 }
@@ -735,10 +765,11 @@ pub const CFG_F_CLUSTER_CIDRS: u32 = 1 << 2;
 #[repr(C, align(8))]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
 pub struct Config {
-    /// Entries per Maglev row (see [`MaglevPair`] for the layout): the
-    /// agent's Maglev table size (`--maglev-table-size`), which the agent
-    /// writes here from the sizes its maps were created with. The datapath
-    /// learns it from nowhere else.
+    /// Layout 2's single Maglev table size, which its programs read per
+    /// packet. Layout 3's datapath reads each Service's `table_size` instead;
+    /// its agent keeps what it finds here, so that layout-2 programs still
+    /// serving during an upgrade read their rows right (0 in a datapath
+    /// created by layout 3).
     pub maglev_size: u32,
     /// `CFG_F_*` bits.
     pub flags: u32,
@@ -848,6 +879,7 @@ mod pod {
     unsafe impl aya::Pod for super::FragEntry {}
     unsafe impl aya::Pod for super::Layout {}
     unsafe impl aya::Pod for super::v1::CtEntry {}
+    unsafe impl aya::Pod for super::v2::Service {}
 }
 
 #[cfg(test)]

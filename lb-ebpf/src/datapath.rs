@@ -259,7 +259,7 @@ fn open_stage<P: Packet>(pkt: P, s: &mut Scratch) -> u32 {
         };
     }
     let hash = flow_hash(&s.h.key);
-    let Some((id, backend)) = service::choose(&svc, cfg, hash, &s.h.key.src, family) else {
+    let Some((id, backend)) = service::choose(&svc, hash, &s.h.key.src, family) else {
         return NO_BACKEND;
     };
     let from_outside = svc.flags & SVC_F_EXTERNAL == 0 && inside == Some(false);

@@ -24,13 +24,14 @@ pub static SERVICES: HashMap<ServiceKey, Service, { capacity::SERVICES as usize 
 #[btf_map(name = "backends")]
 pub static BACKENDS: Array<Backend, { capacity::BACKENDS as usize }> = Array::new();
 
-/// Maglev lookup tables, one row of `Config::maglev_size` backend ids per table,
-/// two ids per element. Memory-mappable so the agent writes whole rows without a
-/// syscall per entry.
+/// Maglev lookup tables of every size, two backend ids per element: each
+/// Service names where its table starts and how many entries it has
+/// (`Service::table`, `table_size`). Memory-mappable so the agent writes whole
+/// tables without a syscall per entry.
 #[btf_map(name = "maglev")]
 pub static MAGLEV: Array<
     MaglevPair,
-    { (capacity::SERVICE_IDS * maglev_row_elements(capacity::MAGLEV_TABLE_SIZE)) as usize },
+    { maglev_row_elements(capacity::MAGLEV_ENTRIES) as usize },
     { BPF_F_MMAPABLE as usize },
 > = Array::new();
 

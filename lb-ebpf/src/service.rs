@@ -6,7 +6,7 @@ use aya_ebpf::{helpers::generated::bpf_ktime_get_coarse_ns, maps::lpm_trie::Key}
 use lb_common::{
     Affinity, AffinityKey, Backend, CFG_F_CLUSTER_CIDRS, Config, CtEntry, FAMILY_V4, FlowKey,
     SVC_F_AFFINITY, SVC_F_EXTERNAL, SVC_F_LOCAL, SVC_F_SOURCE_RANGES, Service, ServiceKey,
-    SourceRange4, SourceRange6, hash, maglev_row_elements,
+    SourceRange4, SourceRange6, hash,
 };
 
 use crate::maps::{
@@ -136,15 +136,9 @@ pub fn source_allowed(svc: &Service, client: &[u8; 16], family: u8) -> bool {
 /// which the client then keeps. Refreshed by every new flow, as kube-proxy's
 /// `recent` match is.
 #[inline(always)]
-pub fn choose(
-    svc: &Service,
-    cfg: &Config,
-    hash: u32,
-    client: &[u8; 16],
-    family: u8,
-) -> Option<(u32, Backend)> {
+pub fn choose(svc: &Service, hash: u32, client: &[u8; 16], family: u8) -> Option<(u32, Backend)> {
     if svc.flags & SVC_F_AFFINITY == 0 {
-        return pick(svc, cfg, hash, family);
+        return pick(svc, hash, family);
     }
     let key = AffinityKey {
         client: *client,
@@ -170,7 +164,7 @@ pub fn choose(
             return Some((backend, *b));
         }
     }
-    let (id, backend) = pick(svc, cfg, hash, family)?;
+    let (id, backend) = pick(svc, hash, family)?;
     let value = Affinity {
         addr: backend.addr,
         last_ns: now,
@@ -183,18 +177,15 @@ pub fn choose(
     Some((id, backend))
 }
 
-/// The backend in slot `hash % maglev_size` of the service's Maglev row.
+/// The backend in entry `hash % table_size` of the service's Maglev table.
 #[inline(always)]
-pub fn pick(svc: &Service, cfg: &Config, hash: u32, family: u8) -> Option<(u32, Backend)> {
-    let size = cfg.maglev_size;
+pub fn pick(svc: &Service, hash: u32, family: u8) -> Option<(u32, Backend)> {
+    let size = svc.table_size;
     if size == 0 {
         return None;
     }
     let entry = hash % size;
-    let element = svc
-        .table
-        .wrapping_mul(maglev_row_elements(size))
-        .wrapping_add(entry / 2);
+    let element = svc.table.wrapping_add(entry / 2);
     let pair = MAGLEV.get(element)?;
     let id = if entry % 2 == 0 {
         pair.ids[0]

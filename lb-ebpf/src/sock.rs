@@ -178,8 +178,7 @@ pub fn translate(ctx: &SockAddrContext, v6: bool, event: SockEvent) -> i32 {
     }
     // SAFETY: the helper takes the program's context.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.cast::<c_void>()) };
-    let Some((_, backend)) = service::choose(&svc, cfg, socket_hash(cookie), &node, key.family)
-    else {
+    let Some((_, backend)) = service::choose(&svc, socket_hash(cookie), &node, key.family) else {
         return refuse();
     };
     let origin = SockOrigin {

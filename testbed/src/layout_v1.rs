@@ -1,5 +1,5 @@
-//! The previous release's pin set (map layout 1, see `lb_common::LAYOUT_VERSION`),
-//! for tests that upgrade from it: its `conntrack` holds 56-byte values (no
+//! Earlier releases' pin sets (map layouts 1 and 2, see
+//! `lb_common::LAYOUT_VERSION`), for tests that upgrade from them. Layout 1: its `conntrack` holds 56-byte values (no
 //! `ingress`, no confirmation bits), and it has no `layout`, `fragments` or
 //! `ct_stats` map.
 //!
@@ -10,14 +10,17 @@
 //! on the maps they were loaded with: the previous release's object is not
 //! built here), so traffic flows on while the next agent finds a layout-1
 //! pin set and migrates it.
+//!
+//! [`make_v2_services`] gives a pin directory layout 2's `services` (tables
+//! as rows of one size, that size in `config`) and says layout 2.
 
 use std::path::Path;
 
 use anyhow::{Context as _, Result};
-use aya::maps::{HashMap, Map, MapData};
+use aya::maps::{Array, HashMap, Map, MapData};
 use lb_common::{
-    CT_F_ACKED, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, CtEntry, FAMILY_V4, FlowKey, PROTO_TCP,
-    map_names, v1,
+    CT_F_ACKED, CT_F_FORWARD, CT_F_REPLIED, CT_F_REPLY, Config, CtEntry, FAMILY_V4, FlowKey,
+    Layout, PROTO_TCP, ServiceKey, map_names, v1, v2,
 };
 
 /// `BPF_MAP_TYPE_LRU_HASH`.
@@ -165,4 +168,53 @@ pub fn now_ns() -> u64 {
     // SAFETY: clock_gettime into a valid timespec.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// `BPF_MAP_TYPE_HASH`.
+const HASH: u32 = 1;
+
+/// Rewrites the pin set in `dir` as layout 2 left one: `services` replaced
+/// by a layout-2 map (without BTF, as a test cannot build layout 2's)
+/// holding `entries`, `config.maglev_size` set to `table_size` (the size of
+/// every row, which `maglev` must already hold where `entries` say), and
+/// `layout` saying version 2.
+pub fn make_v2_services(
+    dir: &Path,
+    entries: &[(ServiceKey, v2::Service)],
+    table_size: u32,
+) -> Result<()> {
+    let path = dir.join(map_names::SERVICES);
+    let max_entries = MapData::from_pin(&path)
+        .with_context(|| format!("opening {}", path.display()))?
+        .info()?
+        .max_entries();
+    let def = aya_obj::Map::new_from_params(
+        HASH,
+        size_of::<ServiceKey>() as u32,
+        size_of::<v2::Service>() as u32,
+        max_entries,
+        0,
+    );
+    let data = MapData::create(def, map_names::SERVICES, None)
+        .context("creating a layout-2 services map")?;
+    let mut old: HashMap<MapData, ServiceKey, v2::Service> = Map::HashMap(data).try_into()?;
+    for (k, v) in entries {
+        old.insert(k, v, 0)?;
+    }
+    let fresh = dir.join("services-new");
+    let _ = std::fs::remove_file(&fresh);
+    old.pin(&fresh)
+        .with_context(|| format!("pinning {}", fresh.display()))?;
+    std::fs::rename(&fresh, &path).with_context(|| format!("replacing {}", path.display()))?;
+    let config = MapData::from_pin(dir.join(map_names::CONFIG)).context("opening config")?;
+    let mut config: Array<MapData, Config> = Map::Array(config).try_into()?;
+    let mut c = config.get(&0, 0)?;
+    c.maglev_size = table_size;
+    config.set(0, c, 0)?;
+    let layout = MapData::from_pin(dir.join(map_names::LAYOUT)).context("opening layout")?;
+    let mut layout: Array<MapData, Layout> = Map::Array(layout).try_into()?;
+    let mut l = layout.get(&0, 0)?;
+    l.version = 2;
+    layout.set(0, l, 0)?;
+    Ok(())
 }

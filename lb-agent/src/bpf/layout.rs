@@ -11,7 +11,8 @@
 //!
 //! - Reuse: the same layout version and the same definition. The new
 //!   programs use the pinned map as it is.
-//! - Migrate: a known conversion from an older layout (conntrack 1 -> 2), or
+//! - Migrate: a known conversion from an older layout (conntrack 1 -> 2,
+//!   services 1 or 2 -> 3), or
 //!   the same layout with another entry count (`--conntrack-size`, or any
 //!   other size flag): a new map is made and filled from the pinned one
 //!   (`super::migrate`), and replaces its pin once the new programs serve.
@@ -33,6 +34,7 @@ use lb_common::{LAYOUT_VERSION, Layout, map_names};
 
 use super::{OBJECT, Sizes, batch, pins};
 
+pub const BPF_MAP_TYPE_HASH: u32 = 1;
 pub const BPF_MAP_TYPE_ARRAY: u32 = 2;
 pub const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 pub const BPF_MAP_TYPE_LRU_HASH: u32 = 9;
@@ -115,6 +117,9 @@ pub enum Conversion {
     Copy,
     /// Layout 1's conntrack values to layout 2's (see `super::migrate`).
     ConntrackV1,
+    /// Layout 1 and 2's `services` values, whose tables are rows of
+    /// `table_size` entries, to layout 3's (see `super::migrate`).
+    ServicesV2 { table_size: u32 },
 }
 
 /// What to do with one map.
@@ -191,23 +196,46 @@ impl fmt::Display for Plan {
 }
 
 /// The definitions older layouts gave maps this build defines otherwise:
-/// (map, version, map type, key size, value size, flags).
-const OLDER: [(&str, u32, u32, u32, u32, u32); 1] = [(
-    map_names::CONNTRACK,
-    1,
-    BPF_MAP_TYPE_LRU_HASH,
-    size_of::<lb_common::FlowKey>() as u32,
-    size_of::<lb_common::v1::CtEntry>() as u32,
-    0,
-)];
+/// (map, version, map type, key size, value size, flags). Where they are the
+/// same as this build's but for the meaning (`services`), only the BTF shape
+/// tells them apart (see [`matches_older`]).
+const OLDER: [(&str, u32, u32, u32, u32, u32); 3] = [
+    (
+        map_names::CONNTRACK,
+        1,
+        BPF_MAP_TYPE_LRU_HASH,
+        size_of::<lb_common::FlowKey>() as u32,
+        size_of::<lb_common::v1::CtEntry>() as u32,
+        0,
+    ),
+    (
+        map_names::SERVICES,
+        1,
+        BPF_MAP_TYPE_HASH,
+        size_of::<lb_common::ServiceKey>() as u32,
+        size_of::<lb_common::v2::Service>() as u32,
+        0,
+    ),
+    (
+        map_names::SERVICES,
+        2,
+        BPF_MAP_TYPE_HASH,
+        size_of::<lb_common::ServiceKey>() as u32,
+        size_of::<lb_common::v2::Service>() as u32,
+        0,
+    ),
+];
 
 /// The conversion from `version`'s layout of map `name` to this build's, if
 /// that layout differs from this build's (None: the same layout).
 fn conversion_from(name: &str, version: u32) -> Option<Option<Conversion>> {
     match (name, version) {
         (map_names::CONNTRACK, 1) => Some(Some(Conversion::ConntrackV1)),
+        // The table size is the pinned `config`'s: filled in by `decide`.
+        (map_names::SERVICES, 1 | 2) => Some(Some(Conversion::ServicesV2 { table_size: 0 })),
         // Layout 1 had no `fragments`, `ct_stats` or `layout` map (nothing to convert:
-        // a pinned one is this build's); every other map is the same in 1 and 2.
+        // a pinned one is this build's); every other map is the same in 1, 2 and 3
+        // (`maglev` holds the same entries: where tables lie is `services`' to say).
         _ => None,
     }
 }
@@ -359,7 +387,7 @@ pub fn plan(dir: &Path, sizes: &Sizes) -> Result<Plan> {
                 Action::Replace
             })
         } else {
-            decide(name, &found, &want, version, sizes, dir)
+            decide(name, &found, &want, version, dir)
         };
         match action {
             Ok(action) => maps.push(MapPlan {
@@ -390,25 +418,30 @@ pub fn plan(dir: &Path, sizes: &Sizes) -> Result<Plan> {
 }
 
 /// Whether `found` is exactly what layout `version` (older than this
-/// build's) made for `name`, where that layout differs from this build's.
-fn matches_older(name: &str, version: u32, found: &Def) -> bool {
-    OLDER.iter().any(|(n, v, t, k, val, fl)| {
-        *n == name
-            && *v == version
-            && (
-                found.map_type,
-                found.key_size,
-                found.value_size,
-                found.flags,
-            ) == (*t, *k, *val, *fl)
-    })
+/// build's) made for `name`, where that layout differs from this build's:
+/// its type, sizes and flags, and a BTF shape that is not this build's
+/// (`want`'s) where both are known, so that a map already converted (an
+/// upgrade stopped between two pin replacements) is not converted again.
+fn matches_older(name: &str, version: u32, found: &Def, want: &Def) -> bool {
+    let converted = matches!((&found.btf, &want.btf), (Some(a), Some(b)) if a == b);
+    !converted
+        && OLDER.iter().any(|(n, v, t, k, val, fl)| {
+            *n == name
+                && *v == version
+                && (
+                    found.map_type,
+                    found.key_size,
+                    found.value_size,
+                    found.flags,
+                ) == (*t, *k, *val, *fl)
+        })
 }
 
 /// Whether `found` is what layout `version` makes for `name` (entry counts
 /// aside).
 fn fits(name: &str, version: u32, found: &Def, want: &Def) -> bool {
     if version != LAYOUT_VERSION && conversion_from(name, version).is_some() {
-        matches_older(name, version, found)
+        matches_older(name, version, found, want)
     } else {
         found.same_but_size(want)
     }
@@ -428,14 +461,7 @@ fn version_of(name: &str, found: &Def, want: &Def, label: u32) -> u32 {
     }
 }
 
-fn decide(
-    name: &str,
-    found: &Def,
-    want: &Def,
-    version: u32,
-    sizes: &Sizes,
-    dir: &Path,
-) -> Result<Action, String> {
+fn decide(name: &str, found: &Def, want: &Def, version: u32, dir: &Path) -> Result<Action, String> {
     if version != LAYOUT_VERSION
         && let Some(conv) = conversion_from(name, version)
     {
@@ -444,11 +470,15 @@ fn decide(
                 "layout {version}'s {name} cannot be converted to layout {LAYOUT_VERSION}'s"
             ));
         };
-        if !matches_older(name, version, found) {
+        if !matches_older(name, version, found, want) {
             return Err(format!(
                 "not what layout {version} made for {name} ({})",
                 found.differences(want)
             ));
+        }
+        if let Conversion::ServicesV2 { .. } = conv {
+            let table_size = super::maps::pinned_maglev_size(dir).map_err(|e| format!("{e:#}"))?;
+            return Ok(Action::Migrate(Conversion::ServicesV2 { table_size }));
         }
         return Ok(Action::Migrate(conv));
     }
@@ -462,19 +492,8 @@ fn decide(
     if found.max_entries == want.max_entries {
         return Ok(Action::Reuse);
     }
-    if name == map_names::MAGLEV {
-        // Rows of another table size cannot be copied: their entries would
-        // be read at another stride.
-        let pinned_table = super::maps::pinned_maglev_size(dir).map_err(|e| format!("{e:#}"))?;
-        if pinned_table != 0 && pinned_table != sizes.maglev_table_size {
-            return Err(format!(
-                "Maglev rows of {pinned_table} entries, this agent's --maglev-table-size is {}: \
-                 rows are rebuilt from the Services, which a starting agent has not read yet, so \
-                 they cannot be migrated",
-                sizes.maglev_table_size
-            ));
-        }
-    }
+    // Another size (`maglev` included: its tables keep their places, and a
+    // smaller map must still hold every one, see `super::migrate`).
     Ok(Action::Migrate(Conversion::Copy))
 }
 

@@ -24,7 +24,7 @@ use lb_common::{
 use super::Sizes;
 
 /// What `config` says about the node: where source-NATed flows leave from.
-/// (Its other field, the Maglev table size, is the maps' own: see
+/// (Its other field, layout 2's Maglev table size, is kept as found: see
 /// [`Maps::set_config`].)
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -59,7 +59,7 @@ pub struct Maps {
     sizes: Sizes,
     pub services: HashMap<MapData, ServiceKey, Service>,
     pub backends: Array<MapData, Backend>,
-    pub maglev: MaglevRows,
+    pub maglev: MaglevTables,
     pub conntrack: HashMap<MapData, FlowKey, CtEntry>,
     pub config: Array<MapData, Config>,
     pub tx_ports: DevMapHash<MapData>,
@@ -143,8 +143,8 @@ fn from_pin(dir: &std::path::Path, name: &str) -> Result<Map> {
         .with_context(|| format!("{} is not a map of a known type", path.display()))
 }
 
-/// The Maglev table size the agent that pinned `dir` wrote into `config`
-/// (0: none was written).
+/// The Maglev table size a layout-2 agent that pinned `dir` wrote into
+/// `config` (0: none was written), which its rows have.
 pub fn pinned_maglev_size(dir: &std::path::Path) -> Result<u32> {
     let config: Array<MapData, Config> = from_pin(dir, map_names::CONFIG)?
         .try_into()
@@ -175,7 +175,7 @@ impl Maps {
             sizes,
             services: typed!(ebpf, map_names::SERVICES),
             backends: typed!(ebpf, map_names::BACKENDS),
-            maglev: MaglevRows::new(maglev, sizes.maglev_table_size)?,
+            maglev: MaglevTables::new(maglev)?,
             conntrack: typed!(ebpf, map_names::CONNTRACK),
             config: typed!(ebpf, map_names::CONFIG),
             tx_ports: typed!(ebpf, map_names::TX_PORTS),
@@ -220,7 +220,7 @@ impl Maps {
             services: entries(map_names::SERVICES)?,
             service_ids: entries(map_names::SERVICE_STATS)?,
             backends: entries(map_names::BACKENDS)?,
-            maglev_table_size: config.get(&0, 0).context("reading config")?.maglev_size,
+            maglev_entries: entries(map_names::MAGLEV)?.saturating_mul(2),
             conntrack: entries(map_names::CONNTRACK)?,
         };
         let maglev = match from_pin(dir, map_names::MAGLEV)? {
@@ -231,7 +231,7 @@ impl Maps {
             sizes,
             services: pinned!(map_names::SERVICES),
             backends: pinned!(map_names::BACKENDS),
-            maglev: MaglevRows::new(maglev, sizes.maglev_table_size)?,
+            maglev: MaglevTables::new(maglev)?,
             conntrack: pinned!(map_names::CONNTRACK),
             config,
             tx_ports: pinned!(map_names::TX_PORTS),
@@ -259,12 +259,12 @@ impl Maps {
         &self.sizes
     }
 
-    /// Writes `config`: the node's facts, and the Maglev table size the maps
-    /// were made with (the datapath's only way to learn it, so it is never
-    /// taken from anywhere else).
+    /// Writes `config`: the node's facts. Layout 2's table size stays as
+    /// found (see [`Config::maglev_size`]).
     pub fn set_config(&mut self, node: &NodeConfig) -> Result<()> {
+        let found = self.config.get(&0, 0).context("reading config")?;
         let mut config = Config {
-            maglev_size: self.sizes.maglev_table_size,
+            maglev_size: found.maglev_size,
             snat_port_min: node.snat_ports.0,
             snat_port_max: node.snat_ports.1,
             ..Config::default()
@@ -611,47 +611,44 @@ fn sum_per_cpu(map: &PerCpuArray<MapData, Counters>, index: u32) -> Result<Count
     }))
 }
 
-/// The `maglev` array, written through memory mappings: a row of 16381 entries
-/// costs two syscalls, not one per element (the map is `BPF_F_MMAPABLE`).
+/// The `maglev` array, written and read a table at a time through memory
+/// mappings of the pages a table spans (one mapping per write, not a system
+/// call per entry; the map is `BPF_F_MMAPABLE`). A mapping of the whole array
+/// would be populated at once (the kernel maps every page of a BPF array at
+/// mmap time) and count all the tables' memory, tens of MB at thousands of
+/// Services, in the agent's RSS for as long as it runs.
 ///
-/// Each access maps just the pages of one row and unmaps them after. A mapping of
-/// the whole array would be populated at once (the kernel maps every page of a
-/// BPF array at mmap time) and count the entire table memory, tens of MB at
-/// thousands of Services, in the agent's RSS for as long as it runs.
-///
-/// The mapping is an array of u32 backend ids: each 8-byte element holds two (see
-/// [`lb_common::MaglevPair`]), so row `r` starts at id index `r * row_stride`.
-pub struct MaglevRows {
+/// The mapping is an array of u32 backend ids: each 8-byte element holds two
+/// (see [`lb_common::MaglevPair`]). Where each table lies is the reconciler's
+/// (see `reconcile::ids::Extents`): this only checks that it lies inside.
+pub struct MaglevTables {
     map: MapData,
     page: usize,
-    /// Bytes of the array (elements × 8).
-    len: usize,
-    rows: usize,
-    /// Entries per row: the Maglev table size.
-    table_size: usize,
-    row_stride: usize,
-    /// A fingerprint of each row as last written, which the verify pass
-    /// compares a row's content with (keeping the tables themselves would
-    /// cost 64 KB per Service port).
-    written: std::collections::HashMap<u32, u64>,
+    /// Elements of the array (8 bytes, two entries, each).
+    elements: u32,
+    /// A fingerprint of each table as last written, by its first element
+    /// (entries, fingerprint): what the verify pass compares a table's
+    /// content with (keeping the tables themselves would double the agent's
+    /// memory).
+    written: std::collections::HashMap<u32, (usize, u64)>,
 }
 
-/// One row's pages, mapped; unmapped on drop.
-struct RowWindow {
+/// One table's pages, mapped; unmapped on drop.
+struct TableWindow {
     base: NonNull<libc::c_void>,
     len: usize,
-    row: *mut u32,
+    entries: *mut u32,
 }
 
-impl Drop for RowWindow {
+impl Drop for TableWindow {
     fn drop(&mut self) {
-        // SAFETY: unmapping exactly what `MaglevRows::window` mapped.
+        // SAFETY: unmapping exactly what `MaglevTables::window` mapped.
         unsafe { libc::munmap(self.base.as_ptr(), self.len) };
     }
 }
 
-impl MaglevRows {
-    fn new(map: MapData, table_size: u32) -> Result<Self> {
+impl MaglevTables {
+    fn new(map: MapData) -> Result<Self> {
         let info = map.info().context("reading the maglev map's info")?;
         if info.value_size() as usize != size_of::<lb_common::MaglevPair>() {
             bail!(
@@ -659,31 +656,22 @@ impl MaglevRows {
                 info.value_size()
             );
         }
-        let elements = info.max_entries() as usize;
-        let row_elements = lb_common::maglev_row_elements(table_size) as usize;
-        if table_size == 0 || !elements.is_multiple_of(row_elements) {
-            bail!(
-                "the maglev map holds {elements} elements, not whole rows of {table_size} entries"
-            );
-        }
         // SAFETY: sysconf has no preconditions.
         let page = usize::try_from(unsafe { libc::sysconf(libc::_SC_PAGESIZE) })?;
-        let rows = Self {
+        let tables = Self {
             map,
             page,
-            len: elements * 8,
-            rows: elements / row_elements,
-            table_size: table_size as usize,
-            row_stride: row_elements * 2,
+            elements: info.max_entries(),
             written: std::collections::HashMap::new(),
         };
         // Fail at start, not at the first write, if the map cannot be mapped.
-        rows.window(0)?;
-        Ok(rows)
+        tables.window(0, 1)?;
+        Ok(tables)
     }
 
-    pub fn rows(&self) -> usize {
-        self.rows
+    /// Elements of the array (two entries each).
+    pub fn elements(&self) -> u32 {
+        self.elements
     }
 
     /// The kernel's id of the array (what `bpftool map show id` takes).
@@ -695,20 +683,19 @@ impl MaglevRows {
             .id())
     }
 
-    /// Entries per row.
-    pub fn table_size(&self) -> usize {
-        self.table_size
-    }
-
-    /// Maps the pages holding `row`.
-    fn window(&self, row: u32) -> Result<RowWindow> {
-        let row = row as usize;
-        if row >= self.rows() {
-            bail!("maglev row {row} out of range ({} rows)", self.rows());
+    /// Maps the pages holding a table of `entries` entries from element `start`.
+    fn window(&self, start: u32, entries: usize) -> Result<TableWindow> {
+        let elements = entries.div_ceil(2);
+        if entries == 0 || start as usize + elements > self.elements as usize {
+            bail!(
+                "a Maglev table of {entries} entries at element {start} does not lie inside \
+                 the maglev map ({} elements)",
+                self.elements
+            );
         }
-        let start = row * self.row_stride * 4;
-        let end = (start + self.table_size * 4).min(self.len);
-        let first_page = start / self.page * self.page;
+        let first = start as usize * 8;
+        let end = first + entries * 4;
+        let first_page = first / self.page * self.page;
         let len = (end - first_page).div_ceil(self.page) * self.page;
         let fd = self.map.fd().as_fd().as_raw_fd();
         // SAFETY: mapping pages of a BPF array fd the way the kernel documents
@@ -728,54 +715,59 @@ impl MaglevRows {
             return Err(std::io::Error::last_os_error()).context("mmap of the maglev map");
         }
         let base = NonNull::new(ptr).context("mmap returned null")?;
-        // SAFETY: `start - first_page` is inside the mapping, and 4-byte aligned.
-        let row = unsafe { ptr.cast::<u8>().add(start - first_page).cast::<u32>() };
-        Ok(RowWindow { base, len, row })
+        // SAFETY: `first - first_page` is inside the mapping, and 4-byte aligned.
+        let entries = unsafe { ptr.cast::<u8>().add(first - first_page).cast::<u32>() };
+        Ok(TableWindow { base, len, entries })
     }
 
-    /// Writes a row, storing only the entries that change; returns how many did.
-    /// Each entry is a single aligned 4-byte store, so the datapath always reads a
-    /// whole backend id (of the old table or the new one).
-    pub fn write_row(&mut self, row: u32, table: &[u32]) -> Result<usize> {
-        if table.len() != self.table_size {
-            bail!(
-                "maglev table of {} entries for rows of {}",
-                table.len(),
-                self.table_size
-            );
-        }
-        let w = self.window(row)?;
+    /// Writes a table from element `start`, storing only the entries that
+    /// change; returns how many did. Each entry is a single aligned 4-byte
+    /// store, so the datapath always reads a whole backend id (of the old
+    /// table or the new one).
+    pub fn write(&mut self, start: u32, table: &[u32]) -> Result<usize> {
+        let w = self.window(start, table.len())?;
         let mut changed = 0;
         for (i, v) in table.iter().enumerate() {
-            // SAFETY: i < table_size, inside the mapped row; volatile because the
-            // kernel reads the same memory concurrently.
+            // SAFETY: i < table.len(), inside the mapped table; volatile
+            // because the kernel reads the same memory concurrently.
             unsafe {
-                let e = w.row.add(i);
+                let e = w.entries.add(i);
                 if std::ptr::read_volatile(e) != *v {
                     std::ptr::write_volatile(e, *v);
                     changed += 1;
                 }
             }
         }
-        self.written.insert(row, fingerprint(table));
+        self.written
+            .insert(start, (table.len(), fingerprint(table)));
         Ok(changed)
     }
 
-    /// Whether `row` holds what [`Self::write_row`] last wrote there (false
-    /// for a row never written through this handle).
-    pub fn intact(&self, row: u32) -> Result<bool> {
-        let Some(expected) = self.written.get(&row) else {
+    /// Whether the table at `start` holds what [`Self::write`] last wrote
+    /// there (false for one never written through this handle).
+    pub fn intact(&self, start: u32) -> Result<bool> {
+        let Some((entries, expected)) = self.written.get(&start) else {
             return Ok(false);
         };
-        Ok(fingerprint(&self.read_row(row)?) == *expected)
+        Ok(fingerprint(&self.read(start, *entries)?) == *expected)
     }
 
-    /// Reads a row back.
-    pub fn read_row(&self, row: u32) -> Result<Vec<u32>> {
-        let w = self.window(row)?;
-        // SAFETY: the row lies inside the mapping.
-        Ok((0..self.table_size)
-            .map(|i| unsafe { std::ptr::read_volatile(w.row.add(i)) })
+    /// Forgets what was written at `start` (its space was given up).
+    pub fn forget(&mut self, start: u32) {
+        self.written.remove(&start);
+    }
+
+    /// Reads back the table a `services` value names (its own: `table`).
+    pub fn read_table(&self, svc: &lb_common::Service) -> Result<Vec<u32>> {
+        self.read(svc.table, svc.table_size as usize)
+    }
+
+    /// Reads a table of `entries` entries from element `start` back.
+    pub fn read(&self, start: u32, entries: usize) -> Result<Vec<u32>> {
+        let w = self.window(start, entries)?;
+        // SAFETY: the table lies inside the mapping.
+        Ok((0..entries)
+            .map(|i| unsafe { std::ptr::read_volatile(w.entries.add(i)) })
             .collect())
     }
 }

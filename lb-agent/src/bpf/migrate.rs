@@ -33,7 +33,8 @@ use aya::{
 };
 use lb_common::{
     BACKEND_F_LOCAL, Backend, CT_F_ACKED, CT_F_FORWARD, CT_F_REPLIED, CT_INGRESS_ANY,
-    CT_INGRESS_NETWORK, CT_INGRESS_PODS, CtEntry, FlowKey, PROTO_TCP, map_names,
+    CT_INGRESS_NETWORK, CT_INGRESS_PODS, CtEntry, FlowKey, PROTO_TCP, SVC_F_ADDRESS, Service,
+    ServiceKey, map_names,
 };
 
 use super::{
@@ -205,6 +206,42 @@ pub fn conntrack_v1_to_v2(entries: &Entries, local: &[Option<bool>]) -> Result<E
     Ok(Entries::from_typed(&new))
 }
 
+/// Layout 2's `services` values as layout 3's: a row `r` of `table_size`
+/// entries is the table at element `r * maglev_row_elements(table_size)` of
+/// that size, where its entries already are (`maglev` is copied as it is).
+/// Address entries name no table.
+pub fn services_v2_to_v3(entries: &Entries, table_size: u32) -> Result<Entries> {
+    let old: Vec<(ServiceKey, lb_common::v2::Service)> = entries.typed()?;
+    let stride = lb_common::maglev_row_elements(table_size);
+    let new: Vec<(ServiceKey, Service)> = old
+        .into_iter()
+        .map(|(k, v)| {
+            let tables = v.flags & SVC_F_ADDRESS == 0 && table_size > 0;
+            let at = |row: u32| {
+                if tables {
+                    row.saturating_mul(stride)
+                } else {
+                    0
+                }
+            };
+            (
+                k,
+                Service {
+                    id: v.id,
+                    table: at(v.table),
+                    backend_count: v.backend_count,
+                    flags: v.flags,
+                    affinity_timeout: v.affinity_timeout,
+                    cluster_table: at(v.cluster_table),
+                    cluster_backend_count: v.cluster_backend_count,
+                    table_size: if tables { table_size } else { 0 },
+                },
+            )
+        })
+        .collect();
+    Ok(Entries::from_typed(&new))
+}
+
 impl Pending {
     /// Step 1 (see the module docs): fills the new maps of `plan`'s
     /// migrations (made by the loader, unpinned) from the pins in `dir`.
@@ -342,8 +379,10 @@ fn copy(
         // programs made since this read wins.
         entries = entries.without_keys_of(&batch::read_all(new.as_fd())?);
     }
-    if conversion == Conversion::ConntrackV1 {
-        entries = conntrack_v1_to_v2(&entries, local)?;
+    match conversion {
+        Conversion::Copy => {}
+        Conversion::ConntrackV1 => entries = conntrack_v1_to_v2(&entries, local)?,
+        Conversion::ServicesV2 { table_size } => entries = services_v2_to_v3(&entries, table_size)?,
     }
     if entries.value_size != value_len_of(&info)? {
         bail!(

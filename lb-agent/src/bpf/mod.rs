@@ -13,7 +13,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use anyhow::{Context as _, Result};
+use anyhow::{Context as _, Result, bail};
 use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupSockAddr, SchedClassifier, Xdp},
@@ -31,25 +31,29 @@ pub const TC_PROGRAM: &str = "lb_tc";
 
 /// Map capacities, fixed when the maps are created: the one owner of every
 /// map size, from the flags (`--max-frontends`, `--max-services`,
-/// `--max-backends`, `--maglev-table-size`, `--conntrack-size`) down to the
-/// kernel. They reach it at load, as the maps' `max_entries`, and the Maglev
-/// table size also through `config` ([`Maps::set_config`] writes
-/// `Config::maglev_size` from here: the datapath reads it per packet to find
-/// its slot in a row). The loaded [`Maps`] carry the sizes they were made
-/// with; everything above them (the reconciler, the metrics) reads them there.
+/// `--max-backends`, `--maglev-entries`, `--conntrack-size`) down to the
+/// kernel. They reach it at load, as the maps' `max_entries`. The loaded
+/// [`Maps`] carry the sizes they were made with; everything above them (the
+/// reconciler, the metrics) reads them there.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Sizes {
     /// `services` entries (frontends).
     pub services: u32,
-    /// Service-port ids, which is also the number of Maglev rows.
+    /// Service-port ids.
     pub service_ids: u32,
     /// Backend slots.
     pub backends: u32,
-    /// Entries per Maglev row (a prime): the size of every Maglev table.
-    pub maglev_table_size: u32,
+    /// Maglev entries shared by every table (each Service port's tables are
+    /// sized from its backends: `crate::maglev::table_size_for`).
+    pub maglev_entries: u32,
     /// Conntrack entries (two per flow).
     pub conntrack: u32,
 }
+
+/// The fewest Maglev entries: one table of the size 101 to 6,552 backends get.
+pub const MIN_MAGLEV_ENTRIES: u32 = 65_536;
+/// The most: 4 GiB of tables.
+pub const MAX_MAGLEV_ENTRIES: u32 = 1 << 30;
 
 impl Default for Sizes {
     fn default() -> Self {
@@ -57,7 +61,7 @@ impl Default for Sizes {
             services: capacity::SERVICES,
             service_ids: capacity::SERVICE_IDS,
             backends: capacity::BACKENDS,
-            maglev_table_size: capacity::MAGLEV_TABLE_SIZE,
+            maglev_entries: capacity::MAGLEV_ENTRIES,
             conntrack: capacity::CONNTRACK,
         }
     }
@@ -70,17 +74,27 @@ impl Sizes {
             map_names::SERVICES => self.services,
             map_names::BACKENDS | map_names::BACKEND_STATS => self.backends,
             map_names::SERVICE_STATS | map_names::SERVICE_NAMES => self.service_ids,
-            map_names::MAGLEV => self.maglev_elements()?,
+            map_names::MAGLEV => self.maglev_elements(),
             map_names::CONNTRACK => self.conntrack,
             _ => return Ok(None),
         }))
     }
 
     /// Elements of the flat `maglev` array (two entries each).
-    pub fn maglev_elements(&self) -> Result<u32> {
-        self.service_ids
-            .checked_mul(lb_common::maglev_row_elements(self.maglev_table_size))
-            .context("service ids x Maglev table size does not fit a BPF array")
+    pub fn maglev_elements(&self) -> u32 {
+        lb_common::maglev_row_elements(self.maglev_entries)
+    }
+
+    /// Refuses sizes no map can be made with, naming the flag.
+    pub fn check(&self) -> Result<()> {
+        if !(MIN_MAGLEV_ENTRIES..=MAX_MAGLEV_ENTRIES).contains(&self.maglev_entries) {
+            bail!(
+                "--maglev-entries must be between {MIN_MAGLEV_ENTRIES} and {MAX_MAGLEV_ENTRIES} \
+                 (4 bytes each), not {}",
+                self.maglev_entries
+            );
+        }
+        Ok(())
     }
 }
 
@@ -114,7 +128,7 @@ impl Datapath {
     /// Creates or reuses the maps and loads both programs into the kernel.
     pub fn load(opts: &LoadOptions) -> Result<Self> {
         let sizes = &opts.sizes;
-        crate::maglev::check_table_size(sizes.maglev_table_size)?;
+        sizes.check()?;
         let mut loader = EbpfLoader::new();
         // aya-log's level lives in read-only data: the verifier drops every log
         // statement below it, so disabled logs cost nothing per packet.

@@ -16,25 +16,51 @@ use lb_common::{
 
 use crate::model::{BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Proto, Scope};
 
-/// The Maglev rows a port's tables were given (none for an empty or absent table).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Rows {
-    /// The row of the table over every endpoint (`Scope::Cluster` frontends).
-    pub cluster: Option<u32>,
-    /// The row of the table over this node's endpoints (`Scope::Local` frontends).
-    pub local: Option<u32>,
+/// A range of `maglev` elements (two entries each) holding one table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Extent {
+    pub start: u32,
+    pub len: u32,
 }
 
-impl Rows {
-    /// The row frontends of `scope` read.
-    pub fn get(&self, scope: Scope) -> Option<u32> {
+impl Extent {
+    /// The extent a table of `entries` entries from element `start` takes.
+    pub fn of(start: u32, entries: u32) -> Self {
+        Self {
+            start,
+            len: lb_common::maglev_row_elements(entries),
+        }
+    }
+
+    pub fn end(&self) -> u32 {
+        self.start + self.len
+    }
+}
+
+/// Where a port's Maglev tables lie (none for an empty or absent table), and
+/// their size: both have the same number of entries, as frontends carry one
+/// `table_size`. An extent may be longer than its table (what was left when a
+/// table shrank in place is given up, the extent keeps what the table takes).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Tables {
+    /// The table over every endpoint (`Scope::Cluster` frontends).
+    pub cluster: Option<Extent>,
+    /// The table over this node's endpoints (`Scope::Local` frontends).
+    pub local: Option<Extent>,
+    /// Entries of each table (0: none).
+    pub size: u32,
+}
+
+impl Tables {
+    /// The table frontends of `scope` read.
+    pub fn get(&self, scope: Scope) -> Option<Extent> {
         match scope {
             Scope::Cluster => self.cluster,
             Scope::Local => self.local,
         }
     }
 
-    pub fn get_mut(&mut self, scope: Scope) -> &mut Option<u32> {
+    pub fn get_mut(&mut self, scope: Scope) -> &mut Option<Extent> {
         match scope {
             Scope::Cluster => &mut self.cluster,
             Scope::Local => &mut self.local,
@@ -58,17 +84,17 @@ pub fn service_key(f: &Frontend) -> ServiceKey {
 }
 
 /// The `services` value of frontend `f` of port `spec`, whose service id is
-/// `id` and whose tables are in `rows`. A frontend without a row (no backend)
-/// says so with a backend count of 0: the datapath refuses its flows, or,
-/// with a Local policy (`SVC_F_LOCAL`), drops them. A Local frontend also
-/// carries the cluster-wide row, which in-cluster clients of an external
-/// frontend use.
-pub fn frontend_value(spec: &PortSpec, f: &FrontendSpec, id: u32, rows: Rows) -> Service {
+/// `id` and whose tables are `tables`. A frontend without a table (no
+/// backend) says so with a backend count of 0: the datapath refuses its
+/// flows, or, with a Local policy (`SVC_F_LOCAL`), drops them. A Local
+/// frontend also carries the cluster-wide table, which in-cluster clients of
+/// an external frontend use.
+pub fn frontend_value(spec: &PortSpec, f: &FrontendSpec, id: u32, tables: Tables) -> Service {
     let table = match f.scope {
         Scope::Cluster => &spec.cluster,
         Scope::Local => spec.local.as_ref().unwrap_or(&spec.cluster),
     };
-    let row = rows.get(f.scope);
+    let placed = tables.get(f.scope);
     let mut flags = 0;
     if f.snat_remote {
         flags |= SVC_F_SNAT_REMOTE;
@@ -90,22 +116,23 @@ pub fn frontend_value(spec: &PortSpec, f: &FrontendSpec, id: u32, rows: Rows) ->
     if spec.source_ranges.is_some() && f.kind == FrontendKind::LoadBalancer {
         flags |= SVC_F_SOURCE_RANGES;
     }
-    let count = |row: Option<u32>, t: &crate::model::Table| {
-        if row.is_some() {
+    let count = |placed: Option<Extent>, t: &crate::model::Table| {
+        if placed.is_some() {
             t.backends.len() as u32
         } else {
             0
         }
     };
+    let any = placed.is_some() || tables.cluster.is_some();
     Service {
         id,
-        table: row.unwrap_or(0),
-        backend_count: count(row, table),
+        table: placed.map_or(0, |e| e.start),
+        backend_count: count(placed, table),
         flags,
         affinity_timeout: spec.affinity_timeout.unwrap_or(0),
-        cluster_table: rows.cluster.unwrap_or(0),
-        cluster_backend_count: count(rows.cluster, &spec.cluster),
-        _reserved: 0,
+        cluster_table: tables.cluster.map_or(0, |e| e.start),
+        cluster_backend_count: count(tables.cluster, &spec.cluster),
+        table_size: if any { tables.size } else { 0 },
     }
 }
 
@@ -126,7 +153,7 @@ pub fn address_key(frontend: &ServiceKey) -> ServiceKey {
 }
 
 /// The value of an address entry: the address is a ClusterIP, so its ports that
-/// are no Service port are refused. It names no service id and no row.
+/// are no Service port are refused. It names no service id and no table.
 pub fn address_value() -> Service {
     Service {
         id: u32::MAX,
@@ -229,52 +256,62 @@ mod tests {
     };
 
     #[test]
-    fn a_frontend_reads_the_row_and_count_of_its_scope() {
+    fn a_frontend_reads_the_table_and_count_of_its_scope() {
         let spec = port(
             &["10.0.0.1:80", "10.0.0.2:80", "10.0.0.3:80"],
             Some(&["10.0.0.1:80"]),
         );
-        let rows = Rows {
-            cluster: Some(4),
-            local: Some(9),
+        let tables = Tables {
+            cluster: Some(Extent::of(4096, 4093)),
+            local: Some(Extent::of(9, 4093)),
+            size: 4093,
         };
         let cluster_ip = FrontendSpec {
             kind: FrontendKind::ClusterIp,
             scope: Scope::Cluster,
             snat_remote: false,
         };
-        let v = frontend_value(&spec, &cluster_ip, 7, rows);
-        assert_eq!((v.id, v.table, v.backend_count, v.flags), (7, 4, 3, 0));
-        assert!(is_cluster_ip(&v));
-        let v = frontend_value(&spec, &NODE_PORT_LOCAL, 7, rows);
+        let v = frontend_value(&spec, &cluster_ip, 7, tables);
         assert_eq!(
-            (v.id, v.table, v.backend_count, v.flags),
-            (7, 9, 1, SVC_F_EXTERNAL | SVC_F_LOCAL)
+            (v.id, v.table, v.table_size, v.backend_count, v.flags),
+            (7, 4096, 4093, 3, 0)
         );
-        // In-cluster clients of a Local external frontend use the cluster row.
-        assert_eq!((v.cluster_table, v.cluster_backend_count), (4, 3));
+        assert!(is_cluster_ip(&v));
+        let v = frontend_value(&spec, &NODE_PORT_LOCAL, 7, tables);
+        assert_eq!(
+            (v.id, v.table, v.table_size, v.backend_count, v.flags),
+            (7, 9, 4093, 1, SVC_F_EXTERNAL | SVC_F_LOCAL)
+        );
+        // In-cluster clients of a Local external frontend use the cluster table.
+        assert_eq!((v.cluster_table, v.cluster_backend_count), (4096, 3));
         assert!(!is_cluster_ip(&v));
-        // Without local endpoints: no local row, no backend, and the Local
+        // Without local endpoints: no local table, no backend, and the Local
         // flag that makes the datapath drop rather than refuse.
         let v = frontend_value(
             &spec,
             &NODE_PORT_LOCAL,
             7,
-            Rows {
-                cluster: Some(4),
+            Tables {
                 local: None,
+                ..tables
             },
         );
         assert_eq!((v.backend_count, v.flags & SVC_F_LOCAL), (0, SVC_F_LOCAL));
+        // The in-cluster table still needs its size.
+        assert_eq!((v.cluster_table, v.table_size), (4096, 4093));
+        // No table at all: no size either.
+        let v = frontend_value(&spec, &cluster_ip, 7, Tables::default());
+        assert_eq!((v.backend_count, v.table_size), (0, 0));
     }
 
     #[test]
     fn source_ranges_restrict_the_load_balancer_ips_only() {
         let mut spec = port(&["10.0.0.1:80"], None);
         spec.source_ranges = Some(BTreeSet::new());
-        let rows = Rows {
-            cluster: Some(1),
+        let tables = Tables {
+            cluster: Some(Extent::of(1, 1)),
             local: None,
+            size: 1,
         };
         for (kind, restricted) in [
             (FrontendKind::LoadBalancer, true),
@@ -287,7 +324,7 @@ mod tests {
                 scope: Scope::Cluster,
                 snat_remote: kind.is_external(),
             };
-            let v = frontend_value(&spec, &f, 2, rows);
+            let v = frontend_value(&spec, &f, 2, tables);
             assert_eq!(v.flags & SVC_F_SOURCE_RANGES != 0, restricted, "{kind:?}");
         }
         spec.source_ranges = None;
@@ -297,13 +334,13 @@ mod tests {
             snat_remote: true,
         };
         assert_eq!(
-            frontend_value(&spec, &lb, 2, rows).flags & SVC_F_SOURCE_RANGES,
+            frontend_value(&spec, &lb, 2, tables).flags & SVC_F_SOURCE_RANGES,
             0
         );
     }
 
     #[test]
-    fn a_frontend_without_a_row_has_no_backends_and_flags_follow_the_spec() {
+    fn a_frontend_without_a_table_has_no_backends_and_flags_follow_the_spec() {
         let mut spec = port(&["10.0.0.1:80"], None);
         spec.affinity_timeout = Some(600);
         spec.cluster.terminating_fallback = true;
@@ -312,7 +349,7 @@ mod tests {
             scope: Scope::Cluster,
             snat_remote: true,
         };
-        let v = frontend_value(&spec, &nodeport, 1, Rows::default());
+        let v = frontend_value(&spec, &nodeport, 1, Tables::default());
         assert_eq!((v.table, v.backend_count), (0, 0));
         assert_eq!(
             v.flags,

@@ -3,18 +3,19 @@
 //! - [`encoding`]: how the model is written into the maps (keys, values,
 //!   filter bits); the only encoder of `services` and `backends` values.
 //! - [`filter`]: the reference-counted `addr_filter` bits.
-//! - `ids`: the service-id, row and backend-id allocator.
+//! - `ids`: the service-id and backend-id allocators, and where tables go.
 //! - `adoption`: what an earlier agent left in the maps, taken over at start.
-//! - `tables`: Maglev rows, built ahead on a few threads and written.
+//! - `tables`: Maglev tables, sized per port, placed, built ahead on a few
+//!   threads and written.
 //! - [`Reconciler`] (here): which port owns which entry, in what order entries
 //!   are written.
 //!
-//! Ids are the reconciler's: a service id (counters) per Service port, a Maglev
-//! row per table, a backend id per endpoint address. They stay stable while their
-//! owner exists, and freed ids are reused last.
+//! Ids are the reconciler's: a service id (counters) per Service port, a range
+//! of `maglev` per table, a backend id per endpoint address. They stay stable
+//! while their owner exists, and freed ids are reused last.
 //!
 //! Write order keeps the datapath consistent at every instant: new backends
-//! first, then Maglev rows, then frontends, then removals, and backends are freed
+//! first, then Maglev tables, then frontends, then removals, and backends are freed
 //! last, once nothing points at them.
 
 mod adoption;
@@ -37,10 +38,10 @@ use lb_common::{Backend, PROTO_UDP, Service, ServiceKey};
 pub use self::verify::Drift;
 use self::{
     adoption::Adoption,
-    encoding::{FilterKey, Rows},
+    encoding::{FilterKey, Tables},
     filter::Filter,
     ids::IdSpaces,
-    tables::{Prebuilt, RowError},
+    tables::{Prebuilt, TableError},
 };
 use crate::{
     bpf::{Maps, Sizes},
@@ -60,7 +61,7 @@ struct BackendSlot {
 #[derive(Debug, Default)]
 struct Applied {
     id: u32,
-    rows: Rows,
+    tables: Tables,
     frontends: BTreeMap<ServiceKey, Service>,
     /// Backends (by address) this port holds a reference on.
     backends: BTreeSet<SocketAddr>,
@@ -164,8 +165,7 @@ impl SharedIdNames {
 }
 
 pub struct Reconciler {
-    /// The maps, and with them their sizes (the capacities checked here, the
-    /// Maglev table size).
+    /// The maps, and with them their sizes (the capacities checked here).
     maps: Maps,
     ports: HashMap<PortKey, Applied>,
     backends: HashMap<SocketAddr, BackendSlot>,
@@ -173,7 +173,7 @@ pub struct Reconciler {
     /// Which port wrote each frontend entry.
     owners: HashMap<ServiceKey, PortKey>,
     /// Found in the maps at start and not yet taken over by a desired port.
-    /// Their ids and rows are held (not handed out) until
+    /// Their ids and tables are held (not handed out) until
     /// [`Self::finish_adoption`].
     adoption: Adoption,
     /// Backends whose last user went away during the current pass.
@@ -201,7 +201,7 @@ pub struct Reconciler {
 impl Reconciler {
     /// Takes over the maps, remembering what is already in them (see `adoption`).
     pub fn adopt(maps: Maps) -> Result<Self> {
-        let adoption = Adoption::read(&maps)?;
+        let mut adoption = Adoption::read(&maps)?;
         let mut ids = IdSpaces::new(maps.sizes());
         let mut filter = Filter::default();
         adoption.hold(&mut ids, &mut filter);
@@ -236,6 +236,11 @@ impl Reconciler {
         (self.owners.len(), self.backends.len(), self.ports.len())
     }
 
+    /// Elements of `maglev` the tables take (and space given up this pass).
+    pub fn maglev_elements_used(&self) -> u64 {
+        self.ids.tables.used_elements()
+    }
+
     pub fn sizes(&self) -> &Sizes {
         self.maps.sizes()
     }
@@ -250,6 +255,9 @@ impl Reconciler {
         changed: &BTreeSet<PortKey>,
         stats: &mut Stats,
     ) -> Vec<Problem> {
+        // Table space given up by the last pass: every frontend that named
+        // it has been rewritten since.
+        self.ids.tables.settle();
         let retried = std::mem::take(&mut self.failed);
         let mut problems = BTreeMap::new();
         let keys: Vec<&PortKey> = changed.union(&retried).collect();
@@ -266,6 +274,8 @@ impl Reconciler {
             for k in &keys {
                 problems.remove(*k);
             }
+            // (Table space freed in this pass is not free yet: the next pass
+            // settles it.)
             self.apply_ports(desired, &keys, stats, &mut problems);
             self.free_unused(stats);
         }
@@ -286,11 +296,10 @@ impl Reconciler {
         stats: &mut Stats,
         problems: &mut BTreeMap<PortKey, Problem>,
     ) {
-        let table_size = self.sizes().maglev_table_size;
         // Tables of a batch of ports are built ahead on several threads (the
         // builds are most of a full sync's CPU time), a bounded amount at a time.
-        for keys in keys.chunks(tables::ports_per_batch(table_size)) {
-            let built = tables::prebuild(desired, keys, table_size);
+        for keys in tables::batches(desired, keys) {
+            let built = tables::prebuild(desired, keys);
             for (key, pre) in keys.iter().zip(built) {
                 // A port without frontends (all lost to other Services) needs nothing.
                 let result = match desired.port(key) {
@@ -442,10 +451,10 @@ impl Reconciler {
         let mut applied = match self.ports.remove(key) {
             Some(a) => a,
             None => {
-                let (id, rows) = match self.adoption.port(key, spec, &mut self.ids.services) {
+                let (id, tables) = match self.adoption.port(key, spec, &mut self.ids.services) {
                     Some(found) => found,
                     None => match self.ids.services.alloc() {
-                        Some(id) => (id, Rows::default()),
+                        Some(id) => (id, Tables::default()),
                         None => {
                             return Err(Self::capacity_problem(
                                 key,
@@ -462,7 +471,7 @@ impl Reconciler {
                 self.names.lock().services.insert(id, name);
                 Applied {
                     id,
-                    rows,
+                    tables,
                     ..Applied::default()
                 }
             }
@@ -478,21 +487,23 @@ impl Reconciler {
             }
         }
 
-        // 2. Maglev rows.
-        let cluster = self.write_table(&mut applied.rows.cluster, Some(&spec.cluster), pre.cluster);
-        let local = self.write_table(&mut applied.rows.local, spec.local.as_ref(), pre.local);
-        stats.maglev_entries_written +=
-            cluster.as_ref().unwrap_or(&0) + local.as_ref().unwrap_or(&0);
-        if matches!(cluster, Err(RowError::NoRowLeft)) || matches!(local, Err(RowError::NoRowLeft))
-        {
-            self.ports.insert(key.clone(), applied);
-            return Err(Self::capacity_problem(
-                key,
-                "no Maglev row left (--max-services)",
-            ));
-        }
-        if cluster.is_err() || local.is_err() {
-            // A failed write: the row is the port's, and the verify pass
+        // 2. Maglev tables, where there is room for them (else the port keeps
+        // what it had: its frontends still name its old tables).
+        let placement = match tables::place(&mut self.ids.tables, applied.tables, spec) {
+            Ok(p) => p,
+            Err(_) => {
+                self.ports.insert(key.clone(), applied);
+                return Err(Self::capacity_problem(
+                    key,
+                    "no room for its Maglev tables in the maglev map (--maglev-entries)",
+                ));
+            }
+        };
+        applied.tables = placement.tables;
+        let written = self.write_tables(applied.tables, spec, pre);
+        stats.maglev_entries_written += written.as_ref().copied().unwrap_or(0);
+        if written.is_err() {
+            // A failed write: the place is the port's, and the verify pass
             // writes it again.
             self.repair_due = true;
         }
@@ -506,7 +517,7 @@ impl Reconciler {
             .map(|(f, fs)| {
                 (
                     encoding::service_key(f),
-                    encoding::frontend_value(spec, fs, applied.id, applied.rows),
+                    encoding::frontend_value(spec, fs, applied.id, applied.tables),
                 )
             })
             .collect();
@@ -525,11 +536,14 @@ impl Reconciler {
             };
             self.own_frontend(key, *k, v, current, stats);
         }
-        // 4. Removals.
+        // 4. Removals: frontends, and the table space no frontend names now.
         for (k, v) in &applied.frontends {
             if !wanted_frontends.contains_key(k) && self.owners.get(k) == Some(key) {
                 self.disown_frontend(k, v, stats);
             }
+        }
+        for e in placement.retired {
+            self.retire(e);
         }
         applied.frontends = wanted_frontends;
         self.drop_ranges(&mut applied, &wanted_ranges);
@@ -768,22 +782,40 @@ impl Reconciler {
         }
     }
 
-    /// Writes (or frees) one of a port's rows; returns the entries written.
-    fn write_table(
+    /// Writes a port's tables where `at` places them; returns the entries
+    /// written (both tables are tried when one fails).
+    fn write_tables(
         &mut self,
-        row: &mut Option<u32>,
-        table: Option<&crate::model::Table>,
-        prebuilt: Option<Vec<u32>>,
-    ) -> Result<usize, RowError> {
+        at: Tables,
+        spec: &PortSpec,
+        pre: Prebuilt,
+    ) -> Result<usize, TableError> {
         let backends = &self.backends;
-        tables::write_row(
-            &mut self.maps.maglev,
-            &mut self.ids.rows,
-            row,
-            table,
-            |addr| backends.get(addr).map(|s| s.id),
-            prebuilt,
-        )
+        let id = |addr: &SocketAddr| backends.get(addr).map(|s| s.id);
+        let maglev = &mut self.maps.maglev;
+        let cluster = tables::write_table(
+            maglev,
+            at.cluster,
+            at.size,
+            Some(&spec.cluster),
+            id,
+            pre.cluster,
+        );
+        let local = tables::write_table(
+            maglev,
+            at.local,
+            at.size,
+            spec.local.as_ref(),
+            id,
+            pre.local,
+        );
+        Ok(cluster? + local?)
+    }
+
+    /// Gives up table space no frontend names any more.
+    fn retire(&mut self, e: encoding::Extent) {
+        self.maps.maglev.forget(e.start);
+        self.ids.tables.release(e);
     }
 
     fn remove(&mut self, key: &PortKey, stats: &mut Stats) -> Result<(), Problem> {
@@ -798,11 +830,11 @@ impl Reconciler {
         let mut applied = applied;
         self.drop_ranges(&mut applied, &BTreeSet::new());
         self.affinity_checks.insert(applied.id, BTreeSet::new());
-        for r in [applied.rows.cluster, applied.rows.local]
+        for e in [applied.tables.cluster, applied.tables.local]
             .into_iter()
             .flatten()
         {
-            self.ids.rows.release(r);
+            self.retire(e);
         }
         self.ids.services.release(applied.id);
         self.names.lock().services.remove(&applied.id);

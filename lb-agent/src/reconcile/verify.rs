@@ -12,9 +12,9 @@
 //!   entries, entry by entry; an entry nobody owns is removed.
 //! - `backends`: every slot in use holds its backend; every other slot is
 //!   inactive.
-//! - `maglev`: each row in use against a fingerprint of what was last written
-//!   there (see `MaglevRows::intact`); a row that differs is rebuilt from the
-//!   desired table.
+//! - `maglev`: each table in use against a fingerprint of what was last
+//!   written there (see `MaglevTables::intact`); a table that differs is
+//!   rebuilt from the desired backends, at its place and size.
 //! - `addr_filter`: each bit set exactly where an entry stands behind it.
 //! - `src_ranges4/6`: exactly the ports' loadBalancerSourceRanges.
 //! - `service_names`: the name of each service id in use.
@@ -28,7 +28,7 @@ use std::collections::{BTreeSet, HashMap};
 use anyhow::{Context as _, Result};
 use lb_common::{Backend, Service, ServiceKey, ServiceName};
 
-use super::{Reconciler, encoding};
+use super::{Reconciler, encoding, tables::Prebuilt};
 use crate::model::{Desired, Prefix};
 
 /// What one verify pass found wrong, and repaired, per map.
@@ -38,7 +38,7 @@ pub struct Drift {
     pub services: usize,
     /// Slots not holding what they should.
     pub backends: usize,
-    /// Rows that differed from their table.
+    /// Tables that differed from what was written.
     pub maglev: usize,
     /// Bits set or clear where they should not be.
     pub addr_filter: usize,
@@ -195,30 +195,26 @@ impl Reconciler {
     fn verify_maglev(&mut self, desired: &Desired) -> Result<usize> {
         let mut damaged = Vec::new();
         for (key, applied) in &self.ports {
-            for row in [applied.rows.cluster, applied.rows.local]
+            for e in [applied.tables.cluster, applied.tables.local]
                 .into_iter()
                 .flatten()
             {
-                if !self.maps.maglev.intact(row)? {
+                if !self.maps.maglev.intact(e.start)? {
                     damaged.push(key.clone());
                 }
             }
         }
         let mut wrong = 0;
         for key in damaged {
-            let (Some(spec), Some(mut applied)) = (desired.port(&key), self.ports.remove(&key))
-            else {
+            let (Some(spec), Some(applied)) = (desired.port(&key), self.ports.remove(&key)) else {
                 continue;
             };
-            log::warn!("verify: a Maglev row of {key} differed from its table: rewritten");
-            let mut rows = applied.rows;
-            let cluster = self.write_table(&mut rows.cluster, Some(&spec.cluster), None);
-            let local = self.write_table(&mut rows.local, spec.local.as_ref(), None);
-            applied.rows = rows;
+            log::warn!("verify: a Maglev table of {key} differed from what was written: rewritten");
+            let written = self.write_tables(applied.tables, spec, Prebuilt::default());
             self.ports.insert(key, applied);
             wrong += 1;
-            if cluster.is_err() || local.is_err() {
-                anyhow::bail!("rewriting the Maglev rows of a Service port failed");
+            if written.is_err() {
+                anyhow::bail!("rewriting the Maglev tables of a Service port failed");
             }
         }
         Ok(wrong)

@@ -177,7 +177,7 @@ impl Shape {
                 .insert(id(v, "id")?, format!("{} {}", v["address"], v["flags"]));
         }
         for v in arr("maglev")? {
-            s.maglev.insert(id(v, "row")?, v["shares"].to_string());
+            s.maglev.insert(id(v, "start")?, v["shares"].to_string());
         }
         Ok(s)
     }
@@ -188,7 +188,7 @@ impl Shape {
         for (what, a, b) in [
             ("service", &self.services, &other.services),
             ("backend", &self.backends, &other.backends),
-            ("maglev row", &self.maglev, &other.maglev),
+            ("maglev table at", &self.maglev, &other.maglev),
         ] {
             let ids: BTreeSet<&u64> = a.keys().chain(b.keys()).collect();
             for id in ids {

@@ -324,7 +324,7 @@ fn trace(env: &Env, node: &str, local: Option<SocketAddr>, to: SocketAddr) -> St
             )
         })
         .collect();
-    let rows: Vec<u64> = arr("services")
+    let starts: Vec<u64> = arr("services")
         .iter()
         .flat_map(|s| s["frontends"].as_array().unwrap_or(&empty).iter())
         .filter(|f| {
@@ -339,7 +339,7 @@ fn trace(env: &Env, node: &str, local: Option<SocketAddr>, to: SocketAddr) -> St
         .collect();
     let tables: Vec<String> = arr("maglev")
         .iter()
-        .filter(|t| rows.contains(&t["row"].as_u64().unwrap_or(u64::MAX)))
+        .filter(|t| starts.contains(&t["start"].as_u64().unwrap_or(u64::MAX)))
         .map(|t| {
             let shares = t["shares"].as_object().map(|m| {
                 m.keys()
@@ -353,7 +353,7 @@ fn trace(env: &Env, node: &str, local: Option<SocketAddr>, to: SocketAddr) -> St
                     .collect::<Vec<_>>()
                     .join(", ")
             });
-            format!("row {}: {}", t["row"], shares.unwrap_or_default())
+            format!("at {}: {}", t["start"], shares.unwrap_or_default())
         })
         .collect();
     format!(

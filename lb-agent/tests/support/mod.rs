@@ -18,7 +18,7 @@ use lb_agent::{
         BackendSpec, Frontend, FrontendKind, FrontendSpec, PortSpec, Prefix, Proto, Scope, Table,
     },
     reconcile::{
-        encoding::{self, FilterKey, Rows},
+        encoding::{self, Extent, FilterKey, Tables},
         filter::Filter,
     },
 };
@@ -29,9 +29,12 @@ pub const SIZES: Sizes = Sizes {
     services: 1024,
     service_ids: 16,
     backends: 256,
-    maglev_table_size: 251,
+    maglev_entries: lb_agent::bpf::MIN_MAGLEV_ENTRIES,
     conntrack: 4096,
 };
+/// The size of the tables the labs write themselves (the reconciler sizes
+/// its own from the backends).
+pub const TABLE_SIZE: u32 = 251;
 pub const SNAT_V4: Ipv4Addr = Ipv4Addr::new(192, 0, 2, 1);
 pub const SNAT_V6: Ipv6Addr = Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 1);
 pub const SNAT_PORTS: (u16, u16) = (61_000, 61_099);
@@ -122,7 +125,7 @@ impl Svc {
         frontend: SocketAddr,
         proto: u8,
     ) -> SocketAddr {
-        let size = SIZES.maglev_table_size;
+        let size = TABLE_SIZE;
         let table = maglev::build(&self.entries(), size);
         let h = flow_hash(&flow_key(client, frontend, proto));
         let id = table[(h % size) as usize];
@@ -155,16 +158,17 @@ impl Svc {
         }
     }
 
-    /// The row of the local table: one per service id, above the cluster ones.
-    fn local_row(&self) -> u32 {
-        self.table + SIZES.service_ids / 2
-    }
-
-    fn rows(&self) -> Rows {
+    /// Where the lab puts the tables: row `table` of tables of
+    /// [`TABLE_SIZE`] for the cluster one, a row per service id above the
+    /// cluster ones for the local one.
+    fn tables(&self) -> Tables {
         let any_local = self.backends.iter().any(|(_, _, l)| *l);
-        Rows {
-            cluster: (!self.backends.is_empty()).then_some(self.table),
-            local: (self.spec.scope == Scope::Local && any_local).then_some(self.local_row()),
+        let row = |r: u32| Extent::of(r * lb_common::maglev_row_elements(TABLE_SIZE), TABLE_SIZE);
+        Tables {
+            cluster: (!self.backends.is_empty()).then(|| row(self.table)),
+            local: (self.spec.scope == Scope::Local && any_local)
+                .then(|| row(self.table + SIZES.service_ids / 2)),
+            size: TABLE_SIZE,
         }
     }
 }
@@ -328,19 +332,19 @@ impl Lab {
         for f in &svc.frontends {
             let key = encoding::service_key(f);
             self.filter.add(&mut self.maps, FilterKey::frontend(&key));
-            let value = encoding::frontend_value(&port, &svc.spec, svc.id, svc.rows());
+            let value = encoding::frontend_value(&port, &svc.spec, svc.id, svc.tables());
             self.maps.set_service(&key, &value).unwrap();
         }
     }
 
-    /// Rewrites the service's Maglev rows from its current backends.
+    /// Rewrites the service's Maglev tables from its current backends.
     fn write_table(&mut self, svc: &Svc) {
-        let size = SIZES.maglev_table_size;
+        let size = TABLE_SIZE;
         let table = maglev::build(&svc.entries(), size);
-        if !table.is_empty() {
-            self.maps.maglev.write_row(svc.table, &table).unwrap();
+        if let Some(at) = svc.tables().cluster {
+            self.maps.maglev.write(at.start, &table).unwrap();
         }
-        if let Some(row) = svc.rows().local {
+        if let Some(at) = svc.tables().local {
             let local: Vec<(SocketAddr, u32)> = svc
                 .backends
                 .iter()
@@ -349,7 +353,7 @@ impl Lab {
                 .collect();
             self.maps
                 .maglev
-                .write_row(row, &maglev::build(&local, size))
+                .write(at.start, &maglev::build(&local, size))
                 .unwrap();
         }
     }
