@@ -82,7 +82,7 @@ fn uniform(_: usize) -> usize {
 
 /// Endpoints of Service `i` of the skewed run's 10,000: per 1,000, one of
 /// 1,000 to 5,000, 9 of 100 to 999, 90 of 11 to 99, and 900 of 1 to 10
-/// (178,000 endpoints in all).
+/// (172,938 endpoints in all).
 fn skewed(i: usize) -> usize {
     let spread = |lo: usize, hi: usize| lo + (i.wrapping_mul(7919) % (hi - lo + 1));
     match i % 1000 {
@@ -480,7 +480,7 @@ pub fn run(quick: bool, bin: &Path) -> Result<(Vec<Figure>, Vec<String>)> {
          Maglev table has the size its endpoints get (8,191 entries for 10); 10,000 Services run \
          with --max-services 20000 and --maglev-entries sized to hold every table. The skewed \
          run: 10,000 Services whose endpoints are, per 1,000, one of 1,000-5,000, 9 of 100-999, \
-         90 of 11-99 and 900 of 1-10 (178,000 endpoints). \
+         90 of 11-99 and 900 of 1-10 (172,938 endpoints). \
          Change latency: {} single EndpointSlice changes (one endpoint's address), each timed \
          through the agent loop's steps in-process (store, model, desired state, reconcile with \
          map writes); the manifest watcher's 100 ms debounce is left out. iptables-restore \

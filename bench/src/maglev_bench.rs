@@ -24,7 +24,7 @@ pub fn keys() -> Vec<String> {
                 format!("maglev.moved_{n}.pct"),
             ]
         })
-        .chain(std::iter::once("maglev.moved_9_to_8.pct".to_string()))
+        .chain(std::iter::once("maglev.moved_boundary.pct".to_string()))
         .collect()
 }
 
@@ -98,15 +98,17 @@ pub fn run(quick: bool) -> Result<(Vec<Figure>, Vec<String>)> {
             .target(Target::AtMost(100.0 / n as f64 + 1.0)),
         );
     }
-    // The price of sizes by class: a removal that crosses a boundary gets a
-    // table of another size, which moves most flows' choice.
-    let (from, to) = (maglev::table_size_for(9), maglev::table_size_for(8));
+    // The price of sizes by class: a removal that crosses a boundary (the
+    // first above one backend: the smallest count of the second prime) gets
+    // a table of another size, which moves most flows' choice.
+    let n = maglev::SIZE_CLASSES[1].0 as usize + 1;
+    let (from, to) = (maglev::table_size_for(n), maglev::table_size_for(n - 1));
     figs.push(Figure::new(
         SECTION,
-        "maglev.moved_9_to_8.pct",
-        &format!("  across a size boundary: 1 of 9 goes ({from} -> {to} entries)"),
+        "maglev.moved_boundary.pct",
+        &format!("  across a size boundary: 1 of {n} goes ({from} -> {to} entries)"),
         "%",
-        moved_shares(&backends(9)),
+        moved_shares(&backends(n)),
     ));
     notes.push(format!(
         "Maglev: build time of one table at the size its backend count gets ({rounds} builds \

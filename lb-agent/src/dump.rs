@@ -244,13 +244,14 @@ pub fn collect(dir: &Path, conntrack_limit: usize) -> Result<Dump> {
                 flags.push(name);
             }
         }
-        if v.backend_count > 0 {
+        if v.backend_count > 0 && v.table_size > 0 {
             tables.insert(v.table, v.table_size);
         }
         let in_cluster = (v.flags & SVC_F_LOCAL != 0 && v.flags & SVC_F_EXTERNAL != 0)
             .then_some((v.cluster_table, v.cluster_backend_count));
         if let Some((start, n)) = in_cluster
             && n > 0
+            && v.table_size > 0
         {
             tables.insert(start, v.table_size);
         }

@@ -122,19 +122,23 @@ pub fn build(backends: &[(SocketAddr, u32)], table_size: u32) -> Vec<u32> {
             (offset, skip)
         })
         .collect();
-    const FREE: u32 = u32::MAX;
-    let mut owner: Vec<u32> = vec![FREE; m];
+    // Which entries are taken, a bit each: the walks probe this (M / 8
+    // bytes, in L1 for every size up to 262,139) about M ln M times, and
+    // the table itself only M times.
+    let mut taken = vec![0u64; m.div_ceil(64)];
+    let mut table = vec![0u32; m];
     let mut filled = 0;
     'fill: loop {
-        for (i, (next, skip)) in perms.iter_mut().enumerate() {
-            // Backend i takes its next preferred entry that is still free.
-            while owner[*next] != FREE {
+        for ((next, skip), (_, value)) in perms.iter_mut().zip(&sorted) {
+            // The backend takes its next preferred entry that is still free.
+            while taken[*next / 64] & (1 << (*next % 64)) != 0 {
                 *next += *skip;
                 if *next >= m {
                     *next -= m;
                 }
             }
-            owner[*next] = i as u32;
+            taken[*next / 64] |= 1 << (*next % 64);
+            table[*next] = *value;
             *next += *skip;
             if *next >= m {
                 *next -= m;
@@ -145,7 +149,7 @@ pub fn build(backends: &[(SocketAddr, u32)], table_size: u32) -> Vec<u32> {
             }
         }
     }
-    owner.into_iter().map(|o| sorted[o as usize].1).collect()
+    table
 }
 
 #[cfg(test)]

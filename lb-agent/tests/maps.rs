@@ -942,6 +942,11 @@ fn tables_follow_their_backend_count_and_a_full_maglev_map_is_retried() {
     }
     let problems = sync(&mut engine);
     assert_eq!(used(&engine), 2047 + 3 * 8191, "space given up is free now");
+    // ... and cleared: the 1-entry and 4,093-entry tables' elements, 0 to 2,047,
+    // which no table took again.
+    assert_eq!((one.table, five.table), (0, 1));
+    let freed = engine.reconciler().maps().maglev.read(0, 2 * 2048).unwrap();
+    assert!(freed.iter().all(|e| *e == 0), "space given up is zeroed");
     assert_eq!(problems.len(), 1, "{problems:?}");
     assert!(problems[0].contains("--maglev-entries"), "{}", problems[0]);
     let placed: Vec<usize> = (2..=5)

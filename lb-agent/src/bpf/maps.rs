@@ -752,6 +752,23 @@ impl MaglevTables {
         Ok(fingerprint(&self.read(start, *entries)?) == *expected)
     }
 
+    /// Zeroes `elements` elements from `start` (space no table uses), writing
+    /// only those that are not zero already.
+    pub fn clear(&mut self, start: u32, elements: u32) -> Result<()> {
+        let entries = elements as usize * 2;
+        let w = self.window(start, entries)?;
+        for i in 0..entries {
+            // SAFETY: i < entries, inside the mapping; volatile as in `write`.
+            unsafe {
+                let e = w.entries.add(i);
+                if std::ptr::read_volatile(e) != 0 {
+                    std::ptr::write_volatile(e, 0);
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Forgets what was written at `start` (its space was given up).
     pub fn forget(&mut self, start: u32) {
         self.written.remove(&start);

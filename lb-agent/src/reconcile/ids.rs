@@ -126,11 +126,14 @@ impl Extents {
     }
 
     /// Frees what was given up: called at the start of a pass, when every
-    /// frontend that named it has been rewritten.
-    pub(super) fn settle(&mut self) {
-        for e in std::mem::take(&mut self.quarantine) {
-            self.free_now(e);
+    /// frontend that named it has been rewritten. Returns what it freed (for
+    /// the caller to clear).
+    pub(super) fn settle(&mut self) -> Vec<Extent> {
+        let freed = std::mem::take(&mut self.quarantine);
+        for e in &freed {
+            self.free_now(*e);
         }
+        freed
     }
 
     /// Takes back an extent that was allocated and never used (no frontend

@@ -256,8 +256,14 @@ impl Reconciler {
         stats: &mut Stats,
     ) -> Vec<Problem> {
         // Table space given up by the last pass: every frontend that named
-        // it has been rewritten since.
-        self.ids.tables.settle();
+        // it has been rewritten since. Cleared, so that `maglev` holds only
+        // tables in use (what a dump shows, and what lets a smaller
+        // --maglev-entries keep every table).
+        for freed in self.ids.tables.settle() {
+            if let Err(e) = self.maps.maglev.clear(freed.start, freed.len) {
+                log::warn!("clearing Maglev space given up: {e:#}");
+            }
+        }
         let retried = std::mem::take(&mut self.failed);
         let mut problems = BTreeMap::new();
         let keys: Vec<&PortKey> = changed.union(&retried).collect();
