@@ -124,8 +124,9 @@ struct RunArgs {
     /// port's tables are sized from its backends: 1 entry for one backend,
     /// 4,093 for 2 to 7, 8,191 up to 10, 16,381 up to 30, 32,749 up to 100,
     /// 65,521 up to 6,552, and larger primes beyond; a port with
-    /// externalTrafficPolicy Local has two. A port that finds no room keeps
-    /// its previous tables and is retried (lb_errors_total{kind="capacity"}).
+    /// externalTrafficPolicy Local has two. A port that finds no room for a
+    /// larger size keeps the size it had (a new port waits), and is retried
+    /// until room frees up (lb_errors_total{kind="capacity"}).
     /// The default, 64 MiB, holds 4,096 tables of 2 to 7 backends.
     #[arg(long, default_value_t = capacity::MAGLEV_ENTRIES)]
     maglev_entries: u32,

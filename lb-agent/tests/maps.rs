@@ -868,15 +868,15 @@ fn tables_follow_their_backend_count_and_a_full_maglev_map_is_retried() {
         ..support::SIZES
     };
     let (_dp, mut engine) = engine(sizes, |_| {});
-    // Service i's frontend, checked: its table has the size of `n` backends
-    // and is the Maglev table of the backends it names.
-    let checked = |engine: &Engine, i: usize, n: usize| -> lb_common::Service {
+    // Service i's frontend, checked: its table has `size` entries and is the
+    // Maglev table of the `n` backends it names.
+    let checked_at = |engine: &Engine, i: usize, n: usize, size: u32| -> lb_common::Service {
         let r = engine.reconciler();
         let maps = r.maps();
         let svc = maps.services.get(&cluster_ip_key(i), 0).unwrap();
         assert_eq!(
             (svc.backend_count, svc.table_size),
-            (n as u32, maglev::table_size_for(n)),
+            (n as u32, size),
             "service {i}"
         );
         let table = maps.maglev.read_table(&svc).unwrap();
@@ -897,6 +897,9 @@ fn tables_follow_their_backend_count_and_a_full_maglev_map_is_retried() {
         );
         svc
     };
+    // ... of the size its backends get.
+    let checked =
+        |engine: &Engine, i: usize, n: usize| checked_at(engine, i, n, maglev::table_size_for(n));
     let used = |engine: &Engine| engine.reconciler().maglev_elements_used();
     let sync = |engine: &mut Engine| {
         let s = engine.sync().expect("a sync is due");
@@ -964,11 +967,16 @@ fn tables_follow_their_backend_count_and_a_full_maglev_map_is_retried() {
     for i in &placed {
         checked(&engine, *i, 20);
     }
-    // A port that grows past what is free keeps its table and its size.
+    // A port that grows past what is free keeps its table and its size, and
+    // serves its new backends in it (and says so).
     engine.take(SourceEvent::SliceApplied(Box::new(slice(1, 12))));
     let problems = sync(&mut engine);
     assert_eq!(problems.len(), 2, "{problems:?}");
-    assert_eq!(checked(&engine, 1, 3).table, three.table);
+    assert!(
+        problems.iter().any(|p| p.contains("stay at 4093 entries")),
+        "{problems:?}"
+    );
+    assert_eq!(checked_at(&engine, 1, 12, 4093).table, three.table);
 
     // Service 1 shrinks back (in place), and one of the three goes: its
     // space is free from the next pass, which the retry is.

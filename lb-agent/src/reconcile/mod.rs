@@ -494,7 +494,8 @@ impl Reconciler {
         }
 
         // 2. Maglev tables, where there is room for them (else the port keeps
-        // what it had: its frontends still name its old tables).
+        // what it had: its frontends still name its old tables; or, with
+        // tables already, their size: see `tables::place`).
         let placement = match tables::place(&mut self.ids.tables, applied.tables, spec) {
             Ok(p) => p,
             Err(_) => {
@@ -506,6 +507,7 @@ impl Reconciler {
             }
         };
         applied.tables = placement.tables;
+        let short_of = placement.short_of;
         let written = self.write_tables(applied.tables, spec, pre);
         stats.maglev_entries_written += written.as_ref().copied().unwrap_or(0);
         if written.is_err() {
@@ -574,8 +576,22 @@ impl Reconciler {
             }
             self.drop_backend(addr);
         }
+        let kept = applied.tables.size;
         self.ports.insert(key.clone(), applied);
-        Ok(())
+        match short_of {
+            // Written, but retried until its tables have their size.
+            Some(want) => Err(Problem::new(
+                ProblemKind::Capacity,
+                Some(key.service.clone()),
+                format!(
+                    "port {:?}/{:?}: its Maglev tables stay at {kept} entries, as there is no \
+                     room for {want} in the maglev map (--maglev-entries); its backends are \
+                     served in them meanwhile",
+                    key.port_name, key.proto
+                ),
+            )),
+            None => Ok(()),
+        }
     }
 
     /// Makes `port` the owner of frontend `k` and writes `v` if the map holds

@@ -116,6 +116,9 @@ pub(super) struct Placement {
     /// Space the port gives up: to release once its frontends name the new
     /// tables (see [`Extents::release`]).
     pub(super) retired: Vec<Extent>,
+    /// The size the tables should have, where there was no room for it and
+    /// they stay at the size they had (see [`place`]).
+    pub(super) short_of: Option<u32>,
 }
 
 /// Places the tables `spec` needs, given where they are now (`current`):
@@ -123,6 +126,13 @@ pub(super) struct Placement {
 /// (shrinking it gives the rest up), else it gets a new extent and gives the
 /// old one up. An empty or absent table has none. Nothing is allocated if
 /// one table finds no room.
+///
+/// Without room for the new size, a port that has tables keeps their size
+/// (`short_of` says so, and the port is retried until room frees up): its
+/// new backends are served at once, only with more disruption than its
+/// size class promises. This is what keeps a port whose space is given up
+/// only at the next pass (an upgrade's first sync, where the old rows
+/// shrink) in service meanwhile.
 ///
 /// A table rewritten in place at another size is safe while frontends still
 /// carry the old size: the old size's entries are then a mix of the new
@@ -134,6 +144,23 @@ pub(super) fn place(
     spec: &PortSpec,
 ) -> Result<Placement, TableError> {
     let size = size_for(spec);
+    match place_at(extents, current, spec, size) {
+        Err(TableError::NoRoom) if current.size != 0 && current.size != size => {
+            let mut kept = place_at(extents, current, spec, current.size)?;
+            kept.short_of = Some(size);
+            Ok(kept)
+        }
+        placed => placed,
+    }
+}
+
+/// [`place`] at `size`.
+fn place_at(
+    extents: &mut Extents,
+    current: Tables,
+    spec: &PortSpec,
+    size: u32,
+) -> Result<Placement, TableError> {
     let need = lb_common::maglev_row_elements(size);
     let wanted = |t: Option<&Table>| t.is_some_and(|t| !t.backends.is_empty());
     let mut tables = Tables {
@@ -185,7 +212,11 @@ pub(super) fn place(
     for e in shrunk {
         extents.shrink(e, need);
     }
-    Ok(Placement { tables, retired })
+    Ok(Placement {
+        tables,
+        retired,
+        short_of: None,
+    })
 }
 
 /// Writes one table of a port at its place (`at`, none for an empty or
